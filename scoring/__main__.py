@@ -1,0 +1,78 @@
+"""Command line of the scorer.
+
+    python -m scoring --model NAME --task TASK [--input-size N] [--num-classes N] [--json PATH]
+        count a registered architecture (untrained) and print its per-layer table, totals and score;
+    python -m scoring verify BUNDLE [...]          verify an exported entry (scoring/verify.py);
+    python -m scoring CHECKPOINT_OR_BUNDLE [...]   evaluate and score a trained entry (scoring/verify.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+PROG = "python -m scoring"
+
+
+class _UsageError(ValueError):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+def _task_config(task: str):
+    import conf
+    path = Path(conf.__file__).parent / "task" / f"{task}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise _UsageError(f"unknown task {task!r}; choose one of: {', '.join(known)}")
+    return OmegaConf.load(path)
+
+
+def architecture_main(argv: list[str]) -> int:
+    """Count a registered architecture on one random input of the task's shape."""
+    from models import UnknownModelError, create_model
+    from scoring.counter import count_model
+    from scoring.report import build_report, layer_table, rules_text, totals_text
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Count a registered architecture under the MicroNet rules.")
+    parser.add_argument("--model", required=True, help="registered model name (models.list_models())")
+    parser.add_argument("--task", required=True, help="task whose input shape, classes and baseline to use")
+    parser.add_argument("--input-size", type=int, help="input height = width (default: the task's)")
+    parser.add_argument("--num-classes", type=int, help="classifier outputs (default: the task's)")
+    parser.add_argument("--json", type=Path, help="also write the report (report.json schema, no gate) here")
+    args = parser.parse_args(argv)
+    try:
+        task = _task_config(args.task)
+        model = create_model(args.model, num_classes=args.num_classes or task.num_classes, in_chans=task.in_chans)
+    except (_UsageError, UnknownModelError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    size = args.input_size or task.input_size
+    inputs = torch.randn(1, task.in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    report = build_report(task=args.task, count=count_model(model, inputs), extra={
+        "model": args.model, "input_size": size, "num_classes": args.num_classes or task.num_classes})
+    print(f"{args.model} on {args.task} ({task.in_chans}×{size}×{size}, untrained)\n")
+    print(layer_table(report["layers"]), totals_text(report), "Project rules used:\n" + rules_text(report), sep="\n\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch: ``verify`` → scoring.verify.main; an existing path → scoring.verify.score_main; else counting."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "verify":
+        from scoring.verify import main as verify_main
+        return verify_main(argv[1:])
+    if argv and not argv[0].startswith("-") and Path(argv[0]).exists():
+        from scoring.verify import score_main
+        return score_main(argv)
+    return architecture_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

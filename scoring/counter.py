@@ -1,0 +1,546 @@
+"""The traced MicroNet counter: runs a model on real inputs and counts what executes.
+
+Every aten op is seen through a :class:`~torch.utils._python_dispatch.TorchDispatchMode`; module hooks
+keep a stack of module names, so each op is attributed to the innermost module that ran it. Per tensor
+the counter tracks:
+
+* whether it is *static* (derived only from parameters, buffers and constants): ops on static tensors are
+  free (they would be precomputed at export: masks times weights, weight fake-quantization, batch-norm
+  folding arithmetic), and a static tensor consumed by a real op is a stored value (a parameter);
+* its bit tag, set by quantizer modules (:mod:`scoring.protocol`) and kept through data movement;
+* the op that produced it, so that a batch norm whose input comes from a conv/linear folds into it;
+* the parameters it derives from, so each stored value is counted once over all batches.
+
+Costs come from the rules table (:mod:`scoring.rules`); an op with no rule raises
+:class:`~scoring.rules.UnsupportedOpError`. Widths are resolved after tracing, once the freebie is known.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.parametrize import ParametrizationList
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from scoring.protocol import is_quantizer, quantizer_bits, quantizer_param_bits
+from scoring.rules import (ADAPTIVE_POOL, BATCH_NORM, CONV, ELEMENTWISE, FREE, MATMUL, POOL, REDUCE, RULES,
+                           SOFTMAX, VIEW, Rule, UnsupportedOpError, dot_counts, project_rules_note, rule_key,
+                           score, score_terms, weight_storage_bits)
+
+#: Width of an unquantized tensor with and without the freebie.
+FULL_BITS = 32
+FREEBIE_BITS = 16
+#: Name of the model's own module in the per-layer table.
+MODEL_LAYER = "(model)"
+
+
+@dataclass(frozen=True)
+class _Width:
+    """Width of an op's inputs before the freebie is known: the widest tag and whether any is untagged."""
+
+    tagged: int = 0
+    untagged: bool = False
+
+    def __or__(self, other: _Width) -> _Width:
+        return _Width(max(self.tagged, other.tagged), self.untagged or other.untagged)
+
+    def bits(self, default: int) -> int:
+        return max(self.tagged, default if self.untagged else 0)
+
+
+_NO_INPUT = _Width()
+
+
+@dataclass
+class _Producer:
+    """A conv/linear output (or a channel concatenation of them), for folding a batch norm into it once."""
+
+    layer: str
+    channels: int
+    has_bias: bool
+    folded: bool = False
+    parts: tuple[_Producer, ...] = ()
+
+    def unbiased_channels(self) -> int:
+        """Channels without a bias of their own: folding a batch norm gives them one."""
+        if self.parts:
+            return sum(part.unbiased_channels() for part in self.parts)
+        return 0 if self.has_bias else self.channels
+
+    def fold(self) -> None:
+        self.folded = True
+        for part in self.parts:
+            part.fold()
+
+
+def _concat_producer(tensors: list, dim: int, infos: list[_Info]) -> _Producer | None:
+    """The producer of a channel concatenation of unfolded conv/linear outputs (mixed convs), if it is one."""
+    producers = [info.producer for info in infos]
+    if not tensors or dim % tensors[0].dim() != 1 or any(p is None or p.folded for p in producers):
+        return None
+    return _Producer("+".join(p.layer for p in producers), sum(p.channels for p in producers),
+                     all(p.has_bias for p in producers), parts=tuple(producers))
+
+
+@dataclass(frozen=True)
+class _Info:
+    """What the counter knows about one tensor (see the module docstring)."""
+
+    static: bool
+    bits: int | None = None
+    producer: _Producer | None = None
+    roots: frozenset[int] = frozenset()
+
+    def width(self) -> _Width:
+        return _Width(self.bits) if self.bits is not None else _Width(0, True)
+
+
+_CONSTANT = _Info(static=True)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """``numel`` values stored for inference at ``bits`` (None: unquantized); a weight also has ``nonzeros``."""
+
+    numel: int
+    bits: int | None
+    nonzeros: int | None = None  # None: stored dense (biases, scales)
+
+    def total_bits(self, default: int) -> int:
+        bits = self.bits if self.bits is not None else default
+        return self.numel * bits if self.nonzeros is None else weight_storage_bits(self.numel, self.nonzeros, bits)
+
+
+@dataclass
+class _Layer:
+    """Counts attributed to one module, widths unresolved."""
+
+    name: str
+    type: str
+    mults: Counter = field(default_factory=Counter)  # _Width -> multiplies over all batches
+    adds: int = 0
+    stored: list[_Stored] = field(default_factory=list)
+    nonzero_weights: int = 0
+    weights: int = 0
+    weight_width: _Width | None = None
+    input_width: _Width | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from _tensors(value)
+
+
+def _stored_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor without broadcast (stride-0) dimensions: what is actually stored."""
+    if 0 not in tensor.stride():
+        return tensor
+    return tensor[tuple(slice(0, 1) if s == 0 else slice(None) for s in tensor.stride())]
+
+
+def _window_total(inputs: int, outputs: int) -> int:
+    """Sum of the adaptive-pooling window sizes along one dimension (PyTorch's start/end indices)."""
+    return sum(-(-(i + 1) * inputs // outputs) - (i * inputs) // outputs for i in range(outputs))
+
+
+def _elements(rule: Rule, args: tuple, out: torch.Tensor) -> tuple[int, int]:
+    """(output elements, merged inputs) of an element-based op."""
+    n = out.numel()
+    if rule.kind == ELEMENTWISE:
+        return n, 0
+    x = args[0]
+    if rule.kind == REDUCE:
+        return n, x.numel() - n
+    if rule.kind == SOFTMAX:
+        size = x.shape[args[1]] if x.dim() else 1
+        return n, n - n // max(size, 1)
+    if rule.kind == POOL:  # aten receives the full kernel size, one entry per spatial dim
+        return n, n * (math.prod(args[1]) - 1)
+    if rule.kind == ADAPTIVE_POOL:
+        spatial = len(args[1])  # the output size, one entry per spatial dim
+        windows = math.prod(_window_total(i, o) for i, o in zip(x.shape[-spatial:], out.shape[-spatial:]))
+        rows = n // math.prod(out.shape[-spatial:])
+        return n, rows * windows - n
+    raise AssertionError(f"not an element-based rule kind: {rule.kind}")
+
+
+def _dot_totals(nonzeros_per_output: torch.Tensor, reuse: int) -> tuple[int, int]:
+    """(mults, adds) of dot products whose outputs have these nonzero counts, each used ``reuse`` times."""
+    values, repeats = torch.unique(nonzeros_per_output, return_counts=True)
+    mults = adds = 0
+    for weights, times in zip(values.tolist(), repeats.tolist()):
+        m, a = dot_counts(weights, reuse * times)
+        mults += m
+        adds += a
+    return mults, adds
+
+
+class _Tracer(TorchDispatchMode):
+    """Records every op of one model over any number of batches."""
+
+    def __init__(self, model: nn.Module, rules: Mapping[str, Rule]):
+        super().__init__()
+        self.rules = rules
+        self.infos: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        for tensor in [*model.parameters(), *model.buffers()]:
+            self.infos[tensor] = _Info(static=True, roots=frozenset((id(tensor),)))
+        self.layers: dict[str, _Layer] = {}
+        self.stack: list[nn.Module] = []
+        self.names = {module: name or MODEL_LAYER for name, module in model.named_modules()}
+        self.quantizer_depth = 0
+        self.counted: set[frozenset[int]] = set()
+        self.counted_quantizers: set[int] = set()
+        self.narrowest_tag: tuple[int, str] | None = None
+        self.rules_used: set[str] = set()
+        self.keys: dict[Any, str] = {}
+
+    # --- module hooks -----------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> list[Any]:
+        handles = []
+        for module in model.modules():
+            if isinstance(module, ParametrizationList):
+                continue  # a container of parametrizations, not a layer
+            handles.append(module.register_forward_pre_hook(self._enter, prepend=True))  # before quantizer hooks
+            handles.append(module.register_forward_hook(self._leave, always_call=True))
+        return handles
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if is_quantizer(module):
+            self._enter_quantizer(module)
+        self.stack.append(module)
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.stack.pop()
+        if is_quantizer(module):
+            self.quantizer_depth -= 1
+            bits = quantizer_bits(module)
+            for tensor in _tensors([output]):
+                self.infos[tensor] = replace(self._info(tensor), bits=bits, producer=None)
+
+    def _enter_quantizer(self, module: nn.Module) -> None:
+        self.quantizer_depth += 1
+        bits = quantizer_bits(module)
+        if self.narrowest_tag is None or bits < self.narrowest_tag[0]:
+            self.narrowest_tag = (bits, self.names.get(module, type(module).__name__))
+        if id(module) not in self.counted_quantizers:
+            self.counted_quantizers.add(id(module))
+            scale_bits = quantizer_param_bits(module)
+            if scale_bits:  # the protocol gives the total: store it as that many 1-bit values
+                self._layer().stored.append(_Stored(scale_bits, 1))
+
+    def _layer(self) -> _Layer:
+        module = next((m for m in reversed(self.stack) if not is_quantizer(m)), None)
+        name = self.names.get(module, MODEL_LAYER) if module is not None else MODEL_LAYER
+        layer = self.layers.get(name)
+        if layer is None:
+            layer = self.layers[name] = _Layer(name, type(module).__name__ if module is not None else "")
+        return layer
+
+    # --- ops --------------------------------------------------------------------------------------
+    def _info(self, tensor: torch.Tensor) -> _Info:
+        return self.infos.get(tensor, _CONSTANT)
+
+    def mark_input(self, tensor: torch.Tensor) -> None:
+        self.infos[tensor] = _Info(static=False)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self._record(func, args, kwargs, out)
+        return out
+
+    def _key(self, func: Any, args: tuple, kwargs: dict) -> str:
+        name = self.keys.get(func)
+        if name is None:
+            name = self.keys[func] = func.overloadpacket.__name__
+        return rule_key(name, args, kwargs)
+
+    def _record(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        inputs = list(_tensors(args)) + list(_tensors(kwargs.values()))
+        infos = [self._info(t) for t in inputs]
+        dynamic = not all(info.static for info in infos)
+        key = self._key(func, args, kwargs)
+        rule = self.rules.get(key)
+        if not dynamic or self.quantizer_depth:
+            # Precomputed at export (static), or a format conversion inside a quantizer: free.
+            self._propagate(out, infos, rule, static=not dynamic)
+            return
+        layer = self._layer()
+        if rule is None:
+            raise UnsupportedOpError(
+                f"aten.{key} (in layer '{layer.name}', {layer.type}) has no counting rule; "
+                f"add a Rule for '{key}' to RULES in scoring/rules.py (or pass rules= to count_model)")
+        if rule.kind in (FREE, VIEW):
+            self._store_dense(layer, inputs, infos)
+            # A batch norm after a channel concatenation of conv outputs folds into each conv.
+            producer = _concat_producer(args[0], args[1] if len(args) > 1 else 0, infos) if key == "cat" else None
+            self._propagate(out, infos, rule, static=False, producer=producer)
+            return
+        self.rules_used.add(key)
+        if rule.kind == CONV:
+            producer = self._conv(layer, args, out)
+        elif rule.kind == MATMUL:
+            producer = self._matmul(layer, args, kwargs, out)
+        elif rule.kind == BATCH_NORM:
+            self._batch_norm(layer, args, out)
+            producer = None
+        else:
+            width = self._operand_width(inputs, infos)
+            result = out[0] if isinstance(out, tuple) else out
+            mults, adds = rule.counts(*_elements(rule, args, result))
+            self._add_ops(layer, width, mults, adds)
+            self._store_dense(layer, inputs, infos)
+            producer = None
+        self._propagate(out, infos, rule, static=False, producer=producer)
+
+    def _propagate(self, out: Any, infos: list[_Info], rule: Rule | None, *, static: bool,
+                   producer: _Producer | None = None) -> None:
+        bits = None
+        if rule is not None and (rule.kind in (FREE, VIEW) or rule.keeps_bits):
+            tags = [i.bits for i in infos if not (i.static and not i.roots)]
+            if tags and None not in tags:
+                bits = max(tags)
+            if rule.kind == VIEW and producer is None and len(infos) == 1:
+                producer = infos[0].producer
+        roots = frozenset().union(*(i.roots for i in infos)) if static else frozenset()
+        info = _Info(static=static, bits=bits, producer=producer, roots=roots)
+        for tensor in _tensors([out]):
+            self.infos[tensor] = info
+
+    @staticmethod
+    def _operand_width(tensors: Iterable[torch.Tensor | None], infos: Iterable[_Info]) -> _Width:
+        width = _NO_INPUT
+        for tensor, info in zip(tensors, infos):
+            if tensor is not None and not (info.static and not info.roots):
+                width |= info.width()
+        return width
+
+    def _add_ops(self, layer: _Layer, width: _Width, mults: int, adds: int) -> None:
+        if mults:
+            layer.mults[width] += mults
+        layer.adds += adds
+        layer.input_width = width if layer.input_width is None else layer.input_width | width
+
+    def _first_use(self, info: _Info) -> bool:
+        """True the first time a stored value (keyed by the parameters it derives from) is counted."""
+        if not info.roots or info.roots in self.counted:
+            return False
+        self.counted.add(info.roots)
+        return True
+
+    def _store_dense(self, layer: _Layer, tensors: list[torch.Tensor], infos: list[_Info]) -> None:
+        """Count static inputs (biases, scales, embeddings) as dense stored values."""
+        for tensor, info in zip(tensors, infos):
+            if info.static and self._first_use(info):
+                layer.stored.append(_Stored(_stored_view(tensor).numel(), info.bits))
+
+    def _dot(self, layer: _Layer, operands: tuple[torch.Tensor, torch.Tensor], weight: torch.Tensor,
+             lines: torch.Tensor, reuse: int) -> None:
+        """Count dot products over ``weight`` (its per-output nonzero counts ``lines``)."""
+        infos = [self._info(t) for t in operands]
+        winfo = self._info(weight)
+        mults, adds = _dot_totals(lines, reuse)
+        self._add_ops(layer, self._operand_width(operands, infos), mults, adds)
+        if winfo.static:
+            layer.weight_width = winfo.width() if layer.weight_width is None else layer.weight_width | winfo.width()
+            if self._first_use(winfo):
+                nonzeros, numel = int(lines.sum()), weight.numel()
+                layer.stored.append(_Stored(numel, winfo.bits, nonzeros))
+                layer.nonzero_weights += nonzeros
+                layer.weights += numel
+
+    def _nonzeros(self, weight: torch.Tensor, dim: int) -> torch.Tensor:
+        """Nonzero weights per output along ``dim``; run-time zeros (dynamic weights) do not count."""
+        # A total count first: per-dim counting is several times slower, and most weights are dense.
+        if self._info(weight).static and int(weight.count_nonzero()) < weight.numel():
+            return weight.count_nonzero(dim)
+        shape = list(weight.shape)
+        size = shape.pop(dim)
+        return torch.full(shape, size, dtype=torch.long)
+
+    def _conv(self, layer: _Layer, args: tuple, out: torch.Tensor) -> _Producer:
+        x, weight, bias = args[0], args[1], args[2]
+        if len(args) > 6 and args[6]:
+            raise UnsupportedOpError(
+                f"transposed convolution (in layer '{layer.name}', {layer.type}) has no counting rule; "
+                "add one to scoring/rules.py")
+        lines = self._nonzeros(weight.reshape(weight.shape[0], -1), 1)
+        self._dot(layer, (x, weight), weight, lines, out.numel() // out.shape[1])
+        if bias is not None:
+            self._bias(layer, bias, out)
+        return _Producer(layer.name, weight.shape[0], bias is not None)
+
+    def _matmul(self, layer: _Layer, args: tuple, kwargs: dict, out: torch.Tensor) -> _Producer:
+        bias, (a, b) = (args[0], args[1:3]) if len(args) >= 3 else (None, args[:2])
+        if self._info(a).static and not self._info(b).static:
+            self._dot(layer, (a, b), a, self._nonzeros(a, -1), b.shape[-1])  # weight on the left
+        else:
+            self._dot(layer, (a, b), b, self._nonzeros(b, -2), a.shape[-2])
+        scalings = sum(kwargs.get(name, 1) != 1 for name in ("alpha", "beta"))
+        if scalings:
+            self._add_ops(layer, self._operand_width((a, b), map(self._info, (a, b))), scalings * out.numel(), 0)
+        if bias is not None:
+            self._bias(layer, bias, out)
+        return _Producer(layer.name, out.shape[-1], bias is not None)
+
+    def _bias(self, layer: _Layer, bias: torch.Tensor, out: torch.Tensor) -> None:
+        self._add_ops(layer, _NO_INPUT, 0, out.numel())
+        self._store_dense(layer, [bias], [self._info(bias)])
+
+    def _batch_norm(self, layer: _Layer, args: tuple, out: Any) -> None:
+        x = args[0]
+        stored = [t for t in args[1:5] if isinstance(t, torch.Tensor)]
+        key = _Info(static=True, roots=frozenset().union(*(self._info(t).roots for t in stored)))
+        channels = x.shape[1]
+        producer = self._info(x).producer
+        if producer is not None and not producer.folded and producer.channels == channels:
+            producer.fold()
+            if f"folded into {producer.layer}" not in layer.notes:
+                layer.notes.append(f"folded into {producer.layer}")
+            unbiased = producer.unbiased_channels()  # the folded shift becomes their bias
+            self._add_ops(layer, _NO_INPUT, 0, x.numel() // channels * unbiased)
+            if unbiased and self._first_use(key):
+                layer.stored.append(_Stored(unbiased, None))
+            return
+        operands = [t for t in args[:2] if isinstance(t, torch.Tensor)]  # input and scale
+        self._add_ops(layer, self._operand_width(operands, map(self._info, operands)), x.numel(), x.numel())
+        if self._first_use(key):
+            scale_bits = self._info(args[1]).bits if isinstance(args[1], torch.Tensor) else None
+            layer.stored.append(_Stored(2 * channels, scale_bits))
+        if "not folded" not in layer.notes:
+            layer.notes.append("not folded")
+
+
+# --- the result -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Count:
+    """Per-example counts of one model under the MicroNet rules.
+
+    ``mults``/``adds`` are raw counts, ``param_bits`` the stored bits; ``params`` and ``ops`` are in
+    32-bit equivalents (what the score divides by the baselines).
+    """
+
+    mults: float
+    adds: float
+    param_bits: int
+    params: float
+    ops: float
+    freebie: bool
+    accumulator_bits: int
+    examples: int
+    layers: list[dict[str, Any]]
+    project_rules: dict[str, str]
+    ops_exact: Fraction = field(repr=False, compare=False, default=Fraction(0))
+
+    def score_terms(self, task: str) -> tuple[float, float]:
+        """(params term, ops term) of the score on ``task``."""
+        params_term, ops_term = score_terms(task, Fraction(self.param_bits, 32), self.ops_exact)
+        return float(params_term), float(ops_term)
+
+    def score(self, task: str) -> float:
+        """params / baseline_params + ops / baseline_ops for ``task``."""
+        return score(task, Fraction(self.param_bits, 32), self.ops_exact)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict of every field."""
+        return {"mults": self.mults, "adds": self.adds, "param_bits": self.param_bits, "params": self.params,
+                "ops": self.ops, "freebie": self.freebie, "accumulator_bits": self.accumulator_bits,
+                "examples": self.examples, "project_rules": dict(self.project_rules),
+                "layers": [dict(layer) for layer in self.layers]}
+
+
+def _number(value: Fraction) -> int | float:
+    return int(value) if value.denominator == 1 else float(value)
+
+
+def _resolve(tracer: _Tracer, examples: int, accumulator_bits: int, freebie: bool | None) -> Count:
+    narrow = tracer.narrowest_tag is not None and tracer.narrowest_tag[0] < FREEBIE_BITS
+    if freebie and narrow:
+        bits, where = tracer.narrowest_tag
+        raise ValueError(f"freebie=True, but '{where}' quantizes to {bits} bits: the freebie applies only when "
+                         f"no tensor is below {FREEBIE_BITS} bits; use freebie=None (auto) or False")
+    freebie = (not narrow) if freebie is None else bool(freebie)
+    default = FREEBIE_BITS if freebie else FULL_BITS
+    rows, total_mults, total_adds, total_mult_bits, total_param_bits = [], 0, 0, 0, 0
+    for layer in tracer.layers.values():
+        mults = sum(layer.mults.values())
+        mult_bits = sum(count * width.bits(default) for width, count in layer.mults.items())
+        param_bits = sum(s.total_bits(default) for s in layer.stored)
+        if not (mults or layer.adds or param_bits or layer.notes):
+            continue  # a container or data movement only
+        total_mults, total_adds = total_mults + mults, total_adds + layer.adds
+        total_mult_bits, total_param_bits = total_mult_bits + mult_bits, total_param_bits + param_bits
+        ops = Fraction(mult_bits + layer.adds * accumulator_bits, 32 * examples)
+        rows.append({
+            "name": layer.name, "type": layer.type,
+            "params": param_bits / 32, "param_bits": param_bits,
+            "mults": _number(Fraction(mults, examples)), "adds": _number(Fraction(layer.adds, examples)),
+            "ops": float(ops),
+            "sparsity": 1 - layer.nonzero_weights / layer.weights if layer.weights else None,
+            "weight_bits": layer.weight_width.bits(default) if layer.weight_width else None,
+            "input_bits": layer.input_width.bits(default) if layer.input_width and layer.input_width != _NO_INPUT else None,
+            "note": "; ".join(layer.notes),
+        })
+    ops = Fraction(total_mult_bits + total_adds * accumulator_bits, 32 * examples)
+    return Count(mults=_number(Fraction(total_mults, examples)), adds=_number(Fraction(total_adds, examples)),
+                 param_bits=total_param_bits, params=total_param_bits / 32, ops=float(ops), freebie=freebie,
+                 accumulator_bits=accumulator_bits, examples=examples, layers=rows,
+                 project_rules=project_rules_note(tracer.rules, tracer.rules_used), ops_exact=ops)
+
+
+def _batches(inputs: torch.Tensor | Iterable[Any]) -> Iterator[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        yield inputs
+        return
+    for batch in inputs:
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            batch = batch[0]  # (inputs, targets)
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(f"count_model expects tensors or (inputs, targets) batches, got {type(batch).__name__}")
+        yield batch
+
+
+def count_model(model: nn.Module, inputs: torch.Tensor | Iterable[Any], *, accumulator_bits: int = 32,
+                freebie: bool | None = None, rules: Mapping[str, Rule] = RULES) -> Count:
+    """Count ``model`` under the MicroNet rules by running it (in eval mode, without grad) on ``inputs``.
+
+    ``inputs`` is one batch, or an iterable of batches or ``(inputs, targets)`` pairs; ops are averaged
+    per example over all of them, and each stored value is counted once. ``freebie`` None decides it
+    automatically (on only when no tensor is quantized below 16 bits); ``accumulator_bits`` is the width
+    at which additions count. Raises :class:`UnsupportedOpError` for an op without a rule.
+    """
+    if not 1 <= accumulator_bits <= 32:
+        raise ValueError(f"accumulator_bits={accumulator_bits}; expected 1..32")
+    tracer = _Tracer(model, rules)
+    device = next((p.device for p in model.parameters()), None)
+    modes = {module: module.training for module in model.modules()}
+    handles = tracer.attach(model)
+    examples = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in _batches(inputs):
+                batch = batch.to(device) if device is not None else batch
+                tracer.mark_input(batch)
+                examples += batch.shape[0] if batch.dim() else 1
+                tracer.stack.clear()
+                with tracer:
+                    model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    if not examples:
+        raise ValueError("count_model got no input batches; pass a tensor batch or a non-empty iterable of batches")
+    return _resolve(tracer, examples, accumulator_bits, freebie)

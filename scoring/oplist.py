@@ -1,0 +1,206 @@
+"""An op-list calculator in the style of the organizers' reference calculator.
+
+A model is written by hand as a list of descriptors (:class:`Conv2D`, :class:`DepthwiseConv2D`,
+:class:`FullyConnected`, :class:`GlobalAvg`, :class:`Scale`, :class:`Add`, :class:`Activation`), each with
+its input size, kernel, stride, padding, bias, activation, sparsity and bit widths. Every count goes through
+the same rules table as the traced counter (:mod:`scoring.rules`), so a traced count can be checked by hand.
+
+Widths: ``bits`` is the width of the stored weights; the op's multiplies count at
+``max(bits, input_bits)`` (``input_bits`` defaults to ``bits``), biases are stored at ``bias_bits``
+(default ``bits``, as in the official calculator), additions at the accumulator width.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Mapping, Sequence
+
+from scoring.rules import ELEMENTWISE, RULES, Rule, dot_counts, weight_storage_bits
+
+#: Activation names of the official calculator, mapped onto rule keys.
+ACTIVATION_ALIASES: Mapping[str, str] = {"swish": "silu", "relu6": "hardtanh", "hard_swish": "hardswish",
+                                         "hard_sigmoid": "hardsigmoid"}
+
+
+@dataclass(frozen=True)
+class OpCount:
+    """One op's stored bits, multiplies (at ``mult_bits`` each) and additions."""
+
+    param_bits: Fraction
+    mults: Fraction
+    adds: Fraction
+    mult_bits: int
+
+
+def _activation_rule(rules: Mapping[str, Rule], name: str) -> Rule:
+    key = ACTIVATION_ALIASES.get(name, name)
+    rule = rules.get(key)
+    if rule is None or rule.kind != ELEMENTWISE:
+        known = sorted(k for k, r in rules.items() if r.kind == ELEMENTWISE) + sorted(ACTIVATION_ALIASES)
+        raise ValueError(f"unknown activation {name!r}; use one of {', '.join(known)}")
+    return rule
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: str | int) -> int:
+    """Output size along one dim: 'same' = ceil(size/stride); else floor((size + 2·pad - k)/stride) + 1."""
+    if padding == "same":
+        return math.ceil(size / stride)
+    pad = 0 if padding == "valid" else int(padding)
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def _fraction(value: float | Fraction) -> Fraction:
+    return value if isinstance(value, Fraction) else Fraction(str(value))
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Weighted:
+    """Shared (keyword-only) fields of the ops with weights: conv, depthwise conv, fully connected."""
+
+    bias: bool = False
+    activation: str | None = None
+    sparsity: float | Fraction = 0
+    bits: int = 32
+    input_bits: int | None = None
+    bias_bits: int | None = None
+
+    def _shape(self) -> tuple[int, int, int]:
+        """(weights per output, outputs, output channels)."""
+        raise NotImplementedError
+
+    def count(self, rules: Mapping[str, Rule] = RULES) -> OpCount:
+        """Stored bits, multiplies and additions of this op under ``rules``."""
+        weights_per_output, outputs, channels = self._shape()
+        density = 1 - _fraction(self.sparsity)
+        if not 0 <= density <= 1:
+            raise ValueError(f"sparsity {self.sparsity} is outside [0, 1]")
+        weights = weights_per_output * channels
+        param_bits = weight_storage_bits(weights, weights * density, self.bits)
+        mults, adds = dot_counts(weights_per_output * density, outputs)
+        if self.bias:
+            param_bits += channels * (self.bias_bits or self.bits)
+            adds += rules["add"].counts(outputs)[1]
+        if self.activation:
+            act_mults, act_adds = _activation_rule(rules, self.activation).counts(outputs)
+            mults, adds = mults + act_mults, adds + act_adds
+        return OpCount(Fraction(param_bits), Fraction(mults), Fraction(adds), max(self.bits, self.input_bits or self.bits))
+
+
+@dataclass(frozen=True)
+class Conv2D(_Weighted):
+    """A k×k convolution of a square input (``groups`` > 1 for grouped convs)."""
+
+    input_size: int
+    kernel: int
+    in_channels: int
+    out_channels: int
+    stride: int = 1
+    padding: str | int = "same"
+    groups: int = 1
+
+    def _shape(self) -> tuple[int, int, int]:
+        size = conv_output_size(self.input_size, self.kernel, self.stride, self.padding)
+        return self.kernel ** 2 * self.in_channels // self.groups, size * size * self.out_channels, self.out_channels
+
+
+@dataclass(frozen=True)
+class DepthwiseConv2D(_Weighted):
+    """A k×k depthwise convolution (one filter per channel) of a square input."""
+
+    input_size: int
+    kernel: int
+    channels: int
+    stride: int = 1
+    padding: str | int = "same"
+
+    def _shape(self) -> tuple[int, int, int]:
+        size = conv_output_size(self.input_size, self.kernel, self.stride, self.padding)
+        return self.kernel ** 2, size * size * self.channels, self.channels
+
+
+@dataclass(frozen=True)
+class FullyConnected(_Weighted):
+    """A linear layer on one example."""
+
+    in_features: int
+    out_features: int
+
+    def _shape(self) -> tuple[int, int, int]:
+        return self.in_features, self.out_features, self.out_features
+
+
+@dataclass(frozen=True)
+class _Elementwise:
+    """An op over a square feature map, counted by one rule of the table."""
+
+    input_size: int
+    channels: int
+    bits: int = field(default=32, kw_only=True)
+
+    def _rule_counts(self, rules: Mapping[str, Rule]) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def count(self, rules: Mapping[str, Rule] = RULES) -> OpCount:
+        """Multiplies and additions of this op under ``rules`` (no stored values)."""
+        mults, adds = self._rule_counts(rules)
+        return OpCount(Fraction(0), Fraction(mults), Fraction(adds), self.bits)
+
+
+@dataclass(frozen=True)
+class GlobalAvg(_Elementwise):
+    """Global average pool over H×W×C: C outputs, (H·W - 1)·C merges (rule ``mean``)."""
+
+    def _rule_counts(self, rules: Mapping[str, Rule]) -> tuple[int, int]:
+        return rules["mean"].counts(self.channels, (self.input_size ** 2 - 1) * self.channels)
+
+
+@dataclass(frozen=True)
+class Scale(_Elementwise):
+    """Channel scale (squeeze-excite gate) of H×W×C (rule ``mul``)."""
+
+    def _rule_counts(self, rules: Mapping[str, Rule]) -> tuple[int, int]:
+        return rules["mul"].counts(self.input_size ** 2 * self.channels)
+
+
+@dataclass(frozen=True)
+class Add(_Elementwise):
+    """Residual add of H×W×C (rule ``add``)."""
+
+    def _rule_counts(self, rules: Mapping[str, Rule]) -> tuple[int, int]:
+        return rules["add"].counts(self.input_size ** 2 * self.channels)
+
+
+@dataclass(frozen=True)
+class Activation(_Elementwise):
+    """A standalone activation over H×W×C (``input_size`` 1 for a vector of ``channels``)."""
+
+    activation: str = "relu"
+
+    def _rule_counts(self, rules: Mapping[str, Rule]) -> tuple[int, int]:
+        return _activation_rule(rules, self.activation).counts(self.input_size ** 2 * self.channels)
+
+
+Op = Conv2D | DepthwiseConv2D | FullyConnected | GlobalAvg | Scale | Add | Activation
+
+
+@dataclass(frozen=True)
+class OpListCount:
+    """Totals of an op list: raw counts, and params/ops in 32-bit equivalents."""
+
+    param_bits: Fraction
+    mults: Fraction
+    adds: Fraction
+    params: Fraction
+    ops: Fraction
+    rows: tuple[OpCount, ...]
+
+
+def count_oplist(ops: Sequence[Op], *, accumulator_bits: int = 32, rules: Mapping[str, Rule] = RULES) -> OpListCount:
+    """Count a hand-written op list (one example) under the rules table."""
+    rows = tuple(op.count(rules) for op in ops)
+    param_bits = sum((r.param_bits for r in rows), Fraction(0))
+    mults = sum((r.mults for r in rows), Fraction(0))
+    adds = sum((r.adds for r in rows), Fraction(0))
+    mult_bits = sum((r.mults * r.mult_bits for r in rows), Fraction(0))
+    return OpListCount(param_bits, mults, adds, param_bits / 32, (mult_bits + adds * accumulator_bits) / 32, rows)

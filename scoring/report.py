@@ -1,0 +1,130 @@
+"""Reports of a scored model: report.json, report.md, a printed summary and TensorBoard logs.
+
+``report.json`` carries the schema of design.md (task, correct, total, top1 or perplexity, gate_passed,
+params, ops, mults, adds, param_bits, freebie, score, baseline, layers) plus the score split into its
+two terms, the project rules used, the accumulator width and the number of examples counted.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from scoring.counter import Count
+from scoring.gate import TOP1, check_gate
+from scoring.rules import baseline
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def build_report(*, task: str, count: Count, correct: int | None = None, total: int | None = None,
+                 perplexity: float | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The report dict of ``count`` on ``task``; the gate is decided when its metric is given."""
+    base = baseline(task)
+    params_term, ops_term = count.score_terms(task)
+    report: dict[str, Any] = {
+        "task": task, "correct": correct, "total": total,
+        "top1": correct / total if correct is not None and total else None,
+        "perplexity": perplexity, "gate_passed": None, "gate": None,
+        "params": count.params, "ops": count.ops, "mults": count.mults, "adds": count.adds,
+        "param_bits": count.param_bits, "freebie": count.freebie, "accumulator_bits": count.accumulator_bits,
+        "examples": count.examples,
+        "score": count.score(task), "score_params_term": params_term, "score_ops_term": ops_term,
+        "baseline": {"model": base.model, "params": base.params, "ops": base.ops},
+        "project_rules": dict(count.project_rules),
+        "layers": [dict(layer) for layer in count.layers],
+    }
+    if correct is not None or total is not None or perplexity is not None:
+        gate = check_gate(task, correct=correct, total=total, perplexity=perplexity)
+        report["gate_passed"] = gate.passed
+        report["gate"] = {"metric": gate.metric, "threshold": float(gate.threshold), "summary": gate.describe()}
+    for key, value in (extra or {}).items():
+        if key in report:
+            raise ValueError(f"extra report field {key!r} would overwrite a computed field; rename it")
+        report[key] = value
+    return report
+
+
+def write_report(out_dir: str | Path, *, task: str, count: Count, correct: int | None, total: int | None,
+                 perplexity: float | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; return the report dict."""
+    report = build_report(task=task, count=count, correct=correct, total=total, perplexity=perplexity, extra=extra)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    (out / REPORT_MD).write_text(markdown(report))
+    return report
+
+
+def _num(value: float | int | None, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    if float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:,.{max(digits, 2)}f}"
+
+
+def layer_table(layers: list[Mapping[str, Any]]) -> str:
+    """The per-layer markdown table (params and ops in 32-bit equivalents)."""
+    lines = ["| layer | type | params | mults | adds | ops | sparsity | weight bits | input bits | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for layer in layers:
+        sparsity = "–" if layer["sparsity"] is None else f"{layer['sparsity']:.1%}"
+        lines.append(
+            f"| {layer['name']} | {layer['type']} | {_num(layer['params'])} | {_num(layer['mults'])} | "
+            f"{_num(layer['adds'])} | {_num(layer['ops'])} | {sparsity} | {_num(layer['weight_bits'])} | "
+            f"{_num(layer['input_bits'])} | {layer['note']} |")
+    return "\n".join(lines)
+
+
+def totals_text(report: Mapping[str, Any]) -> str:
+    """Totals and the score split into its two terms (a few plain lines)."""
+    base = report["baseline"]
+    return "\n".join([
+        f"params {_num(report['params'])} (32-bit equivalents; {report['param_bits']:,} bits)",
+        f"ops    {_num(report['ops'])} (32-bit equivalents; {_num(report['mults'])} mults + {_num(report['adds'])} adds "
+        f"per example, additions at {report['accumulator_bits']} bits, freebie {'on' if report['freebie'] else 'off'}, "
+        f"{report['examples']} examples)",
+        f"score  {report['score']:.6f} = params {report['score_params_term']:.6f} ({_num(report['params'])} / "
+        f"{base['params']:,}) + ops {report['score_ops_term']:.6f} ({_num(report['ops'])} / {base['ops']:,})",
+    ])
+
+
+def rules_text(report: Mapping[str, Any]) -> str:
+    """The project rules the count used, one per line."""
+    rules = report["project_rules"]
+    if not rules:
+        return "Only official rules were used."
+    return "\n".join(f"- `{key}`: {note}" for key, note in rules.items())
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """The content of report.md."""
+    gate = report["gate"]["summary"] if report["gate"] else "gate not evaluated"
+    return "\n\n".join([
+        f"# MicroNet report: {report['task']}",
+        f"Baseline: {report['baseline']['model']}. {gate}.",
+        "## Totals\n\n" + "\n".join(f"    {line}" for line in totals_text(report).splitlines()),
+        "## Layers\n\n" + layer_table(report["layers"]),
+        "## Project rules used\n\n" + rules_text(report),
+    ]) + "\n"
+
+
+def format_summary(report: Mapping[str, Any]) -> str:
+    """A few lines for the console: task, gate verdict with exact counts, totals and score."""
+    gate = report["gate"]["summary"] if report["gate"] else "gate not evaluated"
+    return "\n".join([f"[{report['task']}] {gate}", totals_text(report)])
+
+
+def log_report(writer: Any, report: Mapping[str, Any], step: int) -> None:
+    """Log the score, its terms, the totals and the gate metric as scalars, and report.md as text."""
+    scalars = {"score/total": report["score"], "score/params_term": report["score_params_term"],
+               "score/ops_term": report["score_ops_term"], "count/params": report["params"],
+               "count/ops": report["ops"], "count/mults": report["mults"], "count/adds": report["adds"]}
+    if report["gate"]:
+        metric = report["gate"]["metric"]
+        scalars[f"gate/{metric}"] = report["top1"] if metric == TOP1 else report["perplexity"]
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, step)
+    writer.add_text("report", markdown(report), step)

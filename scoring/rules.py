@@ -1,0 +1,262 @@
+"""The MicroNet counting rules, as data.
+
+Everything the scorer knows about the cost of an operation is in :data:`RULES`: a table from an aten
+operator (its overload-packet name, in-place ops folded onto their out-of-place twin: ``relu_`` ->
+``relu``) to a :class:`Rule`. Each rule says how to count (its ``kind``), how many multiplies and
+additions per output element and per merged input element, whether it is an *official* rule (the
+challenge's page or its reference calculator) or a *project* rule (ours, stated in every report), and why.
+
+Both the traced counter (:mod:`scoring.counter`) and the hand-written op list (:mod:`scoring.oplist`)
+count through this table, so a traced count can be checked by hand.
+
+Also here: the score's baselines (the organizers' constants) and :func:`score`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from types import MappingProxyType
+from typing import Any, Mapping
+
+
+class UnsupportedOpError(NotImplementedError):
+    """An executed op has no counting rule; the scorer refuses to count it as zero."""
+
+
+class UnknownTaskError(ValueError):
+    """A task name with no baseline or gate."""
+
+
+# --- rule kinds: how the counter measures "elements" and "merges" for an op -----------------------
+#: Data movement or format conversion: no ops; a bit tag passes through.
+FREE = "free"
+#: FREE, and the result still counts as its input for batch-norm folding (reshapes, copies).
+VIEW = "view"
+#: Per output element (unary and broadcasting binary ops).
+ELEMENTWISE = "elementwise"
+#: Reduction: per output element, plus per input element merged into an output (in - out of them).
+REDUCE = "reduce"
+#: Fixed-window pooling: per output element, plus (window - 1) merges per output.
+POOL = "pool"
+#: Adaptive pooling: as POOL with the exact window of every output.
+ADAPTIVE_POOL = "adaptive_pool"
+#: Softmax along one dim of size n: per element, plus (n - 1) merges per row.
+SOFTMAX = "softmax"
+#: Convolution: dot products over the nonzero weights (see :func:`dot_counts`).
+CONV = "conv"
+#: Matrix products (linear layers, attention): dot products over the nonzero weights.
+MATMUL = "matmul"
+#: Batch norm: folded into the conv/linear that produced its input, or counted explicitly.
+BATCH_NORM = "batch_norm"
+
+KINDS = (FREE, VIEW, ELEMENTWISE, REDUCE, POOL, ADAPTIVE_POOL, SOFTMAX, CONV, MATMUL, BATCH_NORM)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one operator is counted.
+
+    For the element-based kinds the counts are
+    ``mults = mults * elements + merge_mults * merges`` and likewise for additions, where
+    ``elements`` is the number of output elements and ``merges`` the number of input elements
+    combined into an output beyond the first (a window of w inputs has w - 1 merges).
+    """
+
+    kind: str
+    official: bool
+    note: str
+    mults: int = 0
+    adds: int = 0
+    merge_mults: int = 0
+    merge_adds: int = 0
+    #: The output stays on the input's value grid (max, ReLU), so a bit tag of the input passes on.
+    keeps_bits: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"rule kind {self.kind!r} is not one of {KINDS}")
+
+    def counts(self, elements: int | Fraction, merges: int | Fraction = 0) -> tuple[int | Fraction, int | Fraction]:
+        """(multiplies, additions) of this op for ``elements`` outputs and ``merges`` merged inputs."""
+        return (self.mults * elements + self.merge_mults * merges,
+                self.adds * elements + self.merge_adds * merges)
+
+
+def dot_counts(weights_per_output: int | Fraction, outputs: int) -> tuple[int | Fraction, int | Fraction]:
+    """(multiplies, additions) of ``outputs`` dot products over ``weights_per_output`` nonzero weights.
+
+    Official: L·N multiplies and (L-1)·N additions. Project rule: an output with no nonzero weight costs
+    no additions (the official formula would go negative); identical whenever every output has a weight.
+    """
+    return weights_per_output * outputs, max(weights_per_output - 1, 0) * outputs
+
+
+def weight_storage_bits(numel: int | Fraction, nonzeros: int | Fraction, bits: int) -> int | Fraction:
+    """Bits to store a weight tensor: nonzeros × bits plus a 1-bit-per-element mask when it has zeros.
+
+    Project rule: when the mask would cost more than it saves (a few zeros, e.g. from rounding), the tensor
+    is stored dense instead, zeros as values: the cheaper of the two. Its multiplies by the fixed zeros
+    are still skipped, as for any fixed, input-independent sparsity.
+    """
+    dense = numel * bits
+    return dense if nonzeros == numel else min(dense, nonzeros * bits + numel)
+
+
+#: Project rules that apply to every model (listed in every report beside the project op rules used).
+PROJECT_CONVENTIONS: Mapping[str, str] = MappingProxyType({
+    "bias width": "biases (incl. folded batch-norm shifts) are stored at 32 bits (16 under the freebie) "
+                  "unless a quantizer declares them narrower",
+    "quantizer parameters": "scales/zero-points at 32 bits unless the quantizer declares micronet_scale_bits",
+    "weight storage": "the cheaper of dense (zeros as values) and nonzeros × bits + a 1-bit mask per element",
+    "empty dot product": "an output with no nonzero weight costs no additions (the official (L-1)·N would go negative)",
+    "comparisons": "comparisons (ReLU, max, clamp, ReLU6 = 2) count as multiplies, like the official ReLU",
+    "bit tags": "a quantizer's bit width passes through data movement, ReLU and max; any other op's output is "
+                "unquantized until the next quantizer",
+})
+
+
+def _free(note: str) -> Rule:
+    return Rule(FREE, True, note)
+
+
+def _view(note: str) -> Rule:
+    return Rule(VIEW, True, note)
+
+
+def _project(kind: str, note: str, **counts: int) -> Rule:
+    return Rule(kind, False, note, **counts)
+
+
+_TRANSCENDENTAL = "transcendental function: 1 op per element, counted as a multiply"
+_COMPARISON = "a comparison counts as a multiply, like the official ReLU"
+_MOVE = "data movement: free"
+_RESHAPE = "reshape/copy: free; batch norm still folds through it"
+_CONSTANT = "constant creation: free (no input)"
+
+#: The table. Keys are aten overload-packet names without the in-place underscore.
+RULES: Mapping[str, Rule] = MappingProxyType({
+    # dot products
+    "convolution": Rule(CONV, True, "conv (dense, grouped, depthwise): L·N mults, (L-1)·N adds, N adds for a bias"),
+    "mm": Rule(MATMUL, True, "linear / matmul: L·N mults, (L-1)·N adds"),
+    "addmm": Rule(MATMUL, True, "linear with bias: L·N mults, (L-1)·N adds + N adds for the bias"),
+    "bmm": Rule(MATMUL, True, "batched matmul: L·N mults, (L-1)·N adds"),
+    "baddbmm": Rule(MATMUL, True, "batched matmul with bias: L·N mults, (L-1)·N + N adds"),
+    # batch norm (every backend's variant)
+    **{name: Rule(BATCH_NORM, True, "batch norm: folded into the conv/linear that produced its input (N bias adds, "
+                                    "C bias params); else 1 mult + 1 add per element and 2 params per channel")
+       for name in ("native_batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+                    "cudnn_batch_norm", "miopen_batch_norm")},
+    # official element-wise ops
+    "relu": Rule(ELEMENTWISE, True, "ReLU: 1 per element, counted as a multiply", mults=1, keeps_bits=True),
+    "silu": Rule(ELEMENTWISE, True, "swish / SiLU: 3 mults + 1 add per element", mults=3, adds=1),
+    "sigmoid": Rule(ELEMENTWISE, True, "sigmoid: 2 mults + 1 add per element", mults=2, adds=1),
+    "add": Rule(ELEMENTWISE, True, "residual / bias add: 1 add per output element", adds=1),
+    "mul": Rule(ELEMENTWISE, True, "channel scale / product: 1 mult per output element", mults=1),
+    "mean": Rule(REDUCE, True, "average (global pool): 1 mult per output, 1 add per merged input", mults=1, merge_adds=1),
+    # project element-wise ops
+    "sub": _project(ELEMENTWISE, "subtraction counts as an addition", adds=1),
+    "div": _project(ELEMENTWISE, "division counts as a multiply", mults=1),
+    "hardtanh": _project(ELEMENTWISE, "ReLU6 / hardtanh: 2 comparisons per element, counted as multiplies", mults=2),
+    "clamp": _project(ELEMENTWISE, "clamp with both bounds: 2 comparisons per element, counted as multiplies", mults=2),
+    "clamp_min": _project(ELEMENTWISE, "clamp with one bound: 1 comparison per element", mults=1),
+    "clamp_max": _project(ELEMENTWISE, "clamp with one bound: 1 comparison per element", mults=1),
+    **{name: _project(ELEMENTWISE, _COMPARISON, mults=1)
+       for name in ("maximum", "minimum", "gt", "ge", "lt", "le", "eq", "ne")},
+    **{name: _project(ELEMENTWISE, _TRANSCENDENTAL, mults=1)
+       for name in ("tanh", "exp", "log", "sqrt", "rsqrt", "erf", "pow", "reciprocal")},
+    "hardsigmoid": _project(ELEMENTWISE, "hard-sigmoid: 3 mults + 1 add per element", mults=3, adds=1),
+    "hardswish": _project(ELEMENTWISE, "hard-swish: 4 mults + 1 add per element (precedent from verified entries)", mults=4, adds=1),
+    "gelu": _project(ELEMENTWISE, "GELU (erf): 4 mults (erf counted as one) + 1 add per element", mults=4, adds=1),
+    "gelu_tanh": _project(ELEMENTWISE, "GELU (tanh approximation): 7 mults (tanh counted as one) + 2 adds per element", mults=7, adds=2),
+    "sum": _project(REDUCE, "sum: 1 add per merged input", merge_adds=1),
+    "amax": _project(REDUCE, "max over a dim: 1 comparison (multiply) per merged input", merge_mults=1, keeps_bits=True),
+    "_softmax": _project(SOFTMAX, "softmax over n: 2n mults (exp, divide) + (n-1) adds = 3n-1 ops (precedent)", mults=2, merge_adds=1),
+    # pooling
+    "avg_pool2d": _project(POOL, "average pool k×k: (k²-1) adds + 1 mult per output", mults=1, merge_adds=1),
+    "avg_pool3d": _project(POOL, "average pool: (window-1) adds + 1 mult per output", mults=1, merge_adds=1),
+    "_adaptive_avg_pool2d": _project(ADAPTIVE_POOL, "adaptive average pool: (window-1) adds + 1 mult per output", mults=1, merge_adds=1),
+    "_adaptive_avg_pool3d": _project(ADAPTIVE_POOL, "adaptive average pool: (window-1) adds + 1 mult per output", mults=1, merge_adds=1),
+    "max_pool2d_with_indices": _project(POOL, "max pool k×k: (k²-1) comparisons (multiplies) per output", merge_mults=1, keeps_bits=True),
+    "max_pool3d_with_indices": _project(POOL, "max pool: (window-1) comparisons (multiplies) per output", merge_mults=1, keeps_bits=True),
+    "adaptive_max_pool2d": _project(ADAPTIVE_POOL, "adaptive max pool: (window-1) comparisons (multiplies) per output", merge_mults=1, keeps_bits=True),
+    # Composite ops (reshape, flatten, contiguous, linear, matmul, chunk, narrow) arrive decomposed into
+    # the ops below; dropout in eval mode executes no op at all.
+    # free: reshapes and copies (batch norm folds through them)
+    **{name: _view(_RESHAPE) for name in (
+        "view", "_unsafe_view", "alias", "detach", "clone", "_to_copy", "unsqueeze", "squeeze", "lift_fresh")},
+    # free: other data movement, reading a scalar
+    **{name: _free(_MOVE) for name in (
+        "t", "transpose", "permute", "expand", "cat", "stack", "split", "split_with_sizes", "unbind",
+        "slice", "select", "as_strided", "index", "index_select", "gather", "embedding", "roll", "flip",
+        "repeat", "constant_pad_nd", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "copy",
+        "_local_scalar_dense")},
+    **{name: _free(_CONSTANT) for name in (
+        "empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
+        "new_zeros", "new_ones", "new_empty", "new_full", "scalar_tensor", "arange", "fill",
+        "zero")},
+})
+
+
+def rule_key(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """The :data:`RULES` key of an executed aten op (overload-packet ``name``, its arguments).
+
+    In-place ops map onto their out-of-place twin; ops whose cost depends on an argument map onto the
+    variant that says so (``gelu`` with ``approximate='tanh'``, ``clamp`` with one bound).
+    """
+    if name.endswith("_") and not name.endswith("__"):
+        name = name[:-1]
+    if name == "gelu" and kwargs.get("approximate", "none") == "tanh":
+        return "gelu_tanh"
+    if name == "clamp":
+        low = args[1] if len(args) > 1 else kwargs.get("min")
+        high = args[2] if len(args) > 2 else kwargs.get("max")
+        if low is None:
+            return "clamp_max"
+        if high is None:
+            return "clamp_min"
+    return name
+
+
+def project_rules_note(rules: Mapping[str, Rule], keys: set[str] | list[str]) -> dict[str, str]:
+    """``{name: note}``: the project conventions, then the project (non-official) op rules among ``keys``."""
+    return {**PROJECT_CONVENTIONS, **{key: rules[key].note for key in sorted(keys) if not rules[key].official}}
+
+
+# --- the score ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Baseline:
+    """A task's reference model and the constants the score divides by."""
+
+    model: str
+    params: int
+    ops: int
+
+
+#: The organizers' constants (rules doc), plus the project's digits task (digits_cnn counted dense at
+#: 32 bits without the freebie, batch norm folded; a test re-counts it from the model registry).
+BASELINES: Mapping[str, Baseline] = MappingProxyType({
+    "imagenet": Baseline("MobileNetV2 width 1.4", 6_900_000, 1_170_000_000),
+    "cifar100": Baseline("WideResNet-28-10", 36_500_000, 10_490_000_000),
+    "wikitext103": Baseline("1-layer LSTM, 2048 units, tied 512-d embedding", 159_000_000, 318_000_000),
+    "digits": Baseline("digits_cnn (dense, 32-bit, batch norm folded)", 93_962, 4_771_328),
+})
+
+
+def baseline(task: str) -> Baseline:
+    """The baseline of ``task``; :class:`UnknownTaskError` names the known tasks."""
+    try:
+        return BASELINES[task]
+    except KeyError:
+        raise UnknownTaskError(f"no baseline for task {task!r}; known tasks: {', '.join(BASELINES)}") from None
+
+
+def score_terms(task: str, params: int | float | Fraction, ops: int | float | Fraction) -> tuple[Fraction, Fraction]:
+    """(params / baseline_params, ops / baseline_ops), exact; params and ops in 32-bit equivalents."""
+    base = baseline(task)
+    return Fraction(params) / base.params, Fraction(ops) / base.ops
+
+
+def score(task: str, params: int | float | Fraction, ops: int | float | Fraction) -> float:
+    """The MicroNet score: params / baseline_params + ops / baseline_ops (lower is better)."""
+    params_term, ops_term = score_terms(task, params, ops)
+    return float(params_term + ops_term)

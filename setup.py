@@ -1,0 +1,32 @@
+"""micronet-kit: train, compress and score entries to the MicroNet efficient-inference challenge."""
+from setuptools import setup
+
+setup(
+    name="micronet-kit",
+    version="0.1.0",
+    description="Reference training, compression and scoring for MicroNet challenge entries",
+    python_requires=">=3.10",
+    packages=["train", "models", "compress", "scoring", "data", "conf"],
+    package_data={"conf": ["*.yaml", "*/*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "torchvision>=0.19,<0.30",
+        "timm>=1.0,<1.1",
+        "numpy>=1.24,<3",
+        "hydra-core>=1.3,<1.4",
+        "omegaconf>=2.3,<2.4",
+        "tensorboard>=2.14,<3",
+        "safetensors>=0.4,<1",
+        "scikit-learn>=1.3,<2",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={"test": ["pytest>=8,<10"]},
+    entry_points={
+        "console_scripts": [
+            "micronet-train=train.run:main",
+            "micronet-score=scoring.__main__:main",
+            "micronet-export=scoring.export:main",
+        ]
+    },
+)

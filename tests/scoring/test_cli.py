@@ -1,0 +1,57 @@
+"""`python -m scoring`: the architecture mode and the dispatch to the verifier."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from models import create_model
+from scoring import count_model
+from scoring.__main__ import main
+
+
+def test_architecture_mode_prints_table_and_totals_and_writes_json(tmp_path, capsys):
+    assert main(["--model", "digits_cnn", "--task", "digits", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("digits_cnn on digits (1×8×8, untrained)")
+    assert "| conv3.0 | Conv2d | 36,864 | 1,179,648 | 1,177,600 |" in out
+    assert "ops    3,576,128 (32-bit equivalents; 2,390,400 mults + 2,380,928 adds" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    fresh = count_model(create_model("digits_cnn", num_classes=10), torch.zeros(1, 1, 8, 8))
+    assert (report["params"], report["ops"], report["model"]) == (fresh.params, fresh.ops, "digits_cnn")
+    assert report["gate"] is None
+
+
+def test_input_size_and_classes_can_be_overridden(capsys):
+    assert main(["--model", "resnet18_cifar", "--task", "cifar100", "--input-size", "16", "--num-classes", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18_cifar on cifar100 (3×16×16, untrained)" in out
+    assert "| fc | Linear | 1,795.50 | 3,584 | 3,584 |" in out  # (512·7 weights + 7 biases) · 16/32
+
+
+@pytest.mark.slow
+def test_unknown_model_is_one_line_and_exit_2():
+    result = subprocess.run([sys.executable, "-m", "scoring", "--model", "nope", "--task", "digits"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "python -m scoring: error: unknown model 'nope'; choose one of: " + ", ".join(__import__("models").list_models())]
+
+
+def test_unknown_task_is_one_line_and_exit_2(capsys):
+    assert main(["--model", "digits_cnn", "--task", "mnist"]) == 2
+    assert capsys.readouterr().err == "python -m scoring: error: unknown task 'mnist'; choose one of: cifar100, digits, imagenet\n"
+
+
+def test_verify_and_paths_dispatch_to_the_verifier(monkeypatch, tmp_path):
+    calls = []
+    fake = types.SimpleNamespace(main=lambda argv: calls.append(("verify", argv)) or 0,
+                                 score_main=lambda argv: calls.append(("score", argv)) or 0)
+    monkeypatch.setitem(sys.modules, "scoring.verify", fake)
+    assert main(["verify", "bundle", "--data-root", "d"]) == 0
+    assert main([str(tmp_path), "--data-root", "d"]) == 0
+    assert calls == [("verify", ["bundle", "--data-root", "d"]), ("score", [str(tmp_path), "--data-root", "d"])]

@@ -1,0 +1,54 @@
+"""The counter on the registry's architectures, and the digits baseline constants."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import create_model
+from scoring import BASELINES, count_model
+
+# (model, classes, input size, unfoldable batch norms): ImageNet models at 64×64 (the same ops as at 224,
+# fewer positions). WRN is pre-activation: every BN reading a residual sum (11 blocks + the last) cannot fold.
+ARCHITECTURES = [
+    ("efficientnet_b0", 1000, 64, 0), ("mixnet_s", 1000, 64, 0), ("mobilenetv2_140", 1000, 64, 0),
+    ("resnet50", 1000, 64, 0), ("resnet18_cifar", 100, 32, 0), ("wrn28_10", 100, 32, 12),
+    ("efficientnet_b0_cifar", 100, 32, 0),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, classes, size, unfolded", ARCHITECTURES)
+def test_registry_models_count_without_unknown_ops(name, classes, size, unfolded):
+    model = create_model(name, num_classes=classes).eval()
+    with torch.no_grad():  # a random init can hold exact zeros, which the counter (rightly) skips
+        for param in model.parameters():
+            param[param == 0] = 1e-3
+    x = torch.randn(1, 3, size, size)
+    count = count_model(model, x, freebie=False)
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        model(x)
+    # Dense dot products: one multiply per multiply-accumulate, as torch counts them (2 flops each).
+    assert sum(layer["mults"] for layer in count.layers if layer["sparsity"] is not None) == flops.get_total_flops() / 2
+    # Every parameter is stored once; a folded BN (all follow bias-less convs) keeps 1 of its 2 per channel.
+    batch_norms = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    folded = [row["name"] for row in count.layers if row["note"].startswith("folded into")]
+    assert len(batch_norms) - len(folded) == unfolded
+    torch_params = sum(p.numel() for p in model.parameters())
+    assert count.params == torch_params - sum(batch_norms[name].num_features for name in folded)
+    assert count.ops > count.mults > 0
+
+
+def test_digits_baseline_constants_equal_a_fresh_count():
+    count = count_model(create_model("digits_cnn", num_classes=10), torch.randn(4, 1, 8, 8), freebie=False)
+    assert (count.params, count.ops) == (BASELINES["digits"].params, BASELINES["digits"].ops)
+    assert count.score("digits") == 2.0
+
+
+@pytest.mark.slow
+def test_mobilenetv2_140_ops_are_close_to_the_imagenet_baseline_constant():
+    # The organizers' constants are not recounts, but the ops of their baseline must land near ours
+    # (params do not: 6.9M is their figure, the torch model holds 6.1M).
+    count = count_model(create_model("mobilenetv2_140", num_classes=1000), torch.randn(1, 3, 224, 224), freebie=False)
+    assert count.ops == pytest.approx(BASELINES["imagenet"].ops, rel=0.02)
+    assert count.params < BASELINES["imagenet"].params
