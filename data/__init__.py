@@ -1,0 +1,11 @@
+"""Datasets, transforms and loaders: ``build_loaders(dataset, ...)`` for digits, cifar100 and imagenet.
+
+See :func:`data.loaders.build_loaders` for the loader contract and :class:`data.augment.AugmentOptions`
+for the ``augment`` keys.
+"""
+from .augment import AugmentOptions, build_mixup
+from .datasets import DatasetNotFoundError
+from .loaders import DATASETS, build_loaders, gpu_resident_supported
+
+__all__ = ["DATASETS", "AugmentOptions", "DatasetNotFoundError", "build_loaders", "build_mixup",
+           "gpu_resident_supported"]

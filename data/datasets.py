@@ -1,0 +1,116 @@
+"""Datasets on disk and their normalisation: digits (scikit-learn), CIFAR-100 (torchvision format), ImageNet.
+
+Every dataset yields ``(PIL image, int label)``; transforms are applied by the loaders. Small datasets
+(digits, CIFAR-100) are held as uint8 arrays (:class:`ArrayImageDataset`) so the GPU-resident loader can
+move them to the device whole.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import Dataset
+from torchvision.datasets import CIFAR100, ImageFolder
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+# The digits split never depends on the run's seed, so every run is evaluated on the same 360 images.
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+
+IMAGENET_CROP = 224
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are missing; the message says where they must be and how to get them."""
+
+
+class ArrayImageDataset(Dataset):
+    """Images held in memory as a uint8 array ``(N, H, W, C)`` with int64 labels ``(N,)``."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray) -> None:
+        if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(targets):
+            raise ValueError(f"expected uint8 images (N, H, W, C) and N labels, got {images.dtype} "
+                             f"{images.shape} and {len(targets)} labels")
+        self.images = images
+        self.targets = np.asarray(targets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        image = self.images[index]
+        return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), int(self.targets[index])
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A dataset's train and test sets with the per-channel mean/std of images scaled to [0, 1]."""
+
+    train: Dataset
+    test: Dataset
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def digits_splits() -> Splits:
+    """scikit-learn's 1797 8×8 digits, split 80/20 (1437/360) stratified with a fixed seed.
+
+    Pixel values 0..16 are stored as uint8 0..240 (×15, exact); the mean/std are the train split's, so
+    the scale cancels in normalisation.
+    """
+    digits = load_digits()
+    images = (digits.images * 15).astype(np.uint8)[..., None]
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, digits.target, test_size=DIGITS_TEST_FRACTION, stratify=digits.target,
+        random_state=DIGITS_SPLIT_SEED)
+    scaled = train_x / 255.0
+    return Splits(ArrayImageDataset(train_x, train_y), ArrayImageDataset(test_x, test_y),
+                  mean=(float(scaled.mean()),), std=(float(scaled.std()),))
+
+
+class _CIFAR100Files(CIFAR100):
+    """torchvision's CIFAR-100 reader checking that the pickles exist rather than their md5 sums, so any file
+    in the official format loads (re-packed copies, test fixtures). Downloads still verify the archive's md5."""
+
+    train_list = [[name, None] for name, _ in CIFAR100.train_list]
+    test_list = [[name, None] for name, _ in CIFAR100.test_list]
+    meta = {**CIFAR100.meta, "md5": None}
+
+
+def cifar100_splits(root: str | None, download: bool) -> Splits:
+    """CIFAR-100 from ``root/cifar-100-python/{train,test,meta}``; downloaded there only when ``download``."""
+    if root is None:
+        raise DatasetNotFoundError("cifar100 needs data.root: the folder that holds (or, with data.download=true, "
+                                   "will hold) cifar-100-python/")
+    folder = os.path.join(root, CIFAR100.base_folder)
+    missing = [name for name in ("train", "test", "meta") if not os.path.isfile(os.path.join(folder, name))]
+    if missing and not download:
+        raise DatasetNotFoundError(
+            f"CIFAR-100 not found: {', '.join(os.path.join(folder, m) for m in missing)} missing; extract "
+            f"{CIFAR100.url} into {root}, or set data.download=true to download it there")
+    train = _CIFAR100Files(root, train=True, download=download)
+    test = _CIFAR100Files(root, train=False)
+    return Splits(ArrayImageDataset(train.data, train.targets), ArrayImageDataset(test.data, test.targets),
+                  mean=CIFAR100_MEAN, std=CIFAR100_STD)
+
+
+def imagenet_splits(root: str | None) -> Splits:
+    """ImageNet as class folders ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``."""
+    layout = "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (validation images sorted into class folders)"
+    if root is None:
+        raise DatasetNotFoundError(f"imagenet needs data.root: the folder that holds {layout}")
+    missing = [os.path.join(root, split) for split in ("train", "val") if not os.path.isdir(os.path.join(root, split))]
+    if missing:
+        raise DatasetNotFoundError(f"ImageNet not found: {', '.join(missing)} missing; data.root must hold {layout}")
+    train, val = ImageFolder(os.path.join(root, "train")), ImageFolder(os.path.join(root, "val"))
+    if train.classes != val.classes:
+        raise ValueError(f"ImageNet train/ has {len(train.classes)} class folders and val/ has {len(val.classes)}, "
+                         f"with different names; both must hold the same <wnid> folders")
+    return Splits(train, val, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)

@@ -1,0 +1,107 @@
+"""``build_loaders``: the train and test loaders of a task's dataset, on the CPU path or GPU-resident."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from .augment import AugmentOptions
+from .datasets import IMAGENET_CROP, Splits, cifar100_splits, digits_splits, imagenet_splits
+from .gpu_loader import GpuResidentLoader, unsupported_on_device
+from .sampling import AugmentedDataset, EpochSampler
+from .transforms import eval_transform, train_transform
+
+DATASETS = ("digits", "cifar100", "imagenet")
+GPU_RESIDENT_DATASETS = ("digits", "cifar100")  # uint8 arrays small enough to live on the device
+
+
+class SizedDataLoader(DataLoader):
+    """A DataLoader that knows its dataset's size (``len()`` stays the number of batches)."""
+
+    def __init__(self, dataset: Dataset, **kwargs) -> None:
+        super().__init__(dataset, **kwargs)
+        self.dataset_size = len(dataset)
+
+
+class EpochDataLoader(SizedDataLoader):
+    """The training DataLoader: forwards ``set_epoch`` to its :class:`EpochSampler`."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration's order and augmentation a function of (seed, epoch)."""
+        self.sampler.set_epoch(epoch)
+
+
+def _splits(dataset: str, root: str | None, download: bool) -> Splits:
+    if dataset == "digits":
+        return digits_splits()
+    if dataset == "cifar100":
+        return cifar100_splits(root, download)
+    return imagenet_splits(root)
+
+
+def _rank_and_world(distributed: bool) -> tuple[int, int]:
+    if not distributed:
+        return 0, 1
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("distributed=True needs an initialized process group; launch with torchrun")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gpu_resident_supported(dataset: str, augment: Mapping | None) -> bool:
+    """Whether ``build_loaders(dataset, augment=augment, gpu_resident=True)`` is possible (resolves "auto")."""
+    return dataset in GPU_RESIDENT_DATASETS and not unsupported_on_device(AugmentOptions.from_mapping(augment))
+
+
+def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch_size: int,
+                  augment: Mapping | None, num_workers: int, pin_memory: bool, download: bool, seed: int,
+                  distributed: bool = False, device: torch.device | None = None,
+                  gpu_resident: bool = False) -> tuple[EpochDataLoader | GpuResidentLoader,
+                                                       SizedDataLoader | GpuResidentLoader]:
+    """Train and test loaders yielding ``(normalised float NCHW inputs, int64 targets)``.
+
+    The train loader shuffles, augments with ``augment`` (see :class:`AugmentOptions`) and drops the last
+    partial batch; call its ``set_epoch(epoch)`` before each epoch. The test loader keeps dataset order
+    and, when distributed, gives each rank every world-size-th example (no padding, so summed counts
+    are exact). ``gpu_resident`` (digits, cifar100) keeps the data on ``device`` and augments there.
+    Both loaders have ``len()`` (batches on this rank) and ``dataset_size`` (examples in the dataset).
+    """
+    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if gpu_resident and dataset not in GPU_RESIDENT_DATASETS:
+        raise ValueError(f"gpu_resident loading needs a CIFAR-sized dataset ({', '.join(GPU_RESIDENT_DATASETS)}), "
+                         f"not {dataset}; set data.gpu_resident=false")
+    options = AugmentOptions.from_mapping(augment)
+    rank, world_size = _rank_and_world(distributed)
+    splits = _splits(dataset, root, download)
+    if len(splits.train) // world_size < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(splits.train) // world_size} training examples "
+                         f"per rank of {dataset}; lower it")
+    if gpu_resident:
+        common = dict(mean=splits.mean, std=splits.std, device=device or torch.device("cpu"), seed=seed,
+                      rank=rank, world_size=world_size)
+        return (GpuResidentLoader(splits.train, batch_size=batch_size, options=options, **common),
+                GpuResidentLoader(splits.test, batch_size=eval_batch_size, options=None, **common))
+
+    resize_crop = dataset == "imagenet"
+    image_size = IMAGENET_CROP if resize_crop else splits.train.images.shape[1]
+    geometry = dict(image_size=image_size, mean=splits.mean, std=splits.std, resize_crop=resize_crop)
+    train_set = AugmentedDataset(splits.train, train_transform(options, **geometry), stochastic=options.is_random)
+    test_set = AugmentedDataset(splits.test, eval_transform(options, **geometry))
+    workers = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    train = EpochDataLoader(
+        train_set, batch_size=batch_size, drop_last=True,
+        sampler=EpochSampler(train_set, seed, num_replicas=world_size, rank=rank),
+        # Worker seeds come from this generator, never from the global RNG the training step draws from.
+        generator=torch.Generator().manual_seed(seed), **workers)
+    test = SizedDataLoader(test_set, batch_size=eval_batch_size, sampler=range(rank, len(test_set), world_size),
+                           generator=torch.Generator().manual_seed(seed), **workers)
+    return train, test

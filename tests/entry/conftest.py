@@ -1,0 +1,94 @@
+"""Fixtures for entry tests: a digits run config, a pruned + quantized model, a finished run dir, and a
+pickle that creates a marker file when (and only when) something unpickles it."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from compress import build_stages, compression_state
+from models import create_model
+from scoring.entry import load_entry, save_entry
+from scoring.report import REPORT_JSON, REPORT_MD, markdown
+from scoring.verify import recount
+from train.config import to_container
+from train.run import CONF_DIR
+
+#: Two stages on the digits CNN: prune half of the weights over three steps, then 4-bit QAT.
+PRUNE_Q4 = {"name": "prune_q4_test", "stages": [
+    {"name": "prune", "epochs": 1,
+     "prune": {"final_sparsity": 0.5, "unit": "step", "start": 0, "end": 2, "frequency": 1}},
+    {"name": "quantize", "epochs": 1, "quantize": {"weight_bits": 4, "activation_bits": 4, "method": "lsq"}},
+]}
+STEPS = 3
+
+
+@pytest.fixture(scope="session")
+def run_config() -> dict:
+    """The resolved config of a digits run compressed with :data:`PRUNE_Q4` (as train/run.py saves it)."""
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["task=digits", "device=cpu", "data.num_workers=0", "score.examples=64"])
+    config = to_container(cfg)
+    config["compress"] = PRUNE_Q4
+    return config
+
+
+def make_compressed_model(seed: int = 0) -> torch.nn.Module:
+    """digits_cnn after a few SGD steps through each stage of :data:`PRUNE_Q4` (masks, LSQ quantizers)."""
+    torch.manual_seed(seed)
+    model = create_model("digits_cnn", num_classes=10)
+    inputs, targets = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    for stage in build_stages(PRUNE_Q4, load_teacher=lambda spec: None):
+        for technique in stage.techniques:
+            technique.configure(steps_per_epoch=STEPS)
+            technique.attach(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        model.train()
+        for step in range(STEPS):
+            optimizer.zero_grad()
+            F.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+            for technique in stage.techniques:
+                technique.on_step_end(model, step)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def compressed_model() -> torch.nn.Module:
+    """Shared by the tests, which only read it (save_entry works on a copy)."""
+    return make_compressed_model()
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, run_config: dict, compressed_model: torch.nn.Module) -> Path:
+    """A finished run dir as train/run.py leaves it: entry/, report.json, report.md."""
+    directory = tmp_path / "run"
+    save_entry(directory / "entry", compressed_model, config=run_config,
+               compression_state=compression_state(compressed_model))
+    report = recount(load_entry(directory), device="cpu")
+    (directory / REPORT_JSON).write_text(json.dumps(report, indent=2))
+    (directory / REPORT_MD).write_text(markdown(report))
+    return directory
+
+
+class Planted:
+    """Unpickling this calls ``open(marker, "w")``: the file appearing proves code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def plant_pickle(path: Path, marker: Path, *, torch_archive: bool) -> None:
+    """Write a malicious payload to ``path``: a raw pickle, or a ``torch.save`` zip archive."""
+    if torch_archive:
+        torch.save({"conv1.0.weight": Planted(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps({"conv1.0.weight": Planted(marker)}))

@@ -1,0 +1,166 @@
+"""Export a run dir as a bundle, verify it, and refuse edited reports and planted pickles."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scoring import export, verify
+from scoring.entry import ENTRY_JSON, WEIGHTS_FILE, load_entry
+
+from .conftest import plant_pickle
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def bundle(run_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "bundle"
+    assert export.main([str(run_dir), "--out", str(out)]) == 0
+    return out
+
+
+def layer(report: dict, name: str) -> dict:
+    return next(row for row in report["layers"] if row["name"] == name)
+
+
+def edit_report(bundle: Path, edit) -> None:
+    path = bundle / "report.json"
+    report = json.loads(path.read_text())
+    edit(report)
+    path.write_text(json.dumps(report))
+
+
+def test_bundle_holds_entry_reports_and_writeup(bundle, run_dir):
+    assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*")) == [
+        "WRITEUP.md", "entry", f"entry/{ENTRY_JSON}", f"entry/{WEIGHTS_FILE}", "report.json", "report.md"]
+    assert (bundle / "report.json").read_text() == (run_dir / "report.json").read_text()
+    report = json.loads((bundle / "report.json").read_text())
+    writeup = (bundle / "WRITEUP.md").read_text()
+    for layer in report["layers"]:  # the per-layer table
+        assert f"| {layer['name']} | {layer['type']} |" in writeup
+    # The score split into its two terms, with the numbers that make them.
+    assert f"= {report['score_params_term']:.6g} + {report['score_ops_term']:.6g}" in writeup
+    assert f"{report['params']:.6g} / {report['baseline']['params']:.6g}" in writeup
+    assert report["gate"]["summary"] in writeup
+    for rule in report["project_rules"]:
+        assert f"`{rule}`" in writeup
+    # No .hydra/overrides.yaml in this run dir: the command is rebuilt from the config's choices.
+    assert "python train/run.py task=digits model=digits_cnn compress=prune_q4_test seed=0" in writeup
+    assert "python -m scoring verify BUNDLE" in writeup
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".bundle")]  # no staging left
+
+
+def test_train_command_comes_from_hydra_overrides(run_dir, tmp_path):
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text(
+        "- task=digits\n- compress=prune_q8\n- train.epochs=3\n- hydra.run.dir=/tmp/somewhere\n")
+    assert export.main([str(run_dir), "--out", str(tmp_path / "b")]) == 0
+    assert "    python train/run.py task=digits compress=prune_q8 train.epochs=3\n" in \
+        (tmp_path / "b" / "WRITEUP.md").read_text()
+
+
+def test_existing_bundle_needs_force(bundle, run_dir, capsys):
+    (bundle / "WRITEUP.md").write_text("old")
+    assert export.main([str(run_dir), "--out", str(bundle)]) == 2
+    assert "already exists; choose another --out or pass --force" in capsys.readouterr().err
+    assert (bundle / "WRITEUP.md").read_text() == "old"
+    assert export.main([str(run_dir), "--out", str(bundle), "--force"]) == 0
+    assert (bundle / "WRITEUP.md").read_text().startswith("# MicroNet entry: digits")
+
+
+def test_failed_export_leaves_nothing(run_dir, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "writeup", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export.export(run_dir, tmp_path / "out" / "bundle")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("remove, expected", [
+    ("entry", r"holds no entry\.json .*python train/run\.py"),
+    ("report.json", r"has no report\.json; .*python train/run\.py"),
+])
+def test_unfinished_run_dir_says_what_to_run(run_dir, tmp_path, capsys, remove, expected):
+    target = run_dir / remove
+    if target.is_dir():
+        for child in target.iterdir():
+            child.unlink()
+        target.rmdir()
+    else:
+        target.unlink()
+    assert export.main([str(run_dir), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert re.search(expected, err)
+    assert not (tmp_path / "b").exists()
+
+
+def test_verify_accepts_an_untouched_bundle(bundle, capsys):
+    assert verify.main([str(bundle), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "verified: all" in out and "DIFFERS" not in out
+    report = json.loads((bundle / "report.json").read_text())
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:-1]}
+    assert rows["correct"] == [str(report["correct"]), str(report["correct"]), "ok"]
+    assert rows["ops"] == [repr(report["ops"]), repr(report["ops"]), "ok"]
+    assert not [name for name in rows if name.startswith("layers[")]  # agreeing layer fields are not listed
+    assert out.splitlines()[-1] == (f"verified: all {7 * len(report['layers']) + 13} fields agree with "
+                                    f"{bundle / 'report.json'}")
+
+
+@pytest.mark.parametrize("field, edit", [
+    ("ops", lambda r: r.update(ops=r["ops"] * 0.999)),
+    ("correct", lambda r: r.update(correct=r["correct"] + 1)),
+    ("score", lambda r: r.update(score=r["score"] * (1 - 1e-8))),
+    ("gate_passed", lambda r: r.update(gate_passed=not r["gate_passed"])),
+    ("layers[conv2.0].sparsity", lambda r: layer(r, "conv2.0").update(sparsity=0.9)),
+])
+def test_verify_refuses_an_edited_report_with_a_diff_table(bundle, capsys, field, edit):
+    edit_report(bundle, edit)
+    assert verify.main([str(bundle), "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["field", "reported", "recounted", "status"]
+    differing = [row for row in rows[1:-1] if row[-1] == "DIFFERS"]
+    assert [row[0] for row in differing] == [field]
+    assert out.splitlines()[-1].startswith("NOT VERIFIED: 1 of ")
+
+
+def test_verify_refuses_a_planted_pickle_and_runs_no_code(bundle, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    plant_pickle(bundle / "entry" / WEIGHTS_FILE, marker, torch_archive=True)
+    assert verify.main([str(bundle), "--device", "cpu"]) == 2
+    assert "is not a safetensors file" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_scoring_cli_refuses_a_planted_pickle_in_a_fresh_process(bundle, tmp_path):
+    marker = tmp_path / "marker"
+    plant_pickle(bundle / "entry" / WEIGHTS_FILE, marker, torch_archive=False)
+    done = subprocess.run([sys.executable, "-m", "scoring", "verify", str(bundle), "--device", "cpu"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and "is not a safetensors file" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not marker.exists()
+
+
+def test_score_main_prints_the_summary(bundle, capsys):
+    assert verify.score_main([str(bundle), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((bundle / "report.json").read_text())
+    assert out.startswith("digits_cnn on digits (compress=prune_q4_test)")
+    assert report["gate"]["summary"] in out
+    assert f"score  {report['score']:.6f}" in out
+
+
+def test_verify_reads_the_entry_of_a_run_dir_too(run_dir, capsys):
+    assert load_entry(run_dir).task == "digits"
+    assert verify.main([str(run_dir), "--device", "cpu"]) == 0
