@@ -16,10 +16,13 @@ about pruning or quantization: it calls these hooks, in this order, for every st
    distillation), then after ``optimizer.step()``: ``on_step_end(model, step)`` with the 0-based
    global step within the stage (e.g. the pruning schedule updates masks here).
 4. ``scalars(model)`` whenever the loop logs: numbers for TensorBoard and the progress line.
+5. ``on_stage_end(model)`` after the stage's last epoch: training-only behaviour of the stage (e.g.
+   frozen BatchNorm statistics) ends here, so that later stages train normally.
 
 Compression state lives on the model (masks and quantizers are submodules and buffers), so it is saved
 with every ``state_dict``; the *structure* needed to rebuild it is described by
-:func:`compress.compression_state`.
+:func:`compress.compression_state`. Everything a technique does that only matters in training is a
+function of (stage, epoch, step), re-applied by these hooks on resume.
 
 The rest of this module is what pruning and quantization share: reading a technique's config with
 one-line errors (:class:`Settings`), choosing layers by type and name pattern, converting stage
@@ -62,6 +65,9 @@ class Technique:
     def scalars(self, model: nn.Module) -> dict[str, float]:
         """Numbers worth logging now (e.g. current sparsity)."""
         return {}
+
+    def on_stage_end(self, model: nn.Module) -> None:
+        """Called once after the last epoch of the stage."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,14 +249,20 @@ def find_parametrization(module: nn.Module, kind: type) -> nn.Module | None:
     return next((p for p in weight_parametrizations(module) if isinstance(p, kind)), None)
 
 
-def put_parametrization(module: nn.Module, new: nn.Module) -> None:
-    """Add ``new`` to ``module.weight``'s parametrizations, replacing one of the same type in place."""
+def put_parametrization(module: nn.Module, new: nn.Module, *, innermost: bool = False) -> None:
+    """Add ``new`` to ``module.weight``'s parametrizations, replacing one of the same type in place.
+
+    ``innermost`` puts a new one first in the chain: a mask must come before the weight quantizer,
+    whose output (tagged with its bit width) is what the layer consumes and the scorer reads.
+    """
     old = find_parametrization(module, type(new))
-    if old is None:
-        parametrize.register_parametrization(module, "weight", new)
+    if old is not None:
+        chain = module.parametrizations["weight"]
+        chain[list(chain).index(old)] = new
+    elif innermost and parametrize.is_parametrized(module, "weight"):
+        module.parametrizations["weight"].insert(0, new)
     else:
-        plist = module.parametrizations["weight"]
-        plist[list(plist).index(old)] = new
+        parametrize.register_parametrization(module, "weight", new)
 
 
 def original_weight(module: nn.Module) -> torch.Tensor:

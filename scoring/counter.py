@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.parametrize import ParametrizationList
+from torch.nn.utils.parametrize import ParametrizationList, type_before_parametrizations
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -243,7 +243,9 @@ class _Tracer(TorchDispatchMode):
         name = self.names.get(module, MODEL_LAYER) if module is not None else MODEL_LAYER
         layer = self.layers.get(name)
         if layer is None:
-            layer = self.layers[name] = _Layer(name, type(module).__name__ if module is not None else "")
+            # The class the user wrote, not the ParametrizedConv2d that masks and quantizers create.
+            layer_type = type_before_parametrizations(module).__name__ if module is not None else ""
+            layer = self.layers[name] = _Layer(name, layer_type)
         return layer
 
     # --- ops --------------------------------------------------------------------------------------

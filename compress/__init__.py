@@ -1,0 +1,19 @@
+"""Compression stages for MicroNet entries: gradual magnitude pruning, quantization-aware training,
+knowledge distillation, composed into ordered stages by ``conf/compress/*.yaml``.
+
+Works on any ``nn.Module`` (layers chosen by type — Conv/Linear — and by name pattern) and declares
+bit widths to the scorer only through ``scoring.protocol``'s attributes. See ``compress/base.py`` for
+the hooks the training loop calls.
+"""
+from .base import Technique
+from .distillation import DistillTechnique
+from .pruning import CubicSchedule, PruneTechnique, WeightMask, mask_sparsity
+from .quantization import ActivationQuantizer, QuantizeTechnique, WeightQuantizer
+from .stages import Stage, build_stages
+from .state import apply_compression_state, compression_state, finalize_for_export
+
+__all__ = [
+    "ActivationQuantizer", "CubicSchedule", "DistillTechnique", "PruneTechnique", "QuantizeTechnique", "Stage",
+    "Technique", "WeightMask", "WeightQuantizer", "apply_compression_state", "build_stages",
+    "compression_state", "finalize_for_export", "mask_sparsity",
+]

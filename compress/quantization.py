@@ -1,0 +1,425 @@
+"""Quantization-aware training: fake quantization of weights and activations, declared to the scorer.
+
+Weights: symmetric, one step size per output channel, integers in [−(2^(b−1)−1), 2^(b−1)−1] (so at
+most 2^b − 1 values per channel, and 0 ↦ 0: pruned weights stay exactly zero). The quantizer is a
+:mod:`torch.nn.utils.parametrize` parametrization registered after the pruning mask, so the executed
+``module.weight`` is ``quantize(original * mask)``. It carries ``micronet_bits`` and
+``micronet_scale_count = out_channels`` (scoring/protocol.py).
+
+Activations: one quantizer per conv/linear input (``module.input_quantizer``), run from a forward
+pre-hook through ``__call__`` so the scorer's module hooks see it; per-tensor, unsigned in
+[0, 2^b − 1] when the first training batch it sees is non-negative (e.g. after ReLU), otherwise
+symmetric signed; zero-point 0 in both cases, hence ``micronet_scale_count = 1``. An input that
+turns negative after an unsigned calibration is clipped at 0.
+
+Step sizes: ``lsq`` learns them (Esser et al. 2020, "Learned Step Size Quantization", ICLR), with
+the paper's gradient scale 1/sqrt(N·Q_P) (N = weights per output channel, or input elements per
+example), initialised to the step with least squared quantization error on the initial weights / the
+first batch; ``minmax`` and ``moving_average`` are observers: weight step sizes follow the current
+per-channel max |w| (both methods), activation step sizes the running min/max (``minmax``) or its
+exponential moving average (``moving_average``, ``averaging_constant`` as in torch.ao's
+MovingAverageMinMaxObserver). Observers update only in training mode. All share one
+fake-quantization function (:class:`_FakeQuantize`, which says why it is not torch's fused kernels).
+``freeze_observers`` fixes every step size from an epoch on; ``freeze_bn`` makes every BatchNorm
+normalise with (and stop updating) its running statistics from an epoch on, as torchvision's
+``references/classification/train_quantization.py`` does.
+
+**Project rule — batch norm folding keeps quantized weights on their grid.** The scorer folds a
+BatchNorm that follows a conv/linear into it: ``W'[c] = W[c] · γ[c] / σ[c]`` and a bias per channel.
+With per-channel symmetric quantization ``W[c] = s[c] · q[c]`` with integers q[c] in
+[−(2^(b−1)−1), 2^(b−1)−1], so ``W'[c] = (s[c] · γ[c] / σ[c]) · q[c]``: the same b-bit integers with a
+new per-channel scale (the grid is symmetric, so a negative γ only flips the sign of the scale). The
+folded layer therefore stores b-bit weights and the same number of scales, and is counted as such;
+the folded bias is a dense 32-bit parameter. Per-tensor weight scales would not have this property,
+which is why weights are always quantized per output channel here.
+
+Config keys of a stage's ``quantize:`` mapping (checked by :class:`QuantizeTechnique`):
+
+    weight_bits         2..8 or 16; default 8
+    activation_bits     2..8 or 16, or null (inputs stay float); default 8
+    method              lsq | minmax | moving_average; default lsq
+    averaging_constant  moving_average only, in (0, 1]; default 0.01
+    first_last_bits     weight and input bits of the first and last conv/linear layers; default 8;
+                        null = like the others
+    layer_bits          {pattern: bits, or {weight: bits, activation: bits}}; first match wins
+    layers, exclude     fnmatch patterns of conv/linear layer names; default ["*"] and []
+    unit                fraction | epoch: unit of freeze_observers and freeze_bn; default fraction
+    freeze_observers    stage position from which step sizes are fixed; null = never (default)
+    freeze_bn           stage position from which BatchNorm statistics are frozen; null = never (default)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .base import Settings, Technique, check_bits, find_parametrization, first_and_last, first_match, \
+    put_parametrization, select_layers, stage_epochs_at
+
+METHODS = ("lsq", "minmax", "moving_average")
+
+#: Smallest step size: keeps all-zero channels (fully pruned) and constant inputs well defined.
+_MIN_SCALE = torch.finfo(torch.float32).eps
+
+#: Clipping ratios of max|x| tried when initialising a step size by least squared error.
+_INIT_RATIOS = torch.linspace(0.3, 1.0, 15).tolist()
+
+
+def signed_range(bits: int) -> tuple[int, int]:
+    """Integer range of symmetric signed quantization: 0 is exact and the grid is closed under negation."""
+    top = 2 ** (bits - 1) - 1
+    return -top, top
+
+
+def unsigned_range(bits: int) -> tuple[int, int]:
+    """Integer range of unsigned quantization with zero-point 0."""
+    return 0, 2 ** bits - 1
+
+
+def round_to_grid(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``step · clamp(round(x / step), qmin, qmax)`` (``step`` broadcasts against ``x``)."""
+    return torch.round(x / step).clamp_(qmin, qmax) * step
+
+
+def least_error_scale(x: torch.Tensor, qmin: int, qmax: int, *, per_channel: bool) -> torch.Tensor:
+    """The step size (per output channel, or one) among clipped max-scalings with least squared error."""
+    x = x.detach().float()
+    rows = x.flatten(1) if per_channel else x.reshape(1, -1)
+    peak = rows.abs().amax(1).clamp_min(_MIN_SCALE)
+    best, best_err = None, None
+    for ratio in _INIT_RATIOS:
+        scale = (peak * ratio / qmax).clamp_min(_MIN_SCALE)
+        err = (round_to_grid(rows, scale[:, None], qmin, qmax) - rows).square().sum(1)
+        if best is None:
+            best, best_err = scale, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+    return best
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """``scale · clamp(round(x / scale), qmin, qmax)`` with the straight-through and LSQ gradients.
+
+    The input gets the straight-through gradient where ``round(x / scale)`` is inside the range; a
+    scale that requires grad gets LSQ's (Esser et al. 2020, eq. 3: ``round(x/s) − x/s`` inside the
+    range, the clamped integer outside) times ``grad_factor``. These are exactly the gradients of
+    torch's fused ``_fake_quantize_learnable_per_{channel,tensor}_affine`` (a test checks it), but
+    torch's fused CPU fake-quantization kernels are about 15x slower than these few vectorised ops
+    (11 ms vs 0.8 ms forward on a 512x512x3x3 weight, one thread) and the learnable ones also
+    differentiate the zero-point, which is always 0 here.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, per_channel: bool, qmin: int, qmax: int,
+                grad_factor: float) -> torch.Tensor:
+        step = scale.view(-1, *[1] * (x.dim() - 1)) if per_channel else scale
+        ctx.save_for_backward(x, step)
+        ctx.per_channel, ctx.qmin, ctx.qmax, ctx.grad_factor = per_channel, qmin, qmax, grad_factor
+        return round_to_grid(x, step, qmin, qmax).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, step = ctx.saved_tensors
+        scaled = x / step
+        grad = grad.to(scaled.dtype)  # under autocast x may be bf16 while the step size is fp32
+        grad_x = torch.ops.aten.hardtanh_backward(grad, scaled, ctx.qmin - 0.5, ctx.qmax + 0.5)
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            dims = tuple(range(1, x.dim())) if ctx.per_channel else tuple(range(x.dim()))
+            integers = torch.round(scaled).clamp_(ctx.qmin, ctx.qmax)
+            # sum over the elements of grad · (q − x/s · inside) = Σ grad·q − Σ grad_x·x/s
+            grad_scale = ((grad * integers).sum(dims, dtype=torch.float32)
+                          - (grad_x * scaled).sum(dims, dtype=torch.float32)) * ctx.grad_factor
+        return grad_x.to(x.dtype), None if grad_scale is None else grad_scale.view(-1), None, None, None, None
+
+
+class _FakeQuantizer(nn.Module):
+    """Shared state: bit width (declared to the scorer), method, step size and the frozen flag.
+
+    The step size is a Parameter for LSQ and a buffer for observers; ``frozen`` is a buffer (so a
+    checkpoint remembers it) mirrored in a Python bool so the forward pass never synchronises on it.
+    """
+
+    kind = "quantizer"
+
+    def __init__(self, bits: int, method: str, scale: torch.Tensor):
+        super().__init__()
+        self.micronet_bits = bits
+        self.method = method
+        if method == "lsq":
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("frozen", torch.tensor(False))
+        self._frozen = False
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Fix the step size (observers stop updating, LSQ stops learning it) or release it."""
+        self.frozen.fill_(frozen)
+        self._frozen = frozen
+
+    @property
+    def is_frozen(self) -> bool:
+        """True when the step size is fixed."""
+        return self._frozen
+
+    def _learned_scale(self) -> torch.Tensor:
+        with torch.no_grad():
+            self.scale.clamp_(min=_MIN_SCALE)  # as torch.ao's _LearnableFakeQuantize: keep the step positive
+        return self.scale.detach() if self._frozen else self.scale
+
+    def _sync_from_buffers(self) -> None:
+        self._frozen = bool(self.frozen)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_from_buffers()
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that rebuild this quantizer (see ``compress.compression_state``)."""
+        return {"kind": self.kind, "bits": self.micronet_bits, "method": self.method}
+
+    def extra_repr(self) -> str:
+        return f"bits={self.micronet_bits}, method={self.method}"
+
+
+class WeightQuantizer(_FakeQuantizer):
+    """Parametrization: symmetric per-output-channel fake quantization of a weight."""
+
+    kind = "weight_quantizer"
+
+    def __init__(self, weight: torch.Tensor, bits: int, method: str, *, initialise: bool = True):
+        qmin, qmax = signed_range(bits)
+        if method == "lsq" and initialise:
+            scale = least_error_scale(weight, qmin, qmax, per_channel=True)
+        else:  # observers set it from the weights on every training forward
+            scale = torch.ones(weight.shape[0], device=weight.device)
+        super().__init__(bits, method, scale)
+        self.qmin, self.qmax = qmin, qmax
+        self.micronet_scale_count = weight.shape[0]
+        self.grad_factor = 1.0 / math.sqrt(weight[0].numel() * self.qmax)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.method == "lsq":
+            scale = self._learned_scale()
+        else:
+            if not self._frozen:  # the observer is the current weights' per-channel range
+                self.observe(weight)
+            scale = self.scale
+        return _FakeQuantize.apply(weight, scale, True, self.qmin, self.qmax, self.grad_factor)
+
+    def observe(self, weight: torch.Tensor) -> None:
+        """Set the step sizes from ``weight``'s per-channel max |w| (observer methods)."""
+        with torch.no_grad():
+            torch.div(weight.detach().flatten(1).abs().amax(1), self.qmax, out=self.scale).clamp_(min=_MIN_SCALE)
+
+    @classmethod
+    def rebuild(cls, description: Mapping[str, Any], weight: torch.Tensor) -> WeightQuantizer:
+        """A quantizer shaped for ``weight``; its step sizes come from ``load_state_dict``."""
+        return cls(weight, description["bits"], description["method"], initialise=False)
+
+
+class ActivationQuantizer(_FakeQuantizer):
+    """Per-tensor fake quantization of a layer's input, unsigned when calibrated on non-negative data."""
+
+    kind = "input_quantizer"
+
+    def __init__(self, bits: int, method: str, averaging_constant: float = 0.01):
+        super().__init__(bits, method, torch.ones(1))
+        self.micronet_scale_count = 1
+        self.averaging_constant = averaging_constant
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.register_buffer("signed", torch.tensor(True))
+        if method != "lsq":
+            self.register_buffer("min_val", torch.zeros(1))
+            self.register_buffer("max_val", torch.zeros(1))
+        self._sync_from_buffers()
+
+    def _sync_from_buffers(self) -> None:
+        super()._sync_from_buffers()
+        self._calibrated = bool(self.calibrated)
+        self.qmin, self.qmax = signed_range(self.micronet_bits) if bool(self.signed) \
+            else unsigned_range(self.micronet_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._calibrated:
+            if not self.training:
+                raise RuntimeError("an activation quantizer has not seen a training batch yet: train at least one "
+                                   "step with it (or load a checkpoint) before evaluating")
+            self._calibrate(x)
+        if self.method == "lsq":
+            scale = self._learned_scale()
+        else:
+            if self.training and not self._frozen:
+                self._observe(x)
+            scale = self.scale
+        grad_factor = 1.0 / math.sqrt(x[0].numel() * self.qmax)
+        return _FakeQuantize.apply(x, scale, False, self.qmin, self.qmax, grad_factor)
+
+    def _calibrate(self, x: torch.Tensor) -> None:
+        """First training batch: choose signed/unsigned and initialise the step size.
+
+        Under torch.distributed every process sees a different batch: they agree on the range (min of
+        minima, max of maxima) and average the LSQ step, so all replicas start identical.
+        """
+        with torch.no_grad():
+            low, high = torch.aminmax(x.detach().float())
+            distributed = dist.is_available() and dist.is_initialized()
+            if distributed:
+                dist.all_reduce(low, op=dist.ReduceOp.MIN)
+                dist.all_reduce(high, op=dist.ReduceOp.MAX)
+            self.signed.fill_(bool(low < 0))
+            self.calibrated.fill_(True)
+            self._sync_from_buffers()
+            if self.method == "lsq":
+                self.scale.copy_(least_error_scale(x, self.qmin, self.qmax, per_channel=False))
+                if distributed:
+                    dist.all_reduce(self.scale.data)
+                    self.scale.data /= dist.get_world_size()
+            else:
+                self.min_val.copy_(low)
+                self.max_val.copy_(high)
+                self._set_observed_scale()
+
+    def _observe(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            low, high = torch.aminmax(x.detach().float())
+            if self.method == "minmax":
+                torch.minimum(self.min_val, low, out=self.min_val)
+                torch.maximum(self.max_val, high, out=self.max_val)
+            else:
+                self.min_val.lerp_(low.view(1), self.averaging_constant)
+                self.max_val.lerp_(high.view(1), self.averaging_constant)
+            self._set_observed_scale()
+
+    def _set_observed_scale(self) -> None:
+        peak = torch.maximum(-self.min_val, self.max_val) if self.qmin < 0 else self.max_val
+        torch.div(peak, self.qmax, out=self.scale).clamp_(min=_MIN_SCALE)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "averaging_constant": self.averaging_constant}
+
+    @classmethod
+    def rebuild(cls, description: Mapping[str, Any]) -> ActivationQuantizer:
+        """An uncalibrated quantizer; its state comes from ``load_state_dict``."""
+        return cls(description["bits"], description["method"], description["averaging_constant"])
+
+
+def _quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook: the layer consumes its quantized input (called through ``__call__``, so hooked)."""
+    return (module.input_quantizer(args[0]), *args[1:])
+
+
+def put_input_quantizer(module: nn.Module, quantizer: ActivationQuantizer) -> None:
+    """Give ``module`` an input quantizer (replacing an existing one; the pre-hook is registered once)."""
+    if "input_quantizer" not in module._modules:
+        module.register_forward_pre_hook(_quantize_input)
+    module.input_quantizer = quantizer
+
+
+#: Attribute of a BatchNorm whose statistics a QAT stage may freeze (set together with the pre-hook).
+_FROZEN_STATS = "compress_frozen_stats"
+
+
+def _running_stats_when_frozen(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook on BatchNorm: with frozen statistics, normalise as in evaluation."""
+    if getattr(module, _FROZEN_STATS):
+        module.training = False
+
+
+def set_batch_norm_frozen(module: nn.modules.batchnorm._BatchNorm, frozen: bool) -> None:
+    """Freeze (or release) a BatchNorm's running statistics; it then normalises with them in training too.
+
+    A training-only mode: not part of the saved structure (inference always uses the running statistics).
+    """
+    if not hasattr(module, _FROZEN_STATS):
+        module.register_forward_pre_hook(_running_stats_when_frozen)
+    setattr(module, _FROZEN_STATS, frozen)
+
+
+class QuantizeTechnique(Technique):
+    """Quantization-aware training of a stage; see the module docstring for its config keys."""
+
+    name = "quantize"
+
+    def __init__(self, cfg: Mapping[str, Any] | None, *, stage_epochs: int, where: str):
+        s = Settings(cfg, where)
+        self._settings = s
+        self.weight_bits = s.bits("weight_bits", 8)
+        self.activation_bits = s.bits("activation_bits", 8, optional=True)
+        self.method = s.choice("method", "lsq", METHODS)
+        self.averaging_constant = s.number("averaging_constant", 0.01, low=0.0, high=1.0, low_open=True)
+        self.first_last_bits = s.bits("first_last_bits", 8, optional=True)
+        self.layer_bits = {pattern: self._read_layer_bits(s, pattern, value)
+                           for pattern, value in s.mapping("layer_bits").items()}
+        self.include = s.patterns("layers", ["*"])
+        self.exclude = s.patterns("exclude", [])
+        unit = s.choice("unit", "fraction", ("fraction", "epoch"))
+        limit = 1.0 if unit == "fraction" else float(stage_epochs)
+        freeze_observers = s.number("freeze_observers", None, low=0.0, high=limit, optional=True)
+        freeze_bn = s.number("freeze_bn", None, low=0.0, high=limit, optional=True)
+        s.finish()
+        #: Epochs (within the stage) from which step sizes / BatchNorm statistics are frozen; None = never.
+        self.freeze_observers_epoch = None if freeze_observers is None \
+            else stage_epochs_at(freeze_observers, unit, stage_epochs)
+        self.freeze_bn_epoch = None if freeze_bn is None else stage_epochs_at(freeze_bn, unit, stage_epochs)
+        self._quantizers: list[_FakeQuantizer] = []
+
+    def _read_layer_bits(self, s: Settings, pattern: str, value: Any) -> tuple[int, int | None]:
+        """(weight bits, input bits) of a ``layer_bits`` entry: one width for both, or a mapping."""
+        where = f"{s.where}.layer_bits.{pattern}"
+        if isinstance(value, Mapping):
+            entry = Settings(value, where)
+            pair = entry.bits("weight", self.weight_bits), entry.bits("activation", self.activation_bits,
+                                                                      optional=True)
+            entry.finish()
+            return pair
+        bits = check_bits(value, where)
+        return bits, bits
+
+    def attach(self, model: nn.Module) -> None:
+        first_last = first_and_last(model)
+        self._quantizers = []
+        for name, module in select_layers(model, self._settings, include=self.include, exclude=self.exclude,
+                                          per_layer=self.layer_bits).items():
+            explicit, bits = first_match(name, self.layer_bits)
+            if not explicit:
+                bits = (self.first_last_bits, self.first_last_bits) \
+                    if name in first_last and self.first_last_bits is not None \
+                    else (self.weight_bits, self.activation_bits)
+            weight_bits, input_bits = bits
+            current = find_parametrization(module, WeightQuantizer)
+            if current is None or current.describe() != {"kind": WeightQuantizer.kind, "bits": weight_bits,
+                                                          "method": self.method}:
+                current = WeightQuantizer(module.weight.detach(), weight_bits, self.method)
+                put_parametrization(module, current)
+            self._quantizers.append(current)
+            if input_bits is None:
+                continue
+            wanted = ActivationQuantizer(input_bits, self.method, self.averaging_constant)
+            present = module._modules.get("input_quantizer")
+            if present is None or present.describe() != wanted.describe():
+                put_input_quantizer(module, wanted.to(module.weight.device))
+            self._quantizers.append(module.input_quantizer)
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        # Both states are functions of the stage's epoch, so resuming mid-stage restores them, and a
+        # later QAT stage learns its step sizes again unless it freezes them itself.
+        freeze_observers = self.freeze_observers_epoch is not None and epoch >= self.freeze_observers_epoch
+        for quantizer in self._quantizers:
+            quantizer.freeze(freeze_observers)
+        _freeze_batch_norms(model, self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch)
+
+    def on_stage_end(self, model: nn.Module) -> None:
+        _freeze_batch_norms(model, False)  # frozen statistics are a training mode of this stage only
+
+
+def _freeze_batch_norms(model: nn.Module, frozen: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (frozen or hasattr(module, _FROZEN_STATS)):
+            set_batch_norm_frozen(module, frozen)

@@ -1,0 +1,95 @@
+"""Compression stages: the ordered list a ``conf/compress/*.yaml`` file describes, built into objects.
+
+A compress config is ``{name, stages: [stage, ...]}``; each stage is a mapping with
+
+    name        identifier used for its checkpoint and logs: letters, digits, "_" or "-"; unique;
+                "train" is reserved for the baseline stage
+    epochs      positive integer (conf files interpolate it from ``${train.epochs}``)
+    prune       optional mapping, see compress/pruning.py
+    quantize    optional mapping, see compress/quantization.py
+    distill     optional mapping, see compress/distillation.py
+    <other>     train-config keys this stage changes (lr, schedule, warmup_epochs, weight_decay, ...),
+                returned as ``Stage.overrides``; train/run.py checks them against the train config.
+
+Within a stage the techniques run in the order prune → quantize → distill, so a weight is always
+``quantize(original * mask)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from .base import Technique
+from .distillation import DistillTechnique
+from .pruning import PruneTechnique
+from .quantization import QuantizeTechnique
+
+#: Stage name of the baseline training in train/run.py.
+BASELINE_STAGE = "train"
+
+_STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_TECHNIQUE_KEYS = ("prune", "quantize", "distill")
+
+
+@dataclasses.dataclass
+class Stage:
+    """A block of training with its own epochs, train-config overrides and active techniques."""
+
+    name: str
+    epochs: int
+    overrides: dict[str, Any]
+    techniques: list[Technique]
+
+
+def build_stages(compress_cfg: Mapping[str, Any], *, load_teacher: Callable[[str], nn.Module]) -> list[Stage]:
+    """Validate a compress config and build its stages (``[]`` for ``compress=none``).
+
+    ``load_teacher(spec)`` returns a teacher model for distillation; it is called only when a
+    distillation stage attaches, i.e. after the stages before it have trained.
+    """
+    if isinstance(compress_cfg, DictConfig):
+        compress_cfg = OmegaConf.to_container(compress_cfg, resolve=True)
+    if not isinstance(compress_cfg, Mapping):
+        raise ValueError(f"compress={compress_cfg!r}: expected a mapping with keys name and stages")
+    unknown = sorted(set(compress_cfg) - {"name", "stages"})
+    if unknown:
+        raise ValueError(f"compress: unknown key(s) {', '.join(unknown)}; allowed: name, stages")
+    raw_stages = compress_cfg.get("stages")
+    if raw_stages is None:
+        raw_stages = []
+    if isinstance(raw_stages, (str, Mapping)) or not isinstance(raw_stages, Sequence):
+        raise ValueError(f"compress.stages={raw_stages!r}: expected a list of stage mappings")
+    stages: list[Stage] = []
+    for index, raw in enumerate(raw_stages):
+        stage = _build_stage(raw, f"compress.stages[{index}]", load_teacher)
+        if stage.name in {s.name for s in stages}:
+            raise ValueError(f"compress.stages[{index}].name={stage.name!r}: expected a name not used by an "
+                             "earlier stage")
+        stages.append(stage)
+    return stages
+
+
+def _build_stage(raw: Any, where: str, load_teacher: Callable[[str], nn.Module]) -> Stage:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}={raw!r}: expected a mapping with name, epochs and techniques")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _STAGE_NAME.fullmatch(name) or name == BASELINE_STAGE:
+        raise ValueError(f"{where}.name={name!r}: expected letters, digits, '_' or '-', "
+                         f"other than {BASELINE_STAGE!r} (the baseline stage)")
+    epochs = raw.get("epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"{where}.epochs={epochs!r}: expected an integer >= 1")
+    techniques: list[Technique] = []
+    if raw.get("prune") is not None:
+        techniques.append(PruneTechnique(raw["prune"], stage_epochs=epochs, where=f"{where}.prune"))
+    if raw.get("quantize") is not None:
+        techniques.append(QuantizeTechnique(raw["quantize"], stage_epochs=epochs, where=f"{where}.quantize"))
+    if raw.get("distill") is not None:
+        techniques.append(DistillTechnique(raw["distill"], load_teacher=load_teacher, where=f"{where}.distill"))
+    overrides = {key: value for key, value in raw.items() if key not in ("name", "epochs", *_TECHNIQUE_KEYS)}
+    return Stage(name=name, epochs=epochs, overrides=overrides, techniques=techniques)

@@ -1,0 +1,108 @@
+"""Stage lists from conf/compress and conf/experiment, their validation, and distillation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from compress import DistillTechnique, PruneTechnique, QuantizeTechnique, build_stages
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_compress(name: str, train_epochs: int) -> dict:
+    """conf/compress/<name>.yaml resolved against a train config with ``train_epochs`` epochs."""
+    cfg = OmegaConf.create({"train": {"epochs": train_epochs}, "compress": OmegaConf.load(CONF / "compress" / f"{name}.yaml")})
+    return OmegaConf.to_container(cfg.compress, resolve=True)
+
+
+def no_teacher(spec: str) -> nn.Module:
+    raise AssertionError("teachers load when a stage attaches, not when stages are built")
+
+
+EXPECTED = {
+    "none": [],
+    "prune": [("prune", [PruneTechnique])],
+    "q8": [("q8", [QuantizeTechnique])],
+    "q4": [("q4", [QuantizeTechnique])],
+    "prune_q8": [("prune", [PruneTechnique]), ("q8", [QuantizeTechnique])],
+    "prune_q4": [("prune", [PruneTechnique]), ("q4", [QuantizeTechnique])],
+    "distill_prune_q8": [("prune", [PruneTechnique, DistillTechnique]), ("q8", [QuantizeTechnique, DistillTechnique])],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_conf_compress_files_build_with_epochs_from_the_train_config(name: str):
+    cfg = compose_compress(name, train_epochs=15)
+    assert cfg["name"] == name
+    stages = build_stages(cfg, load_teacher=no_teacher)
+    assert [(s.name, [type(t) for t in s.techniques]) for s in stages] == EXPECTED[name]
+    assert all(s.epochs == 15 for s in stages)
+    assert [s.epochs for s in build_stages(compose_compress(name, 200), load_teacher=no_teacher)] == [200] * len(stages)
+    bits = [t.weight_bits for s in stages for t in s.techniques if isinstance(t, QuantizeTechnique)]
+    expected_bits = [int(name[-1])] if name.endswith(("q8", "q4")) else []
+    assert bits == expected_bits
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
+def test_experiment_recipes_build_and_are_marked_unreproduced(path: Path):
+    text = path.read_text()
+    assert text.startswith("# @package _global_") and "NOT YET REPRODUCED HERE" in text
+    stages = build_stages(OmegaConf.load(path).compress, load_teacher=no_teacher)
+    assert [type(t) for t in stages[0].techniques] == [PruneTechnique, DistillTechnique]
+    assert stages[-1].techniques[0].method == "lsq" and "lr" in stages[-1].overrides
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"name": "train", "epochs": 3}], "compress.stages[0].name='train': expected letters, digits"),
+    ([{"name": "a b", "epochs": 3}], "compress.stages[0].name='a b'"),
+    ([{"name": "p", "epochs": 0}], "compress.stages[0].epochs=0: expected an integer >= 1"),
+    ([{"name": "p", "epochs": 2}, {"name": "p", "epochs": 2}], "compress.stages[1].name='p': expected a name not used"),
+    ([{"name": "p", "epochs": 2, "prune": {"final_sparsity": 2}}],
+     "compress.stages[0].prune.final_sparsity=2: expected a number in [0.0, 1.0)"),
+    ([{"name": "p", "epochs": 2, "distill": {"alpha": 1.5}}], "compress.stages[0].distill.alpha=1.5"),
+    ("prune", "compress.stages='prune': expected a list of stage mappings"),
+])
+def test_bad_stage_lists_fail_with_one_line(stages, message: str):
+    with pytest.raises(ValueError) as err:
+        build_stages({"name": "x", "stages": stages}, load_teacher=no_teacher)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_overrides_are_the_other_stage_keys():
+    stage, = build_stages({"name": "x", "stages": [{"name": "ft", "epochs": 4, "lr": 0.01, "warmup_epochs": 0}]},
+                          load_teacher=no_teacher)
+    assert (stage.name, stage.epochs, stage.overrides, stage.techniques) == ("ft", 4, {"lr": 0.01, "warmup_epochs": 0}, [])
+
+
+def test_distillation_loss_mixes_task_and_soft_targets():
+    torch.manual_seed(0)
+    teacher = nn.Linear(6, 5).train()
+    student = nn.Linear(6, 5)
+    requested = []
+    technique = DistillTechnique({"alpha": 0.7, "temperature": 3.0},
+                                 load_teacher=lambda spec: requested.append(spec) or teacher, where="distill")
+    technique.attach(student)
+    technique.attach(student)
+    assert requested == ["baseline"] and not teacher.training
+    x, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
+    outputs = student(x)
+    task = F.cross_entropy(outputs, y)
+    loss = technique.loss(task, outputs, x, y)
+    p_teacher = F.softmax(teacher(x) / 3.0, dim=1)
+    kl = (p_teacher * (p_teacher.log() - F.log_softmax(outputs / 3.0, dim=1))).sum(1).mean()
+    assert loss.item() == pytest.approx(0.3 * task.item() + 0.7 * 9.0 * kl.item(), rel=1e-5)
+    loss.backward()
+    assert student.weight.grad is not None and teacher.weight.grad is None
+    assert technique.scalars(student) == {"task_loss": pytest.approx(task.item()), "kd_loss": pytest.approx(9 * kl.item(), rel=1e-5)}
+
+
+def test_teacher_must_not_be_the_student():
+    model = nn.Linear(2, 2)
+    technique = DistillTechnique({}, load_teacher=lambda spec: model, where="compress.stages[0].distill")
+    with pytest.raises(ValueError, match="the teacher 'baseline' is the student model itself"):
+        technique.attach(model)

@@ -1,0 +1,101 @@
+"""Checkpoints: round trip with RNG states, fallback past damaged files, failed writes, refused pickles."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train import checkpoint
+from train.checkpoint import CheckpointError, load_latest, rng_state, save_checkpoint, set_rng_state
+
+
+def _state(value: float) -> dict:
+    return {"model": {"weight": torch.full((3, 3), value)}, "epoch": int(value), "rng": rng_state()}
+
+
+def test_round_trip_restores_weights_and_every_rng(tmp_path: Path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_checkpoint(tmp_path, 7, _state(1.5))
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    loaded = load_latest(tmp_path)
+    set_rng_state(loaded["rng"])
+    assert torch.equal(loaded["model"]["weight"], torch.full((3, 3), 1.5)) and loaded["epoch"] == 1
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(2), expected[2])
+
+
+def test_keeps_the_newest_two_verified_checkpoints(tmp_path: Path):
+    for step in range(4):
+        save_checkpoint(tmp_path, step, _state(step))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step0000000002.pt", "step0000000002.sha256", "step0000000003.pt", "step0000000003.sha256"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "is truncated"),
+    (lambda p: p.write_bytes(p.read_bytes()[:100] + b"\x00" * 8 + p.read_bytes()[108:]), "is corrupted"),
+    (lambda p: p.with_suffix(".sha256").unlink(), "has no step0000000002.sha256"),
+])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, caplog, damage, message):
+    save_checkpoint(tmp_path, 1, _state(1.0))
+    save_checkpoint(tmp_path, 2, _state(2.0))
+    damage(tmp_path / "step0000000002.pt")
+    loaded = load_latest(tmp_path)
+    assert loaded["epoch"] == 1
+    assert message in caplog.text and "falling back to the previous checkpoint" in caplog.text
+
+
+def test_all_checkpoints_damaged_is_an_error_that_says_what_to_do(tmp_path: Path):
+    save_checkpoint(tmp_path, 1, _state(1.0))
+    (tmp_path / "step0000000001.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no usable checkpoint .* fix: delete"):
+        load_latest(tmp_path)
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path: Path, monkeypatch):
+    save_checkpoint(tmp_path, 1, _state(1.0))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint.os, "fsync", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact"):
+        save_checkpoint(tmp_path, 2, _state(2.0))
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing half-written left behind
+    assert load_latest(tmp_path)["epoch"] == 1
+
+
+class _RunsCode:
+    """A pickle payload that would create a file when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_planted_malicious_pickle_is_refused_and_runs_no_code(tmp_path: Path, caplog):
+    stage = tmp_path / "checkpoints" / "0_train"
+    save_checkpoint(stage, 1, _state(1.0))
+    marker = tmp_path / "pwned"
+    planted = stage / checkpoint.checkpoint_name(99)
+    torch.save({"model": _RunsCode(marker)}, planted)
+    # The attacker also writes a matching checksum: the sidecar alone must not be what protects us.
+    data = planted.read_bytes()
+    planted.with_suffix(".sha256").write_text(f"{hashlib.sha256(data).hexdigest()} {len(data)}\n")
+
+    loaded = load_latest(stage)
+    assert not marker.exists()
+    assert loaded["epoch"] == 1
+    assert "weights_only=True" in caplog.text
+    torch.load(planted, weights_only=False)  # control: the payload does run code when unpickled
+    assert marker.exists()

@@ -1,0 +1,106 @@
+"""Config composition for every task x model, schema type checks, validation, and one-line CLI errors."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+import models
+from tests.conftest import REPO, compose_config, run_train
+from train.config import ConfigError, check_same_run, stage_train_config, to_container, validate
+
+TASKS = sorted(p.stem for p in (REPO / "conf" / "task").glob("*.yaml"))
+MODEL_OPTIONS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+
+
+def test_every_registered_model_has_a_config_file():
+    assert set(MODEL_OPTIONS) == set(models.list_models()) | {"default"}
+    assert TASKS == ["cifar100", "digits", "imagenet"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("model", MODEL_OPTIONS)
+def test_every_task_and_model_composes_resolves_and_validates(task, model):
+    cfg = compose_config(f"task={task}", f"model={model}", "data.root=/data")
+    validate(cfg, models.list_models())
+    resolved = to_container(cfg)
+    expected_model = resolved["task"]["default_model"] if model == "default" else model
+    assert resolved["model"]["name"] == expected_model
+    assert resolved["train"]["epochs"] > 0 and resolved["train"]["optimizer"] in ("sgd", "adamw")
+    assert resolved["task"]["name"] == task
+
+
+def test_task_selects_its_training_recipe():
+    digits, cifar = compose_config(), compose_config("task=cifar100")
+    assert digits.task.name == "digits" and digits.model.name == "digits_cnn"
+    assert cifar.train.epochs == 200 and list(cifar.train.milestones) == [60, 120, 160]
+
+
+@pytest.mark.parametrize("override", ["train.epochs=abc", "train.optimizer=adam", "train.schedule=linear",
+                                      "task.num_classes=many", "train.nesterov=maybe"])
+def test_schema_rejects_wrong_types_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        compose_config(override)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.epochs=-1"], "train.epochs=-1 must be >= 0"),
+    (["train.lr=0"], "train.lr=0.0 must be > 0"),
+    (["model.name=resnet9000"], "unknown model 'resnet9000'"),
+    (["task=cifar100"], "task=cifar100 needs data.root"),
+    (["task=imagenet"], "task=imagenet needs data.root"),
+    (["device=tpu"], "device=tpu is not a device"),
+    (["train.schedule=step"], "train.milestones=[] must list epochs when schedule=step"),
+    (["data.pin_memory=sometimes"], "data.pin_memory=sometimes must be auto, true or false"),
+])
+def test_validate_names_the_problem_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(*overrides), models.list_models())
+    assert message in str(info.value) and " ; fix: " in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration():
+    saved = to_container(compose_config())
+    check_same_run(saved, to_container(compose_config("train.log_every=3")), "run")  # watching only: fine
+    with pytest.raises(ConfigError, match=r"train.epochs=15 but this command has train.epochs=3"):
+        check_same_run(saved, to_container(compose_config("train.epochs=3")), "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, expected, fix", [
+    (["train.epochs=-1"], "train.epochs=-1 must be >= 0", "fix:"),              # validation
+    (["train.epochs=abc"], "could not be converted to Integer", "fix:"),         # schema type, at composition
+    (["model=resnet9000"], "Could not find 'model/resnet9000'", "fix:"),         # unknown config option
+    (["model.name=resnet9000"], "unknown model 'resnet9000'", "fix:"),           # unknown registry name
+    (["task=cifar100", "data.root={tmp}/nothing"], "CIFAR-100 not found", "data.download=true"),  # no dataset
+])
+def test_cli_errors_are_one_line_with_a_fix_and_no_traceback(tmp_path: Path, args, expected, fix):
+    result = run_train(*[a.format(tmp=tmp_path) for a in args], f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert fix in lines[0] and "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_task_gate_matches_the_scorers_rules(task):
+    from scoring import GATES
+    cfg = compose_config(f"task={task}")
+    assert cfg.task.gate.metric.value == GATES[task].metric
+    assert cfg.task.gate.threshold == float(GATES[task].threshold)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lr": "fast"}, "stage q8: Value 'fast' of type 'str' could not be converted to Float"),
+    ({"bogus": 1}, "stage q8: Key 'bogus' not in 'TrainConfig'"),
+    ({"lr": -0.1}, "stage q8: train.lr=-0.1 must be > 0"),
+])
+def test_stage_overrides_are_type_checked_and_validated(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        stage_train_config(compose_config().train, "q8", 3, overrides)
+    recipe = stage_train_config(compose_config().train, "q8", 3, {"lr": 0.01, "schedule": "step", "milestones": [2]})
+    assert (recipe.epochs, recipe.lr, recipe.schedule.value, list(recipe.milestones)) == (3, 0.01, "step", [2])

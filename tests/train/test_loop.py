@@ -1,0 +1,159 @@
+"""The train loop on real digits data: schedules, exact evaluation, bit-exact resume, NaN stop, EMA."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from compress.base import Technique
+from train import distributed
+from train.build import build_data, build_model
+from train.checkpoint import load_latest, save_checkpoint
+from train.loop import NonFiniteLossError, Trainer, build_optimizer, build_scheduler, evaluate, make_deterministic
+
+CPU = distributed.Context(torch.device("cpu"))
+
+
+def _setup(cfg):
+    make_deterministic(cfg.seed, CPU.device)
+    train_loader, test_loader = build_data(cfg, CPU)
+    return build_model(cfg), train_loader, test_loader
+
+
+def _trainer(cfg, model, loader, **kwargs) -> Trainer:
+    return Trainer(model, cfg.train, techniques=kwargs.pop("techniques", []), loader=loader, ctx=CPU, **kwargs)
+
+
+def _learning_rates(train, steps_per_epoch: int = 10) -> list[float]:
+    """The learning rate of every step of ``train.epochs`` epochs."""
+    optimizer = build_optimizer(nn.Linear(2, 2), train, CPU.device)
+    scheduler = build_scheduler(optimizer, train, steps_per_epoch)
+    lrs = []
+    for _ in range(train.epochs * steps_per_epoch):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step(), scheduler.step()
+    return lrs
+
+
+def test_linear_warmup_then_cosine_to_zero(tiny_config):
+    lrs = _learning_rates(tiny_config("train.epochs=4", "train.warmup_epochs=1", "train.lr=0.2").train)
+    assert lrs[0] == pytest.approx(0.2 / 10) and lrs[10] == pytest.approx(0.2)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 0.002
+
+
+def test_step_schedule_decays_at_each_milestone_epoch(tiny_config):
+    lrs = _learning_rates(tiny_config("train.epochs=4", "train.warmup_epochs=0", "train.lr=0.2",
+                                      "train.schedule=step", "train.milestones=[2,3]", "train.gamma=0.5").train)
+    assert lrs[19] == pytest.approx(0.2) and lrs[20] == pytest.approx(0.1) and lrs[30] == pytest.approx(0.05)
+
+
+def test_no_weight_decay_on_biases_and_norm_parameters(tiny_config):
+    cfg = tiny_config()
+    model = build_model(cfg)
+    decayed, plain = build_optimizer(model, cfg.train, CPU.device).param_groups
+    assert decayed["weight_decay"] == cfg.train.weight_decay and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
+
+
+class _Constant(nn.Module):
+    def __init__(self, label: int) -> None:
+        super().__init__()
+        self.label = label
+
+    def forward(self, x):
+        return nn.functional.one_hot(torch.full((len(x),), self.label), 10).float()
+
+
+def test_evaluate_counts_exactly(tiny_config):
+    cfg = tiny_config()
+    _, _, test_loader = _setup(cfg)
+    labels = torch.cat([targets for _, targets in test_loader])
+    result = evaluate(_Constant(3), test_loader, CPU.device)
+    assert result.total == test_loader.dataset_size == len(labels)
+    assert result.correct == int((labels == 3).sum())
+
+
+def _train(cfg, epochs_then_stop: list, tmp_path: Path) -> dict:
+    """Train cfg.train.epochs epochs, restarting from a checkpoint on disk after each interruption point.
+
+    ``epochs_then_stop`` lists, per process "life", the epochs to run and whether it stops mid-epoch.
+    """
+    model, train_loader, _ = _setup(cfg)
+    trainer = _trainer(cfg, model, train_loader)
+    for epochs, stop_mid_epoch in epochs_then_stop:
+        for _ in range(epochs):
+            trainer.train_epoch()
+        if stop_mid_epoch:
+            assert trainer.train_epoch(should_stop=lambda: True) is False
+            assert 0 < trainer.batches_done < len(train_loader)
+        save_checkpoint(tmp_path, trainer.global_step, trainer.state_dict())
+        torch.manual_seed(12345)  # a new process would start from other RNG states
+        model, train_loader, _ = _setup(cfg)
+        trainer = _trainer(cfg, model, train_loader)
+        trainer.load_state_dict(load_latest(tmp_path))
+    while trainer.epoch < cfg.train.epochs:
+        trainer.train_epoch()
+    return trainer.model.state_dict()
+
+
+@pytest.mark.slow
+def test_resume_at_epoch_boundary_and_mid_epoch_gives_identical_weights(tiny_config, tmp_path: Path):
+    cfg = tiny_config("train.epochs=3")
+    uninterrupted = _train(cfg, [], tmp_path / "a")
+    resumed = _train(cfg, [(1, False), (0, True), (0, True)], tmp_path / "b")
+    assert uninterrupted.keys() == resumed.keys()
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], resumed[key]), key
+    untrained = build_model(cfg).state_dict()
+    assert not any(torch.equal(uninterrupted[k], untrained[k]) for k in untrained if untrained[k].ndim == 4)
+
+
+class _PoisonAt(Technique):
+    name = "poison"
+
+    def __init__(self, step: int) -> None:
+        self.step, self.seen = step, 0
+
+    def loss(self, loss, outputs, inputs, targets):
+        self.seen += 1
+        return loss * float("nan") if self.seen > self.step else loss
+
+
+def test_nan_loss_stops_with_a_message(tiny_config):
+    cfg = tiny_config("train.log_every=4")
+    model, train_loader, _ = _setup(cfg)
+    trainer = _trainer(cfg, model, train_loader, techniques=[_PoisonAt(6)])
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf in stage 'train' \(epoch 1, before step 8\).*fix:"):
+        trainer.train_epoch()
+
+
+def test_ema_weights_become_the_stage_output(tiny_config):
+    cfg = tiny_config("train.ema_decay=0.9", "train.epochs=1")
+    model, train_loader, _ = _setup(cfg)
+    trainer = _trainer(cfg, model, train_loader)
+    trainer.train_epoch()
+    ema_weight = next(trainer.eval_model.parameters()).detach().clone()
+    assert trainer.eval_model is not model and not torch.equal(ema_weight, next(model.parameters()))
+    trainer.finish()
+    assert torch.equal(next(model.parameters()), ema_weight)
+
+
+def test_fast_path_options_train_on_cpu_and_compile_failure_falls_back(tiny_config, monkeypatch, caplog):
+    cfg = tiny_config("train.epochs=1", "train.amp=bf16", "train.channels_last=true", "train.compile=true")
+
+    def broken_compile(module):
+        def fail(*args):
+            raise RuntimeError("backend exploded\nsecond line")
+        return fail
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model, train_loader, test_loader = _setup(cfg)
+    trainer = _trainer(cfg, model, train_loader)
+    assert trainer.bf16 and trainer.channels_last
+    assert model.state_dict()["conv1.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert trainer.train_epoch()
+    assert "torch.compile failed (backend exploded); continuing without compilation" in caplog.text
+    assert trainer.compiled is None and trainer.global_step == len(train_loader)
+    assert evaluate(model, test_loader, CPU.device).accuracy > 0.3  # it learned, in bf16

@@ -1,0 +1,154 @@
+"""``python train/run.py`` end to end, as a user runs it: digits (default), CIFAR-100 and ImageNet fixtures,
+resume after SIGTERM and kill -9 with bit-identical weights, a NaN stop, and a 2-process DDP run."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import Stage
+from tests.conftest import RUN_PY, TINY, run_train
+from tests.fixtures import make_cifar100, make_imagenet
+from tests.train.test_loop import _PoisonAt
+from train import distributed
+from train.build import build_model
+from train.checkpoint import load_latest
+from train.loop import NonFiniteLossError
+from train.run import Session
+
+pytestmark = pytest.mark.slow
+
+
+def _report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def _final_weights(run_dir: Path, stage: str = "0_train") -> dict[str, torch.Tensor]:
+    state = load_latest(run_dir / "checkpoints" / stage)
+    assert state["finished"]
+    return state["model"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README's command, `python train/run.py`, run once in a fresh folder."""
+    cwd = tmp_path_factory.mktemp("digits")
+    result = run_train(f"hydra.run.dir={cwd / 'run'}", cwd=cwd, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "run", result
+
+
+def test_default_digits_run_passes_the_gate_with_a_full_report(digits_run):
+    run_dir, result = digits_run
+    report = _report(run_dir)
+    assert report["task"] == "digits" and report["total"] == 360 and report["correct"] / report["total"] >= 0.95
+    assert report["gate_passed"] is True and report["top1"] == report["correct"] / report["total"]
+    assert report["params"] > 0 and report["ops"] > 0 and report["score"] > 0 and report["layers"]
+    assert report["model"] == "digits_cnn" and report["compress"] == "none"
+    assert f"{report['correct']}/{report['total']}" in result.stdout
+    assert (run_dir / "entry" / "entry.json").is_file() and (run_dir / "entry" / "model.safetensors").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_rerunning_a_finished_run_skips_training(digits_run):
+    run_dir, _ = digits_run
+    before = _report(run_dir)
+    again = run_train(f"hydra.run.dir={run_dir}", cwd=run_dir.parent, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stage 'train' already finished" in again.stdout and "epoch 1/" not in again.stdout
+    assert _report(run_dir)["correct"] == before["correct"] and _report(run_dir)["score"] == before["score"]
+
+
+def test_init_from_a_finished_run_then_distill_prune_and_quantize(digits_run, tmp_path: Path):
+    baseline_dir, _ = digits_run
+    run_dir = tmp_path / "compressed"
+    result = run_train(f"init={baseline_dir}", "compress=distill_prune_q8", *TINY, "train.epochs=1",
+                       f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["1_prune", "2_q8"]
+    state = load_latest(run_dir / "checkpoints" / "2_q8")
+    assert state["finished"] and state["compression"]  # the structure needed to rebuild the model
+    report = _report(run_dir)
+    assert report["compress"] == "distill_prune_q8" and report["params"] < _report(baseline_dir)["params"]
+    assert any(layer["weight_bits"] == 8 for layer in report["layers"])
+
+
+def _interrupt(run_dir: Path, how: signal.Signals, args: tuple[str, ...]) -> int:
+    """Start a run, send ``how`` once its first checkpoint exists, return its exit status."""
+    process = subprocess.Popen([sys.executable, RUN_PY, *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage = run_dir / "checkpoints" / "0_train"
+    deadline = time.monotonic() + 120
+    while not list(stage.glob("*.sha256")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(how)
+    return process.wait(timeout=60)
+
+
+def test_resume_after_sigterm_or_kill9_ends_with_identical_weights(tmp_path: Path):
+    args = (*TINY, "train.epochs=4", "train.log_every=1")
+    reference = run_train(*args, f"hydra.run.dir={tmp_path / 'reference'}", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = _final_weights(tmp_path / "reference")
+
+    for name, how, status in (("sigterm", signal.SIGTERM, 143), ("kill9", signal.SIGKILL, -9)):
+        run_dir = tmp_path / name
+        assert _interrupt(run_dir, how, args) == status
+        assert not (run_dir / "report.json").exists()
+        resumed = run_train(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming from" in resumed.stdout + resumed.stderr
+        weights = _final_weights(run_dir)
+        assert all(torch.equal(weights[k], expected[k]) for k in expected), name
+        assert _report(run_dir)["correct"] == _report(tmp_path / "reference")["correct"]
+
+
+def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path: Path):
+    cfg = tiny_config("train.epochs=3")
+    session = Session(cfg, distributed.Context(torch.device("cpu")), tmp_path)
+    steps_per_epoch = len(session.train_loader)
+    poisoned = Stage(name="train", epochs=3, overrides={}, techniques=[_PoisonAt(steps_per_epoch + 3)])
+    with pytest.raises(NonFiniteLossError, match="epoch 2"):
+        session.run_stage(poisoned, cfg.train, build_model(cfg), should_stop=lambda: False)
+    kept = load_latest(tmp_path / "checkpoints" / "0_train")
+    assert kept["epoch"] == 1 and kept["global_step"] == steps_per_epoch and not kept["finished"]
+    assert all(torch.isfinite(t).all() for t in kept["model"].values() if t.is_floating_point())
+
+
+def test_cifar100_from_an_on_disk_fixture(tmp_path: Path):
+    make_cifar100(tmp_path / "cifar", train_per_class=1, test_per_class=1)
+    result = run_train("task=cifar100", f"data.root={tmp_path / 'cifar'}", "model=resnet18_cifar", *TINY,
+                       "train.epochs=1", "train.batch_size=50", "train.eval_batch_size=100",
+                       f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = _report(tmp_path / "run")
+    assert report["task"] == "cifar100" and report["total"] == 100 and report["model"] == "resnet18_cifar"
+    assert report["gate_passed"] is False and 0 <= report["correct"] <= 100
+
+
+def test_imagenet_from_an_on_disk_fixture(tmp_path: Path):
+    make_imagenet(tmp_path / "imagenet", classes=3, train_per_class=4, val_per_class=2)
+    result = run_train("task=imagenet", f"data.root={tmp_path / 'imagenet'}", "model=mixnet_s", *TINY,
+                       "train.epochs=1", "train.batch_size=4", "train.eval_batch_size=6", "train.ema_decay=null",
+                       "score.examples=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = _report(tmp_path / "run")
+    assert report["task"] == "imagenet" and report["total"] == 6 and report["model"] == "mixnet_s"
+
+
+def test_two_process_ddp_run_on_cpu(tmp_path: Path):
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    result = run_train(*TINY, "train.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                       launcher=launcher, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = _report(tmp_path / "run")
+    assert report["total"] == 360  # exact global count: each rank evaluated its half
+    state = load_latest(tmp_path / "run" / "checkpoints" / "0_train")
+    assert state["finished"] and state["global_step"] == 1437 // 2 // 64

@@ -1,0 +1,246 @@
+"""Schemas and validation of the run configuration.
+
+The dataclasses below are registered in Hydra's ConfigStore as ``micronet_schema`` and merged first in
+``conf/config.yaml``'s defaults list, so every YAML file and command-line override is type-checked when
+the config is composed (``train.epochs=abc`` fails at start). :func:`validate` then checks what types
+cannot: ranges, names that must exist, files the task needs. Every problem is a :class:`ConfigError`
+whose text is one line saying what is wrong and how to fix it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; ``str()`` is one line with the fix."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem} ; fix: {fix}")
+        self.problem, self.fix = problem, fix
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    step = "step"
+
+
+class Amp(str, Enum):
+    auto = "auto"  # bf16 on CUDA, fp32 on CPU
+    bf16 = "bf16"
+    off = "off"
+
+
+class GateMetric(str, Enum):
+    top1 = "top1"
+    perplexity = "perplexity"
+
+
+@dataclass
+class GateConfig:
+    metric: GateMetric = GateMetric.top1
+    threshold: float = MISSING
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 0
+    hflip: bool = False
+    auto_augment: Optional[str] = None
+    cutout: int = 0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    random_resized_crop: bool = False
+    eval_resize: Optional[int] = None
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    dataset: str = MISSING
+    num_classes: int = MISSING
+    in_chans: int = MISSING
+    input_size: int = MISSING
+    default_model: str = MISSING
+    gate: GateConfig = field(default_factory=GateConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    optimizer: Optimizer = Optimizer.sgd
+    lr: float = MISSING
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    schedule: Schedule = Schedule.cosine
+    warmup_epochs: float = 0.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    ema_decay: Optional[float] = None
+    grad_clip: Optional[float] = None
+    amp: Amp = Amp.auto
+    channels_last: Any = "auto"  # auto | true | false
+    compile: bool = False
+    log_every: int = 50
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None
+    download: bool = False
+    num_workers: int = 2
+    pin_memory: Any = "auto"  # auto | true | false
+    gpu_resident: Any = "auto"  # auto | true | false
+
+
+@dataclass
+class ScoreConfig:
+    examples: int = 256
+    accumulator_bits: int = 32
+    freebie: Any = "auto"  # auto | true | false
+
+
+@dataclass
+class RunConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Stage lists are validated by compress.build_stages, which owns their format.
+    compress: dict[str, Any] = field(default_factory=lambda: {"name": "none", "stages": []})
+    data: DataConfig = field(default_factory=DataConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    seed: int = 0
+    device: str = "auto"
+    init: Optional[str] = None
+
+
+# Hydra's convention: register at import, so any composer of conf/ (run.py, tests) gets the schema.
+ConfigStore.instance().store(name="micronet_schema", node=RunConfig)
+
+
+#: Tasks whose data is not shipped with the code and needs ``data.root``.
+TASKS_NEEDING_ROOT = ("cifar100", "imagenet")
+_AUTO_SWITCH = ("auto", True, False)
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def auto_switch(value: Any, when_auto: bool) -> bool:
+    """Resolve an ``auto | true | false`` setting."""
+    return when_auto if value == "auto" else bool(value)
+
+
+def validate_train(train: DictConfig, where: str = "train") -> None:
+    """Range checks of a training recipe (also used on each stage's merged recipe)."""
+    checks = [
+        (train.epochs >= 0, "epochs", "must be >= 0", "set it to 0 or more"),
+        (train.batch_size > 0, "batch_size", "must be > 0", "use a positive batch size"),
+        (train.eval_batch_size > 0, "eval_batch_size", "must be > 0", "use a positive batch size"),
+        (train.lr > 0, "lr", "must be > 0", "use a positive learning rate"),
+        (train.weight_decay >= 0, "weight_decay", "must be >= 0", "use 0 to disable it"),
+        (train.warmup_epochs >= 0, "warmup_epochs", "must be >= 0", "use 0 to disable warmup"),
+        (0 <= train.label_smoothing < 1, "label_smoothing", "must be in [0, 1)", "use e.g. 0.1"),
+        (train.ema_decay is None or 0 < train.ema_decay < 1, "ema_decay", "must be in (0, 1) or null",
+         "use e.g. 0.9998, or null to disable EMA"),
+        (train.grad_clip is None or train.grad_clip > 0, "grad_clip", "must be > 0 or null",
+         "use e.g. 5.0, or null to disable clipping"),
+        (train.channels_last in _AUTO_SWITCH, "channels_last", "must be auto, true or false",
+         "use one of auto|true|false"),
+        (train.log_every > 0, "log_every", "must be > 0", "log every N steps, N >= 1"),
+        (train.schedule != Schedule.step or len(train.milestones) > 0, "milestones",
+         "must list epochs when schedule=step", "e.g. train.milestones=[60,120,160]"),
+    ]
+    for ok, key, problem, fix in checks:
+        if not ok:
+            value = OmegaConf.select(train, key)
+            raise ConfigError(f"{where}.{key}={value} {problem}", fix)
+
+
+def validate(cfg: DictConfig, known_models: list[str]) -> None:
+    """Check what the schema's types cannot; raise :class:`ConfigError` on the first problem."""
+    validate_train(cfg.train)
+    if cfg.model.name not in known_models:
+        raise ConfigError(f"unknown model '{cfg.model.name}'",
+                          f"use model=<name> with one of: {', '.join(sorted(known_models))}")
+    if cfg.task.dataset in TASKS_NEEDING_ROOT and not cfg.data.root:
+        raise ConfigError(f"task={cfg.task.name} needs data.root (the {cfg.task.dataset} folder)",
+                          f"pass data.root=/path/to/{cfg.task.dataset}"
+                          + (" (add data.download=true to fetch it)" if cfg.task.dataset == "cifar100"
+                             else ""))
+    if not _DEVICE.match(cfg.device):
+        raise ConfigError(f"device={cfg.device} is not a device", "use auto, cpu, cuda or cuda:N")
+    for key in ("pin_memory", "gpu_resident"):
+        if cfg.data[key] not in _AUTO_SWITCH:
+            raise ConfigError(f"data.{key}={cfg.data[key]} must be auto, true or false",
+                              "use one of auto|true|false")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0", "use 0 to load in-process")
+    if cfg.score.examples <= 0:
+        raise ConfigError(f"score.examples={cfg.score.examples} must be > 0", "score on e.g. 256 examples")
+    if cfg.score.freebie not in _AUTO_SWITCH:
+        raise ConfigError(f"score.freebie={cfg.score.freebie} must be auto, true or false",
+                          "use one of auto|true|false")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """The resolved config as plain JSON-able Python (enums as strings): saved in checkpoints and entries."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+#: What defines a run: a checkpoint may only be resumed by a command that agrees on these ...
+_RUN_DEFINING = ("task", "model", "train", "compress", "seed", "init")
+#: ... except these, which change how a run is watched, not what it trains.
+_RESUME_FREE = frozenset({"train.log_every", "train.compile", "train.eval_batch_size"})
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def check_same_run(saved: dict, current: dict, where: Any) -> None:
+    """Refuse to resume a checkpoint written by a different run configuration."""
+    old = _flatten({key: saved.get(key) for key in _RUN_DEFINING})
+    new = _flatten({key: current.get(key) for key in _RUN_DEFINING})
+    for key in sorted(set(old) | set(new)):
+        if key not in _RESUME_FREE and old.get(key) != new.get(key):
+            raise ConfigError(f"{where} holds a run with {key}={old.get(key)!r} but this command has "
+                              f"{key}={new.get(key)!r}", "re-run with the same settings to resume, or pass "
+                              "hydra.run.dir=<new folder> to start a separate run")
+
+
+def stage_train_config(train: DictConfig, stage: str, epochs: int, overrides: dict[str, Any]) -> DictConfig:
+    """The training recipe of one stage: ``train`` with the stage's epochs and overrides, type-checked."""
+    try:
+        merged = OmegaConf.merge(train, {"epochs": epochs, **overrides})
+    except OmegaConfBaseException as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"stage {stage}: {problem}",
+                          "a stage may override only train.* keys, with values of their type") from None
+    validate_train(merged, where=f"stage {stage}: train")
+    return merged

@@ -1,0 +1,82 @@
+"""Multi-process training under ``torchrun``: process group, device per rank, DDP, global counts.
+
+``torchrun --nproc_per_node=N train/run.py …`` sets RANK / WORLD_SIZE / LOCAL_RANK; without them the run
+is a single process and every helper here is a no-op. Only rank 0 writes checkpoints, reports and logs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process runs and which part of the job it is."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """True for the one process that writes files and prints."""
+        return self.rank == 0
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` = CUDA when available; under torchrun each process takes the GPU of its local rank."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def setup(device_spec: str) -> Context:
+    """Join the process group when launched by torchrun (nccl on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec, local_rank)
+    if world_size == 1:
+        return Context(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Context(device, rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def teardown() -> None:
+    """Leave the process group (no-op for a single process)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, ctx: Context) -> nn.Module:
+    """The module the training step calls: DDP over ``model`` under torchrun, else ``model`` itself."""
+    if not ctx.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all processes in place (no-op for a single process) and return it."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every process (no-op for a single process)."""
+    if dist.is_initialized():
+        dist.barrier()

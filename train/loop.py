@@ -1,0 +1,277 @@
+"""The training and evaluation loop, in the style of torchvision's classification reference.
+
+A :class:`Trainer` runs the epochs of one stage: optimizer (SGD with Nesterov momentum, or AdamW), a
+per-step schedule (linear warmup, then cosine or step decay), label smoothing, mixup/CutMix soft targets,
+optional weight EMA and gradient clipping, and the compression :class:`~compress.base.Technique` hooks
+in the order ``compress/base.py`` documents. On CUDA it takes the fast path: bf16 autocast,
+channels_last, fused optimizers, optional ``torch.compile``, non-blocking copies, and metrics accumulated
+on the device so that the host synchronises only every ``log_every`` steps. On CPU it is seeded and
+deterministic: given the same checkpoint, the same steps produce bit-identical weights.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, MultiStepLR, SequentialLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from compress.base import Technique
+from train import distributed
+from train.checkpoint import rng_state, set_rng_state
+from train.config import Amp, Optimizer, Schedule, auto_switch
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message says where and what to try."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Exact test-set counts (summed over all processes) and the mean cross-entropy."""
+
+    correct: int
+    total: int
+    loss: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def make_deterministic(seed: int, device: torch.device) -> None:
+    """Seed python, numpy and torch; deterministic kernels on CPU, fast (TF32, cuDNN autotune) on CUDA."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> EvalResult:
+    """Top-1 counts and mean loss of ``model`` on ``loader`` in fp32; exact global counts under torchrun."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, total
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for inputs, targets in loader:
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        outputs = model(inputs).float()
+        loss_sum += F.cross_entropy(outputs, targets, reduction="sum")
+        counts[0] += (outputs.argmax(dim=1) == targets).sum()
+        counts[1] += targets.numel()
+    model.train(was_training)
+    correct, total = distributed.all_reduce_sum(counts).tolist()
+    return EvalResult(correct, total, distributed.all_reduce_sum(loss_sum).item() / max(total, 1))
+
+
+def build_optimizer(model: nn.Module, train: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+    """SGD or AdamW; no weight decay on biases, norm and quantizer scales (tensors of rank <= 1)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": train.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    fused = True if device.type == "cuda" else None  # fused kernels exist for CUDA tensors only
+    if train.optimizer == Optimizer.sgd:
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum,
+                               nesterov=train.nesterov and train.momentum > 0, fused=fused)
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.momentum, 0.999), fused=fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: DictConfig, steps_per_epoch: int) -> LRScheduler:
+    """Per-step schedule: linear warmup over ``warmup_epochs``, then cosine to 0 or step decay."""
+    total = max(1, train.epochs * steps_per_epoch)
+    warmup = min(round(train.warmup_epochs * steps_per_epoch), total - 1)
+    if train.schedule == Schedule.cosine:
+        main = CosineAnnealingLR(optimizer, T_max=total - warmup)
+    else:  # milestones count from the start of the stage; SequentialLR restarts `main` after warmup
+        main = MultiStepLR(optimizer, [m * steps_per_epoch - warmup for m in train.milestones], train.gamma)
+    if warmup == 0:
+        return main
+    ramp = LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
+    return SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+class Trainer:
+    """Runs the epochs of one stage and holds everything a checkpoint must restore.
+
+    The stage's techniques are configured and attached here, before the optimizer is built. On resume the
+    model must already carry the checkpoint's compression structure (attach is then a no-op).
+    """
+
+    def __init__(self, model: nn.Module, train: DictConfig, *, techniques: list[Technique],
+                 loader: Any, ctx: distributed.Context, mixup: Callable | None = None,
+                 writer: SummaryWriter | None = None, tag: str = "train") -> None:
+        self.model, self.train_cfg, self.techniques = model, train, techniques
+        self.loader, self.ctx, self.mixup, self.writer, self.tag = loader, ctx, mixup, writer, tag
+        device = ctx.device
+        self.bf16 = train.amp == Amp.bf16 or (train.amp == Amp.auto and device.type == "cuda")
+        self.channels_last = auto_switch(train.channels_last, device.type == "cuda")
+        for technique in techniques:  # before the optimizer: quantizers may add parameters
+            technique.configure(steps_per_epoch=len(loader))
+            technique.attach(model)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(model, train, device)
+        self.scheduler = build_scheduler(self.optimizer, train, len(loader))
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)  # hard or soft targets
+        # Averaging masks or quantizer state would corrupt them: EMA only where nothing is attached.
+        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train.ema_decay), use_buffers=True)
+                    if train.ema_decay is not None and not techniques else None)
+        self.step_model = distributed.wrap(model, ctx)
+        self.compiled = torch.compile(self.step_model) if train.compile else None
+        self.epoch = 0          # completed epochs
+        self.batches_done = 0   # batches of the current epoch already trained
+        self.global_step = 0    # optimizer steps in this stage
+        # Device-side running sums for the current epoch: loss x n, correct, seen, non-finite losses.
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self._rng_to_restore: dict | None = None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What this stage produces: the EMA weights when EMA is on, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def finish(self) -> None:
+        """End of stage: the EMA weights (if any) become the model's."""
+        if self.ema is not None:
+            self.model.load_state_dict(self.ema.module.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "global_step": self.global_step,
+            "sums": self.sums.cpu(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint; the model must already carry the checkpoint's compression structure."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        self.global_step = state["global_step"]
+        self.sums.copy_(state["sums"])
+        self._rng_to_restore = state["rng"]
+
+    def train_epoch(self, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Train (the rest of) epoch ``self.epoch``; False when stopped early because ``should_stop()``."""
+        self.loader.set_epoch(self.epoch)
+        self.model.train()
+        for technique in self.techniques:
+            technique.on_epoch_start(self.model, self.epoch)
+        # RNG state is restored where the interrupted run took it: before the epoch's iterator is
+        # created (epoch boundary) or after replaying the batches already trained (mid-epoch).
+        if self.batches_done == 0:
+            self._restore_rng()
+        batches = iter(self.loader)
+        for _ in range(self.batches_done):
+            next(batches)
+        self._restore_rng()
+        progress = tqdm(total=len(self.loader), initial=self.batches_done, disable=not self.ctx.is_main,
+                        desc=f"{self.tag} epoch {self.epoch + 1}/{self.train_cfg.epochs}", leave=False)
+        start, start_seen = time.perf_counter(), self.sums[2].item()
+        for inputs, targets in batches:
+            self._step(inputs, targets)
+            self.batches_done += 1
+            progress.update()
+            at_end = self.batches_done == len(self.loader)
+            if self.global_step % self.train_cfg.log_every == 0 or at_end:
+                stop = self._sync(progress, time.perf_counter() - start, start_seen, should_stop())
+                if stop and not at_end:
+                    progress.close()
+                    return False
+        progress.close()
+        self.epoch, self.batches_done = self.epoch + 1, 0
+        self.sums.zero_()
+        return True
+
+    def _restore_rng(self) -> None:
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(inputs)
+            except Exception as err:  # compilers fail in many ways; eager always works
+                log.warning("torch.compile failed (%s); continuing without compilation",
+                            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+                self.compiled = None
+        return self.step_model(inputs)
+
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        device = self.ctx.device
+        inputs = inputs.to(device, non_blocking=True)
+        labels = targets = targets.to(device, non_blocking=True)
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        if self.mixup is not None:
+            inputs, targets = self.mixup(inputs, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            outputs = self._forward(inputs)
+            loss = self.criterion(outputs, targets)
+            for technique in self.techniques:
+                loss = technique.loss(loss, outputs, inputs, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.train_cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        for technique in self.techniques:
+            technique.on_step_end(self.model, self.global_step)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.global_step += 1
+        with torch.no_grad():
+            loss = loss.detach().double()
+            n = labels.numel()
+            self.sums += torch.stack([loss * n, (outputs.argmax(dim=1) == labels).sum().double(),
+                                      loss.new_tensor(n), (~torch.isfinite(loss)).double()])
+
+    def _sync(self, progress: tqdm, elapsed: float, start_seen: float, stop_requested: bool) -> bool:
+        """The one host synchronisation every ``log_every`` steps: check, log, agree on stopping."""
+        loss_sum, correct, seen, nonfinite = self.sums.tolist()
+        if nonfinite:
+            raise NonFiniteLossError(
+                f"training loss became NaN/inf in stage '{self.tag}' (epoch {self.epoch + 1}, before step "
+                f"{self.global_step}); the last good checkpoint is kept ; fix: lower train.lr or set "
+                "train.grad_clip (e.g. 5.0), then re-run the same command to resume")
+        scalars = {"loss": loss_sum / seen, "acc": correct / seen, "lr": self.optimizer.param_groups[0]["lr"],
+                   "images_per_s": (seen - start_seen) * self.ctx.world_size / max(elapsed, 1e-9)}
+        for technique in self.techniques:
+            scalars.update({f"{technique.name}/{k}": v for k, v in technique.scalars(self.model).items()})
+        progress.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"{self.tag}/train/{key}", value, self.global_step)
+        flag = torch.tensor([float(stop_requested)], device=self.ctx.device)
+        return distributed.all_reduce_sum(flag).item() > 0

@@ -1,0 +1,277 @@
+"""``python train/run.py [overrides]``: train, compress, evaluate and score one MicroNet entry.
+
+The flow of docs/design.md, top to bottom:
+compose + validate the config → data and model → stage "train" (the baseline; skipped when finished, or
+when ``init=PATH`` is given) → the compress stages in order → evaluate (exact correct/total) → gate →
+score → report.json / report.md / TensorBoard → the entry in ``<run dir>/entry``.
+
+Every stage checkpoints each epoch under ``<run dir>/checkpoints/<index>_<stage>/``; re-running the same
+command resumes from the newest good checkpoint, mid-stage included. Under ``torchrun`` only rank 0
+writes. Problems a user can fix print one line, ``error: … ; fix: …``, and no traceback.
+
+Exit status: 0 finished · 2 error · 143 stopped by SIGTERM after saving a checkpoint (re-run to resume).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+if not __package__:  # run as a file (`python train/run.py`): import the repository's packages, not train/*
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import hydra
+import torch
+import torch.nn as nn
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+from torch.utils.tensorboard import SummaryWriter
+
+import conf
+import models
+from compress import Stage, apply_compression_state, build_stages, compression_state
+from data import DatasetNotFoundError, build_mixup
+from scoring import count_model
+from scoring.entry import EntryError, save_entry
+from scoring.report import format_summary, log_report, write_report
+from train import distributed
+from train.build import build_data, build_model, restore_model
+from train.checkpoint import CheckpointError, load_latest, save_checkpoint
+from train.config import ConfigError, check_same_run, stage_train_config, to_container, validate
+from train.loop import NonFiniteLossError, Trainer, evaluate, make_deterministic
+
+log = logging.getLogger("micronet.train")
+
+CONF_DIR = str(Path(conf.__file__).resolve().parent)
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: schedulers see "interrupted", not "finished"
+#: Errors the user can fix; printed as one line.
+USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, DatasetNotFoundError,
+               models.UnknownModelError, EntryError)
+
+
+def fail(message: str) -> None:
+    """Print one line to stderr and exit with status 2."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    sys.exit(2)
+
+
+def main() -> None:
+    """Console entry point: check the overrides compose, then hand over to Hydra."""
+    overrides = sys.argv[1:]
+    if not any(arg.startswith("-") for arg in overrides):  # flags (--multirun, --cfg, …): Hydra's own path
+        try:
+            with initialize_config_dir(CONF_DIR, version_base="1.3"):
+                compose("config", overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as err:
+            fail(describe_composition_error(err))
+    hydra_main()
+
+
+def describe_composition_error(err: Exception) -> str:
+    """Hydra's multi-line composition message (and its omegaconf cause) as one line with a fix."""
+    text = str(err).split("Config search path")[0]
+    cause = err.__cause__
+    if cause is not None:
+        detail = str(cause).splitlines()
+        key = next((line.split(":", 1)[1].strip() for line in detail if "full_key:" in line), None)
+        text += f": {detail[0]}" + (f" (key {key})" if key else "")
+    fix = ("pick one of the available options listed" if "Available options" in text else
+           "correct the override; `python train/run.py --help` lists groups and conf/*.yaml documents each key")
+    return f"{text} ; fix: {fix}"
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def hydra_main(cfg: DictConfig) -> None:
+    try:
+        code = run(cfg)
+    except USER_ERRORS as err:
+        fail(str(err))
+    finally:
+        distributed.teardown()
+    if code:
+        sys.exit(code)
+
+
+def run(cfg: DictConfig) -> int:
+    """The whole pipeline for one composed config; returns the exit status."""
+    validate(cfg, models.list_models())
+    ctx = distributed.setup(cfg.device)
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    make_deterministic(cfg.seed, ctx.device)
+    session = Session(cfg, ctx, Path(HydraConfig.get().runtime.output_dir))
+
+    if cfg.init:
+        model = session.load_init(cfg.init)
+        stages = []
+    else:
+        model = build_model(cfg)
+        stages = [Stage(name="train", epochs=cfg.train.epochs, overrides={}, techniques=[])]
+    with reported_as_config_error(f"edit conf/compress/{cfg.compress.name}.yaml or the compress.* override"):
+        stages += build_stages(session.config["compress"], load_teacher=session.load_teacher)
+    # Each stage's recipe, checked now rather than after hours of training the stages before it.
+    recipes = [stage_train_config(cfg.train, stage.name, stage.epochs, stage.overrides) for stage in stages]
+    model.to(ctx.device)
+
+    with session, sigterm_flag() as preempted:
+        for stage, recipe in zip(stages, recipes):
+            if not session.run_stage(stage, recipe, model, should_stop=preempted):
+                log.warning("SIGTERM: checkpoint saved in stage '%s'; re-run the same command to resume",
+                            stage.name)
+                return PREEMPTED_EXIT
+        result = evaluate(model, session.test_loader, ctx.device)
+        if ctx.is_main:
+            session.finish(model, result)
+    return 0
+
+
+@contextmanager
+def reported_as_config_error(fix: str) -> Iterator[None]:
+    """Turn the ValueError a library raises for a bad config value into a one-line ConfigError."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(str(err), fix) from None
+
+
+@contextmanager
+def sigterm_flag() -> Iterator[Callable[[], bool]]:
+    """While active, SIGTERM (cluster preemption) sets a flag the loop polls, instead of killing the process."""
+    requested = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Session:
+    """What the stages of one run share: config, process context, run dir, loaders, TensorBoard writer."""
+
+    def __init__(self, cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> None:
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        self.writer = SummaryWriter(run_dir / "tensorboard") if ctx.is_main else None
+        self.config = to_container(cfg)
+        with reported_as_config_error("correct task.augment (conf/task/*.yaml documents its keys)"):
+            self.mixup = build_mixup(self.config["task"]["augment"], cfg.task.num_classes)
+        # Stage folders by name, in run order: index 0 is the baseline, compress stages follow.
+        stages = self.config["compress"].get("stages") or []  # validated by build_stages, so read defensively
+        names = ["train"] + [stage.get("name") for stage in stages if isinstance(stage, dict)]
+        self.stage_dirs = {name: run_dir / "checkpoints" / f"{i}_{name}" for i, name in enumerate(names)}
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    @cached_property
+    def loaders(self) -> tuple[Any, Any]:
+        """Train and test loaders, built on first use (after the stages are known to be valid)."""
+        with reported_as_config_error("adjust the train.* / data.* / task.augment value it names"):
+            return build_data(self.cfg, self.ctx)
+
+    @property
+    def train_loader(self) -> Any:
+        return self.loaders[0]
+
+    @property
+    def test_loader(self) -> Any:
+        return self.loaders[1]
+
+    def run_stage(self, stage: Stage, train_cfg: DictConfig, model: nn.Module,
+                  should_stop: Callable[[], bool]) -> bool:
+        """Train ``model`` through ``stage`` with recipe ``train_cfg``, resuming from its checkpoints.
+
+        Returns False when stopped by SIGTERM (after saving a checkpoint)."""
+        directory = self.stage_dirs[stage.name]
+        saved = load_latest(directory)
+        if saved is not None:
+            check_same_run(saved["config"], self.config, directory)
+            apply_compression_state(model, saved["compression"])
+            if saved["finished"]:
+                model.load_state_dict(saved["model"])
+                log.info("stage '%s' already finished (%s)", stage.name, directory)
+                return True
+        trainer = Trainer(model, train_cfg, techniques=stage.techniques, loader=self.train_loader, ctx=self.ctx,
+                          mixup=self.mixup, writer=self.writer, tag=stage.name)
+        if saved is not None:
+            trainer.load_state_dict(saved)
+        while trainer.epoch < train_cfg.epochs:
+            if not trainer.train_epoch(should_stop):
+                self.save(directory, trainer, finished=False)
+                return False
+            result = evaluate(trainer.eval_model, self.test_loader, self.ctx.device)
+            log.info("%s epoch %d/%d: test %d/%d = %.4f, loss %.4f", stage.name, trainer.epoch, train_cfg.epochs,
+                     result.correct, result.total, result.accuracy, result.loss)
+            if self.writer is not None:
+                self.writer.add_scalar(f"{stage.name}/test/acc", result.accuracy, trainer.global_step)
+                self.writer.add_scalar(f"{stage.name}/test/loss", result.loss, trainer.global_step)
+            if trainer.epoch == train_cfg.epochs:
+                trainer.finish()
+            self.save(directory, trainer, finished=trainer.epoch == train_cfg.epochs)
+        return True
+
+    def save(self, directory: Path, trainer: Trainer, *, finished: bool) -> None:
+        """One checkpoint dict: trainer state + resolved config + compression structure (rank 0 writes)."""
+        if self.ctx.is_main:
+            state = {**trainer.state_dict(), "finished": finished, "config": self.config,
+                     "compression": compression_state(trainer.model)}
+            save_checkpoint(directory, trainer.global_step, state)
+        distributed.barrier()
+
+    def load_init(self, path: str) -> nn.Module:
+        """``init=PATH``: the starting model instead of the baseline stage; must be this run's architecture."""
+        model, config = restore_model(path)
+        if config["model"]["name"] != self.cfg.model.name:
+            raise ConfigError(f"init={path} holds a {config['model']['name']} model, not {self.cfg.model.name}",
+                              f"pass model={config['model']['name']}")
+        return model
+
+    def load_teacher(self, spec: str) -> nn.Module:
+        """Teacher for distillation: "baseline", an earlier stage's name, or a path (run dir, entry, checkpoint)."""
+        if spec == "baseline":
+            spec = self.cfg.init or str(self.stage_dirs["train"])
+        elif spec in self.stage_dirs:
+            spec = str(self.stage_dirs[spec])
+        teacher, _ = restore_model(spec)
+        return teacher.to(self.ctx.device).eval().requires_grad_(False)
+
+    def finish(self, model: nn.Module, result) -> None:
+        """Score, gate verdict (decided by write_report), report and entry for the final model (rank 0)."""
+        cfg = self.cfg
+        inputs = score_inputs(self.test_loader, cfg.score.examples, self.ctx.device)
+        count = count_model(model.eval(), inputs, accumulator_bits=cfg.score.accumulator_bits,
+                            freebie=None if cfg.score.freebie == "auto" else bool(cfg.score.freebie))
+        report = write_report(self.run_dir, task=cfg.task.name, count=count, correct=result.correct,
+                              total=result.total, extra={"model": cfg.model.name, "compress": cfg.compress.name,
+                                                         "seed": cfg.seed, "test_loss": result.loss})
+        if self.writer is not None:
+            log_report(self.writer, report, step=0)
+        print(format_summary(report))
+        save_entry(self.run_dir / "entry", model, config=self.config, compression_state=compression_state(model))
+        log.info("entry written to %s", self.run_dir / "entry")
+
+
+def score_inputs(loader, examples: int, device: torch.device) -> torch.Tensor:
+    """The first ``examples`` test inputs, the batch the scorer runs the model on."""
+    batches, seen = [], 0
+    for inputs, _ in loader:
+        batches.append(inputs)
+        seen += len(inputs)
+        if seen >= examples:
+            break
+    return torch.cat(batches)[:examples].to(device)
+
+
+if __name__ == "__main__":
+    main()
