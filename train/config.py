@@ -17,6 +17,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from scoring.gate import GATES
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; ``str()`` is one line with the fix."""
@@ -188,6 +190,13 @@ def validate(cfg: DictConfig, known_models: list[str]) -> None:
                           f"pass data.root=/path/to/{cfg.task.dataset}"
                           + (" (add data.download=true to fetch it)" if cfg.task.dataset == "cifar100"
                              else ""))
+    rules_gate = GATES.get(cfg.task.name)
+    if rules_gate is not None and (cfg.task.gate.metric.value != rules_gate.metric
+                                   or cfg.task.gate.threshold != float(rules_gate.threshold)):
+        # The gate is the challenge's, decided by scoring/gate.py: a different value here would mislead.
+        raise ConfigError(f"task.gate ({cfg.task.gate.metric.value} {cfg.task.gate.threshold}) differs from the "
+                          f"rules' gate for {cfg.task.name} ({rules_gate.metric} {float(rules_gate.threshold)})",
+                          "remove the task.gate override; the gate is fixed by the challenge rules")
     if not _DEVICE.match(cfg.device):
         raise ConfigError(f"device={cfg.device} is not a device", "use auto, cpu, cuda or cuda:N")
     for key in ("pin_memory", "gpu_resident"):

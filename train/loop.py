@@ -151,9 +151,11 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def finish(self) -> None:
-        """End of stage: the EMA weights (if any) become the model's."""
+        """End of stage: the EMA weights (if any) become the model's; techniques undo training-only state."""
         if self.ema is not None:
             self.model.load_state_dict(self.ema.module.state_dict())
+        for technique in self.techniques:
+            technique.on_stage_end(self.model)
 
     def state_dict(self) -> dict[str, Any]:
         return {

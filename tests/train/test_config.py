@@ -54,6 +54,7 @@ def test_schema_rejects_wrong_types_at_composition(override):
     (["device=tpu"], "device=tpu is not a device"),
     (["train.schedule=step"], "train.milestones=[] must list epochs when schedule=step"),
     (["data.pin_memory=sometimes"], "data.pin_memory=sometimes must be auto, true or false"),
+    (["task.gate.threshold=0.5"], "task.gate (top1 0.5) differs from the rules' gate for digits (top1 0.95)"),
 ])
 def test_validate_names_the_problem_and_the_fix(overrides, message):
     with pytest.raises(ConfigError) as info:
