@@ -17,6 +17,10 @@ weight decay and momentum cannot move them), and in later stages the product wit
 executed weight exactly zero; quantizers registered after the mask map 0 to 0.
 ``compress.finalize_for_export`` bakes masks into the originals.
 
+The mask declares its stored size to the scorer as ``micronet_mask_bits`` (scoring/protocol.py): one
+bit per block (partial edge blocks included) for ``structure: block`` while the mask is constant over
+every block, else one bit per weight (unstructured, N:M, or blocks broken by another stage's pruning).
+
 Config keys of a stage's ``prune:`` mapping (values checked by :class:`PruneTechnique`):
 
     final_sparsity      fraction of weights pruned at the end, in [0, 1) (implied by ``nm``)
@@ -76,14 +80,27 @@ class WeightMask(nn.Module):
 
     The forward pass multiplies by a float copy of the mask (not saved), refreshed whenever the mask
     changes: a float multiply is several times faster than one that converts the bool mask every step.
+    ``block_shape`` ([rows, cols] over the (out, in·kh·kw) matrix) is the unit of block pruning, if any.
     """
 
     kind = "mask"
 
-    def __init__(self, shape: torch.Size):
+    def __init__(self, shape: torch.Size, block_shape: tuple[int, int] | None = None):
         super().__init__()
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
         self.register_buffer("factor", torch.ones(shape), persistent=False)
+        self.block_shape = None if block_shape is None else (int(block_shape[0]), int(block_shape[1]))
+
+    @property
+    def micronet_mask_bits(self) -> int:
+        """Bits of the stored mask (scoring/protocol.py): one per block while the mask is constant over
+        every block of ``block_shape`` (partial edge blocks count), else one per weight."""
+        if self.block_shape is None:
+            return self.mask.numel()
+        kept, sizes = _block_sums(self.mask.flatten(1).float(), self.block_shape)
+        if bool(((kept != 0) & (kept != sizes)).any()):
+            return self.mask.numel()
+        return kept.numel()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.factor
@@ -99,12 +116,14 @@ class WeightMask(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """The settings that rebuild this parametrization (see ``compress.compression_state``)."""
-        return {"kind": self.kind}
+        if self.block_shape is None:
+            return {"kind": self.kind}
+        return {"kind": self.kind, "block_shape": list(self.block_shape)}
 
     @classmethod
     def rebuild(cls, description: Mapping[str, Any], weight: torch.Tensor) -> WeightMask:
         """An empty mask for ``weight``; its values come from ``load_state_dict``."""
-        return cls(weight.shape)
+        return cls(weight.shape, description.get("block_shape"))
 
 
 def zero_pruned(module: nn.Module, mask: WeightMask) -> None:
@@ -223,8 +242,10 @@ class PruneTechnique(Technique):
                                  f"not a multiple of m={self.nm[1]}; add it to exclude")
             mask = find_parametrization(module, WeightMask)
             if mask is None:  # an existing mask (earlier stage, or restored on resume) is kept
-                mask = WeightMask(module.weight.shape).to(module.weight.device)
+                mask = WeightMask(module.weight.shape, self.block_shape).to(module.weight.device)
                 put_parametrization(module, mask, innermost=True)
+            elif self.block_shape is not None:  # its declared size checks that the blocks still hold
+                mask.block_shape = self.block_shape
             self._layers.append(_PrunedLayer(module, mask, self.schedule.towards(target),
                                              global_pool and self.ranking == "global"))
 
@@ -266,12 +287,7 @@ class PruneTechnique(Technique):
         """Score of each pruning unit: the weight's magnitude, or a block's mean magnitude."""
         if self.block_shape is None:
             return magnitude
-        rows, cols = self.block_shape
-        matrix = magnitude.flatten(1)
-        pad = (0, -matrix.shape[1] % cols, 0, -matrix.shape[0] % rows)
-        sums = nn.functional.pad(matrix, pad).unflatten(1, (-1, cols)).unflatten(0, (-1, rows)).sum((1, 3))
-        counts = nn.functional.pad(torch.ones_like(matrix), pad).unflatten(1, (-1, cols)) \
-            .unflatten(0, (-1, rows)).sum((1, 3))
+        sums, counts = _block_sums(magnitude.flatten(1), self.block_shape)
         return sums / counts
 
     def _expand(self, keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -293,6 +309,17 @@ class PruneTechnique(Technique):
         if self.schedule is not None:
             out["sparsity/target"] = self.schedule.sparsity(self._last_step)
         return out
+
+
+def _block_sums(matrix: torch.Tensor, block_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of ``matrix`` over each block, elements of each block); partial blocks at the edges count."""
+    rows, cols = block_shape
+    pad = (0, -matrix.shape[1] % cols, 0, -matrix.shape[0] % rows)
+
+    def blocks(values: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(values, pad).unflatten(1, (-1, cols)).unflatten(0, (-1, rows)).sum((1, 3))
+
+    return blocks(matrix), blocks(torch.ones_like(matrix))
 
 
 def _nm_keep(magnitude: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -85,7 +85,8 @@ def finalize_for_export(model: nn.Module) -> None:
     """Prepare ``model`` for an entry: bake masks into the weights, fix every step size.
 
     Pruned weights become exact zeros of the stored tensor and the mask parametrizations are removed
-    (the scorer measures sparsity from the executed weights, so nothing is lost); quantizers stay, with
+    (the scorer measures sparsity from the executed weights, so nothing is lost) — except block masks,
+    which stay because the scorer charges them 1 bit per block only while they declare it; quantizers stay, with
     weight observers set from the final weights and every quantizer frozen, so the saved entry
     reproduces the evaluated model without depending on training-mode updates. Idempotent.
     """
@@ -93,6 +94,8 @@ def finalize_for_export(model: nn.Module) -> None:
         mask = find_parametrization(module, WeightMask)
         if mask is not None:
             zero_pruned(module, mask)
+        # A block mask is cheaper to store than one bit per weight: it stays part of the entry.
+        if mask is not None and mask.micronet_mask_bits == mask.mask.numel():
             chain = module.parametrizations["weight"]
             if len(chain) == 1:
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)

@@ -8,6 +8,8 @@ the counter tracks:
   free (they would be precomputed at export: masks times weights, weight fake-quantization, batch-norm
   folding arithmetic), and a static tensor consumed by a real op is a stored value (a parameter);
 * its bit tag, set by quantizer modules (:mod:`scoring.protocol`) and kept through data movement;
+* the mask a module declared on it (``micronet_mask_bits``), kept through static ops of the same size
+  (a weight quantizer, views) up to the conv/linear that stores it;
 * the op that produced it, so that a batch norm whose input comes from a conv/linear folds into it;
 * the parameters it derives from, so each stored value is counted once over all batches.
 
@@ -25,10 +27,10 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 import torch.nn as nn
 from torch.nn.utils.parametrize import ParametrizationList, type_before_parametrizations
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
-from scoring.protocol import is_quantizer, quantizer_bits, quantizer_param_bits
+from scoring.protocol import declared_mask_bits, is_quantizer, quantizer_bits, quantizer_param_bits
 from scoring.rules import (ADAPTIVE_POOL, BATCH_NORM, CONV, ELEMENTWISE, FREE, MATMUL, POOL, REDUCE, RULES,
                            SOFTMAX, VIEW, Rule, UnsupportedOpError, dot_counts, project_rules_note, rule_key,
                            score, score_terms, weight_storage_bits)
@@ -88,6 +90,25 @@ def _concat_producer(tensors: list, dim: int, infos: list[_Info]) -> _Producer |
                      all(p.has_bias for p in producers), parts=tuple(producers))
 
 
+@dataclass(frozen=True, eq=False)
+class _Mask:
+    """A declared mask (``micronet_mask_bits``) of ``bits`` bits over a tensor of which it keeps ``kept``."""
+
+    bits: int
+    kept: torch.Tensor  # bool, where the mask module's output is nonzero
+
+    def covers(self, weight: torch.Tensor, nonzeros: int) -> bool:
+        """True when every nonzero of ``weight`` lies where the mask keeps a value.
+
+        ``weight`` is compared in the mask's layout, or transposed (a linear layer consumes ``weight.t()``):
+        either is a fixed layout the weight can be stored in.
+        """
+        if weight.numel() != self.kept.numel() or nonzeros > int(self.kept.count_nonzero()):
+            return False
+        layouts = [weight, weight.t()] if weight.dim() == 2 else [weight]
+        return any(not bool((w.reshape(self.kept.shape).ne(0) & ~self.kept).any()) for w in layouts)
+
+
 @dataclass(frozen=True)
 class _Info:
     """What the counter knows about one tensor (see the module docstring)."""
@@ -96,6 +117,7 @@ class _Info:
     bits: int | None = None
     producer: _Producer | None = None
     roots: frozenset[int] = frozenset()
+    mask: _Mask | None = None
 
     def width(self) -> _Width:
         return _Width(self.bits) if self.bits is not None else _Width(0, True)
@@ -111,10 +133,14 @@ class _Stored:
     numel: int
     bits: int | None
     nonzeros: int | None = None  # None: stored dense (biases, scales)
+    mask_bits: int | None = None  # a declared mask (None: 1 bit per element) keeping ``kept`` values
+    kept: int | None = None
 
     def total_bits(self, default: int) -> int:
         bits = self.bits if self.bits is not None else default
-        return self.numel * bits if self.nonzeros is None else weight_storage_bits(self.numel, self.nonzeros, bits)
+        if self.nonzeros is None:
+            return self.numel * bits
+        return weight_storage_bits(self.numel, self.nonzeros, bits, self.mask_bits, self.kept)
 
 
 @dataclass
@@ -221,6 +247,12 @@ class _Tracer(TorchDispatchMode):
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         self.stack.pop()
+        with _disable_current_modes():  # the scorer's own ops, not the model's
+            mask_bits = declared_mask_bits(module)
+            for tensor in _tensors([output]) if mask_bits is not None else ():
+                info = self._info(tensor)
+                if info.static:  # a stored weight's mask: carried to the conv/linear that consumes it
+                    self.infos[tensor] = replace(info, mask=_Mask(mask_bits, tensor.ne(0)))
         if is_quantizer(module):
             self.quantizer_depth -= 1
             bits = quantizer_bits(module)
@@ -316,8 +348,12 @@ class _Tracer(TorchDispatchMode):
                 producer = infos[0].producer
         roots = frozenset().union(*(i.roots for i in infos)) if static else frozenset()
         info = _Info(static=static, bits=bits, producer=producer, roots=roots)
+        # A declared mask passes through static ops that keep its tensor's size (quantizer, views).
+        masks = {i.mask for i in infos if i.mask is not None} if static else set()
+        mask = masks.pop() if len(masks) == 1 else None
         for tensor in _tensors([out]):
-            self.infos[tensor] = info
+            keeps = mask is not None and tensor.numel() == mask.kept.numel()
+            self.infos[tensor] = replace(info, mask=mask) if keeps else info
 
     @staticmethod
     def _operand_width(tensors: Iterable[torch.Tensor | None], infos: Iterable[_Info]) -> _Width:
@@ -357,7 +393,12 @@ class _Tracer(TorchDispatchMode):
             layer.weight_width = winfo.width() if layer.weight_width is None else layer.weight_width | winfo.width()
             if self._first_use(winfo):
                 nonzeros, numel = int(lines.sum()), weight.numel()
-                layer.stored.append(_Stored(numel, winfo.bits, nonzeros))
+                mask = winfo.mask
+                if mask is not None and mask.covers(weight, nonzeros):
+                    stored = _Stored(numel, winfo.bits, nonzeros, mask.bits, int(mask.kept.count_nonzero()))
+                else:
+                    stored = _Stored(numel, winfo.bits, nonzeros)
+                layer.stored.append(stored)
                 layer.nonzero_weights += nonzeros
                 layer.weights += numel
 

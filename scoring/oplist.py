@@ -8,6 +8,10 @@ the same rules table as the traced counter (:mod:`scoring.rules`), so a traced c
 Widths: ``bits`` is the width of the stored weights; the op's multiplies count at
 ``max(bits, input_bits)`` (``input_bits`` defaults to ``bits``), biases are stored at ``bias_bits``
 (default ``bits``, as in the official calculator), additions at the accumulator width.
+
+Sparsity: the mask costs 1 bit per weight, or with ``block=(rows, cols)`` 1 bit per block of the
+(out, weights per output) weight matrix, partial edge blocks included (rules: "Block sparsity: 1 bit per
+block"), as the traced counter charges a pruning mask that declares ``micronet_mask_bits``.
 """
 from __future__ import annotations
 
@@ -64,6 +68,7 @@ class _Weighted:
     bits: int = 32
     input_bits: int | None = None
     bias_bits: int | None = None
+    block: tuple[int, int] | None = None
 
     def _shape(self) -> tuple[int, int, int]:
         """(weights per output, outputs, output channels)."""
@@ -76,7 +81,11 @@ class _Weighted:
         if not 0 <= density <= 1:
             raise ValueError(f"sparsity {self.sparsity} is outside [0, 1]")
         weights = weights_per_output * channels
-        param_bits = weight_storage_bits(weights, weights * density, self.bits)
+        mask_bits = None
+        if self.block is not None:
+            rows, cols = self.block
+            mask_bits = -(-channels // rows) * -(-weights_per_output // cols)
+        param_bits = weight_storage_bits(weights, weights * density, self.bits, mask_bits)
         mults, adds = dot_counts(weights_per_output * density, outputs)
         if self.bias:
             param_bits += channels * (self.bias_bits or self.bits)

@@ -16,7 +16,18 @@ is ``quantizer(mask * original)``: the conv then consumes a tensor tagged with t
 scorer measures sparsity by counting zeros of that very tensor. Tensors never tagged are unquantized
 (32-bit, or 16-bit under the freebie).
 
-Sparsity needs no declaration: it is measured from the weights that actually execute.
+Sparsity needs no declaration: it is measured from the weights that actually execute. Its mask costs
+1 bit per element of the full tensor, unless the module that applies it (e.g. a pruning parametrization,
+``conv.weight = quantizer(mask(original))``) declares ``micronet_mask_bits``: the bits its stored mask
+needs (block sparsity: 1 bit per block, partial edge blocks included). Then:
+
+* the values that mask keeps are the nonzeros of the module's output, and the declaration travels with
+  that output through the static ops that follow it and keep its size (a weight quantizer, views) to the
+  conv/linear that consumes it;
+* it applies only when every nonzero of the executed weight lies where the mask keeps a value (checked);
+  zeros inside kept blocks (e.g. weights quantized to 0) are then stored as values;
+* the weight is stored as the cheapest of dense, nonzeros plus a 1-bit-per-element mask, and the kept
+  values plus the declared mask (:func:`scoring.rules.weight_storage_bits`).
 """
 from __future__ import annotations
 
@@ -38,6 +49,14 @@ class Quantizer(Protocol):
     micronet_scale_count: int
 
 
+@runtime_checkable
+class MaskHolder(Protocol):
+    """What a module applying a sparsity mask may expose to the scorer (optional)."""
+
+    #: Bits of the stored mask of this module's output (default: 1 per element; block sparsity: 1 per block).
+    micronet_mask_bits: int
+
+
 def is_quantizer(module: nn.Module) -> bool:
     """True when ``module`` declares a bit width through the protocol."""
     return getattr(module, "micronet_bits", None) is not None
@@ -56,3 +75,14 @@ def quantizer_param_bits(module: nn.Module) -> int:
     count = int(getattr(module, "micronet_scale_count", 0))
     bits = int(getattr(module, "micronet_scale_bits", DEFAULT_SCALE_BITS))
     return count * bits
+
+
+def declared_mask_bits(module: nn.Module) -> int | None:
+    """The mask size a module declares through ``micronet_mask_bits`` (None: not declared), validated."""
+    bits = getattr(module, "micronet_mask_bits", None)
+    if bits is None:
+        return None
+    bits = int(bits)
+    if bits < 0:
+        raise ValueError(f"{type(module).__name__} declares micronet_mask_bits={bits}; expected >= 0")
+    return bits

@@ -91,15 +91,27 @@ def dot_counts(weights_per_output: int | Fraction, outputs: int) -> tuple[int | 
     return weights_per_output * outputs, max(weights_per_output - 1, 0) * outputs
 
 
-def weight_storage_bits(numel: int | Fraction, nonzeros: int | Fraction, bits: int) -> int | Fraction:
-    """Bits to store a weight tensor: nonzeros × bits plus a 1-bit-per-element mask when it has zeros.
+def weight_storage_bits(numel: int | Fraction, nonzeros: int | Fraction, bits: int,
+                        mask_bits: int | Fraction | None = None,
+                        kept: int | Fraction | None = None) -> int | Fraction:
+    """Bits to store a weight tensor: nonzeros × bits plus a mask when it has zeros.
+
+    The mask costs 1 bit per element (``mask_bits`` None or ``numel``), or the ``mask_bits`` a mask
+    declares (block sparsity: 1 bit per block); such a mask stores the ``kept`` values it keeps (default
+    ``nonzeros``; zeros inside kept blocks are stored as values). A 1-bit-per-element mask is always
+    possible, so the declared one counts only when it is cheaper.
 
     Project rule: when the mask would cost more than it saves (a few zeros, e.g. from rounding), the tensor
     is stored dense instead, zeros as values: the cheaper of the two. Its multiplies by the fixed zeros
     are still skipped, as for any fixed, input-independent sparsity.
     """
     dense = numel * bits
-    return dense if nonzeros == numel else min(dense, nonzeros * bits + numel)
+    if nonzeros == numel:
+        return dense
+    sparse = nonzeros * bits + numel
+    if mask_bits is not None:
+        sparse = min(sparse, (nonzeros if kept is None else kept) * bits + mask_bits)
+    return min(dense, sparse)
 
 
 #: Project rules that apply to every model (listed in every report beside the project op rules used).
@@ -107,7 +119,9 @@ PROJECT_CONVENTIONS: Mapping[str, str] = MappingProxyType({
     "bias width": "biases (incl. folded batch-norm shifts) are stored at 32 bits (16 under the freebie) "
                   "unless a quantizer declares them narrower",
     "quantizer parameters": "scales/zero-points at 32 bits unless the quantizer declares micronet_scale_bits",
-    "weight storage": "the cheaper of dense (zeros as values) and nonzeros × bits + a 1-bit mask per element",
+    "weight storage": "the cheaper of dense (zeros as values) and sparse: nonzeros × bits + a 1-bit mask per "
+                      "element, or, if cheaper, for a mask declaring micronet_mask_bits (block sparsity: 1 bit per "
+                      "block), the values it keeps × bits + those mask bits",
     "empty dot product": "an output with no nonzero weight costs no additions (the official (L-1)·N would go negative)",
     "comparisons": "comparisons (ReLU, max, clamp, ReLU6 = 2) count as multiplies, like the official ReLU",
     "bit tags": "a quantizer's bit width passes through data movement, ReLU and max; any other op's output is "

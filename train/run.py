@@ -37,7 +37,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import conf
 import models
-from compress import Stage, apply_compression_state, build_stages, compression_state
+from compress import Stage, apply_compression_state, build_stages, compression_state, finalize_for_export
 from data import DatasetNotFoundError, build_mixup
 from scoring import count_model
 from scoring.entry import EntryError, save_entry
@@ -127,6 +127,8 @@ def run(cfg: DictConfig) -> int:
                 log.warning("SIGTERM: checkpoint saved in stage '%s'; re-run the same command to resume",
                             stage.name)
                 return PREEMPTED_EXIT
+        # Evaluate and score exactly what the entry will hold (masks baked in, quantizers frozen).
+        finalize_for_export(model)
         result = evaluate(model, session.test_loader, ctx.device)
         if ctx.is_main:
             session.finish(model, result)

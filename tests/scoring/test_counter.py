@@ -159,6 +159,33 @@ def test_masked_weights_and_parametrized_quantizers_count_like_plain_sparse_weig
     assert (c.mults, c.adds) == (a.mults, a.adds)
 
 
+def test_a_declared_mask_counts_its_bits_only_where_it_covers_the_executed_weight():
+    """micronet_mask_bits (scoring/protocol.py) travels through a later quantizer to the conv that stores it."""
+    class BlockMask(nn.Module):
+        micronet_mask_bits = 2  # two blocks: the first 8 filters, the last 8
+
+        def forward(self, w):
+            return w * torch.cat([torch.ones(8, 8, 3, 3), torch.zeros(8, 8, 3, 3)])
+
+    class Shift(nn.Module):
+        def forward(self, w):
+            return w + 1.0  # nonzero where the mask removed it: the mask no longer describes the weight
+
+    conv = nn.Conv2d(8, 16, 3, bias=False)
+    set_grid_weights(conv.weight, 4, Fraction(0))
+    parametrize.register_parametrization(conv, "weight", BlockMask())
+    quantize_weight(conv, 4)
+    x = torch.randn(1, 8, 5, 5)
+    assert count_model(conv, x).param_bits == 576 * 4 + 2 + 32  # kept weights, 2 mask bits, one scale
+    conv = nn.Conv2d(8, 16, 3, bias=False)
+    set_grid_weights(conv.weight, 4, Fraction(0))
+    parametrize.register_parametrization(conv, "weight", BlockMask())
+    parametrize.register_parametrization(conv, "weight", Shift())
+    with torch.no_grad():
+        conv.parametrizations.weight.original[:, :, 0, 0] = -1.0  # 64 zeros in kept filters after the shift
+    assert count_model(conv, x, freebie=False).param_bits == (1152 - 64) * 32 + 1152  # 1 mask bit per weight
+
+
 def test_a_few_zeros_are_stored_dense_but_still_skipped():
     conv = nn.Conv2d(4, 8, 3, bias=False)
     with torch.no_grad():
