@@ -129,12 +129,10 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "micronet_kit": kit}
 
 
-def save_entry(directory: str | os.PathLike, model: nn.Module, *, config: dict[str, Any],
-               compression_state: dict[str, Any]) -> Path:
+def save_entry(directory: str | os.PathLike, model: nn.Module, *, config: dict[str, Any]) -> Path:
     """Write ``model`` as an entry into ``directory`` (created if needed) and return the folder.
 
-    ``compression_state`` is the caller's ``compress.compression_state(model)``; it must describe
-    ``model``. The model is finalized for export on a copy (the caller's model is left as it is):
+    The model is finalized for export on a copy (the caller's model is left as it is):
     masks are baked into the weights, so pruned weights are exact zeros of the stored tensors, and
     quantizers keep their (frozen) parameters. entry.json records the structure of that finalized
     copy, which is what a rebuild needs. Each file is written atomically, the weights first, so
@@ -142,9 +140,6 @@ def save_entry(directory: str | os.PathLike, model: nn.Module, *, config: dict[s
     """
     from compress import compression_state as describe, finalize_for_export
 
-    if describe(model) != compression_state:
-        raise EntryError("compression_state does not describe the model being saved; "
-                         "pass compress.compression_state(model) of this very model")
     exported = copy.deepcopy(model).cpu()
     finalize_for_export(exported)
     document = {"format_version": FORMAT_VERSION, "model": _model_spec(config), "weights": {},

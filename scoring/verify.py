@@ -71,7 +71,7 @@ def recount(entry: Entry, *, data_root: str | None = None, examples: int | None 
     from train.build import build_data
     from train.distributed import Context, resolve_device
     from train.loop import evaluate
-    from train.run import score_inputs
+    from train.build import score_inputs
 
     cfg = OmegaConf.create(entry.config)
     cfg.data.download = False

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
+import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,6 +37,17 @@ def build_data(cfg: DictConfig, ctx: Context) -> tuple[Any, Any]:
         num_workers=cfg.data.num_workers, pin_memory=auto_switch(cfg.data.pin_memory, cuda),
         download=cfg.data.download, seed=cfg.seed, distributed=ctx.distributed, device=ctx.device,
         gpu_resident=auto_switch(cfg.data.gpu_resident, cuda and cfg.task.dataset == "cifar100"))
+
+
+def score_inputs(loader: Iterable, examples: int, device: torch.device) -> torch.Tensor:
+    """The first ``examples`` test inputs, the batch the scorer runs the model on."""
+    batches, seen = [], 0
+    for inputs, _ in loader:
+        batches.append(inputs)
+        seen += len(inputs)
+        if seen >= examples:
+            break
+    return torch.cat(batches)[:examples].to(device)
 
 
 def restore_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -26,7 +26,6 @@ if not __package__:  # run as a file (`python train/run.py`): import the reposit
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import hydra
-import torch
 import torch.nn as nn
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -43,7 +42,7 @@ from scoring import count_model
 from scoring.entry import EntryError, save_entry
 from scoring.report import format_summary, log_report, write_report
 from train import distributed
-from train.build import build_data, build_model, restore_model
+from train.build import build_data, build_model, restore_model, score_inputs
 from train.checkpoint import CheckpointError, load_latest, save_checkpoint
 from train.config import ConfigError, check_same_run, stage_train_config, to_container, validate
 from train.loop import NonFiniteLossError, Trainer, evaluate, make_deterministic
@@ -260,19 +259,8 @@ class Session:
         if self.writer is not None:
             log_report(self.writer, report, step=0)
         print(format_summary(report))
-        save_entry(self.run_dir / "entry", model, config=self.config, compression_state=compression_state(model))
+        save_entry(self.run_dir / "entry", model, config=self.config)
         log.info("entry written to %s", self.run_dir / "entry")
-
-
-def score_inputs(loader, examples: int, device: torch.device) -> torch.Tensor:
-    """The first ``examples`` test inputs, the batch the scorer runs the model on."""
-    batches, seen = [], 0
-    for inputs, _ in loader:
-        batches.append(inputs)
-        seen += len(inputs)
-        if seen >= examples:
-            break
-    return torch.cat(batches)[:examples].to(device)
 
 
 if __name__ == "__main__":

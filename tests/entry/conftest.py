@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from compress import build_stages, compression_state
+from compress import build_stages
 from models import create_model
 from scoring.entry import load_entry, save_entry
 from scoring.report import REPORT_JSON, REPORT_MD, markdown
@@ -68,8 +68,7 @@ def compressed_model() -> torch.nn.Module:
 def run_dir(tmp_path: Path, run_config: dict, compressed_model: torch.nn.Module) -> Path:
     """A finished run dir as train/run.py leaves it: entry/, report.json, report.md."""
     directory = tmp_path / "run"
-    save_entry(directory / "entry", compressed_model, config=run_config,
-               compression_state=compression_state(compressed_model))
+    save_entry(directory / "entry", compressed_model, config=run_config)
     report = recount(load_entry(directory), device="cpu")
     (directory / REPORT_JSON).write_text(json.dumps(report, indent=2))
     (directory / REPORT_MD).write_text(markdown(report))

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from compress import WeightMask, compression_state
+from compress import WeightMask
 from scoring import count_model
 from scoring.entry import ENTRY_JSON, WEIGHTS_FILE, EntryError, build_model_from_entry, load_entry, save_entry, \
     sha256_file
@@ -19,7 +19,7 @@ from .conftest import make_compressed_model, plant_pickle
 
 
 def save(directory: Path, model: nn.Module, config: dict) -> Path:
-    return save_entry(directory, model, config=config, compression_state=compression_state(model))
+    return save_entry(directory, model, config=config)
 
 
 def test_round_trip_gives_identical_outputs_and_counts(tmp_path, run_config, compressed_model):
@@ -61,11 +61,6 @@ def test_entry_json_records_model_hash_and_versions(tmp_path, run_config, compre
     assert document["versions"]["torch"] == torch.__version__
     assert document["config"] == run_config
     assert sorted(p.name for p in tmp_path.iterdir()) == [ENTRY_JSON, WEIGHTS_FILE]  # no temporary files left
-
-
-def test_stale_compression_state_is_refused(tmp_path, run_config, compressed_model):
-    with pytest.raises(EntryError, match="does not describe the model"):
-        save_entry(tmp_path, compressed_model, config=run_config, compression_state={"format": 1, "weights": {}})
 
 
 class TiedAndStrided(nn.Module):
