@@ -106,7 +106,7 @@ class WeightMask(nn.Module):
         return weight * self.factor
 
     def restrict(self, keep: torch.Tensor) -> None:
-        """Prune every weight not in ``keep``; masks only grow, so a pruned weight is never revived."""
+        """Prune every weight not in ``keep``; the pruned set only grows, so a pruned weight is never revived."""
         self.mask &= keep
         self.factor.copy_(self.mask)
 
@@ -177,6 +177,10 @@ class PruneTechnique(Technique):
         self.start = s.number("start", 0.0 if fraction else REQUIRED, low=0.0, high=limit)
         self.end = s.number("end", 0.75 if fraction else REQUIRED, low=self.start, high=limit)
         self.frequency = s.number("frequency", 0.05 if fraction else REQUIRED, low=0.0, high=limit, low_open=True)
+        if self.unit == "step":  # configure() would otherwise truncate 2.5 steps to 2 silently
+            for key in ("start", "end", "frequency"):
+                if not getattr(self, key).is_integer():
+                    raise s.error(key, getattr(self, key), "a whole number of steps (unit=step)")
         self.ranking = s.choice("ranking", "layer", ("layer", "global"))
         self.include = s.patterns("layers", ["*"])
         self.exclude = s.patterns("exclude", [])

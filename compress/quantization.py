@@ -102,6 +102,11 @@ def least_error_scale(x: torch.Tensor, qmin: int, qmax: int, *, per_channel: boo
     return best
 
 
+def _step_view(scale: torch.Tensor, x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """``scale`` shaped to broadcast against ``x`` (one step per output channel, or one)."""
+    return scale.view(-1, *[1] * (x.dim() - 1)) if per_channel else scale
+
+
 class _FakeQuantize(torch.autograd.Function):
     """``scale · clamp(round(x / scale), qmin, qmax)`` with the straight-through and LSQ gradients.
 
@@ -117,14 +122,16 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, per_channel: bool, qmin: int, qmax: int,
                 grad_factor: float) -> torch.Tensor:
-        step = scale.view(-1, *[1] * (x.dim() - 1)) if per_channel else scale
-        ctx.save_for_backward(x, step)
+        # The step size itself is saved, not a view of it: a view made here (in no_grad mode) breaks
+        # autograd once the next call of the same quantizer (a layer used twice in one forward) updates it.
+        ctx.save_for_backward(x, scale)
         ctx.per_channel, ctx.qmin, ctx.qmax, ctx.grad_factor = per_channel, qmin, qmax, grad_factor
-        return round_to_grid(x, step, qmin, qmax).to(x.dtype)
+        return round_to_grid(x, _step_view(scale, x, per_channel), qmin, qmax).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, step = ctx.saved_tensors
+        x, scale = ctx.saved_tensors
+        step = _step_view(scale, x, ctx.per_channel)
         scaled = x / step
         grad = grad.to(scaled.dtype)  # under autocast x may be bf16 while the step size is fp32
         grad_x = torch.ops.aten.hardtanh_backward(grad, scaled, ctx.qmin - 0.5, ctx.qmax + 0.5)
@@ -169,8 +176,9 @@ class _FakeQuantizer(nn.Module):
         return self._frozen
 
     def _learned_scale(self) -> torch.Tensor:
-        with torch.no_grad():
-            self.scale.clamp_(min=_MIN_SCALE)  # as torch.ao's _LearnableFakeQuantize: keep the step positive
+        # As torch.ao's _LearnableFakeQuantize: keep the step positive, through .data so that the clamp does
+        # not invalidate a backward still pending from an earlier call in the same forward (shared layers).
+        self.scale.data.clamp_(min=_MIN_SCALE)
         return self.scale.detach() if self._frozen else self.scale
 
     def _sync_from_buffers(self) -> None:
@@ -207,16 +215,21 @@ class WeightQuantizer(_FakeQuantizer):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.method == "lsq":
             scale = self._learned_scale()
-        else:
-            if not self._frozen:  # the observer is the current weights' per-channel range
-                self.observe(weight)
+        elif self._frozen:
             scale = self.scale
+        else:  # the observer is the current weights' per-channel range
+            scale = self.observe(weight)
         return _FakeQuantize.apply(weight, scale, True, self.qmin, self.qmax, self.grad_factor)
 
-    def observe(self, weight: torch.Tensor) -> None:
-        """Set the step sizes from ``weight``'s per-channel max |w| (observer methods)."""
+    def observe(self, weight: torch.Tensor) -> torch.Tensor:
+        """Set the step sizes from ``weight``'s per-channel max |w| (observer methods); return a copy of them.
+
+        The forward pass quantizes with the copy: the buffer may change again before its backward runs.
+        """
         with torch.no_grad():
-            torch.div(weight.detach().flatten(1).abs().amax(1), self.qmax, out=self.scale).clamp_(min=_MIN_SCALE)
+            scale = weight.detach().flatten(1).abs().amax(1).div_(self.qmax).clamp_(min=_MIN_SCALE)
+            self.scale.copy_(scale)
+        return scale
 
     @classmethod
     def rebuild(cls, description: Mapping[str, Any], weight: torch.Tensor) -> WeightQuantizer:
@@ -254,9 +267,9 @@ class ActivationQuantizer(_FakeQuantizer):
             self._calibrate(x)
         if self.method == "lsq":
             scale = self._learned_scale()
+        elif self.training and not self._frozen:
+            scale = self._observe(x)
         else:
-            if self.training and not self._frozen:
-                self._observe(x)
             scale = self.scale
         grad_factor = 1.0 / math.sqrt(x[0].numel() * self.qmax)
         return _FakeQuantize.apply(x, scale, False, self.qmin, self.qmax, grad_factor)
@@ -286,7 +299,8 @@ class ActivationQuantizer(_FakeQuantizer):
                 self.max_val.copy_(high)
                 self._set_observed_scale()
 
-    def _observe(self, x: torch.Tensor) -> None:
+    def _observe(self, x: torch.Tensor) -> torch.Tensor:
+        """Update the running range with ``x``; return a copy of the new step size (see ``observe``)."""
         with torch.no_grad():
             low, high = torch.aminmax(x.detach().float())
             if self.method == "minmax":
@@ -295,11 +309,13 @@ class ActivationQuantizer(_FakeQuantizer):
             else:
                 self.min_val.lerp_(low.view(1), self.averaging_constant)
                 self.max_val.lerp_(high.view(1), self.averaging_constant)
-            self._set_observed_scale()
+            return self._set_observed_scale()
 
-    def _set_observed_scale(self) -> None:
+    def _set_observed_scale(self) -> torch.Tensor:
         peak = torch.maximum(-self.min_val, self.max_val) if self.qmin < 0 else self.max_val
-        torch.div(peak, self.qmax, out=self.scale).clamp_(min=_MIN_SCALE)
+        scale = (peak / self.qmax).clamp_(min=_MIN_SCALE)
+        self.scale.copy_(scale)
+        return scale
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "averaging_constant": self.averaging_constant}

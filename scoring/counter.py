@@ -119,7 +119,13 @@ class _Info:
     roots: frozenset[int] = frozenset()
     mask: _Mask | None = None
 
+    @property
+    def constant(self) -> bool:
+        """Static and derived from no parameter or buffer: a literal, not a stored value or an operand width."""
+        return self.static and not self.roots
+
     def width(self) -> _Width:
+        """This tensor's width as an operand: its tag, or untagged."""
         return _Width(self.bits) if self.bits is not None else _Width(0, True)
 
 
@@ -179,8 +185,8 @@ def _window_total(inputs: int, outputs: int) -> int:
     return sum(-(-(i + 1) * inputs // outputs) - (i * inputs) // outputs for i in range(outputs))
 
 
-def _elements(rule: Rule, args: tuple, out: torch.Tensor) -> tuple[int, int]:
-    """(output elements, merged inputs) of an element-based op."""
+def _elements(key: str, rule: Rule, args: tuple, out: torch.Tensor) -> tuple[int, int]:
+    """(output elements, merged inputs) of the element-based op ``key``."""
     n = out.numel()
     if rule.kind == ELEMENTWISE:
         return n, 0
@@ -190,8 +196,11 @@ def _elements(rule: Rule, args: tuple, out: torch.Tensor) -> tuple[int, int]:
     if rule.kind == SOFTMAX:
         size = x.shape[args[1]] if x.dim() else 1
         return n, n - n // max(size, 1)
-    if rule.kind == POOL:  # aten receives the full kernel size, one entry per spatial dim
-        return n, n * (math.prod(args[1]) - 1)
+    if rule.kind == POOL:  # the kernel size: one entry per spatial dim, or one entry for all of them
+        kernel = list(args[1])
+        if len(kernel) == 1:  # k means k×k in avg_pool2d / max_pool2d_with_indices, k×k×k in the 3d ops
+            kernel *= 3 if "3d" in key else 2
+        return n, n * (math.prod(kernel) - 1)
     if rule.kind == ADAPTIVE_POOL:
         spatial = len(args[1])  # the output size, one entry per spatial dim
         windows = math.prod(_window_total(i, o) for i, o in zip(x.shape[-spatial:], out.shape[-spatial:]))
@@ -329,9 +338,9 @@ class _Tracer(TorchDispatchMode):
             self._batch_norm(layer, args, out)
             producer = None
         else:
-            width = self._operand_width(inputs, infos)
+            width = self._operand_width(inputs)
             result = out[0] if isinstance(out, tuple) else out
-            mults, adds = rule.counts(*_elements(rule, args, result))
+            mults, adds = rule.counts(*_elements(key, rule, args, result))
             self._add_ops(layer, width, mults, adds)
             self._store_dense(layer, inputs, infos)
             producer = None
@@ -341,7 +350,7 @@ class _Tracer(TorchDispatchMode):
                    producer: _Producer | None = None) -> None:
         bits = None
         if rule is not None and (rule.kind in (FREE, VIEW) or rule.keeps_bits):
-            tags = [i.bits for i in infos if not (i.static and not i.roots)]
+            tags = [i.bits for i in infos if not i.constant]
             if tags and None not in tags:
                 bits = max(tags)
             if rule.kind == VIEW and producer is None and len(infos) == 1:
@@ -355,11 +364,11 @@ class _Tracer(TorchDispatchMode):
             keeps = mask is not None and tensor.numel() == mask.kept.numel()
             self.infos[tensor] = replace(info, mask=mask) if keeps else info
 
-    @staticmethod
-    def _operand_width(tensors: Iterable[torch.Tensor | None], infos: Iterable[_Info]) -> _Width:
+    def _operand_width(self, tensors: Iterable[torch.Tensor]) -> _Width:
+        """Width of an op: the widest of its operands, constants left out."""
         width = _NO_INPUT
-        for tensor, info in zip(tensors, infos):
-            if tensor is not None and not (info.static and not info.roots):
+        for info in map(self._info, tensors):
+            if not info.constant:
                 width |= info.width()
         return width
 
@@ -385,10 +394,9 @@ class _Tracer(TorchDispatchMode):
     def _dot(self, layer: _Layer, operands: tuple[torch.Tensor, torch.Tensor], weight: torch.Tensor,
              lines: torch.Tensor, reuse: int) -> None:
         """Count dot products over ``weight`` (its per-output nonzero counts ``lines``)."""
-        infos = [self._info(t) for t in operands]
         winfo = self._info(weight)
         mults, adds = _dot_totals(lines, reuse)
-        self._add_ops(layer, self._operand_width(operands, infos), mults, adds)
+        self._add_ops(layer, self._operand_width(operands), mults, adds)
         if winfo.static:
             layer.weight_width = winfo.width() if layer.weight_width is None else layer.weight_width | winfo.width()
             if self._first_use(winfo):
@@ -402,22 +410,22 @@ class _Tracer(TorchDispatchMode):
                 layer.nonzero_weights += nonzeros
                 layer.weights += numel
 
-    def _nonzeros(self, weight: torch.Tensor, dim: int) -> torch.Tensor:
-        """Nonzero weights per output along ``dim``; run-time zeros (dynamic weights) do not count."""
+    def _nonzeros(self, weight: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """Nonzero weights per output, summed over ``dims``; run-time zeros (dynamic weights) do not count."""
         # A total count first: per-dim counting is several times slower, and most weights are dense.
         if self._info(weight).static and int(weight.count_nonzero()) < weight.numel():
-            return weight.count_nonzero(dim)
-        shape = list(weight.shape)
-        size = shape.pop(dim)
-        return torch.full(shape, size, dtype=torch.long)
+            return weight.count_nonzero(dims)
+        dims = tuple(d % weight.dim() for d in dims)
+        shape = [size for d, size in enumerate(weight.shape) if d not in dims]
+        return torch.full(shape, math.prod(weight.shape[d] for d in dims), dtype=torch.long)
 
     def _conv(self, layer: _Layer, args: tuple, out: torch.Tensor) -> _Producer:
         x, weight, bias = args[0], args[1], args[2]
         if len(args) > 6 and args[6]:
             raise UnsupportedOpError(
-                f"transposed convolution (in layer '{layer.name}', {layer.type}) has no counting rule; "
-                "add one to scoring/rules.py")
-        lines = self._nonzeros(weight.reshape(weight.shape[0], -1), 1)
+                f"transposed convolution (in layer '{layer.name}', {layer.type}) is not counted by the scorer; "
+                "use upsampling + a conv, or extend _conv in scoring/counter.py")
+        lines = self._nonzeros(weight, tuple(range(1, weight.dim())))  # the weight itself: its info says if static
         self._dot(layer, (x, weight), weight, lines, out.numel() // out.shape[1])
         if bias is not None:
             self._bias(layer, bias, out)
@@ -426,12 +434,12 @@ class _Tracer(TorchDispatchMode):
     def _matmul(self, layer: _Layer, args: tuple, kwargs: dict, out: torch.Tensor) -> _Producer:
         bias, (a, b) = (args[0], args[1:3]) if len(args) >= 3 else (None, args[:2])
         if self._info(a).static and not self._info(b).static:
-            self._dot(layer, (a, b), a, self._nonzeros(a, -1), b.shape[-1])  # weight on the left
+            self._dot(layer, (a, b), a, self._nonzeros(a, (-1,)), b.shape[-1])  # weight on the left
         else:
-            self._dot(layer, (a, b), b, self._nonzeros(b, -2), a.shape[-2])
+            self._dot(layer, (a, b), b, self._nonzeros(b, (-2,)), a.shape[-2])
         scalings = sum(kwargs.get(name, 1) != 1 for name in ("alpha", "beta"))
         if scalings:
-            self._add_ops(layer, self._operand_width((a, b), map(self._info, (a, b))), scalings * out.numel(), 0)
+            self._add_ops(layer, self._operand_width((a, b)), scalings * out.numel(), 0)
         if bias is not None:
             self._bias(layer, bias, out)
         return _Producer(layer.name, out.shape[-1], bias is not None)
@@ -456,7 +464,7 @@ class _Tracer(TorchDispatchMode):
                 layer.stored.append(_Stored(unbiased, None))
             return
         operands = [t for t in args[:2] if isinstance(t, torch.Tensor)]  # input and scale
-        self._add_ops(layer, self._operand_width(operands, map(self._info, operands)), x.numel(), x.numel())
+        self._add_ops(layer, self._operand_width(operands), x.numel(), x.numel())
         if self._first_use(key):
             scale_bits = self._info(args[1]).bits if isinstance(args[1], torch.Tensor) else None
             layer.stored.append(_Stored(2 * channels, scale_bits))

@@ -99,9 +99,13 @@ def rules_text(report: Mapping[str, Any]) -> str:
     return "\n".join(f"- `{key}`: {note}" for key, note in rules.items())
 
 
+def _gate_summary(report: Mapping[str, Any]) -> str:
+    return report["gate"]["summary"] if report["gate"] else "gate not evaluated"
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     """The content of report.md."""
-    gate = report["gate"]["summary"] if report["gate"] else "gate not evaluated"
+    gate = _gate_summary(report)
     return "\n\n".join([
         f"# MicroNet report: {report['task']}",
         f"Baseline: {report['baseline']['model']}. {gate}.",
@@ -113,8 +117,7 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 def format_summary(report: Mapping[str, Any]) -> str:
     """A few lines for the console: task, gate verdict with exact counts, totals and score."""
-    gate = report["gate"]["summary"] if report["gate"] else "gate not evaluated"
-    return "\n".join([f"[{report['task']}] {gate}", totals_text(report)])
+    return "\n".join([f"[{report['task']}] {_gate_summary(report)}", totals_text(report)])
 
 
 def log_report(writer: Any, report: Mapping[str, Any], step: int) -> None:

@@ -68,10 +68,9 @@ def recount(entry: Entry, *, data_root: str | None = None, examples: int | None 
     """
     from scoring import count_model
     from scoring.report import build_report
-    from train.build import build_data
+    from train.build import build_data, score_inputs
     from train.distributed import Context, resolve_device
     from train.loop import evaluate
-    from train.build import score_inputs
 
     cfg = OmegaConf.create(entry.config)
     cfg.data.download = False

@@ -9,7 +9,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from compress import apply_compression_state
-from data import build_loaders
+from data import build_loaders, gpu_resident_supported
 from models import create_model
 from scoring.entry import ENTRY_JSON, build_model_from_entry, load_entry
 from train.checkpoint import load_latest, read_checkpoint
@@ -31,12 +31,15 @@ def build_model(cfg: DictConfig) -> nn.Module:
 def build_data(cfg: DictConfig, ctx: Context) -> tuple[Any, Any]:
     """Train and test loaders of the task; GPU-resident and pinned-memory choices resolved for this device."""
     cuda = ctx.device.type == "cuda"
+    augment = OmegaConf.to_container(cfg.task.augment)
+    # "auto" turns the GPU-resident loader on only where it can apply the task's augmentation.
+    resident_auto = cuda and cfg.task.dataset == "cifar100" and gpu_resident_supported(cfg.task.dataset, augment)
     return build_loaders(
         cfg.task.dataset, root=cfg.data.root, batch_size=cfg.train.batch_size,
-        eval_batch_size=cfg.train.eval_batch_size, augment=OmegaConf.to_container(cfg.task.augment),
+        eval_batch_size=cfg.train.eval_batch_size, augment=augment,
         num_workers=cfg.data.num_workers, pin_memory=auto_switch(cfg.data.pin_memory, cuda),
         download=cfg.data.download, seed=cfg.seed, distributed=ctx.distributed, device=ctx.device,
-        gpu_resident=auto_switch(cfg.data.gpu_resident, cuda and cfg.task.dataset == "cifar100"))
+        gpu_resident=auto_switch(cfg.data.gpu_resident, resident_auto))
 
 
 def score_inputs(loader: Iterable, examples: int, device: torch.device) -> torch.Tensor:

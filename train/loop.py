@@ -184,14 +184,14 @@ class Trainer:
 
     def train_epoch(self, should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Train (the rest of) epoch ``self.epoch``; False when stopped early because ``should_stop()``."""
+        # RNG state is restored where the interrupted run took it: before anything of the epoch draws from
+        # it (epoch boundary) or after replaying the batches already trained (mid-epoch).
+        if self.batches_done == 0:
+            self._restore_rng()
         self.loader.set_epoch(self.epoch)
         self.model.train()
         for technique in self.techniques:
             technique.on_epoch_start(self.model, self.epoch)
-        # RNG state is restored where the interrupted run took it: before the epoch's iterator is
-        # created (epoch boundary) or after replaying the batches already trained (mid-epoch).
-        if self.batches_done == 0:
-            self._restore_rng()
         batches = iter(self.loader)
         for _ in range(self.batches_done):
             next(batches)
@@ -256,12 +256,16 @@ class Trainer:
         with torch.no_grad():
             loss = loss.detach().double()
             n = labels.numel()
+            # new_full, not new_tensor: a tensor made from host data is a copy that synchronises on CUDA.
             self.sums += torch.stack([loss * n, (outputs.argmax(dim=1) == labels).sum().double(),
-                                      loss.new_tensor(n), (~torch.isfinite(loss)).double()])
+                                      loss.new_full((), n), (~torch.isfinite(loss)).double()])
 
     def _sync(self, progress: tqdm, elapsed: float, start_seen: float, stop_requested: bool) -> bool:
         """The one host synchronisation every ``log_every`` steps: check, log, agree on stopping."""
-        loss_sum, correct, seen, nonfinite = self.sums.tolist()
+        # Agreed over all processes first, so that a NaN on any rank stops every rank together.
+        nonfinite, stop = distributed.all_reduce_sum(
+            torch.stack([self.sums[3], self.sums.new_full((), float(stop_requested))])).tolist()
+        loss_sum, correct, seen, _ = self.sums.tolist()
         if nonfinite:
             raise NonFiniteLossError(
                 f"training loss became NaN/inf in stage '{self.tag}' (epoch {self.epoch + 1}, before step "
@@ -275,5 +279,4 @@ class Trainer:
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(f"{self.tag}/train/{key}", value, self.global_step)
-        flag = torch.tensor([float(stop_requested)], device=self.ctx.device)
-        return distributed.all_reduce_sum(flag).item() > 0
+        return stop > 0

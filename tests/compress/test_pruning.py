@@ -142,6 +142,8 @@ def test_pruned_weights_stay_zero_through_training_and_qat(digits: Digits):
     ({"final_sparsity": 0.5, "sparsity": 0.5}, "prune: unknown key(s) sparsity"),
     ({"final_sparsity": 0.5, "block_shape": [1, 4]}, "prune.block_shape=[1, 4]: expected nothing"),
     ({"structure": "nm", "nm": [4, 2]}, "prune.nm=[4, 2]: expected [n, m] with n < m"),
+    ({"final_sparsity": 0.5, "unit": "step", "start": 0, "end": 10, "frequency": 2.5},
+     "prune.frequency=2.5: expected a whole number of steps (unit=step)"),
 ])
 def test_bad_config_names_key_value_and_range(cfg: dict, message: str):
     with pytest.raises(ValueError) as err:

@@ -117,6 +117,32 @@ def test_observer_and_batch_norm_freezing_follow_the_epoch_schedule(digits: Digi
     assert not torch.equal(model.conv2[1].running_mean, statistics)
 
 
+class _SharedLayer(nn.Module):
+    """``b`` runs twice in one forward (weight sharing), so its quantizers run twice before the backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.b(self.a(x))))))
+
+
+@pytest.mark.parametrize("method", ["lsq", "minmax", "moving_average"])
+def test_a_layer_used_twice_in_one_forward_trains(method: str):
+    # Before: the second call updated the step size in place (clamp / observer) after the first call had
+    # saved it for backward, and the backward failed with an autograd in-place error.
+    torch.manual_seed(0)
+    model = _SharedLayer()
+    quantize({"method": method, "first_last_bits": None}, model)
+    model(torch.randn(16, 8)).square().sum().backward()
+    weight_quantizer = find_parametrization(model.b, WeightQuantizer)
+    assert model.b.parametrizations["weight"].original.grad.abs().sum() > 0
+    if method == "lsq":
+        assert torch.isfinite(weight_quantizer.scale.grad).all()
+        assert torch.isfinite(model.b.input_quantizer.scale.grad).all()
+
+
 def test_bf16_inputs_keep_their_dtype():
     quantizer = ActivationQuantizer(8, "lsq")
     x = torch.randn(4, 16).bfloat16().requires_grad_()

@@ -317,16 +317,34 @@ def test_ops_on_parameters_alone_are_free():
     assert (count.params, count.mults, count.adds) == (6, 2 * 3 * 16, 1 * 3 * 16)
 
 
+def test_run_time_zeros_of_a_dynamic_conv_weight_do_not_reduce_the_count():
+    class DynamicConv(nn.Module):
+        def forward(self, x):  # a weight computed from the input, all zeros at run time
+            return F.conv2d(x, F.relu(x[:1, :1, :1, :1] - 10).expand(2, 2, 1, 1))
+
+    count = count_model(DynamicConv(), torch.randn(1, 2, 3, 3))
+    # conv: L = 2 weights per output, N = 2·3·3 outputs: 36 mults, 18 adds; sub: 1 add; relu: 1 mult
+    assert (count.mults, count.adds) == (36 + 1, 18 + 1)
+
+
 @pytest.mark.parametrize("module, shape, expected", [
     (nn.Softmax(dim=-1), (1, 3, 10), (2 * 30, 3 * 9)),  # 2n mults + (n-1) adds per row: 3n-1 ops
     (nn.AvgPool2d(2), (1, 1, 4, 4), (4, 4 * 3)),
     (nn.MaxPool2d(3, 2, padding=1), (1, 2, 6, 6), (2 * 9 * 8, 0)),
+    (nn.MaxPool2d((3,), 2, padding=1), (1, 2, 6, 6), (2 * 9 * 8, 0)),  # a 1-tuple kernel is 3×3
+    (nn.AvgPool2d((2,)), (1, 1, 4, 4), (4, 4 * 3)),
+    (nn.MaxPool3d((2,)), (1, 2, 6, 6, 6), (54 * 7, 0)),  # 2×2×2 windows
+    (nn.AvgPool3d(2), (1, 2, 6, 6, 6), (54, 54 * 7)),
     (nn.AdaptiveAvgPool2d(3), (1, 1, 5, 5), (9, 7 * 7 - 9)),  # windows 2, 3, 2 per dim
     (nn.Hardswish(), (1, 5), (20, 5)),
     (nn.Hardsigmoid(), (1, 5), (15, 5)),
     (nn.GELU(), (1, 5), (20, 5)),
     (nn.GELU(approximate="tanh"), (1, 5), (35, 10)),
     (nn.ReLU6(), (1, 5), (10, 0)),
+    (nn.LeakyReLU(), (1, 5), (10, 0)),
+    (nn.ELU(), (1, 5), (15, 5)),
+    (nn.Softplus(), (1, 5), (10, 5)),
+    (nn.Mish(), (1, 5), (20, 5)),
     (nn.Tanh(), (1, 5), (5, 0)),
     (nn.Sigmoid(), (1, 5), (10, 5)),
     (nn.Dropout(0.5), (1, 5), (0, 0)),

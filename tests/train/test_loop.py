@@ -157,3 +157,93 @@ def test_fast_path_options_train_on_cpu_and_compile_failure_falls_back(tiny_conf
     assert "torch.compile failed (backend exploded); continuing without compilation" in caplog.text
     assert trainer.compiled is None and trainer.global_step == len(train_loader)
     assert evaluate(model, test_loader, CPU.device).accuracy > 0.3  # it learned, in bf16
+
+
+def test_auto_gpu_resident_only_where_the_device_can_apply_the_augmentation(tiny_config, monkeypatch):
+    chosen = []
+    monkeypatch.setattr("train.build.build_loaders", lambda *args, **kwargs: chosen.append(kwargs["gpu_resident"]))
+    cuda = distributed.Context(torch.device("cuda"))
+    for augment in ("task.augment.auto_augment=null", "task.augment.auto_augment=rand-m9-mstd0.5"):
+        build_data(tiny_config("task=cifar100", "data.root=/nowhere", augment), cuda)
+    build_data(tiny_config("task=cifar100", "data.root=/nowhere"), CPU)
+    # RandAugment is CPU-only: "auto" must pick the CPU path rather than fail at the loader.
+    assert chosen == [True, False, False]
+
+
+def test_a_train_step_makes_no_tensor_from_host_data(tiny_config):
+    """On CUDA such a tensor is a synchronous host-to-device copy: one host sync per step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    cfg = tiny_config("train.epochs=1")
+    model, train_loader, _ = _setup(cfg)
+    trainer = _trainer(cfg, model, train_loader)
+    inputs, targets = next(iter(train_loader))
+    with Ops() as ops:
+        trainer._step(inputs, targets)
+    assert "aten.lift_fresh.default" not in ops.seen
+
+
+class _DrawsAtEpochStart(Technique):
+    name = "draws"
+
+    def __init__(self) -> None:
+        self.draws: list[float] = []
+
+    def on_epoch_start(self, model, epoch):
+        self.draws.append(torch.rand(()).item())
+
+
+def test_epoch_boundary_resume_restores_the_rng_before_techniques_draw(tiny_config, tmp_path: Path):
+    cfg = tiny_config("train.epochs=2")
+    model, train_loader, _ = _setup(cfg)
+    first = _DrawsAtEpochStart()
+    trainer = _trainer(cfg, model, train_loader, techniques=[first])
+    trainer.train_epoch()
+    save_checkpoint(tmp_path, trainer.global_step, trainer.state_dict())
+    trainer.train_epoch()
+
+    model, train_loader, _ = _setup(cfg)
+    torch.manual_seed(12345)  # a resumed process starts from another RNG state
+    second = _DrawsAtEpochStart()
+    resumed = _trainer(cfg, model, train_loader, techniques=[second])
+    resumed.load_state_dict(load_latest(tmp_path))
+    resumed.train_epoch()
+    assert second.draws == first.draws[1:]
+
+
+def _nan_on_rank1_rank_main(rank: int, init_file: str, cfg, out_dir: str) -> None:
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (it would hang)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ctx = distributed.Context(torch.device("cpu"), rank=rank, world_size=2)
+        make_deterministic(cfg.seed, ctx.device)
+        train_loader, _ = build_data(cfg, ctx)
+        last = len(train_loader) - 1  # the NaN comes at the epoch's last step, on rank 1 only
+        trainer = Trainer(build_model(cfg), cfg.train, techniques=[_PoisonAt(last if rank == 1 else 10**9)],
+                          loader=train_loader, ctx=ctx)
+        try:
+            trainer.train_epoch()
+            outcome = "finished"
+        except NonFiniteLossError:
+            outcome = "stopped"
+        Path(out_dir, f"rank{rank}").write_text(outcome)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_stops_every_rank(tiny_config, tmp_path: Path):
+    import torch.multiprocessing as mp
+
+    cfg = tiny_config("train.epochs=1", "train.log_every=1000")
+    mp.start_processes(_nan_on_rank1_rank_main, args=(str(tmp_path / "init"), cfg, str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["stopped", "stopped"]
