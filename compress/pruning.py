@@ -276,7 +276,10 @@ class PruneTechnique(Technique):
             if self.nm is not None:
                 keeps = [_nm_keep(w.abs(), *self.nm) for w in weights]
             else:
-                scores = [self._unit_scores(w.abs()) for w in weights]
+                # Units already pruned score -1, below any live weight (exact zeros included): they are the
+                # first to go, so ties at 0 cannot prune past the target.
+                scores = [torch.where(self._unit_scores(layer.mask.factor) > 0, self._unit_scores(w.abs()), -1.0)
+                          for layer, w in zip(group, weights)]
                 flat = torch.cat([sc.flatten() for sc in scores])
                 pruned = round(target * flat.numel())
                 keep = torch.ones_like(flat, dtype=torch.bool)

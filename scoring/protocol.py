@@ -43,7 +43,7 @@ DEFAULT_SCALE_BITS = 32
 class Quantizer(Protocol):
     """What a fake-quantizer module exposes to the scorer."""
 
-    #: Bit width of the tensor this module outputs (2..16).
+    #: Bit width of the tensor this module outputs (1..32; compress/ uses 2..8 and 16).
     micronet_bits: int
     #: Number of stored quantization parameters (scales and zero-points) this quantizer needs at inference.
     micronet_scale_count: int

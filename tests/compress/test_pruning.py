@@ -163,3 +163,19 @@ def test_step_unit_end_beyond_the_stage_is_an_error():
     with pytest.raises(ValueError, match=r"prune.end=50.0: expected a step within the stage \(at most 19"):
         technique.configure(steps_per_epoch=10)
 
+
+
+def test_exact_zeros_tied_with_pruned_weights_do_not_prune_past_the_target():
+    layer = nn.Sequential(nn.Linear(1000, 1, bias=False))
+    prune = PruneTechnique({"final_sparsity": 0.5, "first_last_sparsity": None, "unit": "step", "start": 0,
+                            "end": 0, "frequency": 1}, stage_epochs=1, where="prune")
+    prune.configure(steps_per_epoch=1)
+    prune.attach(layer)
+    with torch.no_grad():  # 600 exact zeros, and the first 100 weights already pruned by an earlier update
+        original_weight(layer[0]).copy_(torch.cat([torch.arange(1.0, 401.0), torch.zeros(600)]).view(1, -1))
+    mask = find_parametrization(layer[0], WeightMask)
+    keep = torch.ones(1, 1000, dtype=torch.bool)
+    keep[0, :100] = False
+    mask.restrict(keep)
+    prune.on_step_end(layer, 0)
+    assert int((~mask.mask).sum()) == 500 and not mask.mask[0, :100].any()
