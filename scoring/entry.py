@@ -66,18 +66,30 @@ class Entry:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``.
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``, durably.
 
-    A crash or a full disk leaves either the old file or the new one, never a torn one.
+    A crash, a power loss or a full disk leaves either the old file or the new one, never a torn one:
+    the data is synced before the rename, and the folder after it (POSIX makes a rename durable only then).
     """
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:

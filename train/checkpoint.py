@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import pickle
 import random
 from pathlib import Path
@@ -44,15 +43,6 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".sha256")
 
 
-def _write_synced(data: bytes | memoryview):
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    return write
-
-
 def save_checkpoint(directory: Path, global_step: int, state: dict[str, Any]) -> Path:
     """Write ``state`` as the checkpoint of ``global_step`` in ``directory``; keep the previous good one.
 
@@ -64,27 +54,17 @@ def save_checkpoint(directory: Path, global_step: int, state: dict[str, Any]) ->
     payload = buffer.getbuffer()
     path = directory / checkpoint_name(global_step)
     try:
-        atomic_write(path, _write_synced(payload))
+        atomic_write(path, lambda tmp: tmp.write_bytes(payload))
         record = f"{hashlib.sha256(payload).hexdigest()} {len(payload)}\n".encode()
-        atomic_write(_sidecar(path), _write_synced(record))
+        atomic_write(_sidecar(path), lambda tmp: tmp.write_bytes(record))
     except OSError as err:
         raise CheckpointError(f"could not write checkpoint {path} ({err}); the previous checkpoint is intact ; "
                               "fix: free disk space, then re-run the same command to resume") from None
-    _fsync_directory(directory)
     keep = [p for p in sorted(directory.glob(_PATTERN), reverse=True) if _sidecar(p).is_file()][:KEEP]
     for old in set(directory.glob(_PATTERN)) - set(keep):  # older ones, and leftovers of interrupted writes
         old.unlink(missing_ok=True)
         _sidecar(old).unlink(missing_ok=True)
     return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the renames durable (POSIX: a rename is on disk once its directory is synced)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

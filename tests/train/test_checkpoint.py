@@ -65,7 +65,7 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path: Path, monk
 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(checkpoint.os, "fsync", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)  # the disk fills up while the new checkpoint is flushed
     with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact"):
         save_checkpoint(tmp_path, 2, _state(2.0))
     monkeypatch.undo()
