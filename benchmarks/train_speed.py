@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 if not __package__:  # run as a file: import the repository's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TQDM_DISABLE", "1")  # the Trainer's progress bars would interleave with the results
 
 import numpy as np
 import torch
@@ -78,6 +80,15 @@ class TimerHook(Technique):
 
     def on_step_end(self, model: nn.Module, step: int) -> None:
         self.timer.step_done(step)
+
+
+def backend_flags() -> tuple[bool, bool, bool]:
+    """The global cuDNN / TF32 switches that :func:`make_deterministic` turns on for our loop."""
+    return (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+
+def set_backend_flags(flags: tuple[bool, bool, bool]) -> None:
+    (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = flags
 
 
 def synthetic_cifar(examples: int, seed: int = 0) -> ArrayImageDataset:
@@ -153,12 +164,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_compress:
         loops.append(("ours_prune_qat8",
                       lambda m: our_loop(m, dataset, batch_size, warmup, device, PRUNE_QAT8, args.compile)))
+    torch_defaults = backend_flags()
     for name in args.models:
         row: dict[str, float] = {}
         for _ in range(args.repeats):  # interleaved, best of each: robust to other load on the machine
             for label, run in loops:
                 torch.manual_seed(0)
-                if label != "plain":  # as train/run.py does
+                if label == "plain":  # torch's defaults, also after our loop changed them
+                    set_backend_flags(torch_defaults)
+                else:  # as train/run.py does
                     make_deterministic(0, device)
                 row[label] = max(row.get(label, 0.0), run(create_model(name, num_classes=100)))
         row["ratio_ours_vs_plain"] = row["ours"] / row["plain"]

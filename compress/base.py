@@ -52,7 +52,11 @@ class Technique:
         """Add this technique's structure to ``model`` (idempotent)."""
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
-        """Called before each epoch of the stage (``epoch`` counts from 0 within the stage)."""
+        """Called before each epoch of the stage (``epoch`` counts from 0 within the stage).
+
+        A run resumed mid-epoch calls it again for that epoch, on a model already in the epoch's state, and
+        with the RNG not yet restored: it must be idempotent and must not draw random numbers that matter.
+        """
 
     def loss(self, loss: torch.Tensor, outputs: torch.Tensor, inputs: torch.Tensor,
              targets: torch.Tensor) -> torch.Tensor:

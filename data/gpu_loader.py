@@ -60,12 +60,14 @@ class GpuResidentLoader:
         return self._examples_per_rank // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, self.epoch))
         if self.options is None:
             order = torch.arange(self.rank, self.dataset_size, self.world_size, device=self.device)
-        else:
-            order = torch.randperm(self.dataset_size, device=self.device, generator=generator)
+        else:  # one permutation shared by all ranks, each taking its slice
+            shared = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(self.dataset_size, device=self.device, generator=shared)
             order = order[self.rank::self.world_size][:self._examples_per_rank]
+        # Augmentation drawn per rank: a shared stream would give every rank's k-th image the same crop.
+        generator = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
             yield self._augment(self.images[index], generator), self.targets[index]

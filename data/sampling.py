@@ -11,9 +11,11 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit seed for one epoch, well mixed from (seed, epoch) so nearby pairs give unrelated streams."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+def epoch_seed(seed: int, epoch: int, *stream: int) -> int:
+    """A 63-bit seed for one epoch, well mixed from (seed, epoch[, stream…]) so nearby tuples give unrelated
+    streams (``stream``: e.g. a rank, for draws that must differ between processes)."""
+    state = np.random.SeedSequence([seed, epoch, *stream]).generate_state(2, dtype=np.uint32)
+    return int(state.view(np.uint64)[0] >> 1)
 
 
 class EpochSampler(torch.utils.data.Sampler):

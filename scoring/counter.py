@@ -22,7 +22,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,10 +30,10 @@ from torch.nn.utils.parametrize import ParametrizationList, type_before_parametr
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
-from scoring.protocol import declared_mask_bits, is_quantizer, quantizer_bits, quantizer_param_bits
-from scoring.rules import (ADAPTIVE_POOL, BATCH_NORM, CONV, ELEMENTWISE, FREE, MATMUL, POOL, REDUCE, RULES,
-                           SOFTMAX, VIEW, Rule, UnsupportedOpError, dot_counts, project_rules_note, rule_key,
-                           score, score_terms, weight_storage_bits)
+from scoring.protocol import declared_mask_bits, is_quantizer, quantizer_bits, quantizer_scales
+from scoring.rules import (ADAPTIVE_POOL, ATTENTION, BATCH_NORM, CONV, ELEMENTWISE, FREE, MATMUL, NORM, POOL, REDUCE,
+                           RULES, SOFTMAX, VIEW, Rule, UnsupportedOpError, attention_counts, dot_counts, norm_counts,
+                           project_rules_note, rule_key, score, score_terms, weight_storage_bits)
 
 #: Width of an unquantized tensor with and without the freebie.
 FULL_BITS = 32
@@ -185,28 +185,65 @@ def _window_total(inputs: int, outputs: int) -> int:
     return sum(-(-(i + 1) * inputs // outputs) - (i * inputs) // outputs for i in range(outputs))
 
 
-def _elements(key: str, rule: Rule, args: tuple, out: torch.Tensor) -> tuple[int, int]:
-    """(output elements, merged inputs) of the element-based op ``key``."""
+def _pool_window_total(size: int, outputs: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Sum of the in-bounds elements of the pooling windows along one dimension.
+
+    Output o reads positions ``o·stride - padding + j·dilation`` for j < kernel; those in the padding (or,
+    with ceil_mode, past it) hold no input. ``outputs`` is the size PyTorch computed, ceil_mode included.
+    """
+    return sum(sum(0 <= o * stride - padding + j * dilation < size for j in range(kernel)) for o in range(outputs))
+
+
+def _per_dim(value: int | Sequence[int], dims: int) -> list[int]:
+    """A pooling size argument, one entry per spatial dim (a single entry applies to all of them)."""
+    values = [value] if isinstance(value, int) else list(value)
+    return values * dims if len(values) == 1 else values
+
+
+def _pool_windows(key: str, arguments: Mapping[str, Any], out: torch.Tensor) -> tuple[int, int]:
+    """(spatial dims, sum of the in-bounds window sizes over the outputs of one plane) of a fixed-window pool."""
+    dims = 3 if "3d" in key else 2
+    kernel = _per_dim(arguments["kernel_size"], dims)
+    stride = _per_dim(arguments["stride"], dims) if arguments["stride"] else kernel  # [] means the kernel size
+    padding = _per_dim(arguments["padding"], dims)
+    dilation = _per_dim(arguments.get("dilation", 1), dims)  # average pools have none
+    sizes = zip(arguments["self"].shape[-dims:], out.shape[-dims:], kernel, stride, padding, dilation)
+    return dims, math.prod(_pool_window_total(*size) for size in sizes)
+
+
+#: Argument names and defaults of each op's schema, filled on first use.
+_SCHEMAS: dict[Any, list[tuple[str, Any]]] = {}
+
+
+def _arguments(func: Any, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments of an executed op by their schema names, defaults filled in."""
+    schema = _SCHEMAS.get(func)
+    if schema is None:
+        schema = _SCHEMAS[func] = [(a.name, a.default_value if a.has_default_value() else None)
+                                   for a in func._schema.arguments]
+    return {**dict(schema), **dict(zip((name for name, _ in schema), args)), **kwargs}
+
+
+def _elements(key: str, rule: Rule, func: Any, args: tuple, kwargs: dict, out: torch.Tensor) -> tuple[int, int, int]:
+    """(output elements, merged inputs, rows) of the element-based op ``key``."""
     n = out.numel()
     if rule.kind == ELEMENTWISE:
-        return n, 0
+        return n, 0, 0
     x = args[0]
     if rule.kind == REDUCE:
-        return n, x.numel() - n
+        return n, x.numel() - n, 0
     if rule.kind == SOFTMAX:
-        size = x.shape[args[1]] if x.dim() else 1
-        return n, n - n // max(size, 1)
-    if rule.kind == POOL:  # the kernel size: one entry per spatial dim, or one entry for all of them
-        kernel = list(args[1])
-        if len(kernel) == 1:  # k means k×k in avg_pool2d / max_pool2d_with_indices, k×k×k in the 3d ops
-            kernel *= 3 if "3d" in key else 2
-        return n, n * (math.prod(kernel) - 1)
-    if rule.kind == ADAPTIVE_POOL:
+        rows = n // max(x.shape[args[1]] if x.dim() else 1, 1)
+        return n, n - rows, rows
+    if rule.kind == POOL:
+        spatial, windows = _pool_windows(key, _arguments(func, args, kwargs), out)
+    elif rule.kind == ADAPTIVE_POOL:
         spatial = len(args[1])  # the output size, one entry per spatial dim
         windows = math.prod(_window_total(i, o) for i, o in zip(x.shape[-spatial:], out.shape[-spatial:]))
-        rows = n // math.prod(out.shape[-spatial:])
-        return n, rows * windows - n
-    raise AssertionError(f"not an element-based rule kind: {rule.kind}")
+    else:
+        raise AssertionError(f"not an element-based rule kind: {rule.kind}")
+    planes = n // math.prod(out.shape[-spatial:])
+    return n, planes * windows - n, 0
 
 
 def _dot_totals(nonzeros_per_output: torch.Tensor, reuse: int) -> tuple[int, int]:
@@ -250,9 +287,9 @@ class _Tracer(TorchDispatchMode):
         return handles
 
     def _enter(self, module: nn.Module, args: Any) -> None:
+        self.stack.append(module)  # first: _leave pops it even when the quantizer's declaration is refused
         if is_quantizer(module):
             self._enter_quantizer(module)
-        self.stack.append(module)
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         self.stack.pop()
@@ -270,14 +307,20 @@ class _Tracer(TorchDispatchMode):
 
     def _enter_quantizer(self, module: nn.Module) -> None:
         self.quantizer_depth += 1
+        name = self.names.get(module, type(module).__name__)
         bits = quantizer_bits(module)
-        if self.narrowest_tag is None or bits < self.narrowest_tag[0]:
-            self.narrowest_tag = (bits, self.names.get(module, type(module).__name__))
+        self._narrow(bits, f"'{name}' quantizes to {bits} bits")
         if id(module) not in self.counted_quantizers:
             self.counted_quantizers.add(id(module))
-            scale_bits = quantizer_param_bits(module)
-            if scale_bits:  # the protocol gives the total: store it as that many 1-bit values
-                self._layer().stored.append(_Stored(scale_bits, 1))
+            count, scale_bits = quantizer_scales(module)
+            if count:
+                self._narrow(scale_bits, f"'{name}' stores its scales in {scale_bits} bits")
+                self._layer().stored.append(_Stored(count, scale_bits))
+
+    def _narrow(self, bits: int, where: str) -> None:
+        """Keep the narrowest quantized tensor (weights, activations or stored scales): it decides the freebie."""
+        if self.narrowest_tag is None or bits < self.narrowest_tag[0]:
+            self.narrowest_tag = (bits, where)
 
     def _layer(self) -> _Layer:
         module = next((m for m in reversed(self.stack) if not is_quantizer(m)), None)
@@ -330,20 +373,25 @@ class _Tracer(TorchDispatchMode):
             self._propagate(out, infos, rule, static=False, producer=producer)
             return
         self.rules_used.add(key)
+        producer = None
         if rule.kind == CONV:
             producer = self._conv(layer, args, out)
         elif rule.kind == MATMUL:
             producer = self._matmul(layer, args, kwargs, out)
         elif rule.kind == BATCH_NORM:
             self._batch_norm(layer, args, out)
-            producer = None
-        else:
-            width = self._operand_width(inputs)
-            result = out[0] if isinstance(out, tuple) else out
-            mults, adds = rule.counts(*_elements(key, rule, args, result))
-            self._add_ops(layer, width, mults, adds)
+        elif rule.kind in (NORM, ATTENTION):
+            count = self._norm if rule.kind == NORM else self._attention
+            operands, mults, adds = count(layer, key, _arguments(func, args, kwargs))
+            self._add_ops(layer, self._operand_width(operands), mults, adds)
             self._store_dense(layer, inputs, infos)
-            producer = None
+        else:
+            result = out[0] if isinstance(out, tuple) else out
+            mults, adds = rule.counts(*_elements(key, rule, func, args, kwargs, result))
+            self._add_ops(layer, self._operand_width(inputs), mults, adds)
+            if rule.alpha_scales is not None:
+                self._alpha(layer, rule, _arguments(func, args, kwargs))
+            self._store_dense(layer, inputs, infos)
         self._propagate(out, infos, rule, static=False, producer=producer)
 
     def _propagate(self, out: Any, infos: list[_Info], rule: Rule | None, *, static: bool,
@@ -444,6 +492,37 @@ class _Tracer(TorchDispatchMode):
             self._bias(layer, bias, out)
         return _Producer(layer.name, out.shape[-1], bias is not None)
 
+    def _alpha(self, layer: _Layer, rule: Rule, arguments: Mapping[str, Any]) -> None:
+        """``x + alpha·y`` with alpha != 1: 1 multiply per element of y, none for a constant or static y."""
+        scaled = arguments[rule.alpha_scales]
+        if arguments.get("alpha", 1) == 1 or not isinstance(scaled, torch.Tensor) or self._info(scaled).static:
+            return
+        self._add_ops(layer, self._operand_width([scaled]), _stored_view(scaled).numel(), 0)
+
+    def _norm(self, layer: _Layer, key: str, arguments: Mapping[str, Any]) -> tuple[list[torch.Tensor], int, int]:
+        """(operands, mults, adds) of a layer norm or group norm, its affine included."""
+        x, weight, bias = arguments["input"], arguments["weight"], arguments["bias"]
+        if "group" in arguments:  # group norm: each example's channels in G groups
+            groups = arguments["N"] * arguments["group"]
+        else:  # layer norm over the trailing normalized_shape
+            groups = x.numel() // max(math.prod(arguments["normalized_shape"]), 1)
+        mults, adds = norm_counts(self.rules, key, x.numel(), groups, scale=weight is not None, shift=bias is not None)
+        return [t for t in (x, weight) if t is not None], mults, adds  # β only enters additions
+
+    def _attention(self, layer: _Layer, key: str, arguments: Mapping[str, Any]) -> tuple[list[torch.Tensor], int, int]:
+        """(operands, mults, adds) of a fused scaled dot-product attention (any backend's kernel)."""
+        q, k, v = arguments["query"], arguments["key"], arguments["value"]
+        if arguments.get("dropout_p"):
+            raise UnsupportedOpError(
+                f"aten.{key} (in layer '{layer.name}', {layer.type}) runs with dropout_p={arguments['dropout_p']}: "
+                "dropout is training only; pass dropout_p=0 when the module is not training")
+        mask = arguments.get("attn_mask", arguments.get("attn_bias"))
+        queries, head_dim = q.shape[-2:]
+        mults, adds = attention_counts(self.rules, math.prod(q.shape[:-2]), queries, k.shape[-2], head_dim, v.shape[-1],
+                                       causal=bool(arguments.get("is_causal")), masked=mask is not None)
+        self.rules_used.add("_softmax")  # its softmax is counted by that rule
+        return [q, k, v], mults, adds  # the mask only enters additions
+
     def _bias(self, layer: _Layer, bias: torch.Tensor, out: torch.Tensor) -> None:
         self._add_ops(layer, _NO_INPUT, 0, out.numel())
         self._store_dense(layer, [bias], [self._info(bias)])
@@ -517,8 +596,7 @@ def _number(value: Fraction) -> int | float:
 def _resolve(tracer: _Tracer, examples: int, accumulator_bits: int, freebie: bool | None) -> Count:
     narrow = tracer.narrowest_tag is not None and tracer.narrowest_tag[0] < FREEBIE_BITS
     if freebie and narrow:
-        bits, where = tracer.narrowest_tag
-        raise ValueError(f"freebie=True, but '{where}' quantizes to {bits} bits: the freebie applies only when "
+        raise ValueError(f"freebie=True, but {tracer.narrowest_tag[1]}: the freebie applies only when "
                          f"no tensor is below {FREEBIE_BITS} bits; use freebie=None (auto) or False")
     freebie = (not narrow) if freebie is None else bool(freebie)
     default = FREEBIE_BITS if freebie else FULL_BITS

@@ -12,6 +12,11 @@ Nothing here unpickles. :func:`load_entry` checks that the weights file *is* saf
 touches it, so a planted pickle is refused with one line, and checks the recorded sha256.
 :func:`build_model_from_entry` is the one place that composes models and compress to rebuild an entry;
 the exporter, the verifier and the scoring CLI all go through it.
+
+A bundle (``python -m scoring.export``) is sealed by a ``SHA256SUMS`` manifest: one ``<sha256>  <path>``
+line per file, in the format ``sha256sum -c`` reads. :func:`write_manifest` writes it and
+:func:`check_manifest` compares a folder with it, file by file. An entry folder inside a run dir has no
+manifest of its own: entry.json already pins the weights, and the bundle's manifest covers entry.json.
 """
 from __future__ import annotations
 
@@ -19,11 +24,12 @@ import copy
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import torch
@@ -35,6 +41,10 @@ from scoring.report import REPORT_JSON
 
 ENTRY_JSON = "entry.json"
 WEIGHTS_FILE = "model.safetensors"
+#: The bundle's manifest: sha256 of every other file of the bundle, in ``sha256sum`` format.
+MANIFEST_FILE = "SHA256SUMS"
+#: A manifest line: hex digest, a space, then " " (text mode, what we write) or "*" (``sha256sum -b``), the path.
+_MANIFEST_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")
 #: Version of the entry.json layout; bumped when a reader could misread an older entry.
 FORMAT_VERSION = 1
 #: safetensors refuses headers above 100 MB; anything larger is not a safetensors file.
@@ -99,6 +109,102 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """One file of a folder compared with the folder's manifest."""
+
+    #: Path relative to the folder, with ``/`` separators (as in the manifest).
+    path: str
+    #: sha256 the manifest records; None when the file is not listed.
+    listed: str | None
+    #: sha256 of the file on disk; None when it is missing or not a plain file.
+    found: str | None
+    #: "ok", "CHANGED", "MISSING", "NOT LISTED" or "NOT A PLAIN FILE".
+    status: str
+
+    @property
+    def ok(self) -> bool:
+        """Whether the file is on disk, listed, and has the listed content."""
+        return self.status == "ok"
+
+
+def _folder_files(folder: Path) -> dict[str, Path]:
+    """Every file under ``folder`` but its top-level manifest, by relative POSIX path.
+
+    Symlinks (to files or folders) are listed, not followed, so that a check can refuse them.
+    """
+    found: dict[str, Path] = {}
+    for root, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if Path(root, d).is_symlink()]:
+            path = Path(root, name)
+            found[path.relative_to(folder).as_posix()] = path
+    found.pop(MANIFEST_FILE, None)
+    return found
+
+
+def write_manifest(folder: Path) -> Path:
+    """Write ``folder/SHA256SUMS`` covering every other file under ``folder``, atomically; return its path.
+
+    Call it last: a file written after it is reported as not listed.
+    """
+    lines = []
+    for name, path in sorted(_folder_files(folder).items()):
+        if path.is_symlink() or not path.is_file():
+            raise EntryError(f"{path} is not a plain file; a bundle holds plain files only — remove it")
+        if "\\" in name or "\n" in name:  # sha256sum would escape such names; nothing we write has them
+            raise EntryError(f"{path}: bundle file names must not contain backslashes or newlines — rename it")
+        lines.append(f"{sha256_file(path)}  {name}\n")
+    manifest = folder / MANIFEST_FILE
+    atomic_write(manifest, lambda tmp: tmp.write_text("".join(lines)))
+    return manifest
+
+
+def _read_manifest(manifest: Path) -> dict[str, str]:
+    """The manifest's ``{path: sha256}``; :class:`EntryError` for any line that is not a safe relative path."""
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise EntryError(f"{manifest} cannot be read ({err}); get an intact copy of the bundle") from None
+    listed: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        match = _MANIFEST_LINE.fullmatch(line)
+        name = match.group(2) if match else ""
+        pure = PurePosixPath(name)
+        # Only normalized paths inside the folder: no "/abs", "../x", "./x", "a//b".
+        if not match or pure.is_absolute() or ".." in pure.parts or pure.as_posix() != name or name in listed:
+            raise EntryError(f"{manifest} line {number} is not '<sha256>  <relative path>' (or repeats a path): "
+                             f"{line[:80]!r}; get an intact copy of the bundle or re-export it")
+        listed[name] = match.group(1).lower()
+    return listed
+
+
+def check_manifest(folder: Path) -> list[FileCheck] | None:
+    """Compare every file under ``folder`` with ``folder/SHA256SUMS``, sorted by path; None without a manifest.
+
+    Each listed file must be on disk, a plain file, with the listed sha256; each file on disk must be listed.
+    Raises :class:`EntryError` when ``folder`` is not a folder or the manifest is malformed.
+    """
+    if not folder.is_dir():
+        raise EntryError(f"{folder} is not a folder" if folder.exists() else f"{folder} does not exist")
+    manifest = folder / MANIFEST_FILE
+    if not manifest.exists():
+        return None
+    listed = _read_manifest(manifest)
+    on_disk = _folder_files(folder)
+    checks = []
+    for name in sorted(listed.keys() | on_disk.keys()):
+        path, recorded = on_disk.get(name), listed.get(name)
+        if path is None:
+            checks.append(FileCheck(name, recorded, None, "MISSING"))
+        elif path.is_symlink() or not path.is_file():  # never hashed: a FIFO would block, a link points anywhere
+            checks.append(FileCheck(name, recorded, None, "NOT A PLAIN FILE"))
+        else:
+            digest = sha256_file(path)
+            status = "NOT LISTED" if recorded is None else "ok" if digest == recorded else "CHANGED"
+            checks.append(FileCheck(name, recorded, digest, status))
+    return checks
 
 
 def _storable(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:

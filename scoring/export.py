@@ -6,6 +6,12 @@ A bundle has the layout of a run dir, reduced to what an organizer needs::
     BUNDLE/entry/entry.json          resolved config, compression state, sha256 of the weights
     BUNDLE/report.json, report.md    the run's evaluation and count
     BUNDLE/WRITEUP.md                the write-up skeleton: metric calculation in full, how to reproduce
+    BUNDLE/SHA256SUMS                sha256 of every other file (``sha256sum -c SHA256SUMS`` checks it), written last
+
+The manifest records the bundle as exported, so damage or edits on the way to the organizer show:
+``python -m scoring verify`` checks it before anything else and refuses a bundle with a changed, missing
+or unlisted file. (It is a checksum list, not a signature: whoever edits a bundle can rewrite it too, which
+is why verify also re-evaluates and recounts everything.)
 
 The bundle is assembled in a temporary folder next to ``--out`` and renamed into place, so a failure
 leaves nothing half-written; an existing bundle is replaced only with ``--force``.
@@ -19,7 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from scoring.entry import ENTRY_JSON, WEIGHTS_FILE, Entry, EntryError, find_entry_dir, load_entry, read_report
+from scoring.entry import ENTRY_JSON, WEIGHTS_FILE, Entry, EntryError, find_entry_dir, load_entry, read_report, \
+    write_manifest
 from scoring.report import REPORT_JSON, REPORT_MD, layer_table, rules_text, totals_text
 
 WRITEUP_FILE = "WRITEUP.md"
@@ -74,6 +81,8 @@ def writeup(entry: Entry, report: dict[str, Any], train_command: str) -> str:
         f"## How to reproduce\n\n    pip install -e .\n    {train_command}\n\n"
         "The resolved config of the run (every value, defaults included) is in `entry/entry.json`.",
         f"## How to verify\n\n    python -m scoring verify BUNDLE{data_flag}\n\n"
+        "first checks every file against `SHA256SUMS` (a changed, missing or unlisted file fails; "
+        "`sha256sum -c SHA256SUMS` inside the bundle checks the same), then "
         "rebuilds the model from `entry/entry.json`, loads `entry/model.safetensors` (never unpickled), evaluates "
         "it on the test set, recounts it and compares with `report.json`: exact correct/total and gate verdict; "
         "params, ops and score to 1e-9 relative; every layer's counts. Exit status 0 when all agree.",
@@ -105,6 +114,7 @@ def export(run_dir: Path, out: Path, *, force: bool = False) -> Path:
                 shutil.copy2(run_dir / name, staging / name)
         (staging / WRITEUP_FILE).write_text(writeup(entry, report, _train_command(run_dir, entry.config)))
         load_entry(staging)  # the copy must load as the source did
+        write_manifest(staging)  # last: it covers every file above
         if out.exists():
             out.rename(replaced)
         staging.rename(out)

@@ -1,8 +1,9 @@
 """An op-list calculator in the style of the organizers' reference calculator.
 
 A model is written by hand as a list of descriptors (:class:`Conv2D`, :class:`DepthwiseConv2D`,
-:class:`FullyConnected`, :class:`GlobalAvg`, :class:`Scale`, :class:`Add`, :class:`Activation`), each with
-its input size, kernel, stride, padding, bias, activation, sparsity and bit widths. Every count goes through
+:class:`FullyConnected`, :class:`GlobalAvg`, :class:`Scale`, :class:`Add`, :class:`Activation`, and for
+transformers :class:`LayerNorm` and :class:`Attention`), each with its input size, kernel, stride, padding,
+bias, activation, sparsity and bit widths. Every count goes through
 the same rules table as the traced counter (:mod:`scoring.rules`), so a traced count can be checked by hand.
 
 Widths: ``bits`` is the width of the stored weights; the op's multiplies count at
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Mapping, Sequence
 
-from scoring.rules import ELEMENTWISE, RULES, Rule, dot_counts, weight_storage_bits
+from scoring.rules import ELEMENTWISE, RULES, Rule, attention_counts, dot_counts, norm_counts, weight_storage_bits
 
 #: Activation names of the official calculator, mapped onto rule keys.
 ACTIVATION_ALIASES: Mapping[str, str] = {"swish": "silu", "relu6": "hardtanh", "hard_swish": "hardswish",
@@ -130,13 +131,14 @@ class DepthwiseConv2D(_Weighted):
 
 @dataclass(frozen=True)
 class FullyConnected(_Weighted):
-    """A linear layer on one example."""
+    """A linear layer on one example, applied at each of ``positions`` positions (tokens)."""
 
     in_features: int
     out_features: int
+    positions: int = 1
 
     def _shape(self) -> tuple[int, int, int]:
-        return self.in_features, self.out_features, self.out_features
+        return self.in_features, self.out_features * self.positions, self.out_features
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,45 @@ class Activation(_Elementwise):
         return _activation_rule(rules, self.activation).counts(self.input_size ** 2 * self.channels)
 
 
-Op = Conv2D | DepthwiseConv2D | FullyConnected | GlobalAvg | Scale | Add | Activation
+@dataclass(frozen=True)
+class LayerNorm:
+    """Layer norm over ``features`` values at each of ``positions`` positions (rule ``native_layer_norm``);
+    with ``affine``, γ and β are applied and stored at ``bits``."""
+
+    positions: int
+    features: int
+    affine: bool = True
+    bits: int = field(default=32, kw_only=True)
+
+    def count(self, rules: Mapping[str, Rule] = RULES) -> OpCount:
+        """Stored bits, multiplies and additions of this op under ``rules``."""
+        mults, adds = norm_counts(rules, "native_layer_norm", self.positions * self.features, self.positions,
+                                  scale=self.affine, shift=self.affine)
+        param_bits = 2 * self.features * self.bits if self.affine else 0
+        return OpCount(Fraction(param_bits), Fraction(mults), Fraction(adds), self.bits)
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Scaled dot-product attention of ``heads`` heads (one example), as the fused kernels' rule counts it."""
+
+    heads: int
+    queries: int
+    keys: int
+    head_dim: int
+    value_dim: int | None = None  # default: head_dim
+    causal: bool = False
+    masked: bool = False
+    bits: int = field(default=32, kw_only=True)
+
+    def count(self, rules: Mapping[str, Rule] = RULES) -> OpCount:
+        """Multiplies and additions of this op under ``rules`` (no stored values)."""
+        mults, adds = attention_counts(rules, self.heads, self.queries, self.keys, self.head_dim,
+                                       self.value_dim or self.head_dim, causal=self.causal, masked=self.masked)
+        return OpCount(Fraction(0), Fraction(mults), Fraction(adds), self.bits)
+
+
+Op = Conv2D | DepthwiseConv2D | FullyConnected | GlobalAvg | Scale | Add | Activation | LayerNorm | Attention
 
 
 @dataclass(frozen=True)

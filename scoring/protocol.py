@@ -9,7 +9,8 @@ the scorer traces a model:
   views) see that width as the width of that input;
 * the stored quantization parameters it declares (``micronet_scale_count`` values of
   ``micronet_scale_bits`` bits each; per-tensor or per-channel scales and zero-points) count as
-  parameters, once per quantizer module.
+  parameters, once per quantizer module. Stored scales narrower than 16 bits are quantization too:
+  like a narrow ``micronet_bits``, they cancel the freebie for the whole model.
 
 Weight quantizers are typically registered with ``torch.nn.utils.parametrize`` so that ``conv.weight``
 is ``quantizer(mask * original)``: the conv then consumes a tensor tagged with the weight width, and the
@@ -70,10 +71,19 @@ def quantizer_bits(module: nn.Module) -> int:
     return bits
 
 
-def quantizer_param_bits(module: nn.Module) -> int:
-    """Bits of stored quantization parameters (scales, zero-points) a quantizer declares."""
+def quantizer_scales(module: nn.Module) -> tuple[int, int]:
+    """(count, bits each) of the stored quantization parameters (scales, zero-points) a quantizer declares."""
     count = int(getattr(module, "micronet_scale_count", 0))
     bits = int(getattr(module, "micronet_scale_bits", DEFAULT_SCALE_BITS))
+    if count < 0 or not 1 <= bits <= 32:
+        raise ValueError(f"{type(module).__name__} declares micronet_scale_count={count}, micronet_scale_bits={bits}; "
+                         "expected a count >= 0 and bits in 1..32")
+    return count, bits
+
+
+def quantizer_param_bits(module: nn.Module) -> int:
+    """Bits of stored quantization parameters (scales, zero-points) a quantizer declares."""
+    count, bits = quantizer_scales(module)
     return count * bits
 
 

@@ -3,8 +3,10 @@
 Everything the scorer knows about the cost of an operation is in :data:`RULES`: a table from an aten
 operator (its overload-packet name, in-place ops folded onto their out-of-place twin: ``relu_`` ->
 ``relu``) to a :class:`Rule`. Each rule says how to count (its ``kind``), how many multiplies and
-additions per output element and per merged input element, whether it is an *official* rule (the
-challenge's page or its reference calculator) or a *project* rule (ours, stated in every report), and why.
+additions per output element, per merged input element and per reduced row, whether it is an *official*
+rule (the challenge's page or its reference calculator) or a *project* rule (ours, stated in every report),
+and why. Composite ops are counted through the rules of their parts (:func:`norm_counts`,
+:func:`attention_counts`), so every number traces back to a line of the table.
 
 Both the traced counter (:mod:`scoring.counter`) and the hand-written op list (:mod:`scoring.oplist`)
 count through this table, so a traced count can be checked by hand.
@@ -13,6 +15,7 @@ Also here: the score's baselines (the organizers' constants) and :func:`score`.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 from types import MappingProxyType
@@ -40,8 +43,13 @@ REDUCE = "reduce"
 POOL = "pool"
 #: Adaptive pooling: as POOL with the exact window of every output.
 ADAPTIVE_POOL = "adaptive_pool"
-#: Softmax along one dim of size n: per element, plus (n - 1) merges per row.
+#: Softmax along one dim: per element, per merged input ((n - 1) per row of n) and per row.
 SOFTMAX = "softmax"
+#: Normalisation over groups of values (layer norm, group norm): as SOFTMAX, a group being a row, plus
+#: the affine scale and shift (see :func:`norm_counts`).
+NORM = "norm"
+#: Scaled dot-product attention (see :func:`attention_counts`).
+ATTENTION = "attention"
 #: Convolution: dot products over the nonzero weights (see :func:`dot_counts`).
 CONV = "conv"
 #: Matrix products (linear layers, attention): dot products over the nonzero weights.
@@ -49,7 +57,7 @@ MATMUL = "matmul"
 #: Batch norm: folded into the conv/linear that produced its input, or counted explicitly.
 BATCH_NORM = "batch_norm"
 
-KINDS = (FREE, VIEW, ELEMENTWISE, REDUCE, POOL, ADAPTIVE_POOL, SOFTMAX, CONV, MATMUL, BATCH_NORM)
+KINDS = (FREE, VIEW, ELEMENTWISE, REDUCE, POOL, ADAPTIVE_POOL, SOFTMAX, NORM, CONV, MATMUL, BATCH_NORM, ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -57,9 +65,10 @@ class Rule:
     """How one operator is counted.
 
     For the element-based kinds the counts are
-    ``mults = mults * elements + merge_mults * merges`` and likewise for additions, where
-    ``elements`` is the number of output elements and ``merges`` the number of input elements
-    combined into an output beyond the first (a window of w inputs has w - 1 merges).
+    ``mults = mults * elements + merge_mults * merges + row_mults * rows`` and likewise for additions,
+    where ``elements`` is the number of output elements, ``merges`` the number of input elements
+    combined into an output beyond the first (a window of w inputs has w - 1 merges) and ``rows`` the
+    number of reduced rows (softmax rows, normalised groups).
     """
 
     kind: str
@@ -69,6 +78,10 @@ class Rule:
     adds: int = 0
     merge_mults: int = 0
     merge_adds: int = 0
+    row_mults: int = 0
+    row_adds: int = 0
+    #: The argument that ``alpha`` multiplies (``x + alpha·y``: ``"other"``), for the ops that take one.
+    alpha_scales: str | None = None
     #: The output stays on the input's value grid (max, ReLU), so a bit tag of the input passes on.
     keeps_bits: bool = False
 
@@ -76,10 +89,11 @@ class Rule:
         if self.kind not in KINDS:
             raise ValueError(f"rule kind {self.kind!r} is not one of {KINDS}")
 
-    def counts(self, elements: int | Fraction, merges: int | Fraction = 0) -> tuple[int | Fraction, int | Fraction]:
-        """(multiplies, additions) of this op for ``elements`` outputs and ``merges`` merged inputs."""
-        return (self.mults * elements + self.merge_mults * merges,
-                self.adds * elements + self.merge_adds * merges)
+    def counts(self, elements: int | Fraction, merges: int | Fraction = 0,
+               rows: int | Fraction = 0) -> tuple[int | Fraction, int | Fraction]:
+        """(multiplies, additions) of this op for ``elements`` outputs, ``merges`` merged inputs, ``rows`` rows."""
+        return (self.mults * elements + self.merge_mults * merges + self.row_mults * rows,
+                self.adds * elements + self.merge_adds * merges + self.row_adds * rows)
 
 
 def dot_counts(weights_per_output: int | Fraction, outputs: int) -> tuple[int | Fraction, int | Fraction]:
@@ -114,6 +128,50 @@ def weight_storage_bits(numel: int | Fraction, nonzeros: int | Fraction, bits: i
     return min(dense, sparse)
 
 
+def _sum_counts(parts: list[tuple[int | Fraction, int | Fraction]]) -> tuple[int | Fraction, int | Fraction]:
+    return sum(m for m, _ in parts), sum(a for _, a in parts)
+
+
+def norm_counts(rules: Mapping[str, Rule], key: str, elements: int, rows: int, *, scale: bool,
+                shift: bool) -> tuple[int | Fraction, int | Fraction]:
+    """(multiplies, additions) of normalising ``elements`` values in ``rows`` groups under rule ``key``.
+
+    Each group of n values costs what the rule says per element, per merge (n - 1 per group) and per group;
+    the affine scale γ (``scale``) adds 1 multiply per element (the official channel scale, rule ``mul``),
+    the shift β (``shift``) 1 addition per element (the official bias add, rule ``add``).
+    """
+    parts = [rules[key].counts(elements, elements - rows, rows)]
+    if scale:
+        parts.append(rules["mul"].counts(elements))
+    if shift:
+        parts.append(rules["add"].counts(elements))
+    return _sum_counts(parts)
+
+
+def attention_counts(rules: Mapping[str, Rule], heads: int, queries: int, keys: int, head_dim: int, value_dim: int,
+                     *, causal: bool = False, masked: bool = False) -> tuple[int | Fraction, int | Fraction]:
+    """(multiplies, additions) of ``heads`` scaled dot-product attentions softmax(scale·QKᵀ + mask)·V.
+
+    A query row that sees n keys (all ``keys``; with ``causal`` the top-left-aligned keys j <= i, as
+    PyTorch's ``is_causal``: n = min(i + 1, keys)) costs n dot products over ``head_dim`` (official, L = head
+    dim) for its scores, the scale (rule ``mul``, 1 per score), the mask or bias when ``masked`` (rule
+    ``add``, 1 per score), the softmax over n (rule ``_softmax``) and ``value_dim`` dot products over its n
+    weights (official, L = n).
+    """
+    lengths = Counter(min(i + 1, keys) for i in range(queries)) if causal else Counter({keys: queries})
+    parts = []
+    for n, rows in lengths.items():
+        if not n:
+            continue  # no keys: nothing to attend to
+        scores = n * rows
+        parts += [dot_counts(head_dim, scores), rules["mul"].counts(scores),
+                  rules["_softmax"].counts(scores, scores - rows, rows), dot_counts(n, value_dim * rows)]
+        if masked:
+            parts.append(rules["add"].counts(scores))
+    mults, adds = _sum_counts(parts)
+    return heads * mults, heads * adds
+
+
 #: Project rules that apply to every model (listed in every report beside the project op rules used).
 PROJECT_CONVENTIONS: Mapping[str, str] = MappingProxyType({
     "bias width": "biases (incl. folded batch-norm shifts) are stored at 32 bits (16 under the freebie) "
@@ -123,6 +181,8 @@ PROJECT_CONVENTIONS: Mapping[str, str] = MappingProxyType({
                       "element, or, if cheaper, for a mask declaring micronet_mask_bits (block sparsity: 1 bit per "
                       "block), the values it keeps × bits + those mask bits",
     "empty dot product": "an output with no nonzero weight costs no additions (the official (L-1)·N would go negative)",
+    "alpha scaling": "add/sub/rsub with alpha != 1 (x + alpha·y) cost 1 multiply per element of the scaled tensor, "
+                     "none when it is a constant or derives only from parameters (precomputed at export)",
     "comparisons": "comparisons (ReLU, max, clamp, ReLU6 = 2) count as multiplies, like the official ReLU",
     "bit tags": "a quantizer's bit width passes through data movement, ReLU and max; any other op's output is "
                 "unquantized until the next quantizer",
@@ -137,8 +197,8 @@ def _view(note: str) -> Rule:
     return Rule(VIEW, True, note)
 
 
-def _project(kind: str, note: str, **counts: int) -> Rule:
-    return Rule(kind, False, note, **counts)
+def _project(kind: str, note: str, **fields: Any) -> Rule:
+    return Rule(kind, False, note, **fields)
 
 
 _TRANSCENDENTAL = "transcendental function: 1 op per element, counted as a multiply"
@@ -146,6 +206,23 @@ _COMPARISON = "a comparison counts as a multiply, like the official ReLU"
 _MOVE = "data movement: free"
 _RESHAPE = "reshape/copy: free; batch norm still folds through it"
 _CONSTANT = "constant creation: free (no input)"
+_NORM = ("over each group of n values: mean (n-1 adds + 1 mult), variance (n subtractions + n squares + n-1 adds "
+         "+ 1 mult), + eps and rsqrt (1 add + 1 transcendental), normalise (n mults) = 2n+3 mults + 3n-1 adds; the "
+         "affine γ and β when present: 1 mult + 1 add per element, stored 1 + 1 per channel at their width")
+_ATTENTION = ("scaled dot-product attention softmax(scale·QKᵀ + mask)·V, per head and query row over n keys: n dot "
+              "products over the head dim, n scale mults, n mask adds (only with attn_mask/attn_bias), softmax over n "
+              "(3n-1 ops), value-dim dot products over n; n = all keys, or with is_causal the top-left-aligned keys "
+              "j <= i (an explicit mask counts all keys); dropout_p > 0 is refused (training only); the math fallback "
+              "(some dtypes and shapes) is counted op by op")
+
+
+def _norm(name: str, group: str) -> Rule:
+    # per element: 1 subtraction, 1 square, 1 normalising mult; per merge: the 2 sums (mean, variance);
+    # per group: 2 divisions by n, rsqrt (mults) and + eps (add)
+    return _project(NORM, f"{name} {_NORM}; a group is {group}", mults=2, adds=1, merge_adds=2, row_mults=3, row_adds=1)
+
+
+_POOL_VALID = "valid = the window's in-bounds elements (padding and ceil_mode overhang excluded)"
 
 #: The table. Keys are aten overload-packet names without the in-place underscore.
 RULES: Mapping[str, Rule] = MappingProxyType({
@@ -164,11 +241,12 @@ RULES: Mapping[str, Rule] = MappingProxyType({
     "relu": Rule(ELEMENTWISE, True, "ReLU: 1 per element, counted as a multiply", mults=1, keeps_bits=True),
     "silu": Rule(ELEMENTWISE, True, "swish / SiLU: 3 mults + 1 add per element", mults=3, adds=1),
     "sigmoid": Rule(ELEMENTWISE, True, "sigmoid: 2 mults + 1 add per element", mults=2, adds=1),
-    "add": Rule(ELEMENTWISE, True, "residual / bias add: 1 add per output element", adds=1),
+    "add": Rule(ELEMENTWISE, True, "residual / bias add: 1 add per output element", adds=1, alpha_scales="other"),
     "mul": Rule(ELEMENTWISE, True, "channel scale / product: 1 mult per output element", mults=1),
     "mean": Rule(REDUCE, True, "average (global pool): 1 mult per output, 1 add per merged input", mults=1, merge_adds=1),
     # project element-wise ops
-    "sub": _project(ELEMENTWISE, "subtraction counts as an addition", adds=1),
+    "sub": _project(ELEMENTWISE, "subtraction counts as an addition", adds=1, alpha_scales="other"),
+    "rsub": _project(ELEMENTWISE, "reversed subtraction (1 - x) counts as an addition", adds=1, alpha_scales="self"),
     "div": _project(ELEMENTWISE, "division counts as a multiply", mults=1),
     "hardtanh": _project(ELEMENTWISE, "ReLU6 / hardtanh: 2 comparisons per element, counted as multiplies", mults=2),
     "clamp": _project(ELEMENTWISE, "clamp with both bounds: 2 comparisons per element, counted as multiplies", mults=2),
@@ -189,13 +267,26 @@ RULES: Mapping[str, Rule] = MappingProxyType({
     "sum": _project(REDUCE, "sum: 1 add per merged input", merge_adds=1),
     "amax": _project(REDUCE, "max over a dim: 1 comparison (multiply) per merged input", merge_mults=1, keeps_bits=True),
     "_softmax": _project(SOFTMAX, "softmax over n: 2n mults (exp, divide) + (n-1) adds = 3n-1 ops (precedent)", mults=2, merge_adds=1),
+    "_safe_softmax": _project(SOFTMAX, "softmax of math attention (a fully masked row gives 0): as softmax, 3n-1 ops per row of n",
+                              mults=2, merge_adds=1),
+    "_log_softmax": _project(SOFTMAX, "log-softmax over n, x - log Σ exp x: n exps + 1 log (mults), (n-1) adds + n subtractions "
+                                      "= 3n ops per row", mults=1, adds=1, merge_adds=1, row_mults=1),
+    # normalisation and attention
+    "native_layer_norm": _norm("layer norm", "the normalized_shape values of one position"),
+    "native_group_norm": _norm("group norm", "C/G channels × all positions of one example"),
+    # every backend's fused kernel; the math fallback arrives as mul (q and k by √scale), bmm, _safe_softmax
+    **{name: _project(ATTENTION, _ATTENTION) for name in (
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_fused_attention_overrideable", "_scaled_dot_product_attention_math_for_mps")},
     # pooling
-    "avg_pool2d": _project(POOL, "average pool k×k: (k²-1) adds + 1 mult per output", mults=1, merge_adds=1),
-    "avg_pool3d": _project(POOL, "average pool: (window-1) adds + 1 mult per output", mults=1, merge_adds=1),
+    **{name: _project(POOL, f"average pool: (valid-1) adds + 1 mult per output; {_POOL_VALID}", mults=1, merge_adds=1)
+       for name in ("avg_pool2d", "avg_pool3d")},
     "_adaptive_avg_pool2d": _project(ADAPTIVE_POOL, "adaptive average pool: (window-1) adds + 1 mult per output", mults=1, merge_adds=1),
     "_adaptive_avg_pool3d": _project(ADAPTIVE_POOL, "adaptive average pool: (window-1) adds + 1 mult per output", mults=1, merge_adds=1),
-    "max_pool2d_with_indices": _project(POOL, "max pool k×k: (k²-1) comparisons (multiplies) per output", merge_mults=1, keeps_bits=True),
-    "max_pool3d_with_indices": _project(POOL, "max pool: (window-1) comparisons (multiplies) per output", merge_mults=1, keeps_bits=True),
+    **{name: _project(POOL, f"max pool: (valid-1) comparisons (multiplies) per output; {_POOL_VALID}, dilation "
+                            "followed", merge_mults=1, keeps_bits=True)
+       for name in ("max_pool2d_with_indices", "max_pool3d_with_indices")},
     "adaptive_max_pool2d": _project(ADAPTIVE_POOL, "adaptive max pool: (window-1) comparisons (multiplies) per output", merge_mults=1, keeps_bits=True),
     # Composite ops (reshape, flatten, contiguous, linear, matmul, chunk, narrow) arrive decomposed into
     # the ops below; dropout in eval mode executes no op at all.

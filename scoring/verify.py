@@ -9,9 +9,14 @@ score settings of the run, and compares with the bundle's ``report.json``:
 * params, ops, mults, adds, score: to 1e-9 relative;
 * the per-layer table (params, mults, adds, sparsity, bit widths), layer by layer.
 
-Exit status 0 when everything agrees, 1 when something differs (a table of field / reported /
-recounted / status is printed either way), 2 when the bundle cannot be loaded (refused weights,
-missing files, missing dataset).
+Before any of that it checks the bundle's ``SHA256SUMS`` (written last by the exporter): a changed, missing
+or unlisted file stops verification with a table of file / manifest / on disk / status. A folder without a
+manifest (a run dir, a bundle exported before manifests existed) is refused unless ``--allow-no-manifest``
+is given; then a warning, and the final line, say that the files' integrity is unchecked.
+
+Exit status 0 when everything agrees, 1 when something differs (a file from the manifest, or a field:
+a table of field / reported / recounted / status is printed either way), 2 when the bundle cannot be
+loaded (no or malformed manifest, refused weights, missing report or entry, missing dataset).
 
 ``python -m scoring PATH`` (a run dir, a bundle or an entry folder) evaluates and scores the entry and
 prints the summary, without comparing.
@@ -27,7 +32,8 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from scoring.entry import Entry, EntryError, build_model_from_entry, load_entry, read_report
+from scoring.entry import MANIFEST_FILE, Entry, EntryError, FileCheck, build_model_from_entry, check_manifest, \
+    load_entry, read_report
 
 #: Relative tolerance for counts that go through floating point (params, ops, score, ...).
 REL_TOL = 1e-9
@@ -101,9 +107,21 @@ def compare(reported: dict[str, Any], recounted: dict[str, Any]) -> list[Row]:
 def format_table(rows: Sequence[Row]) -> str:
     """The comparison as an aligned text table: every total, and the layer fields that differ."""
     shown = [row for row in rows if not (row.field.startswith("layers[") and row.close)]
-    cells = [("field", "reported", "recounted", "status")]
-    cells += [(row.field, repr(row.reported), repr(row.recounted), "ok" if row.close else "DIFFERS") for row in shown]
-    widths = [max(len(line[i]) for line in cells) for i in range(4)]
+    return _aligned([("field", "reported", "recounted", "status")] + [
+        (row.field, repr(row.reported), repr(row.recounted), "ok" if row.close else "DIFFERS") for row in shown])
+
+
+def format_manifest_table(checks: Sequence[FileCheck]) -> str:
+    """Every file of the bundle as an aligned text table: path, listed and actual sha256 (16 hex digits), status."""
+    def short(digest: str | None) -> str:
+        return digest[:16] if digest else "-"
+    return _aligned([("file", "manifest", "on disk", "status")] + [
+        (check.path, short(check.listed), short(check.found), check.status) for check in checks])
+
+
+def _aligned(cells: Sequence[tuple[str, ...]]) -> str:
+    """Rows of cells as left-aligned columns two spaces apart."""
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells)
 
 
@@ -129,18 +147,44 @@ def _recount_or_fail(path: Path, args: argparse.Namespace) -> tuple[Entry, dict[
         return None
 
 
+def _report_integrity(manifest: Path, checks: Sequence[FileCheck]) -> bool:
+    """Print one line when every file matches the manifest, else the file table and why; True when all match."""
+    bad = sum(not check.ok for check in checks)
+    if not bad:
+        print(f"integrity: all {len(checks)} files match {manifest}")
+        return True
+    print(format_manifest_table(checks))
+    print(f"NOT VERIFIED: {bad} of {len(checks)} files differ from {manifest} (changed, missing, not listed or "
+          "not plain files): the bundle was altered after export; get an intact copy or re-export it")
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``verify BUNDLE [--data-root PATH] [--examples N] [--device D]``; exit 0 when everything agrees."""
+    """``verify BUNDLE [--allow-no-manifest] [--data-root PATH] [--examples N] [--device D]``; exit 0 when all agree."""
     parser = argparse.ArgumentParser(prog="python -m scoring verify",
                                      description="Re-evaluate and recount an entry bundle; compare with its report.")
     parser.add_argument("bundle", type=Path, help="bundle folder (python -m scoring.export) or finished run dir")
+    parser.add_argument("--allow-no-manifest", action="store_true",
+                        help=f"verify a folder without {MANIFEST_FILE} (a run dir, a bundle exported before "
+                             "manifests existed); the files' integrity is then unchecked")
     _common_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        checks = check_manifest(args.bundle)
+        if checks is None and not args.allow_no_manifest:
+            raise EntryError(f"{args.bundle} has no {MANIFEST_FILE}, so its files cannot be checked against the "
+                             "export; re-export it with `python -m scoring.export RUN_DIR --out BUNDLE --force`, or "
+                             "pass --allow-no-manifest to verify a run dir or an older bundle without that check")
+        if checks is not None and not _report_integrity(args.bundle / MANIFEST_FILE, checks):
+            return DIFFER  # a bundle altered after export is not recounted: its numbers would prove nothing
         reported = read_report(args.bundle)
     except EntryError as err:
         print(f"error: {err}", file=sys.stderr)
         return CANNOT_LOAD
+    caveat = ""
+    if checks is None:
+        caveat = f" (file integrity unchecked: no {MANIFEST_FILE})"
+        print(f"warning: {args.bundle} has no {MANIFEST_FILE}; the integrity of its files is unchecked", file=sys.stderr)
     outcome = _recount_or_fail(args.bundle, args)
     if outcome is None:
         return CANNOT_LOAD
@@ -148,9 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     differing = [row for row in rows if not row.close]
     print(format_table(rows))
     if differing:
-        print(f"NOT VERIFIED: {len(differing)} of {len(rows)} fields differ from {args.bundle / 'report.json'}")
+        print(f"NOT VERIFIED: {len(differing)} of {len(rows)} fields differ from {args.bundle / 'report.json'}{caveat}")
         return DIFFER
-    print(f"verified: all {len(rows)} fields agree with {args.bundle / 'report.json'}")
+    print(f"verified: all {len(rows)} fields agree with {args.bundle / 'report.json'}{caveat}")
     return AGREE
 
 

@@ -3,7 +3,9 @@
 A stage's folder holds ``step<global step>.pt`` files, each with a ``.sha256`` sidecar (digest and size)
 written after it. A checkpoint counts only when both exist and agree, so a write cut short by a crash, a
 full disk or ``kill -9`` leaves at most an unverifiable newest file, and loading falls back to the
-previous one. The newest :data:`KEEP` verified checkpoints are kept.
+previous one. Before the sidecar is written, the new file is read back from disk and hashed: a write the
+disk or filesystem silently corrupted gets no sidecar and raises, so it can never count towards the
+newest :data:`KEEP` checkpoints that are kept (the older ones were checked the same way when written).
 
 Files are loaded with ``torch.load(weights_only=True)``: a planted pickle is refused, not executed. So
 everything stored is tensors and plain Python (RNG states are converted, see :func:`rng_state`).
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import pickle
 import random
 from pathlib import Path
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scoring.entry import atomic_write
+from scoring.entry import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +49,24 @@ def _sidecar(path: Path) -> Path:
 def save_checkpoint(directory: Path, global_step: int, state: dict[str, Any]) -> Path:
     """Write ``state`` as the checkpoint of ``global_step`` in ``directory``; keep the previous good one.
 
-    Raises :class:`CheckpointError` when the write fails (e.g. disk full); what was on disk before is intact.
+    Raises :class:`CheckpointError` when the write fails (e.g. disk full) or the file read back from disk differs
+    from what was written; either way the checkpoints on disk before are intact, and none of them is deleted.
     """
     directory.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getbuffer()
+    digest = hashlib.sha256(payload).hexdigest()
     path = directory / checkpoint_name(global_step)
     try:
         atomic_write(path, lambda tmp: tmp.write_bytes(payload))
-        record = f"{hashlib.sha256(payload).hexdigest()} {len(payload)}\n".encode()
+        if _sha256_on_disk(path) != digest:
+            path.unlink()  # garbage; a stale sidecar of an earlier file of this step would vouch for nothing
+            _sidecar(path).unlink(missing_ok=True)
+            raise CheckpointError(f"checkpoint {path} read back differs from what was written (a disk or filesystem "
+                                  "fault); it was removed and the previous checkpoints are intact ; fix: check the "
+                                  "disk (or move the run to another), then re-run the same command to resume")
+        record = f"{digest} {len(payload)}\n".encode()
         atomic_write(_sidecar(path), lambda tmp: tmp.write_bytes(record))
     except OSError as err:
         raise CheckpointError(f"could not write checkpoint {path} ({err}); the previous checkpoint is intact ; "
@@ -65,6 +76,20 @@ def save_checkpoint(directory: Path, global_step: int, state: dict[str, Any]) ->
         old.unlink(missing_ok=True)
         _sidecar(old).unlink(missing_ok=True)
     return path
+
+
+def _sha256_on_disk(path: Path) -> str:
+    """sha256 of ``path`` as the disk holds it: its (already synced) pages are dropped from the cache first,
+    where the OS allows, so the read-back is not just the memory that was written."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:  # only a hint: a filesystem that refuses it is still read back, from the cache
+            pass
+        finally:
+            os.close(fd)
+    return sha256_file(path)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -109,7 +134,12 @@ def load_latest(directory: Path) -> dict[str, Any] | None:
 
 
 def rng_state() -> dict[str, Any]:
-    """RNG states of python, numpy and torch (CPU and CUDA) in a form ``weights_only`` loading accepts."""
+    """RNG states of python, numpy and torch (CPU and every CUDA device) in a form ``weights_only`` loading accepts.
+
+    Every device, not only the current one: a single process may train on ``cuda:N`` without making it the
+    current device, and a CUDA generator's state is a few bytes. Under torchrun the trainer gathers this from
+    every rank into the checkpoint, and each rank restores its own on resume.
+    """
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -121,12 +151,21 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
+    """Restore what :func:`rng_state` captured.
+
+    CUDA states are restored for the devices this machine has: a checkpoint from a machine with more GPUs
+    (or any GPU, resumed on a CPU-only machine) resumes, and a log line says which states were dropped.
+    """
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy = state["numpy"]
     np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
                          numpy["has_gauss"], numpy["gauss"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state["cuda"]
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(saved) > devices:
+        log.warning("the checkpoint holds CUDA RNG states of %d devices and this machine has %d: restoring the "
+                    "first %d, dropping the other %d", len(saved), devices, devices, len(saved) - devices)
+    for index, device_state in enumerate(saved[:devices]):
+        torch.cuda.set_rng_state(device_state, index)

@@ -138,6 +138,7 @@ class Trainer:
                     if train.ema_decay is not None and not techniques else None)
         self.step_model = distributed.wrap(model, ctx)
         self.compiled = torch.compile(self.step_model) if train.compile else None
+        self.compile_proven = False  # set once a compiled step (forward and backward) has run
         self.epoch = 0          # completed epochs
         self.batches_done = 0   # batches of the current epoch already trained
         self.global_step = 0    # optimizer steps in this stage
@@ -158,6 +159,7 @@ class Trainer:
             technique.on_stage_end(self.model)
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs; under torchrun a collective (every rank's RNG state is gathered)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -167,7 +169,7 @@ class Trainer:
             "batches_done": self.batches_done,
             "global_step": self.global_step,
             "sums": self.sums.cpu(),
-            "rng": rng_state(),
+            "rng": distributed.all_gather_object(rng_state()),  # one per rank, in rank order
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -180,7 +182,12 @@ class Trainer:
         self.epoch, self.batches_done = state["epoch"], state["batches_done"]
         self.global_step = state["global_step"]
         self.sums.copy_(state["sums"])
-        self._rng_to_restore = state["rng"]
+        states, rank = state["rng"], self.ctx.rank
+        states = [states] if isinstance(states, dict) else states  # checkpoints written before per-rank states
+        if rank < len(states):
+            self._rng_to_restore = states[rank]
+        else:  # resumed on more processes than saved: this rank keeps its fresh (seed + rank) streams
+            log.warning("checkpoint holds RNG states of %d processes; rank %d keeps its own seeding", len(states), rank)
 
     def train_epoch(self, should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Train (the rest of) epoch ``self.epoch``; False when stopped early because ``should_stop()``."""
@@ -196,8 +203,10 @@ class Trainer:
         for _ in range(self.batches_done):
             next(batches)
         self._restore_rng()
-        progress = tqdm(total=len(self.loader), initial=self.batches_done, disable=not self.ctx.is_main,
-                        desc=f"{self.tag} epoch {self.epoch + 1}/{self.train_cfg.epochs}", leave=False)
+        # On the main process `disable` stays unset, so that TQDM_DISABLE=1 in the environment turns bars off.
+        progress = tqdm(total=len(self.loader), initial=self.batches_done, leave=False,
+                        desc=f"{self.tag} epoch {self.epoch + 1}/{self.train_cfg.epochs}",
+                        **({} if self.ctx.is_main else {"disable": True}))
         start, start_seen = time.perf_counter(), self.sums[2].item()
         for inputs, targets in batches:
             self._step(inputs, targets)
@@ -219,15 +228,31 @@ class Trainer:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
 
-    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.compiled is not None:
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs and loss of one batch, gradients left in ``.grad``; compiled while compilation works."""
+        if self.compiled is not None and not self.compile_proven:
+            # Compilers fail in many ways, in the forward pass or only when the first backward builds the
+            # backward graph; eager always works, so that first step is redone without compilation.
             try:
-                return self.compiled(inputs)
-            except Exception as err:  # compilers fail in many ways; eager always works
+                result = self._loss_and_grad(self.compiled, inputs, targets)
+                self.compile_proven = True
+                return result
+            except Exception as err:
                 log.warning("torch.compile failed (%s); continuing without compilation",
                             str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
                 self.compiled = None
-        return self.step_model(inputs)
+        return self._loss_and_grad(self.step_model if self.compiled is None else self.compiled, inputs, targets)
+
+    def _loss_and_grad(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            outputs = model(inputs)
+            loss = self.criterion(outputs, targets)
+            for technique in self.techniques:
+                loss = technique.loss(loss, outputs, inputs, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return outputs, loss
 
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         device = self.ctx.device
@@ -237,13 +262,7 @@ class Trainer:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         if self.mixup is not None:
             inputs, targets = self.mixup(inputs, labels)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            outputs = self._forward(inputs)
-            loss = self.criterion(outputs, targets)
-            for technique in self.techniques:
-                loss = technique.loss(loss, outputs, inputs, targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        outputs, loss = self._forward_backward(inputs, targets)
         if self.train_cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
         self.optimizer.step()

@@ -105,7 +105,8 @@ def run(cfg: DictConfig) -> int:
     ctx = distributed.setup(cfg.device)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    make_deterministic(cfg.seed, ctx.device)
+    # Each rank its own random streams (dropout, drop-path); DDP starts every rank from rank 0's weights.
+    make_deterministic(cfg.seed + ctx.rank, ctx.device)
     session = Session(cfg, ctx, Path(HydraConfig.get().runtime.output_dir))
 
     if cfg.init:
@@ -224,9 +225,9 @@ class Session:
 
     def save(self, directory: Path, trainer: Trainer, *, finished: bool) -> None:
         """One checkpoint dict: trainer state + resolved config + compression structure (rank 0 writes)."""
+        state = trainer.state_dict()  # on every rank: it gathers their RNG states
         if self.ctx.is_main:
-            state = {**trainer.state_dict(), "finished": finished, "config": self.config,
-                     "compression": compression_state(trainer.model)}
+            state.update(finished=finished, config=self.config, compression=compression_state(trainer.model))
             save_checkpoint(directory, trainer.global_step, state)
         distributed.barrier()
 

@@ -1,5 +1,5 @@
-"""Fixtures for entry tests: a digits run config, a pruned + quantized model, a finished run dir, and a
-pickle that creates a marker file when (and only when) something unpickles it."""
+"""Fixtures for entry tests: a digits run config, a pruned + quantized model, a finished run dir, its exported
+bundle, and a pickle that creates a marker file when (and only when) something unpickles it."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from compress import build_stages
 from models import create_model
+from scoring import export
 from scoring.entry import load_entry, save_entry
 from scoring.report import REPORT_JSON, REPORT_MD, markdown
 from scoring.verify import recount
@@ -73,6 +74,14 @@ def run_dir(tmp_path: Path, run_config: dict, compressed_model: torch.nn.Module)
     (directory / REPORT_JSON).write_text(json.dumps(report, indent=2))
     (directory / REPORT_MD).write_text(markdown(report))
     return directory
+
+
+@pytest.fixture
+def bundle(run_dir: Path, tmp_path: Path) -> Path:
+    """The bundle ``python -m scoring.export`` makes of :func:`run_dir`."""
+    out = tmp_path / "bundle"
+    assert export.main([str(run_dir), "--out", str(out)]) == 0
+    return out
 
 
 class Planted:

@@ -10,18 +10,11 @@ from pathlib import Path
 import pytest
 
 from scoring import export, verify
-from scoring.entry import ENTRY_JSON, WEIGHTS_FILE, load_entry
+from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, load_entry, write_manifest
 
 from .conftest import plant_pickle
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def bundle(run_dir: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "bundle"
-    assert export.main([str(run_dir), "--out", str(out)]) == 0
-    return out
 
 
 def layer(report: dict, name: str) -> dict:
@@ -29,15 +22,19 @@ def layer(report: dict, name: str) -> dict:
 
 
 def edit_report(bundle: Path, edit) -> None:
+    """Edit report.json and rewrite SHA256SUMS to match, as someone who knows the format would: the recount
+    must still catch it."""
     path = bundle / "report.json"
     report = json.loads(path.read_text())
     edit(report)
     path.write_text(json.dumps(report))
+    write_manifest(bundle)
 
 
 def test_bundle_holds_entry_reports_and_writeup(bundle, run_dir):
     assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*")) == [
-        "WRITEUP.md", "entry", f"entry/{ENTRY_JSON}", f"entry/{WEIGHTS_FILE}", "report.json", "report.md"]
+        MANIFEST_FILE, "WRITEUP.md", "entry", f"entry/{ENTRY_JSON}", f"entry/{WEIGHTS_FILE}", "report.json",
+        "report.md"]
     assert (bundle / "report.json").read_text() == (run_dir / "report.json").read_text()
     report = json.loads((bundle / "report.json").read_text())
     writeup = (bundle / "WRITEUP.md").read_text()
@@ -51,7 +48,7 @@ def test_bundle_holds_entry_reports_and_writeup(bundle, run_dir):
         assert f"`{rule}`" in writeup
     # No .hydra/overrides.yaml in this run dir: the command is rebuilt from the config's choices.
     assert "python train/run.py task=digits model=digits_cnn compress=prune_q4_test seed=0" in writeup
-    assert "python -m scoring verify BUNDLE" in writeup
+    assert "python -m scoring verify BUNDLE" in writeup and "`sha256sum -c SHA256SUMS`" in writeup
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".bundle")]  # no staging left
 
 
@@ -106,8 +103,9 @@ def test_verify_accepts_an_untouched_bundle(bundle, capsys):
     assert verify.main([str(bundle), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "verified: all" in out and "DIFFERS" not in out
+    assert out.splitlines()[0] == f"integrity: all 5 files match {bundle / MANIFEST_FILE}"
     report = json.loads((bundle / "report.json").read_text())
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:-1]}
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:-1]}
     assert rows["correct"] == [str(report["correct"]), str(report["correct"]), "ok"]
     assert rows["ops"] == [repr(report["ops"]), repr(report["ops"]), "ok"]
     assert not [name for name in rows if name.startswith("layers[")]  # agreeing layer fields are not listed
@@ -126,7 +124,7 @@ def test_verify_refuses_an_edited_report_with_a_diff_table(bundle, capsys, field
     edit_report(bundle, edit)
     assert verify.main([str(bundle), "--device", "cpu"]) == 1
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines()]
+    rows = [line.split() for line in out.splitlines()[1:]]  # after the integrity line: the edit was resealed
     assert rows[0] == ["field", "reported", "recounted", "status"]
     differing = [row for row in rows[1:-1] if row[-1] == "DIFFERS"]
     assert [row[0] for row in differing] == [field]
@@ -136,6 +134,9 @@ def test_verify_refuses_an_edited_report_with_a_diff_table(bundle, capsys, field
 def test_verify_refuses_a_planted_pickle_and_runs_no_code(bundle, tmp_path, capsys):
     marker = tmp_path / "marker"
     plant_pickle(bundle / "entry" / WEIGHTS_FILE, marker, torch_archive=True)
+    assert verify.main([str(bundle), "--device", "cpu"]) == 1  # the manifest catches the swap first
+    assert f"entry/{WEIGHTS_FILE}" in capsys.readouterr().out
+    write_manifest(bundle)  # an attacker who rewrites SHA256SUMS too: the loader refuses the pickle itself
     assert verify.main([str(bundle), "--device", "cpu"]) == 2
     assert "is not a safetensors file" in capsys.readouterr().err
     assert not marker.exists()
@@ -144,6 +145,7 @@ def test_verify_refuses_a_planted_pickle_and_runs_no_code(bundle, tmp_path, caps
 def test_scoring_cli_refuses_a_planted_pickle_in_a_fresh_process(bundle, tmp_path):
     marker = tmp_path / "marker"
     plant_pickle(bundle / "entry" / WEIGHTS_FILE, marker, torch_archive=False)
+    write_manifest(bundle)
     done = subprocess.run([sys.executable, "-m", "scoring", "verify", str(bundle), "--device", "cpu"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
@@ -163,4 +165,7 @@ def test_score_main_prints_the_summary(bundle, capsys):
 
 def test_verify_reads_the_entry_of_a_run_dir_too(run_dir, capsys):
     assert load_entry(run_dir).task == "digits"
-    assert verify.main([str(run_dir), "--device", "cpu"]) == 0
+    assert verify.main([str(run_dir), "--device", "cpu", "--allow-no-manifest"]) == 0  # run dirs have no manifest
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1].endswith("(file integrity unchecked: no SHA256SUMS)")
+    assert err == f"warning: {run_dir} has no SHA256SUMS; the integrity of its files is unchecked\n"

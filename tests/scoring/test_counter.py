@@ -215,6 +215,28 @@ def test_op_width_is_the_widest_input_and_additions_use_the_accumulator():
     assert count_model(model, x, accumulator_bits=16).ops == 64 * 5 / 32 + 48 * 16 / 32
 
 
+def test_scales_stored_below_16_bits_cancel_the_freebie():
+    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    quantizer = FakeQuant(16, scale_count=4)  # 16-bit weights alone would keep the freebie
+    parametrize.register_parametrization(model[0], "weight", quantizer)
+    x = torch.randn(1, 4)
+    quantizer.micronet_scale_bits = 16
+    count = count_model(model, x)
+    assert count.freebie and count.param_bits == 16 * 16 + 4 * 16  # 16 weights, 4 scales, all at 16 bits
+    quantizer.micronet_scale_bits = 8  # the 4 scales stored in 8 bits: a tensor quantized below 16 bits
+    count = count_model(model, x)
+    assert not count.freebie
+    assert count.param_bits == 16 * 16 + 4 * 8
+    assert count.ops == 16 + 12  # 16 mults at 32 bits (the unquantized input, freebie lost), 4·3 adds
+    with pytest.raises(ValueError, match="'0.parametrizations.weight.0' stores its scales in 8 bits"):
+        count_model(model, x, freebie=True)
+    quantizer.micronet_scale_count = 0  # nothing stored narrow: the freebie stays
+    assert count_model(model, x).freebie
+    quantizer.micronet_scale_bits = 0
+    with pytest.raises(ValueError, match="micronet_scale_bits=0"):
+        count_model(model, x)
+
+
 def test_freebie_is_automatic_and_refused_below_16_bits():
     model = nn.Sequential(nn.Linear(4, 4, bias=False))
     x = torch.randn(1, 4)
@@ -330,8 +352,10 @@ def test_run_time_zeros_of_a_dynamic_conv_weight_do_not_reduce_the_count():
 @pytest.mark.parametrize("module, shape, expected", [
     (nn.Softmax(dim=-1), (1, 3, 10), (2 * 30, 3 * 9)),  # 2n mults + (n-1) adds per row: 3n-1 ops
     (nn.AvgPool2d(2), (1, 1, 4, 4), (4, 4 * 3)),
-    (nn.MaxPool2d(3, 2, padding=1), (1, 2, 6, 6), (2 * 9 * 8, 0)),
-    (nn.MaxPool2d((3,), 2, padding=1), (1, 2, 6, 6), (2 * 9 * 8, 0)),  # a 1-tuple kernel is 3×3
+    # 3×3, stride 2, pad 1 on 6×6: per dim, windows read -1..1, 1..3, 3..5: 2, 3, 3 in bounds (8 in all),
+    # so 8·8 = 64 valid elements per plane in 9 windows: 64 - 9 = 55 comparisons per channel
+    (nn.MaxPool2d(3, 2, padding=1), (1, 2, 6, 6), (2 * 55, 0)),
+    (nn.MaxPool2d((3,), 2, padding=1), (1, 2, 6, 6), (2 * 55, 0)),  # a 1-tuple kernel is 3×3
     (nn.AvgPool2d((2,)), (1, 1, 4, 4), (4, 4 * 3)),
     (nn.MaxPool3d((2,)), (1, 2, 6, 6, 6), (54 * 7, 0)),  # 2×2×2 windows
     (nn.AvgPool3d(2), (1, 2, 6, 6, 6), (54, 54 * 7)),

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from models import create_model
 from scoring import BASELINES, count_model
@@ -20,10 +21,7 @@ ARCHITECTURES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("name, classes, size, unfolded", ARCHITECTURES)
 def test_registry_models_count_without_unknown_ops(name, classes, size, unfolded):
-    model = create_model(name, num_classes=classes).eval()
-    with torch.no_grad():  # a random init can hold exact zeros, which the counter (rightly) skips
-        for param in model.parameters():
-            param[param == 0] = 1e-3
+    model = _no_exact_zeros(create_model(name, num_classes=classes).eval())
     x = torch.randn(1, 3, size, size)
     count = count_model(model, x, freebie=False)
     with FlopCounterMode(display=False) as flops, torch.no_grad():
@@ -36,6 +34,40 @@ def test_registry_models_count_without_unknown_ops(name, classes, size, unfolded
     assert len(batch_norms) - len(folded) == unfolded
     torch_params = sum(p.numel() for p in model.parameters())
     assert count.params == torch_params - sum(batch_norms[name].num_features for name in folded)
+    assert count.ops > count.mults > 0
+
+
+def _no_exact_zeros(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():  # a random init can hold exact zeros, which the counter (rightly) skips
+        for param in model.parameters():
+            param[param == 0] = 1e-3
+    return model
+
+
+# torch registers no flop formula for the CPU attention kernel; the CUDA kernels' one (QKᵀ and A·V) applies as is.
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                  lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kwargs, attentions, scores", [
+    # 64 patches + a class token = 65 tokens; 12 blocks of 3 heads: 3·65² scores per attention
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4), 12, 3 * 65 * 65),
+    ("convnext_atto", {}, 0, 0),
+])
+def test_timm_transformer_and_convnext_dot_products_equal_torch_flop_counter(name, kwargs, attentions, scores):
+    model = _no_exact_zeros(timm.create_model(name, num_classes=10, **kwargs).eval())
+    x = torch.randn(1, 3, 32, 32)
+    count = count_model(model, x, freebie=False)
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as flops, torch.no_grad():
+        model(x)
+    dots = sum(layer["mults"] for layer in count.layers if layer["sparsity"] is not None)  # conv / linear
+    # An attention row also holds, per head and score, the scale (1 mult) and the softmax's exp and divide (2).
+    attention = [layer["mults"] for layer in count.layers if layer["type"] == "Attention"]
+    assert len(attention) == attentions
+    assert dots + sum(mults - 3 * scores for mults in attention) == flops.get_total_flops() / 2
+    # Every parameter (the norms' γ and β, class token and position embedding included) is stored once.
+    assert count.params == sum(p.numel() for p in model.parameters())
     assert count.ops > count.mults > 0
 
 

@@ -99,3 +99,54 @@ def test_planted_malicious_pickle_is_refused_and_runs_no_code(tmp_path: Path, ca
     assert "weights_only=True" in caplog.text
     torch.load(planted, weights_only=False)  # control: the payload does run code when unpickled
     assert marker.exists()
+
+
+def test_corrupted_write_is_caught_and_older_good_checkpoints_survive(tmp_path: Path, monkeypatch):
+    save_checkpoint(tmp_path, 1, _state(1.0))
+    save_checkpoint(tmp_path, 2, _state(2.0))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_write = checkpoint.atomic_write
+
+    def silently_corrupting(path: Path, write) -> None:
+        """The write succeeds, but one byte of the checkpoint lands on disk wrong (sidecars land intact)."""
+        real_write(path, write)
+        if path.suffix == ".pt":
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+    monkeypatch.setattr(checkpoint, "atomic_write", silently_corrupting)
+    with pytest.raises(CheckpointError, match="read back differs .* previous checkpoints are intact ; fix: check"):
+        save_checkpoint(tmp_path, 3, _state(3.0))
+    monkeypatch.undo()
+    # Both older good checkpoints are kept (the keep policy did not count the corrupt one), and it is gone.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert load_latest(tmp_path)["epoch"] == 2
+
+
+def _fake_cuda(monkeypatch, available: bool, count: int) -> list[tuple[int, torch.Tensor]]:
+    """Pretend this CPU machine has ``count`` CUDA devices; return the list of (device, state) restored."""
+    restored: list[tuple[int, torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state)))
+    return restored
+
+
+@pytest.mark.parametrize("saved, available, count, restored_devices, dropped", [
+    (4, True, 2, [0, 1], "CUDA RNG states of 4 devices and this machine has 2: restoring the first 2, dropping the other 2"),
+    (8, False, 0, [], "CUDA RNG states of 8 devices and this machine has 0: restoring the first 0, dropping the other 8"),
+    (1, True, 2, [0], None),  # fewer saved than present: the rest keep their seeded state, nothing to say
+    (2, True, 2, [0, 1], None),
+])
+def test_cuda_rng_states_are_restored_only_for_devices_that_exist(monkeypatch, caplog, saved, available, count,
+                                                                  restored_devices, dropped):
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(saved)]  # one distinct state per device
+    restored = _fake_cuda(monkeypatch, available, count)
+    set_rng_state(state)
+    assert [device for device, _ in restored] == restored_devices
+    assert all(torch.equal(s, state["cuda"][device]) for device, s in restored)  # each device gets its own state
+    if dropped:
+        assert dropped in caplog.text
+    else:
+        assert "CUDA RNG states" not in caplog.text

@@ -141,21 +141,44 @@ def test_ema_weights_become_the_stage_output(tiny_config):
     assert torch.equal(next(model.parameters()), ema_weight)
 
 
-def test_fast_path_options_train_on_cpu_and_compile_failure_falls_back(tiny_config, monkeypatch, caplog):
+class _FailingBackward(torch.autograd.Function):
+    """Identity whose backward raises, like a compiler that fails only when building the backward graph."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backend exploded\nsecond line")
+
+
+@pytest.mark.parametrize("failing_pass", ["forward", "backward", None])
+def test_fast_path_options_train_on_cpu_and_compile_failure_falls_back(tiny_config, monkeypatch, caplog,
+                                                                      failing_pass):
     cfg = tiny_config("train.epochs=1", "train.amp=bf16", "train.channels_last=true", "train.compile=true")
+    compiled_calls = []
 
     def broken_compile(module):
-        def fail(*args):
-            raise RuntimeError("backend exploded\nsecond line")
-        return fail
+        def compiled(inputs):
+            compiled_calls.append(failing_pass)
+            if failing_pass == "forward":
+                raise RuntimeError("backend exploded\nsecond line")
+            return _FailingBackward.apply(module(inputs)) if failing_pass == "backward" else module(inputs)
+        return compiled
     monkeypatch.setattr(torch, "compile", broken_compile)
     model, train_loader, test_loader = _setup(cfg)
     trainer = _trainer(cfg, model, train_loader)
     assert trainer.bf16 and trainer.channels_last
     assert model.state_dict()["conv1.0.weight"].is_contiguous(memory_format=torch.channels_last)
     assert trainer.train_epoch()
-    assert "torch.compile failed (backend exploded); continuing without compilation" in caplog.text
-    assert trainer.compiled is None and trainer.global_step == len(train_loader)
+    assert trainer.global_step == len(train_loader)
+    if failing_pass is None:  # a compilation that works is used for every step
+        assert trainer.compiled is not None and compiled_calls == [None] * len(train_loader)
+        assert "torch.compile failed" not in caplog.text
+    else:  # tried once, then every step eager
+        assert trainer.compiled is None and compiled_calls == [failing_pass]
+        assert "torch.compile failed (backend exploded); continuing without compilation" in caplog.text
     assert evaluate(model, test_loader, CPU.device).accuracy > 0.3  # it learned, in bf16
 
 

@@ -152,3 +152,5 @@ def test_two_process_ddp_run_on_cpu(tmp_path: Path):
     assert report["total"] == 360  # exact global count: each rank evaluated its half
     state = load_latest(tmp_path / "run" / "checkpoints" / "0_train")
     assert state["finished"] and state["global_step"] == 1437 // 2 // 64
+    # Each rank seeded on its own (seed + rank), and each one's RNG state saved for its resume.
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
