@@ -485,9 +485,12 @@ class _Tracer(TorchDispatchMode):
             self._dot(layer, (a, b), a, self._nonzeros(a, (-1,)), b.shape[-1])  # weight on the left
         else:
             self._dot(layer, (a, b), b, self._nonzeros(b, (-2,)), a.shape[-2])
-        scalings = sum(kwargs.get(name, 1) != 1 for name in ("alpha", "beta"))
-        if scalings:
-            self._add_ops(layer, self._operand_width((a, b)), scalings * out.numel(), 0)
+        # out = beta·bias + alpha·(a @ b): a scaling is precomputed at export when what it scales is static
+        # (the bias; alpha folds into a static weight), else 1 multiply per scaled element.
+        if kwargs.get("beta", 1) != 1 and bias is not None and not self._info(bias).static:
+            self._add_ops(layer, self._operand_width([bias]), _stored_view(bias).numel(), 0)
+        if kwargs.get("alpha", 1) != 1 and not (self._info(a).static or self._info(b).static):
+            self._add_ops(layer, self._operand_width((a, b)), out.numel(), 0)
         if bias is not None:
             self._bias(layer, bias, out)
         return _Producer(layer.name, out.shape[-1], bias is not None)

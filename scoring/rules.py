@@ -181,8 +181,9 @@ PROJECT_CONVENTIONS: Mapping[str, str] = MappingProxyType({
                       "element, or, if cheaper, for a mask declaring micronet_mask_bits (block sparsity: 1 bit per "
                       "block), the values it keeps × bits + those mask bits",
     "empty dot product": "an output with no nonzero weight costs no additions (the official (L-1)·N would go negative)",
-    "alpha scaling": "add/sub/rsub with alpha != 1 (x + alpha·y) cost 1 multiply per element of the scaled tensor, "
-                     "none when it is a constant or derives only from parameters (precomputed at export)",
+    "alpha scaling": "add/sub/rsub with alpha != 1 (x + alpha·y), and addmm/baddbmm's beta·bias and alpha·(a@b), "
+                     "cost 1 multiply per element of the scaled tensor, none when it is a constant or derives only "
+                     "from parameters (precomputed at export; alpha folds into a static weight)",
     "comparisons": "comparisons (ReLU, max, clamp, ReLU6 = 2) count as multiplies, like the official ReLU",
     "bit tags": "a quantizer's bit width passes through data movement, ReLU and max; any other op's output is "
                 "unquantized until the next quantizer",

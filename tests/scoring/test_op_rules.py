@@ -86,6 +86,34 @@ def test_alpha_scaling_of_a_parameter_is_precomputed():
     assert (count.mults, count.adds, count.params) == (0, 4, 4)
 
 
+class ScaledLinear(nn.Module):
+    """``beta·bias + alpha·(x @ W)`` with a parameter weight and bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x, self.weight, beta=2, alpha=3)
+
+
+def _dynamic_addmm(x: torch.Tensor, **scalings: float) -> torch.Tensor:
+    rows = x.reshape(2, 5)  # a = rows[:, :2], b = rows[:, 2:4] (2×2 each), bias = rows[:, 4:] (2×1, broadcast)
+    return torch.addmm(rows[:, 4:], rows[:, :2], rows[:, 2:4], **scalings)
+
+
+@pytest.mark.parametrize("module, expected", [
+    # x (1×4) @ W (4×3): 12 mults, 3·3 = 9 adds + 3 bias adds; 2·bias and 3·W are precomputed at export
+    (ScaledLinear(), (12, 12)),
+    # both operands computed: 2×2 outputs of L = 2: 8 mults, 4 adds + 4 bias adds, no scaling
+    (Fn(_dynamic_addmm), (8, 8)),
+    # beta scales the 2 computed bias values (2 mults), alpha the 4 products (4 mults)
+    (Fn(lambda x: _dynamic_addmm(x, beta=2, alpha=3)), (8 + 2 + 4, 8)),
+])
+def test_addmm_scalings_cost_multiplies_only_on_computed_tensors(module, expected):
+    assert _counts(module, 1, 4 if isinstance(module, ScaledLinear) else 10) == expected
+
+
 # --- softmax variants ---------------------------------------------------------------------------------
 def test_log_softmax_costs_3n_per_row_and_safe_softmax_3n_minus_1():
     # log-softmax over n = 6, 2 rows: n exps + 1 log = 7 mults, (n-1) adds + n subtractions = 11 adds per row
