@@ -7,7 +7,7 @@
 # Steps (each with its own time limit; a failed step is reported and the next one still runs):
 #   env       GPU model, driver, torch / CUDA versions
 #   speed     benchmarks/train_speed.py: plain vs ours vs ours + prune + QAT8       -> speed.json
-#   compile   the same for resnet18_cifar with torch.compile (one repeat)           -> speed_compile.json
+#   compile   the same for resnet18_cifar with torch.compile (one repeat): fuses QAT's element-wise ops -> speed_compile.json
 #   digits    train/run.py on digits, dense: the cuDNN batch-norm variant folded by the scorer -> digits_report.json
 #   digits_count  that report's counts equal a CPU count of the same architecture
 #   cifar     train/run.py on a generated CIFAR-100 fixture with the GPU-resident loader, prune_q8, under
@@ -79,7 +79,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi >> "$LOG" 2>&1
 
 step speed 300 "$PYTHON" benchmarks/train_speed.py --device "$DEVICE" --models "${models[@]}" "${speed_args[@]}" \
     --json "$OUT/speed.json"
-step compile 240 "$PYTHON" benchmarks/train_speed.py --device "$DEVICE" --models resnet18_cifar --no-compress \
+step compile 240 "$PYTHON" benchmarks/train_speed.py --device "$DEVICE" --models resnet18_cifar \
     --compile --repeats 1 "${speed_args[@]}" --json "$OUT/speed_compile.json"
 
 step digits 180 "$PYTHON" train/run.py device="$DEVICE" "${run_args[@]}" hydra.run.dir="$WORK/digits"

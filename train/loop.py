@@ -138,6 +138,7 @@ class Trainer:
                     if train.ema_decay is not None and not techniques else None)
         self.step_model = distributed.wrap(model, ctx)
         self.compiled = torch.compile(self.step_model) if train.compile else None
+        self.eager_step_done = False  # compilation starts with the second step (see _forward_backward)
         self.compile_proven = False  # set once a compiled step (forward and backward) has run
         self.epoch = 0          # completed epochs
         self.batches_done = 0   # batches of the current epoch already trained
@@ -230,6 +231,11 @@ class Trainer:
 
     def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs and loss of one batch, gradients left in ``.grad``; compiled while compilation works."""
+        if self.compiled is not None and not self.eager_step_done:
+            # The first step runs eagerly: quantizers calibrate on it, and that one-off, data-dependent code
+            # would split the compiled graph into pieces and use up the recompilations.
+            self.eager_step_done = True
+            return self._loss_and_grad(self.step_model, inputs, targets)
         if self.compiled is not None and not self.compile_proven:
             # Compilers fail in many ways, in the forward pass or only when the first backward builds the
             # backward graph; eager always works, so that first step is redone without compilation.

@@ -173,13 +173,33 @@ def test_fast_path_options_train_on_cpu_and_compile_failure_falls_back(tiny_conf
     assert model.state_dict()["conv1.0.weight"].is_contiguous(memory_format=torch.channels_last)
     assert trainer.train_epoch()
     assert trainer.global_step == len(train_loader)
-    if failing_pass is None:  # a compilation that works is used for every step
-        assert trainer.compiled is not None and compiled_calls == [None] * len(train_loader)
+    if failing_pass is None:  # a compilation that works is used for every step after the eager first one
+        assert trainer.compiled is not None and compiled_calls == [None] * (len(train_loader) - 1)
         assert "torch.compile failed" not in caplog.text
-    else:  # tried once, then every step eager
+    else:  # tried once (on the second step), then every step eager
         assert trainer.compiled is None and compiled_calls == [failing_pass]
         assert "torch.compile failed (backend exploded); continuing without compilation" in caplog.text
     assert evaluate(model, test_loader, CPU.device).accuracy > 0.3  # it learned, in bf16
+
+
+@pytest.mark.slow
+def test_compiled_prune_and_qat_steps_trace_into_one_graph(tiny_config):
+    """Graph breaks or recompilations would leave QAT's element-wise ops unfused: the GPU speed path."""
+    from torch._dynamo.utils import counters
+
+    from compress import build_stages
+    cfg = tiny_config("train.epochs=1", "train.compile=true")
+    model, train_loader, _ = _setup(cfg)
+    stages = build_stages({"name": "pq", "stages": [{"name": "pq", "epochs": 1, "prune": {"final_sparsity": 0.5},
+                                                     "quantize": {"weight_bits": 8, "activation_bits": 8}}]},
+                          load_teacher=lambda spec: None)
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = _trainer(cfg, model, train_loader, techniques=stages[0].techniques)
+    assert trainer.train_epoch() and trainer.compiled is not None and trainer.compile_proven
+    # The first step calibrates eagerly; the others run one graph, compiled once, masks updated in between.
+    assert dict(counters["frames"]) == {"total": 1, "ok": 1} and counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
 
 
 def test_auto_gpu_resident_only_where_the_device_can_apply_the_augmentation(tiny_config, monkeypatch):
