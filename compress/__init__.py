@@ -7,7 +7,7 @@ the hooks the training loop calls.
 """
 from .base import Technique
 from .distillation import DistillTechnique
-from .pruning import CubicSchedule, PruneTechnique, WeightMask, mask_sparsity
+from .pruning import CubicSchedule, PruneTechnique, WeightMask, mask_sparsity, mask_zeros
 from .quantization import ActivationQuantizer, QuantizeTechnique, WeightQuantizer
 from .stages import Stage, build_stages
 from .state import apply_compression_state, compression_state, finalize_for_export
@@ -15,5 +15,5 @@ from .state import apply_compression_state, compression_state, finalize_for_expo
 __all__ = [
     "ActivationQuantizer", "CubicSchedule", "DistillTechnique", "PruneTechnique", "QuantizeTechnique", "Stage",
     "Technique", "WeightMask", "WeightQuantizer", "apply_compression_state", "build_stages",
-    "compression_state", "finalize_for_export", "mask_sparsity",
+    "compression_state", "finalize_for_export", "mask_sparsity", "mask_zeros",
 ]

@@ -142,6 +142,25 @@ def mask_sparsity(model: nn.Module) -> dict[str, float]:
     return table
 
 
+def mask_zeros(model: nn.Module) -> list[str]:
+    """Give every conv/linear layer without a mask whose weight holds exact zeros a mask of its non-zeros.
+
+    An entry stores pruned weights as zeros, its masks baked in (``compress.finalize_for_export``); a model
+    started from one (``init=``) gets its masks back this way, so that further training keeps them pruned.
+    Returns the names of the layers masked.
+    """
+    masked = []
+    for name, module in weight_layers(model).items():
+        keep = original_weight(module).detach() != 0
+        if find_parametrization(module, WeightMask) is not None or bool(keep.all()):
+            continue
+        mask = WeightMask(module.weight.shape).to(module.weight.device)
+        put_parametrization(module, mask, innermost=True)
+        mask.restrict(keep)
+        masked.append(name)
+    return masked
+
+
 @dataclasses.dataclass
 class _PrunedLayer:
     module: nn.Module

@@ -46,7 +46,8 @@ def compression_state(model: nn.Module) -> dict[str, Any]:
 def apply_compression_state(model: nn.Module, state: Mapping[str, Any]) -> None:
     """Re-create the structure described by ``state`` on ``model`` (a fresh model of the same architecture).
 
-    Idempotent: a layer that already carries exactly the described structure is left alone.
+    Idempotent: a layer that already carries exactly the described structure is left alone, and one that
+    carries the start of it (an earlier stage's mask, before a later stage's quantizer) gets the rest.
     """
     if not isinstance(state, Mapping) or state.get("format") != FORMAT_VERSION:
         found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
@@ -55,11 +56,9 @@ def apply_compression_state(model: nn.Module, state: Mapping[str, Any]) -> None:
     for name, chain in state.get("weights", {}).items():
         module = _layer(model, name)
         present = [p.describe() for p in weight_parametrizations(module)]
-        if present == list(chain):
-            continue
-        if present:
+        if present != list(chain)[:len(present)]:
             raise ValueError(f"layer {name!r} already carries {present}, not the described {list(chain)}")
-        for description in chain:
+        for description in list(chain)[len(present):]:
             kind = description.get("kind")
             if kind not in _WEIGHT_PARAMETRIZATIONS:
                 raise ValueError(f"layer {name!r}: unknown weight parametrization kind {kind!r}; "

@@ -4,8 +4,8 @@ See :func:`data.loaders.build_loaders` for the loader contract and :class:`data.
 for the ``augment`` keys.
 """
 from .augment import AugmentOptions, build_mixup
-from .datasets import DatasetNotFoundError
+from .datasets import DatasetError, DatasetNotFoundError
 from .loaders import DATASETS, build_loaders, gpu_resident_supported
 
-__all__ = ["DATASETS", "AugmentOptions", "DatasetNotFoundError", "build_loaders", "build_mixup",
+__all__ = ["DATASETS", "AugmentOptions", "DatasetError", "DatasetNotFoundError", "build_loaders", "build_mixup",
            "gpu_resident_supported"]

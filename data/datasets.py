@@ -7,6 +7,7 @@ move them to the device whole.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,11 @@ DIGITS_TEST_FRACTION = 0.2
 IMAGENET_CROP = 224
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetError(Exception):
+    """A dataset's files are missing or unusable; the message says what is wrong and how to fix it."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
     """A dataset's files are missing; the message says where they must be and how to get them."""
 
 
@@ -95,8 +100,14 @@ def cifar100_splits(root: str | None, download: bool) -> Splits:
         raise DatasetNotFoundError(
             f"CIFAR-100 not found: {', '.join(os.path.join(folder, m) for m in missing)} missing; extract "
             f"{CIFAR100.url} into {root}, or set data.download=true to download it there")
-    train = _CIFAR100Files(root, train=True, download=download)
-    test = _CIFAR100Files(root, train=False)
+    try:
+        train = _CIFAR100Files(root, train=True, download=download)
+        test = _CIFAR100Files(root, train=False)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DatasetError(f"CIFAR-100 files in {folder} are unreadable ({type(err).__name__}: {detail}) ; "
+                           f"fix: re-extract {CIFAR100.url} into {root}, or delete {folder} and set "
+                           "data.download=true") from None
     return Splits(ArrayImageDataset(train.data, train.targets), ArrayImageDataset(test.data, test.targets),
                   mean=CIFAR100_MEAN, std=CIFAR100_STD)
 
@@ -109,8 +120,21 @@ def imagenet_splits(root: str | None) -> Splits:
     missing = [os.path.join(root, split) for split in ("train", "val") if not os.path.isdir(os.path.join(root, split))]
     if missing:
         raise DatasetNotFoundError(f"ImageNet not found: {', '.join(missing)} missing; data.root must hold {layout}")
-    train, val = ImageFolder(os.path.join(root, "train")), ImageFolder(os.path.join(root, "val"))
+    train, val = _image_folder(os.path.join(root, "train")), _image_folder(os.path.join(root, "val"))
     if train.classes != val.classes:
-        raise ValueError(f"ImageNet train/ has {len(train.classes)} class folders and val/ has {len(val.classes)}, "
-                         f"with different names; both must hold the same <wnid> folders")
+        only = [f"only in {split}/: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+                for split, names in (("train", sorted(set(train.classes) - set(val.classes))),
+                                     ("val", sorted(set(val.classes) - set(train.classes)))) if names]
+        raise DatasetError(f"ImageNet train/ has {len(train.classes)} class folders and val/ has {len(val.classes)}, "
+                           f"with different names ({'; '.join(only)}) ; fix: give {root}/train and {root}/val the "
+                           "same <wnid> folders")
     return Splits(train, val, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
+def _image_folder(folder: str) -> ImageFolder:
+    """torchvision's ImageFolder; a class folder without images (or no class folder) is a :class:`DatasetError`."""
+    try:
+        return ImageFolder(folder)
+    except FileNotFoundError as err:
+        raise DatasetError(f"ImageNet {folder}: {str(err).split('. Supported')[0]} ; fix: every <wnid> folder "
+                           "must hold images (.JPEG)") from None

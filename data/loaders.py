@@ -80,6 +80,9 @@ def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch
         raise ValueError(f"gpu_resident loading needs a CIFAR-sized dataset ({', '.join(GPU_RESIDENT_DATASETS)}), "
                          f"not {dataset}; set data.gpu_resident=false")
     options = AugmentOptions.from_mapping(augment)
+    if (options.mixup or options.cutmix) and batch_size % 2:
+        raise ValueError(f"augment.mixup / augment.cutmix need an even batch_size (each example is mixed with "
+                         f"its mirror in the batch), got {batch_size}")
     rank, world_size = _rank_and_world(distributed)
     splits = _splits(dataset, root, download)
     if len(splits.train) // world_size < batch_size:

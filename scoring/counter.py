@@ -66,8 +66,16 @@ class _Producer:
     layer: str
     channels: int
     has_bias: bool
+    #: The parameters its weight derives from (empty: a weight computed at run time, which absorbs no scale).
+    weight: frozenset[int] = frozenset()
     folded: bool = False
     parts: tuple[_Producer, ...] = ()
+
+    def weights(self) -> list[frozenset[int]]:
+        """The stored weights (by the parameters they derive from) whose scale a folded batch norm changes."""
+        if self.parts:
+            return [weight for part in self.parts for weight in part.weights()]
+        return [self.weight]
 
     def unbiased_channels(self) -> int:
         """Channels without a bias of their own: folding a batch norm gives them one."""
@@ -95,7 +103,7 @@ class _Mask:
     """A declared mask (``micronet_mask_bits``) of ``bits`` bits over a tensor of which it keeps ``kept``."""
 
     bits: int
-    kept: torch.Tensor  # bool, where the mask module's output is nonzero
+    kept: torch.Tensor  # bool, where the mask module lets a value through (see _kept_by)
 
     def covers(self, weight: torch.Tensor, nonzeros: int) -> bool:
         """True when every nonzero of ``weight`` lies where the mask keeps a value.
@@ -107,6 +115,20 @@ class _Mask:
             return False
         layouts = [weight, weight.t()] if weight.dim() == 2 else [weight]
         return any(not bool((w.reshape(self.kept.shape).ne(0) & ~self.kept).any()) for w in layouts)
+
+
+def _kept_by(module: nn.Module, args: Any, output: Any) -> torch.Tensor | None:
+    """Where a module declaring ``micronet_mask_bits`` keeps values: the nonzeros of its forward on ones.
+
+    Not the nonzeros of its output: a zero of the input inside a kept block is still a stored value, else
+    a mask declaring one block over a weight with unstructured zeros would store them without mask bits.
+    None (the declaration is not used) unless the module maps one tensor to a tensor of the same shape.
+    """
+    if not (len(args) == 1 and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
+            and args[0].shape == output.shape):
+        return None
+    pattern = module.forward(torch.ones_like(args[0]))  # forward, not __call__: no hooks, no recursion
+    return pattern.ne(0) if isinstance(pattern, torch.Tensor) and pattern.shape == output.shape else None
 
 
 @dataclass(frozen=True)
@@ -272,6 +294,8 @@ class _Tracer(TorchDispatchMode):
         self.quantizer_depth = 0
         self.counted: set[frozenset[int]] = set()
         self.counted_quantizers: set[int] = set()
+        #: Stored weights (by their parameters) -> the batch norm (by its parameters) folded into them.
+        self.folds: dict[frozenset[int], frozenset[int]] = {}
         self.narrowest_tag: tuple[int, str] | None = None
         self.rules_used: set[str] = set()
         self.keys: dict[Any, str] = {}
@@ -295,10 +319,10 @@ class _Tracer(TorchDispatchMode):
         self.stack.pop()
         with _disable_current_modes():  # the scorer's own ops, not the model's
             mask_bits = declared_mask_bits(module)
-            for tensor in _tensors([output]) if mask_bits is not None else ():
-                info = self._info(tensor)
-                if info.static:  # a stored weight's mask: carried to the conv/linear that consumes it
-                    self.infos[tensor] = replace(info, mask=_Mask(mask_bits, tensor.ne(0)))
+            kept = _kept_by(module, args, output) if mask_bits is not None else None
+            if kept is not None and self._info(output).static:
+                # a stored weight's mask: carried to the conv/linear that consumes it
+                self.infos[output] = replace(self._info(output), mask=_Mask(mask_bits, kept))
         if is_quantizer(module):
             self.quantizer_depth -= 1
             bits = quantizer_bits(module)
@@ -379,7 +403,7 @@ class _Tracer(TorchDispatchMode):
         elif rule.kind == MATMUL:
             producer = self._matmul(layer, args, kwargs, out)
         elif rule.kind == BATCH_NORM:
-            self._batch_norm(layer, args, out)
+            self._batch_norm(layer, key, args, bool(_arguments(func, args, kwargs).get("training")))
         elif rule.kind in (NORM, ATTENTION):
             count = self._norm if rule.kind == NORM else self._attention
             operands, mults, adds = count(layer, key, _arguments(func, args, kwargs))
@@ -477,11 +501,12 @@ class _Tracer(TorchDispatchMode):
         self._dot(layer, (x, weight), weight, lines, out.numel() // out.shape[1])
         if bias is not None:
             self._bias(layer, bias, out)
-        return _Producer(layer.name, weight.shape[0], bias is not None)
+        return _Producer(layer.name, weight.shape[0], bias is not None, self._info(weight).roots)
 
     def _matmul(self, layer: _Layer, args: tuple, kwargs: dict, out: torch.Tensor) -> _Producer:
         bias, (a, b) = (args[0], args[1:3]) if len(args) >= 3 else (None, args[:2])
-        if self._info(a).static and not self._info(b).static:
+        weight = a if self._info(a).static and not self._info(b).static else b
+        if weight is a:
             self._dot(layer, (a, b), a, self._nonzeros(a, (-1,)), b.shape[-1])  # weight on the left
         else:
             self._dot(layer, (a, b), b, self._nonzeros(b, (-2,)), a.shape[-2])
@@ -493,7 +518,7 @@ class _Tracer(TorchDispatchMode):
             self._add_ops(layer, self._operand_width((a, b)), out.numel(), 0)
         if bias is not None:
             self._bias(layer, bias, out)
-        return _Producer(layer.name, out.shape[-1], bias is not None)
+        return _Producer(layer.name, out.shape[-1], bias is not None, self._info(weight).roots)
 
     def _alpha(self, layer: _Layer, rule: Rule, arguments: Mapping[str, Any]) -> None:
         """``x + alpha·y`` with alpha != 1: 1 multiply per element of y, none for a constant or static y."""
@@ -530,24 +555,44 @@ class _Tracer(TorchDispatchMode):
         self._add_ops(layer, _NO_INPUT, 0, out.numel())
         self._store_dense(layer, [bias], [self._info(bias)])
 
-    def _batch_norm(self, layer: _Layer, args: tuple, out: Any) -> None:
+    def _foldable(self, producer: _Producer | None, channels: int, batch_norm: frozenset[int]) -> bool:
+        """Whether the batch norm ``batch_norm`` (its parameters) can fold into the layer that produced its input.
+
+        It folds into an unfolded conv/linear with as many channels whose weights are stored (static) and have
+        absorbed no other batch norm's scale: a weight shared by two layers holds one scale only.
+        """
+        return (producer is not None and not producer.folded and producer.channels == channels
+                and all(weight and self.folds.get(weight, batch_norm) == batch_norm for weight in producer.weights()))
+
+    def _batch_norm(self, layer: _Layer, key: str, args: tuple, batch_statistics: bool) -> None:
+        """Fold a batch norm into the layer that produced its input, or count it as a per-channel affine.
+
+        Both need fixed statistics: a batch norm that normalises with the statistics of the batch at inference
+        (``track_running_stats=False``, instance norm) is refused rather than counted as an affine.
+        """
+        if batch_statistics:
+            raise UnsupportedOpError(
+                f"aten.{key} (in layer '{layer.name}', {layer.type}) normalises with batch statistics at inference "
+                "(track_running_stats=False, or an instance norm): neither folding nor a fixed affine counts that; "
+                "keep running statistics, or use GroupNorm (an instance norm is GroupNorm(C, C)), which has a rule")
         x = args[0]
         stored = [t for t in args[1:5] if isinstance(t, torch.Tensor)]
-        key = _Info(static=True, roots=frozenset().union(*(self._info(t).roots for t in stored)))
+        params = _Info(static=True, roots=frozenset().union(*(self._info(t).roots for t in stored)))
         channels = x.shape[1]
         producer = self._info(x).producer
-        if producer is not None and not producer.folded and producer.channels == channels:
+        if self._foldable(producer, channels, params.roots):
             producer.fold()
+            self.folds.update(dict.fromkeys(producer.weights(), params.roots))
             if f"folded into {producer.layer}" not in layer.notes:
                 layer.notes.append(f"folded into {producer.layer}")
             unbiased = producer.unbiased_channels()  # the folded shift becomes their bias
             self._add_ops(layer, _NO_INPUT, 0, x.numel() // channels * unbiased)
-            if unbiased and self._first_use(key):
+            if unbiased and self._first_use(params):
                 layer.stored.append(_Stored(unbiased, None))
             return
         operands = [t for t in args[:2] if isinstance(t, torch.Tensor)]  # input and scale
         self._add_ops(layer, self._operand_width(operands), x.numel(), x.numel())
-        if self._first_use(key):
+        if self._first_use(params):
             scale_bits = self._info(args[1]).bits if isinstance(args[1], torch.Tensor) else None
             layer.stored.append(_Stored(2 * channels, scale_bits))
         if "not folded" not in layer.notes:

@@ -22,7 +22,8 @@ Sparsity needs no declaration: it is measured from the weights that actually exe
 ``conv.weight = quantizer(mask(original))``) declares ``micronet_mask_bits``: the bits its stored mask
 needs (block sparsity: 1 bit per block, partial edge blocks included). Then:
 
-* the values that mask keeps are the nonzeros of the module's output, and the declaration travels with
+* the values that mask keeps are the nonzeros of the module's ``forward`` applied to a tensor of ones (the
+  mask's pattern; a zero of the input inside a kept block is a stored value), and the declaration travels with
   that output through the static ops that follow it and keep its size (a weight quantizer, views) to the
   conv/linear that consumes it;
 * it applies only when every nonzero of the executed weight lies where the mask keeps a value (checked);

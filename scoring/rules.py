@@ -180,6 +180,10 @@ PROJECT_CONVENTIONS: Mapping[str, str] = MappingProxyType({
     "weight storage": "the cheaper of dense (zeros as values) and sparse: nonzeros × bits + a 1-bit mask per "
                       "element, or, if cheaper, for a mask declaring micronet_mask_bits (block sparsity: 1 bit per "
                       "block), the values it keeps × bits + those mask bits",
+    "batch norm folding": "a batch norm folds into the conv/linear that produced its input (directly, through "
+                          "reshapes, or through a channel concatenation of such outputs) when that layer's weight is "
+                          "stored (not computed at run time) and has absorbed no other batch norm: a weight shared by "
+                          "two layers holds one scale, so a second, different batch norm after it is counted unfolded",
     "empty dot product": "an output with no nonzero weight costs no additions (the official (L-1)·N would go negative)",
     "alpha scaling": "add/sub/rsub with alpha != 1 (x + alpha·y), and addmm/baddbmm's beta·bias and alpha·(a@b), "
                      "cost 1 multiply per element of the scaled tensor, none when it is a constant or derives only "
@@ -235,7 +239,9 @@ RULES: Mapping[str, Rule] = MappingProxyType({
     "baddbmm": Rule(MATMUL, True, "batched matmul with bias: L·N mults, (L-1)·N + N adds"),
     # batch norm (every backend's variant)
     **{name: Rule(BATCH_NORM, True, "batch norm: folded into the conv/linear that produced its input (N bias adds, "
-                                    "C bias params); else 1 mult + 1 add per element and 2 params per channel")
+                                    "C bias params); else 1 mult + 1 add per element and 2 params per channel; "
+                                    "batch statistics at inference (track_running_stats=False, instance norm) "
+                                    "are refused")
        for name in ("native_batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
                     "cudnn_batch_norm", "miopen_batch_norm")},
     # official element-wise ops

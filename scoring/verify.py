@@ -134,7 +134,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _recount_or_fail(path: Path, args: argparse.Namespace) -> tuple[Entry, dict[str, Any]] | None:
     """Load and recount; print one line and return None for the problems a user can fix."""
-    from data import DatasetNotFoundError
+    from data import DatasetError
 
     if args.examples is not None and args.examples <= 0:
         print(f"error: --examples {args.examples} must be > 0", file=sys.stderr)
@@ -142,7 +142,7 @@ def _recount_or_fail(path: Path, args: argparse.Namespace) -> tuple[Entry, dict[
     try:
         entry = load_entry(path)
         return entry, recount(entry, data_root=args.data_root, examples=args.examples, device=args.device)
-    except (EntryError, DatasetNotFoundError) as err:
+    except (EntryError, DatasetError) as err:  # missing, damaged or inconsistent dataset files
         print(f"error: {err}", file=sys.stderr)
         return None
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -160,6 +161,7 @@ def validate_train(train: DictConfig, where: str = "train") -> None:
         (train.batch_size > 0, "batch_size", "must be > 0", "use a positive batch size"),
         (train.eval_batch_size > 0, "eval_batch_size", "must be > 0", "use a positive batch size"),
         (train.lr > 0, "lr", "must be > 0", "use a positive learning rate"),
+        (0 <= train.momentum < 1, "momentum", "must be in [0, 1) (SGD momentum, AdamW beta1)", "use e.g. 0.9"),
         (train.weight_decay >= 0, "weight_decay", "must be >= 0", "use 0 to disable it"),
         (train.warmup_epochs >= 0, "warmup_epochs", "must be >= 0", "use 0 to disable warmup"),
         (0 <= train.label_smoothing < 1, "label_smoothing", "must be in [0, 1)", "use e.g. 0.1"),
@@ -172,6 +174,8 @@ def validate_train(train: DictConfig, where: str = "train") -> None:
         (train.log_every > 0, "log_every", "must be > 0", "log every N steps, N >= 1"),
         (train.schedule != Schedule.step or len(train.milestones) > 0, "milestones",
          "must list epochs when schedule=step", "e.g. train.milestones=[60,120,160]"),
+        (all(m >= 1 for m in train.milestones), "milestones", "must be epochs >= 1", "e.g. train.milestones=[60,120,160]"),
+        (train.gamma > 0, "gamma", "must be > 0", "use e.g. 0.1 (the factor applied at each milestone)"),
     ]
     for ok, key, problem, fix in checks:
         if not ok:
@@ -199,6 +203,13 @@ def validate(cfg: DictConfig, known_models: list[str]) -> None:
                           "remove the task.gate override; the gate is fixed by the challenge rules")
     if not _DEVICE.match(cfg.device):
         raise ConfigError(f"device={cfg.device} is not a device", "use auto, cpu, cuda or cuda:N")
+    if cfg.device.startswith("cuda"):
+        index, count = int(cfg.device.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(f"device={cfg.device} but this machine has {count} CUDA device(s) available to torch "
+                              f"{torch.__version__}", "use device=auto or cpu, or a cuda:N that exists")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32)", "use a non-negative seed, e.g. seed=0")
     for key in ("pin_memory", "gpu_resident"):
         if cfg.data[key] not in _AUTO_SWITCH:
             raise ConfigError(f"data.{key}={cfg.data[key]} must be auto, true or false",
@@ -207,6 +218,9 @@ def validate(cfg: DictConfig, known_models: list[str]) -> None:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0", "use 0 to load in-process")
     if cfg.score.examples <= 0:
         raise ConfigError(f"score.examples={cfg.score.examples} must be > 0", "score on e.g. 256 examples")
+    if not 1 <= cfg.score.accumulator_bits <= 32:
+        raise ConfigError(f"score.accumulator_bits={cfg.score.accumulator_bits} must be in 1..32",
+                          "use 32 unless the entry really accumulates narrower")
     if cfg.score.freebie not in _AUTO_SWITCH:
         raise ConfigError(f"score.freebie={cfg.score.freebie} must be auto, true or false",
                           "use one of auto|true|false")
@@ -224,11 +238,16 @@ _RESUME_FREE = frozenset({"train.log_every", "train.compile", "train.eval_batch_
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
+    """``{"a.b[0].c": leaf}``: lists too, so that a difference is named down to one value (empty ones are leaves)."""
+    if isinstance(tree, dict) and tree:
+        items = [(f"{prefix}.{key}" if prefix else str(key), value) for key, value in tree.items()]
+    elif isinstance(tree, list) and tree:
+        items = [(f"{prefix}[{index}]", value) for index, value in enumerate(tree)]
+    else:
         return {prefix: tree}
     flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    for key, value in items:
+        flat.update(_flatten(value, key))
     return flat
 
 
@@ -243,8 +262,16 @@ def check_same_run(saved: dict, current: dict, where: Any) -> None:
                               "hydra.run.dir=<new folder> to start a separate run")
 
 
+#: Train keys a stage cannot change: the data loaders, built once from ``train.*``, serve every stage.
+_RUN_WIDE = ("batch_size", "eval_batch_size")
+
+
 def stage_train_config(train: DictConfig, stage: str, epochs: int, overrides: dict[str, Any]) -> DictConfig:
     """The training recipe of one stage: ``train`` with the stage's epochs and overrides, type-checked."""
+    for key in _RUN_WIDE:
+        if key in overrides:
+            raise ConfigError(f"stage {stage}: {key}={overrides[key]!r} cannot be set per stage (one data loader "
+                              "serves every stage)", f"remove it from the stage and set train.{key} instead")
     try:
         merged = OmegaConf.merge(train, {"epochs": epochs, **overrides})
     except OmegaConfBaseException as err:

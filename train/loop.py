@@ -103,6 +103,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: DictConfig, steps_p
     if train.schedule == Schedule.cosine:
         main = CosineAnnealingLR(optimizer, T_max=total - warmup)
     else:  # milestones count from the start of the stage; SequentialLR restarts `main` after warmup
+        late = [m for m in train.milestones if m >= train.epochs]
+        if late:
+            log.warning("train.milestones %s reach past this stage's %d epochs: the learning rate never decays "
+                        "there; pass milestones within the stage or train.schedule=cosine", late, train.epochs)
         main = MultiStepLR(optimizer, [m * steps_per_epoch - warmup for m in train.milestones], train.gamma)
     if warmup == 0:
         return main
@@ -136,6 +140,10 @@ class Trainer:
         # Averaging masks or quantizer state would corrupt them: EMA only where nothing is attached.
         self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train.ema_decay), use_buffers=True)
                     if train.ema_decay is not None and not techniques else None)
+        if train.ema_decay is not None and techniques:
+            log.warning("stage '%s': train.ema_decay=%s is not applied while %s is active (averaging would corrupt "
+                        "masks and quantizer state); set ema_decay: null in the stage to silence this", tag,
+                        train.ema_decay, ", ".join(t.name for t in techniques))
         self.step_model = distributed.wrap(model, ctx)
         self.compiled = torch.compile(self.step_model) if train.compile else None
         self.eager_step_done = False  # compilation starts with the second step (see _forward_backward)
@@ -295,7 +303,8 @@ class Trainer:
             raise NonFiniteLossError(
                 f"training loss became NaN/inf in stage '{self.tag}' (epoch {self.epoch + 1}, before step "
                 f"{self.global_step}); the last good checkpoint is kept ; fix: lower train.lr or set "
-                "train.grad_clip (e.g. 5.0), then re-run the same command to resume")
+                "train.grad_clip (e.g. 5.0) and pass hydra.run.dir=<new folder> (a checkpoint resumes only with the "
+                "settings that wrote it, and would reach the same NaN)")
         scalars = {"loss": loss_sum / seen, "acc": correct / seen, "lr": self.optimizer.param_groups[0]["lr"],
                    "images_per_s": (seen - start_seen) * self.ctx.world_size / max(elapsed, 1e-9)}
         for technique in self.techniques:

@@ -13,6 +13,7 @@ Exit status: 0 finished · 2 error · 143 stopped by SIGTERM after saving a chec
 """
 from __future__ import annotations
 
+import copy
 import logging
 import signal
 import sys
@@ -36,8 +37,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 import conf
 import models
-from compress import Stage, apply_compression_state, build_stages, compression_state, finalize_for_export
-from data import DatasetNotFoundError, build_mixup
+from compress import DistillTechnique, Stage, apply_compression_state, build_stages, compression_state, \
+    finalize_for_export, mask_zeros
+from compress.stages import BASELINE_STAGE
+from data import DatasetError, build_mixup
 from scoring import count_model
 from scoring.entry import EntryError, save_entry
 from scoring.report import format_summary, log_report, write_report
@@ -52,7 +55,7 @@ log = logging.getLogger("micronet.train")
 CONF_DIR = str(Path(conf.__file__).resolve().parent)
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: schedulers see "interrupted", not "finished"
 #: Errors the user can fix; printed as one line.
-USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, DatasetNotFoundError,
+USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, DatasetError,
                models.UnknownModelError, EntryError)
 
 
@@ -117,8 +120,12 @@ def run(cfg: DictConfig) -> int:
         stages = [Stage(name="train", epochs=cfg.train.epochs, overrides={}, techniques=[])]
     with reported_as_config_error(f"edit conf/compress/{cfg.compress.name}.yaml or the compress.* override"):
         stages += build_stages(session.config["compress"], load_teacher=session.load_teacher)
+    session.check_teachers(stages)
     # Each stage's recipe, checked now rather than after hours of training the stages before it.
     recipes = [stage_train_config(cfg.train, stage.name, stage.epochs, stage.overrides) for stage in stages]
+    steps_per_epoch = len(session.train_loader)
+    with reported_as_config_error(f"edit conf/compress/{cfg.compress.name}.yaml or the compress.* override"):
+        rehearse_attach(model, stages, steps_per_epoch=steps_per_epoch)
     model.to(ctx.device)
 
     with session, sigterm_flag() as preempted:
@@ -133,6 +140,18 @@ def run(cfg: DictConfig) -> int:
         if ctx.is_main:
             session.finish(model, result)
     return 0
+
+
+def rehearse_attach(model: nn.Module, stages: list[Stage], *, steps_per_epoch: int) -> None:
+    """Configure and attach every stage's pruning and quantization to a copy of ``model``, in run order, so that
+    what only the model can reveal (a layer pattern matching nothing, a layer N:M cannot divide, a step past the
+    stage's end) stops the run now rather than after the stages before it trained. Teachers are not loaded."""
+    probe = copy.deepcopy(model)
+    for stage in stages:
+        for technique in stage.techniques:
+            if not isinstance(technique, DistillTechnique):
+                technique.configure(steps_per_epoch=steps_per_epoch)
+                technique.attach(probe)
 
 
 @contextmanager
@@ -232,16 +251,37 @@ class Session:
         distributed.barrier()
 
     def load_init(self, path: str) -> nn.Module:
-        """``init=PATH``: the starting model instead of the baseline stage; must be this run's architecture."""
+        """``init=PATH``: the starting model instead of the baseline stage; must be this run's architecture.
+
+        Weights an entry stores as exact zeros (pruned, masks baked in) get their masks back, so they stay pruned."""
         model, config = restore_model(path)
         if config["model"]["name"] != self.cfg.model.name:
             raise ConfigError(f"init={path} holds a {config['model']['name']} model, not {self.cfg.model.name}",
                               f"pass model={config['model']['name']}")
+        masked = mask_zeros(model)
+        if masked:
+            log.info("init: the zero weights of %s stay pruned (masked)", ", ".join(masked))
         return model
+
+    def check_teachers(self, stages: list[Stage]) -> None:
+        """Refuse now, not after hours of training, a distillation teacher that will not exist when its stage
+        starts: a path that is not there, or a stage that is not an earlier one."""
+        earlier = {"baseline", BASELINE_STAGE}
+        for stage in stages:
+            for technique in stage.techniques:
+                spec = technique.teacher_spec if isinstance(technique, DistillTechnique) else None
+                if spec in self.stage_dirs and spec not in earlier:
+                    raise ConfigError(f"stage {stage.name}: distill.teacher={spec!r} is not a stage before it",
+                                      "use baseline, the name of an earlier stage, or a path to a run dir / entry")
+                if spec is not None and spec not in earlier | set(self.stage_dirs) and not Path(spec).exists():
+                    raise ConfigError(f"stage {stage.name}: distill.teacher={spec!r} is neither baseline, a stage "
+                                      "name nor an existing path", "correct the path to the teacher's run dir, "
+                                      "entry or checkpoint")
+            earlier.add(stage.name)
 
     def load_teacher(self, spec: str) -> nn.Module:
         """Teacher for distillation: "baseline", an earlier stage's name, or a path (run dir, entry, checkpoint)."""
-        if spec == "baseline":
+        if spec in ("baseline", BASELINE_STAGE):
             spec = self.cfg.init or str(self.stage_dirs["train"])
         elif spec in self.stage_dirs:
             spec = str(self.stage_dirs[spec])

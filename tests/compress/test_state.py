@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compress import PruneTechnique, QuantizeTechnique, WeightMask, apply_compression_state, compression_state, \
-    finalize_for_export
+    finalize_for_export, mask_zeros
 from compress.base import find_parametrization, weight_parametrizations
 from models import create_model
 
@@ -80,3 +80,36 @@ def test_state_for_another_architecture_fails_clearly(compressed):
         apply_compression_state(create_model("resnet18_cifar", num_classes=10), state)
     with pytest.raises(ValueError, match="compression state format 7 is not supported; expected 1"):
         apply_compression_state(create_model("digits_cnn", num_classes=10), {**state, "format": 7})
+
+
+def test_a_later_stage_structure_extends_an_earlier_one(compressed):
+    """Resuming the QAT stage: the model already carries the prune stage's masks (restored from that stage's
+    checkpoint), and the QAT checkpoint's description adds the quantizers on top of them."""
+    state = compression_state(compressed)
+    earlier = {**state, "weights": {name: chain[:1] for name, chain in state["weights"].items()
+                                    if chain[0]["kind"] == "mask"}, "inputs": {}}
+    fresh = create_model("digits_cnn", num_classes=10)
+    apply_compression_state(fresh, earlier)
+    apply_compression_state(fresh, state)
+    assert compression_state(fresh) == state
+    fresh.load_state_dict(compressed.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="already carries"):  # a chain that is not a prefix is still refused
+        apply_compression_state(fresh, earlier | {"weights": {"conv2.0": [{"kind": "mask"}]}})
+
+
+def test_masks_come_back_from_an_entrys_zeros_and_keep_them_through_training(compressed, digits: Digits):
+    """``init=<pruned entry>``: the entry has its masks baked in; further training must not revive the zeros."""
+    masks = {name: find_parametrization(compressed.get_submodule(name), WeightMask).mask.clone()
+             for name in ("conv2.0", "conv3.0")}
+    finalize_for_export(compressed)
+    assert all(find_parametrization(compressed.get_submodule(name), WeightMask) is None for name in masks)
+    assert mask_zeros(compressed) == ["conv2.0", "conv3.0"]  # the dense first and last layers get none
+    for name, mask in masks.items():
+        restored = find_parametrization(compressed.get_submodule(name), WeightMask)
+        assert torch.equal(restored.mask, mask)
+        assert [p.kind for p in weight_parametrizations(compressed.get_submodule(name))] == ["mask", "weight_quantizer"]
+    quantize = QuantizeTechnique({"weight_bits": 4, "activation_bits": 4}, stage_epochs=1, where="quantize")
+    train(compressed, digits, epochs=1, techniques=[quantize], lr=0.02)
+    for name, mask in masks.items():
+        assert (compressed.get_submodule(name).weight[~mask] == 0).all()
+    assert mask_zeros(compressed) == []  # idempotent

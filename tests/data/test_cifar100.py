@@ -1,10 +1,11 @@
 """cifar100: torchvision's on-disk format, label mapping, augmentation options, missing-data errors."""
 import pickle
+import shutil
 
 import pytest
 import torch
 
-from data import DatasetNotFoundError, build_loaders
+from data import DatasetError, DatasetNotFoundError, build_loaders
 from data.datasets import CIFAR100_MEAN, CIFAR100_STD
 
 from .conftest import CIFAR_CLASSES, CIFAR_TEST_PER_CLASS, CIFAR_TRAIN_PER_CLASS, loader_kwargs
@@ -89,6 +90,18 @@ def test_missing_files_say_where_and_how(tmp_path):
     assert "\n" not in message
     assert f"{tmp_path}/cifar-100-python/train" in message and "cifar-100-python.tar.gz" in message
     assert "data.download=true" in message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a pickle"])
+def test_a_damaged_file_says_to_re_extract(tmp_path, cifar_root, damage):
+    shutil.copytree(cifar_root, tmp_path, dirs_exist_ok=True)
+    train_file = tmp_path / "cifar-100-python" / "train"
+    train_file.write_bytes(train_file.read_bytes()[:1000] if damage == "truncated" else b"<html>404</html>")
+    with pytest.raises(DatasetError) as info:
+        build_loaders("cifar100", **loader_kwargs(root=str(tmp_path)))
+    message = str(info.value)
+    assert "\n" not in message and f"CIFAR-100 files in {tmp_path}/cifar-100-python are unreadable" in message
+    assert "cifar-100-python.tar.gz" in message and "data.download=true" in message
 
 
 def test_missing_root_says_to_set_it():

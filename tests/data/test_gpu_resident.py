@@ -123,9 +123,10 @@ def test_augmented_batches_have_the_same_pixel_statistics(cifar_root):
 
 def test_eval_batches_equal_the_cpu_path(cifar_root):
     for dataset, root in (("digits", None), ("cifar100", cifar_root)):
-        outputs = [torch.cat([x for x, _ in build_loaders(dataset, **loader_kwargs(
-            root=root, gpu_resident=gpu_resident, device=CPU))[1]]) for gpu_resident in (False, True)]
-        assert torch.allclose(*outputs, atol=1e-6)
+        batches = [list(build_loaders(dataset, **loader_kwargs(root=root, gpu_resident=gpu_resident, device=CPU))[1])
+                   for gpu_resident in (False, True)]
+        inputs, targets = ([torch.cat([batch[i] for batch in path]) for path in batches] for i in (0, 1))
+        assert torch.allclose(*inputs, atol=1e-6) and torch.equal(*targets)  # the same examples, in the same order
 
 
 def test_epochs_are_seeded(cifar_root):

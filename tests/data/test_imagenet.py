@@ -5,7 +5,7 @@ import pytest
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from data import DatasetNotFoundError, build_loaders
+from data import DatasetError, DatasetNotFoundError, build_loaders
 from tests.fixtures import imagenet_red
 
 from .conftest import IMAGENET_CLASSES, IMAGENET_TRAIN_PER_CLASS, IMAGENET_VAL_PER_CLASS, loader_kwargs
@@ -58,8 +58,21 @@ def test_mismatched_class_folders_fail(tmp_path, imagenet_root):
     shutil.copytree(imagenet_root, tmp_path, dirs_exist_ok=True)
     first_val_class = sorted((tmp_path / "val").iterdir())[0]
     shutil.rmtree(first_val_class)
-    with pytest.raises(ValueError, match="train/ has 3 class folders and val/ has 2"):
+    with pytest.raises(DatasetError, match=rf"train/ has 3 class folders and val/ has 2, with different names "
+                                           rf"\(only in train/: {first_val_class.name}\)") as info:
         build_loaders("imagenet", **loader_kwargs(root=str(tmp_path), batch_size=4))
+    assert not isinstance(info.value, ValueError)  # not reported as a bad config value: the folder is the problem
+
+
+def test_an_empty_class_folder_fails_clearly(tmp_path, imagenet_root):
+    shutil.copytree(imagenet_root, tmp_path, dirs_exist_ok=True)
+    first_val_class = sorted((tmp_path / "val").iterdir())[0]
+    for image in first_val_class.iterdir():
+        image.unlink()
+    with pytest.raises(DatasetError) as info:
+        build_loaders("imagenet", **loader_kwargs(root=str(tmp_path), batch_size=4))
+    assert str(info.value) == (f"ImageNet {tmp_path}/val: Found no valid file for the classes {first_val_class.name} "
+                               "; fix: every <wnid> folder must hold images (.JPEG)")
 
 
 def test_gpu_resident_is_refused_for_imagenet(imagenet_root):

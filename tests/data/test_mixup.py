@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import build_mixup
+from data import build_loaders, build_mixup
+
+from .conftest import loader_kwargs
 
 
 def test_off_by_default():
@@ -32,3 +34,12 @@ def test_mixes_inputs_and_gives_soft_targets(augment):
 def test_bad_alpha_fails():
     with pytest.raises(ValueError, match="augment.cutmix must be an alpha >= 0"):
         build_mixup({"cutmix": "strong"}, 10)
+
+
+@pytest.mark.parametrize("augment", [{"mixup": 0.2}, {"cutmix": 1.0}])
+def test_an_odd_batch_size_is_refused_at_build_time(augment):
+    """timm's Mixup asserts an even batch at the first training step; the loaders refuse it before training."""
+    with pytest.raises(ValueError, match="augment.mixup / augment.cutmix need an even batch_size .* got 63"):
+        build_loaders("digits", **loader_kwargs(batch_size=63, augment=augment))
+    train, _ = build_loaders("digits", **loader_kwargs(batch_size=64, augment=augment))
+    assert len(train) == 1437 // 64

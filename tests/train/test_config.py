@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 
 import models
@@ -55,6 +56,15 @@ def test_schema_rejects_wrong_types_at_composition(override):
     (["train.schedule=step"], "train.milestones=[] must list epochs when schedule=step"),
     (["data.pin_memory=sometimes"], "data.pin_memory=sometimes must be auto, true or false"),
     (["task.gate.threshold=0.5"], "task.gate (top1 0.5) differs from the rules' gate for digits (top1 0.95)"),
+    (["train.momentum=-1"], "train.momentum=-1.0 must be in [0, 1)"),
+    (["train.optimizer=adamw", "train.momentum=1.0"], "train.momentum=1.0 must be in [0, 1)"),
+    (["train.gamma=-1"], "train.gamma=-1.0 must be > 0"),
+    (["train.schedule=step", "train.milestones=[0,10]"], "train.milestones=[0, 10] must be epochs >= 1"),
+    (["seed=-1"], "seed=-1 must be in [0, 2**32)"),
+    (["seed=4294967296"], "seed=4294967296 must be in [0, 2**32)"),
+    ([f"device=cuda:{torch.cuda.device_count()}"], f"device=cuda:{torch.cuda.device_count()} but this machine has"),
+    (["score.accumulator_bits=0"], "score.accumulator_bits=0 must be in 1..32"),
+    (["score.accumulator_bits=33"], "score.accumulator_bits=33 must be in 1..32"),
 ])
 def test_validate_names_the_problem_and_the_fix(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -68,6 +78,18 @@ def test_resume_refuses_a_checkpoint_of_another_configuration():
     check_same_run(saved, to_container(compose_config("train.log_every=3")), "run")  # watching only: fine
     with pytest.raises(ConfigError, match=r"train.epochs=15 but this command has train.epochs=3"):
         check_same_run(saved, to_container(compose_config("train.epochs=3")), "run")
+
+
+def test_resume_names_the_one_stage_setting_that_differs():
+    saved = to_container(compose_config("compress=prune_q8"))
+    with pytest.raises(ConfigError) as info:
+        check_same_run(saved, to_container(compose_config("compress=prune_q8",
+                                                          "compress.stages.0.prune.final_sparsity=0.5")), "run")
+    assert "compress.stages[0].prune.final_sparsity=0.9 but this command has " \
+           "compress.stages[0].prune.final_sparsity=0.5 ;" in str(info.value)
+    assert "weight_bits" not in str(info.value)  # not the whole stage list
+    with pytest.raises(ConfigError, match=r"model.kwargs=\{\} but this command has model.kwargs=None"):
+        check_same_run(saved, {**saved, "model": {**saved["model"], "kwargs": None}}, "run")
 
 
 @pytest.mark.slow
@@ -99,6 +121,8 @@ def test_task_gate_matches_the_scorers_rules(task):
     ({"lr": "fast"}, "stage q8: Value 'fast' of type 'str' could not be converted to Float"),
     ({"bogus": 1}, "stage q8: Key 'bogus' not in 'TrainConfig'"),
     ({"lr": -0.1}, "stage q8: train.lr=-0.1 must be > 0"),
+    ({"batch_size": 32}, "stage q8: batch_size=32 cannot be set per stage (one data loader serves every stage)"),
+    ({"eval_batch_size": 32}, "stage q8: eval_batch_size=32 cannot be set per stage"),
 ])
 def test_stage_overrides_are_type_checked_and_validated(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -50,6 +50,14 @@ def test_step_schedule_decays_at_each_milestone_epoch(tiny_config):
     assert lrs[19] == pytest.approx(0.2) and lrs[20] == pytest.approx(0.1) and lrs[30] == pytest.approx(0.05)
 
 
+def test_milestones_past_the_stage_are_reported(tiny_config, caplog):
+    train = tiny_config("train.epochs=3", "train.schedule=step", "train.milestones=[2,3,5]", "train.warmup_epochs=0",
+                        "train.lr=0.2", "train.gamma=0.5").train
+    lrs = _learning_rates(train)
+    assert "train.milestones [3, 5] reach past this stage's 3 epochs" in caplog.text
+    assert lrs == pytest.approx([0.2] * 20 + [0.1] * 10)  # only the milestone at epoch 2 acts
+
+
 def test_no_weight_decay_on_biases_and_norm_parameters(tiny_config):
     cfg = tiny_config()
     model = build_model(cfg)
@@ -126,8 +134,10 @@ def test_nan_loss_stops_with_a_message(tiny_config):
     cfg = tiny_config("train.log_every=4")
     model, train_loader, _ = _setup(cfg)
     trainer = _trainer(cfg, model, train_loader, techniques=[_PoisonAt(6)])
-    with pytest.raises(NonFiniteLossError, match=r"NaN/inf in stage 'train' \(epoch 1, before step 8\).*fix:"):
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf in stage 'train' \(epoch 1, before step 8\).*fix:") as info:
         trainer.train_epoch()
+    # The advised fix must be one the resume check accepts: changed settings need a new run folder.
+    assert "hydra.run.dir=<new folder>" in str(info.value) and "re-run the same command" not in str(info.value)
 
 
 def test_ema_weights_become_the_stage_output(tiny_config):
@@ -139,6 +149,14 @@ def test_ema_weights_become_the_stage_output(tiny_config):
     assert trainer.eval_model is not model and not torch.equal(ema_weight, next(model.parameters()))
     trainer.finish()
     assert torch.equal(next(model.parameters()), ema_weight)
+
+
+def test_ema_is_not_applied_under_compression_and_says_so(tiny_config, caplog):
+    cfg = tiny_config("train.ema_decay=0.9", "train.epochs=1")
+    model, train_loader, _ = _setup(cfg)
+    trainer = _trainer(cfg, model, train_loader, techniques=[Technique()], tag="q8")
+    assert trainer.ema is None and trainer.eval_model is model
+    assert "stage 'q8': train.ema_decay=0.9 is not applied while technique is active" in caplog.text
 
 
 class _FailingBackward(torch.autograd.Function):

@@ -79,11 +79,11 @@ def test_init_from_a_finished_run_then_distill_prune_and_quantize(digits_run, tm
     assert any(layer["weight_bits"] == 8 for layer in report["layers"])
 
 
-def _interrupt(run_dir: Path, how: signal.Signals, args: tuple[str, ...]) -> int:
-    """Start a run, send ``how`` once its first checkpoint exists, return its exit status."""
+def _interrupt(run_dir: Path, how: signal.Signals, args: tuple[str, ...], stage: str = "0_train") -> int:
+    """Start a run, send ``how`` once the first checkpoint of ``stage`` exists, return its exit status."""
     process = subprocess.Popen([sys.executable, RUN_PY, *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stage = run_dir / "checkpoints" / "0_train"
+    stage = run_dir / "checkpoints" / stage
     deadline = time.monotonic() + 120
     while not list(stage.glob("*.sha256")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -108,6 +108,37 @@ def test_resume_after_sigterm_or_kill9_ends_with_identical_weights(tmp_path: Pat
         weights = _final_weights(run_dir)
         assert all(torch.equal(weights[k], expected[k]) for k in expected), name
         assert _report(run_dir)["correct"] == _report(tmp_path / "reference")["correct"]
+
+
+def test_kill9_in_the_qat_stage_resumes_and_a_finished_run_reprints_its_summary(tmp_path: Path):
+    """The QAT stage's checkpoints describe masks + quantizers while the model resumed from the prune stage
+    already carries the masks: the resume must extend that structure (it used to refuse it)."""
+    args = (*TINY, "train.epochs=3", "train.log_every=1", "compress=prune_q8")
+    reference = run_train(*args, f"hydra.run.dir={tmp_path / 'reference'}", cwd=tmp_path, timeout=180)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = tmp_path / "killed"
+    assert _interrupt(run_dir, signal.SIGKILL, args, stage="2_q8") == -9
+    resumed = run_train(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage 'prune' already finished" in resumed.stdout + resumed.stderr
+    expected = _final_weights(tmp_path / "reference", "2_q8")
+    weights = _final_weights(run_dir, "2_q8")
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    again = run_train(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stage 'q8' already finished" in again.stdout + again.stderr and "q8 epoch 1/" not in again.stdout
+    assert _report(run_dir)["score"] == _report(tmp_path / "reference")["score"]
+    assert f"{_report(run_dir)['correct']}/360" in again.stdout
+
+
+def test_a_layer_pattern_matching_nothing_stops_the_run_before_training(tmp_path: Path):
+    result = run_train(*TINY, "compress=prune_q8", "+compress.stages.1.quantize.layer_bits={conv9:4}",
+                       f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: compress.stages[1].quantize: per-layer pattern 'conv9' matches no Conv/Linear layer; layers are: "
+        "conv1.0, conv2.0, conv3.0, fc ; fix: edit conf/compress/prune_q8.yaml or the compress.* override"]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained first
 
 
 def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path: Path):

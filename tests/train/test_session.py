@@ -1,0 +1,38 @@
+"""``train.run.Session`` checks that need no training: what a run refuses before its first stage starts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import build_stages
+from train import distributed
+from train.config import ConfigError
+from train.run import Session
+
+
+def _session(tiny_config, tmp_path: Path, *overrides: str) -> Session:
+    return Session(tiny_config(*overrides), distributed.Context(torch.device("cpu")), tmp_path)
+
+
+@pytest.mark.parametrize("teacher, message", [
+    ("q8", "stage prune: distill.teacher='q8' is not a stage before it"),
+    ("prune", "stage prune: distill.teacher='prune' is not a stage before it"),
+    ("/no/such/run", "stage prune: distill.teacher='/no/such/run' is neither baseline, a stage name nor an existing"),
+])
+def test_a_teacher_that_cannot_exist_is_refused_before_training(tiny_config, tmp_path: Path, teacher, message):
+    session = _session(tiny_config, tmp_path, "compress=distill_prune_q8",
+                       f"compress.stages.0.distill.teacher={teacher}")
+    with session:
+        stages = build_stages(session.config["compress"], load_teacher=session.load_teacher)
+        with pytest.raises(ConfigError, match=message):
+            session.check_teachers(stages)
+
+
+@pytest.mark.parametrize("teacher", ["baseline", "train", "prune", "."])
+def test_earlier_stages_and_existing_paths_are_accepted_as_teachers(tiny_config, tmp_path: Path, teacher):
+    session = _session(tiny_config, tmp_path, "compress=distill_prune_q8",
+                       f"compress.stages.1.distill.teacher={teacher}")
+    with session:
+        session.check_teachers(build_stages(session.config["compress"], load_teacher=session.load_teacher))
