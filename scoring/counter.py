@@ -10,7 +10,8 @@ the counter tracks:
 * its bit tag, set by quantizer modules (:mod:`scoring.protocol`) and kept through data movement;
 * the mask a module declared on it (``micronet_mask_bits``), kept through static ops of the same size
   (a weight quantizer, views) up to the conv/linear that stores it;
-* the op that produced it, so that a batch norm whose input comes from a conv/linear folds into it;
+* the op that produced it, so that a batch norm whose input comes from a conv/linear folds into it (decided
+  after tracing: a fold stands only if no other use of that stored weight needs it unscaled);
 * the parameters it derives from, so each stored value is counted once over all batches.
 
 Costs come from the rules table (:mod:`scoring.rules`); an op with no rule raises
@@ -70,6 +71,10 @@ class _Producer:
     weight: frozenset[int] = frozenset()
     folded: bool = False
     parts: tuple[_Producer, ...] = ()
+    #: The batch norm (by its parameters) tentatively folded into this output, None if none.
+    batch_norm: frozenset[int] | None = None
+    #: Read by a batch norm counted unfolded over the same channels: its affine can absorb a scale.
+    absorbed: bool = False
 
     def weights(self) -> list[frozenset[int]]:
         """The stored weights (by the parameters they derive from) whose scale a folded batch norm changes."""
@@ -83,10 +88,39 @@ class _Producer:
             return sum(part.unbiased_channels() for part in self.parts)
         return 0 if self.has_bias else self.channels
 
-    def fold(self) -> None:
+    def fold(self, batch_norm: frozenset[int]) -> None:
         self.folded = True
+        self.batch_norm = batch_norm
         for part in self.parts:
-            part.fold()
+            part.fold(batch_norm)
+
+    def absorb(self) -> None:
+        self.absorbed = True
+        for part in self.parts:
+            part.absorb()
+
+    def holds(self, batch_norm: frozenset[int]) -> bool:
+        """Whether this output can use a weight that absorbed ``batch_norm``'s scale: it was folded with that
+        batch norm, or an unfolded batch norm after it absorbs the inverse scale in its own affine."""
+        return self.batch_norm == batch_norm or self.absorbed
+
+
+@dataclass
+class _NormCall:
+    """One batch norm call, counted folded or unfolded once the trace is complete (see ``_Tracer.resolve_folds``).
+
+    ``producer`` is the output it tentatively folds into (None: counted unfolded); ``unbiased`` the channels a
+    fold gives a bias; ``width`` and ``scale_bits`` what it costs unfolded.
+    """
+
+    layer: _Layer
+    params: _Info
+    elements: int
+    channels: int
+    width: _Width
+    scale_bits: int | None
+    producer: _Producer | None = None
+    unbiased: int = 0
 
 
 def _concat_producer(tensors: list, dim: int, infos: list[_Info]) -> _Producer | None:
@@ -296,6 +330,10 @@ class _Tracer(TorchDispatchMode):
         self.counted_quantizers: set[int] = set()
         #: Stored weights (by their parameters) -> the batch norm (by its parameters) folded into them.
         self.folds: dict[frozenset[int], frozenset[int]] = {}
+        #: Stored weights (by their parameters) -> every conv/linear output computed with them.
+        self.uses: dict[frozenset[int], list[_Producer]] = {}
+        #: Every batch norm call in trace order, counted by resolve_folds.
+        self.norm_calls: list[_NormCall] = []
         self.narrowest_tag: tuple[int, str] | None = None
         self.rules_used: set[str] = set()
         self.keys: dict[Any, str] = {}
@@ -501,7 +539,7 @@ class _Tracer(TorchDispatchMode):
         self._dot(layer, (x, weight), weight, lines, out.numel() // out.shape[1])
         if bias is not None:
             self._bias(layer, bias, out)
-        return _Producer(layer.name, weight.shape[0], bias is not None, self._info(weight).roots)
+        return self._use(_Producer(layer.name, weight.shape[0], bias is not None, self._info(weight).roots))
 
     def _matmul(self, layer: _Layer, args: tuple, kwargs: dict, out: torch.Tensor) -> _Producer:
         bias, (a, b) = (args[0], args[1:3]) if len(args) >= 3 else (None, args[:2])
@@ -518,7 +556,13 @@ class _Tracer(TorchDispatchMode):
             self._add_ops(layer, self._operand_width((a, b)), out.numel(), 0)
         if bias is not None:
             self._bias(layer, bias, out)
-        return _Producer(layer.name, out.shape[-1], bias is not None, self._info(weight).roots)
+        return self._use(_Producer(layer.name, out.shape[-1], bias is not None, self._info(weight).roots))
+
+    def _use(self, producer: _Producer) -> _Producer:
+        """Record a conv/linear output as a use of its stored weight (a batch norm folds only if all uses agree)."""
+        if producer.weight:
+            self.uses.setdefault(producer.weight, []).append(producer)
+        return producer
 
     def _alpha(self, layer: _Layer, rule: Rule, arguments: Mapping[str, Any]) -> None:
         """``x + alpha·y`` with alpha != 1: 1 multiply per element of y, none for a constant or static y."""
@@ -559,7 +603,8 @@ class _Tracer(TorchDispatchMode):
         """Whether the batch norm ``batch_norm`` (its parameters) can fold into the layer that produced its input.
 
         It folds into an unfolded conv/linear with as many channels whose weights are stored (static) and have
-        absorbed no other batch norm's scale: a weight shared by two layers holds one scale only.
+        absorbed no other batch norm's scale: a weight shared by two layers holds one scale only. The fold is
+        tentative: resolve_folds undoes it if a weight is also used by an output the scale does not suit.
         """
         return (producer is not None and not producer.folded and producer.channels == channels
                 and all(weight and self.folds.get(weight, batch_norm) == batch_norm for weight in producer.weights()))
@@ -580,23 +625,48 @@ class _Tracer(TorchDispatchMode):
         params = _Info(static=True, roots=frozenset().union(*(self._info(t).roots for t in stored)))
         channels = x.shape[1]
         producer = self._info(x).producer
+        operands = [t for t in args[:2] if isinstance(t, torch.Tensor)]  # input and scale, if unfolded
+        scale_bits = self._info(args[1]).bits if isinstance(args[1], torch.Tensor) else None
+        call = _NormCall(layer, params, x.numel(), channels, self._operand_width(operands), scale_bits)
         if self._foldable(producer, channels, params.roots):
-            producer.fold()
+            producer.fold(params.roots)
             self.folds.update(dict.fromkeys(producer.weights(), params.roots))
-            if f"folded into {producer.layer}" not in layer.notes:
-                layer.notes.append(f"folded into {producer.layer}")
-            unbiased = producer.unbiased_channels()  # the folded shift becomes their bias
-            self._add_ops(layer, _NO_INPUT, 0, x.numel() // channels * unbiased)
-            if unbiased and self._first_use(params):
-                layer.stored.append(_Stored(unbiased, None))
-            return
-        operands = [t for t in args[:2] if isinstance(t, torch.Tensor)]  # input and scale
-        self._add_ops(layer, self._operand_width(operands), x.numel(), x.numel())
-        if self._first_use(params):
-            scale_bits = self._info(args[1]).bits if isinstance(args[1], torch.Tensor) else None
-            layer.stored.append(_Stored(2 * channels, scale_bits))
-        if "not folded" not in layer.notes:
-            layer.notes.append("not folded")
+            call.producer, call.unbiased = producer, producer.unbiased_channels()
+        elif producer is not None and producer.channels == channels:
+            producer.absorb()
+        self.norm_calls.append(call)
+
+    def _keeps_fold(self, call: _NormCall, verdicts: dict[tuple[frozenset[int], frozenset[int]], bool]) -> bool:
+        """Whether a tentative fold stands: every use of its weights was folded with the same batch norm, or is
+        read by an unfolded batch norm (which absorbs the inverse scale). A weight also used raw must be stored
+        unscaled for that use, so the batch norm is counted unfolded. ``verdicts`` caches (weight, batch norm)."""
+        for weight in call.producer.weights():
+            key = (weight, call.params.roots)
+            if key not in verdicts:
+                verdicts[key] = all(use.holds(call.params.roots) for use in self.uses.get(weight, ()))
+            if not verdicts[key]:
+                return False
+        return True
+
+    def resolve_folds(self) -> None:
+        """Count every batch norm call, in trace order, folded (a bias for its unbiased channels) or as a
+        per-channel affine (2 params per channel, 1 multiply and 1 add per element)."""
+        verdicts: dict[tuple[frozenset[int], frozenset[int]], bool] = {}
+        for call in self.norm_calls:
+            layer, params = call.layer, call.params
+            if call.producer is not None and self._keeps_fold(call, verdicts):
+                if f"folded into {call.producer.layer}" not in layer.notes:
+                    layer.notes.append(f"folded into {call.producer.layer}")
+                self._add_ops(layer, _NO_INPUT, 0, call.elements // call.channels * call.unbiased)
+                if call.unbiased and self._first_use(params):
+                    layer.stored.append(_Stored(call.unbiased, None))  # the folded shift becomes their bias
+                continue
+            self._add_ops(layer, call.width, call.elements, call.elements)
+            if self._first_use(params):
+                layer.stored.append(_Stored(2 * call.channels, call.scale_bits))
+            if "not folded" not in layer.notes:
+                layer.notes.append("not folded")
+        self.norm_calls.clear()
 
 
 # --- the result -----------------------------------------------------------------------------------
@@ -720,4 +790,5 @@ def count_model(model: nn.Module, inputs: torch.Tensor | Iterable[Any], *, accum
             module.training = training
     if not examples:
         raise ValueError("count_model got no input batches; pass a tensor batch or a non-empty iterable of batches")
+    tracer.resolve_folds()
     return _resolve(tracer, examples, accumulator_bits, freebie)

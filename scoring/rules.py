@@ -182,8 +182,12 @@ PROJECT_CONVENTIONS: Mapping[str, str] = MappingProxyType({
                       "block), the values it keeps × bits + those mask bits",
     "batch norm folding": "a batch norm folds into the conv/linear that produced its input (directly, through "
                           "reshapes, or through a channel concatenation of such outputs) when that layer's weight is "
-                          "stored (not computed at run time) and has absorbed no other batch norm: a weight shared by "
-                          "two layers holds one scale, so a second, different batch norm after it is counted unfolded",
+                          "stored (not computed at run time) and every use of that weight suits the folded scale: a "
+                          "weight shared by several conv/linear calls holds one scale, so the same batch norm after "
+                          "every use folds (its bias stored once); a second, different batch norm after it is counted "
+                          "unfolded (its affine absorbs the first one's scale); and if any use's output is not read "
+                          "by a batch norm (used raw), the batch norm is counted unfolded, whatever the order of the "
+                          "uses. A conv's own output read both by its batch norm and raw still folds",
     "empty dot product": "an output with no nonzero weight costs no additions (the official (L-1)·N would go negative)",
     "alpha scaling": "add/sub/rsub with alpha != 1 (x + alpha·y), and addmm/baddbmm's beta·bias and alpha·(a@b), "
                      "cost 1 multiply per element of the scaled tensor, none when it is a constant or derives only "

@@ -172,6 +172,52 @@ def test_a_shared_weight_absorbs_the_scale_of_one_batch_norm_only():
     assert _rows(count) == {"conv": (128, 32, 16, ""), "bn1": (64, 0, 16, "folded into conv")}
 
 
+class SharedConvOneNorm(nn.Module):
+    """One conv without bias applied twice, a BN after one use only: the first (``norm_first``) or the second."""
+
+    def __init__(self, norm_first: bool):
+        super().__init__()
+        self.norm_first = norm_first
+        self.conv = nn.Conv2d(2, 2, 1, bias=False)
+        self.bn = _trained_bn(nn.BatchNorm2d(2))
+
+    def forward(self, x):
+        if self.norm_first:
+            return self.conv(self.bn(self.conv(x)))  # the second use's output is raw
+        return self.bn(self.conv(self.conv(x)))  # the first use's output is raw
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_a_shared_weight_also_used_raw_keeps_the_batch_norm_unfolded(norm_first):
+    count = count_model(SharedConvOneNorm(norm_first), torch.randn(1, 2, 2, 2), freebie=False)
+    # The raw use needs W, the normalised use W·γ/σ: one stored tensor cannot be both, so the BN is unfolded,
+    # in either order. conv: 4 weights stored once (128 bits), 2 uses × (8 outputs × L = 2): 32 mults, 16 adds.
+    # bn: 2 params per channel = 4 × 32 = 128 bits, 1 mult + 1 add per element of its 1×2×2×2 input: 8, 8.
+    assert _rows(count) == {"conv": (128, 32, 16, ""), "bn": (128, 8, 8, "not folded")}
+    # totals: 256 bits, 40 mults, 24 adds (a fold would have given 192 bits, 32 mults, 24 adds)
+    assert (count.param_bits, count.mults, count.adds) == (256, 40, 24)
+
+
+class SharedLinearSameNorm(SharedLinear):
+    """SharedLinear with the same BN after each of the two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = _trained_bn(nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        return self.bn(self.b(self.bn(self.a(x))))
+
+
+def test_the_same_batch_norm_after_every_use_of_a_shared_weight_still_folds():
+    count = count_model(SharedLinearSameNorm(), torch.randn(1, 4), freebie=False)
+    # Both uses want W·γ/σ: the BN folds into both. a: 16 weights (512 bits), 4 outputs × L = 4: 16 mults,
+    # 12 adds; b: the same ops, nothing stored. bn: 4 biases stored once (128 bits), 4 bias adds per use: 8.
+    assert _rows(count) == {"a": (512, 16, 12, ""), "b": (0, 16, 12, ""),
+                            "bn": (128, 0, 8, "folded into a; folded into b")}
+    assert (count.param_bits, count.mults, count.adds) == (640, 32, 32)
+
+
 def test_batch_norm_after_a_weight_computed_at_run_time_is_counted_unfolded():
     class DynamicConv(nn.Module):
         def __init__(self):
