@@ -88,6 +88,7 @@ def backend_flags() -> tuple[bool, bool, bool]:
 
 
 def set_backend_flags(flags: tuple[bool, bool, bool]) -> None:
+    """Set what :func:`backend_flags` reads."""
     (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = flags
 
 

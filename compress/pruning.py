@@ -151,8 +151,10 @@ def mask_zeros(model: nn.Module) -> list[str]:
     """
     masked = []
     for name, module in weight_layers(model).items():
+        if find_parametrization(module, WeightMask) is not None:
+            continue
         keep = original_weight(module).detach() != 0
-        if find_parametrization(module, WeightMask) is not None or bool(keep.all()):
+        if bool(keep.all()):
             continue
         mask = WeightMask(module.weight.shape).to(module.weight.device)
         put_parametrization(module, mask, innermost=True)

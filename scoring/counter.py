@@ -69,12 +69,16 @@ class _Producer:
     has_bias: bool
     #: The parameters its weight derives from (empty: a weight computed at run time, which absorbs no scale).
     weight: frozenset[int] = frozenset()
-    folded: bool = False
     parts: tuple[_Producer, ...] = ()
     #: The batch norm (by its parameters) tentatively folded into this output, None if none.
     batch_norm: frozenset[int] | None = None
     #: Read by a batch norm counted unfolded over the same channels: its affine can absorb a scale.
     absorbed: bool = False
+
+    @property
+    def folded(self) -> bool:
+        """Whether a batch norm has (tentatively) folded into this output."""
+        return self.batch_norm is not None
 
     def weights(self) -> list[frozenset[int]]:
         """The stored weights (by the parameters they derive from) whose scale a folded batch norm changes."""
@@ -89,7 +93,6 @@ class _Producer:
         return 0 if self.has_bias else self.channels
 
     def fold(self, batch_norm: frozenset[int]) -> None:
-        self.folded = True
         self.batch_norm = batch_norm
         for part in self.parts:
             part.fold(batch_norm)

@@ -82,12 +82,6 @@ def quantizer_scales(module: nn.Module) -> tuple[int, int]:
     return count, bits
 
 
-def quantizer_param_bits(module: nn.Module) -> int:
-    """Bits of stored quantization parameters (scales, zero-points) a quantizer declares."""
-    count, bits = quantizer_scales(module)
-    return count * bits
-
-
 def declared_mask_bits(module: nn.Module) -> int | None:
     """The mask size a module declares through ``micronet_mask_bits`` (None: not declared), validated."""
     bits = getattr(module, "micronet_mask_bits", None)

@@ -138,9 +138,10 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, train, len(loader))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)  # hard or soft targets
         # Averaging masks or quantizer state would corrupt them: EMA only where nothing is attached.
-        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train.ema_decay), use_buffers=True)
-                    if train.ema_decay is not None and not techniques else None)
-        if train.ema_decay is not None and techniques:
+        self.ema = None
+        if train.ema_decay is not None and not techniques:
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train.ema_decay), use_buffers=True)
+        elif train.ema_decay is not None:
             log.warning("stage '%s': train.ema_decay=%s is not applied while %s is active (averaging would corrupt "
                         "masks and quantizer state); set ema_decay: null in the stage to silence this", tag,
                         train.ema_decay, ", ".join(t.name for t in techniques))

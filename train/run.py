@@ -118,14 +118,14 @@ def run(cfg: DictConfig) -> int:
     else:
         model = build_model(cfg)
         stages = [Stage(name="train", epochs=cfg.train.epochs, overrides={}, techniques=[])]
-    with reported_as_config_error(f"edit conf/compress/{cfg.compress.name}.yaml or the compress.* override"):
+    compress_fix = f"edit conf/compress/{cfg.compress.name}.yaml or the compress.* override"
+    with reported_as_config_error(compress_fix):
         stages += build_stages(session.config["compress"], load_teacher=session.load_teacher)
     session.check_teachers(stages)
     # Each stage's recipe, checked now rather than after hours of training the stages before it.
     recipes = [stage_train_config(cfg.train, stage.name, stage.epochs, stage.overrides) for stage in stages]
-    steps_per_epoch = len(session.train_loader)
-    with reported_as_config_error(f"edit conf/compress/{cfg.compress.name}.yaml or the compress.* override"):
-        rehearse_attach(model, stages, steps_per_epoch=steps_per_epoch)
+    with reported_as_config_error(compress_fix):
+        rehearse_attach(model, stages, steps_per_epoch=len(session.train_loader))
     model.to(ctx.device)
 
     with session, sigterm_flag() as preempted:

@@ -8,7 +8,7 @@ import torch.nn as nn
 from compress import ActivationQuantizer, QuantizeTechnique, WeightQuantizer
 from compress.base import find_parametrization
 from compress.quantization import _FakeQuantize
-from scoring.protocol import is_quantizer, quantizer_bits, quantizer_param_bits
+from scoring.protocol import is_quantizer, quantizer_bits, quantizer_scales
 
 from .loop import Digits, correct, train
 
@@ -72,9 +72,9 @@ def test_inputs_after_relu_are_unsigned_and_the_stem_input_signed(digits: Digits
     # What the scorer reads (scoring/protocol.py)
     conv2_weight = find_parametrization(model.conv2[0], WeightQuantizer)
     assert is_quantizer(conv2_weight) and quantizer_bits(conv2_weight) == 4
-    assert quantizer_param_bits(conv2_weight) == 64 * 32  # one fp32 scale per output channel
+    assert quantizer_scales(conv2_weight) == (64, 32)  # one fp32 scale per output channel
     assert quantizer_bits(q["conv2.0.input_quantizer"]) == 4
-    assert quantizer_param_bits(q["conv2.0.input_quantizer"]) == 32
+    assert quantizer_scales(q["conv2.0.input_quantizer"]) == (1, 32)
     # the layer really consumes the quantized input: at most 16 levels
     seen = {}
     model.conv2[0].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
