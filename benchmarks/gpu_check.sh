@@ -28,6 +28,7 @@ LOG="$OUT/gpu_check.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 failed=0
 
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -105,5 +106,4 @@ cp "$WORK/cifar_run/report.json" "$OUT/cifar_report.json" 2>/dev/null
 step tests 300 "$PYTHON" -m pytest tests -q -x -p no:cacheprovider "${test_args[@]}"
 
 echo "== $failed step(s) failed; log: $LOG" | tee -a "$LOG"
-rm -rf "$WORK"
 exit "$failed"
