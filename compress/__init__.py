@@ -10,10 +10,12 @@ from .distillation import DistillTechnique
 from .pruning import CubicSchedule, PruneTechnique, WeightMask, mask_sparsity, mask_zeros
 from .quantization import ActivationQuantizer, QuantizeTechnique, WeightQuantizer
 from .stages import Stage, build_stages
-from .state import apply_compression_state, compression_state, finalize_for_export
+from .state import apply_compression_state, check_compression_state, check_restored, compression_state, \
+    finalize_for_export
 
 __all__ = [
     "ActivationQuantizer", "CubicSchedule", "DistillTechnique", "PruneTechnique", "QuantizeTechnique", "Stage",
     "Technique", "WeightMask", "WeightQuantizer", "apply_compression_state", "build_stages",
-    "compression_state", "finalize_for_export", "mask_sparsity", "mask_zeros",
+    "check_compression_state", "check_restored", "compression_state", "finalize_for_export", "mask_sparsity",
+    "mask_zeros",
 ]

@@ -3,11 +3,25 @@
 A model is a function ``fn(num_classes, **kwargs) -> nn.Module`` decorated with :func:`register_model`;
 :func:`create_model` builds one by name. The registry is our own (not timm's) because several of our names
 (``resnet50``, ``efficientnet_b0``, ...) are also timm names with different defaults.
+
+Keyword arguments read from a file someone else wrote (an entry's ``model.kwargs``) are checked first by
+:func:`check_model_kwargs`: each must be a parameter of the registered function (any name, when it takes
+``**kwargs``), hold a plain value (None, bool, int, float or str: the architecture's structure comes from the
+function, not from the file; a number at most :data:`MAX_ARGUMENT` in magnitude, since model arguments are rates,
+sizes and multipliers, and timm expands a ``depth_multiplier`` of 10**6 into millions of block definitions before
+it builds anything), and never be one that makes a builder read files or fetch weights. Those are
+refused by name whatever the function accepts, because timm's builders honour them: a name that is, or
+contains as one of its ``_``-separated words, one of :data:`FILE_LOADING_WORDS` (``pretrained``,
+``pretrained_cfg``, ``pretrained_cfg_overlay``, ``checkpoint_path``, ``cache_dir``, torchvision's ``weights``,
+...), or whose last word is ``path`` / ``paths`` (``drop_path_rate`` is a regularizer and stays allowed).
 """
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+import inspect
+import reprlib
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -16,8 +30,20 @@ ModelFn = Callable[..., nn.Module]
 _MODEL_ENTRYPOINTS: dict[str, ModelFn] = {}
 
 
+#: Words of a keyword argument's name that mark it as reading files or weights (see the module docstring).
+FILE_LOADING_WORDS = frozenset({"pretrained", "checkpoint", "weights", "file", "filename", "dir", "url", "cache",
+                                "hub"})
+#: Values a keyword argument from a file may hold, and the largest magnitude of a number among them.
+_PLAIN_VALUES = (type(None), bool, int, float, str)
+MAX_ARGUMENT = 10_000
+
+
 class UnknownModelError(ValueError):
     """Raised by :func:`create_model` for a name that is not registered; the message lists the choices."""
+
+
+class ModelArgumentError(ValueError):
+    """Raised by :func:`check_model_kwargs` for a keyword argument an entry may not pass; the message says why."""
 
 
 def register_model(fn: ModelFn) -> ModelFn:
@@ -35,14 +61,54 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(fnmatch.filter(_MODEL_ENTRYPOINTS, pattern))
 
 
+def _loads_files(key: str) -> bool:
+    """Whether keyword argument ``key`` would make a model builder read a file or fetch weights."""
+    words = key.lower().split("_")
+    return bool(FILE_LOADING_WORDS.intersection(words)) or words[-1] in ("path", "paths")
+
+
+def check_model_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Check keyword arguments read from a file before :func:`create_model` gets them (see the module docstring).
+
+    Raises :class:`UnknownModelError` for an unregistered ``name`` and :class:`ModelArgumentError` for an
+    argument the function does not take, a structured value, or one that loads files or weights.
+    """
+    parameters = inspect.signature(_entrypoint(name)).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = [p for p, spec in parameters.items() if p != "num_classes" and spec.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or key == "num_classes":
+            raise ModelArgumentError(f"model argument {reprlib.repr(key)} is not allowed: the class count is "
+                                     "num_classes, given by the task")
+        if _loads_files(key):
+            raise ModelArgumentError(f"model argument {reprlib.repr(key)} is not allowed: it would make {name} read a "
+                                     "file or fetch weights, and a model is rebuilt from the entry's own weights only")
+        if key not in named and not takes_any:
+            raise ModelArgumentError(f"model {name} takes no argument {reprlib.repr(key)}; its arguments: "
+                                     f"{', '.join(named) or 'none besides num_classes'}")
+        if not isinstance(value, _PLAIN_VALUES):
+            raise ModelArgumentError(f"model argument {reprlib.repr(key)}={reprlib.repr(value)} is not a plain value "
+                                     "(null, bool, number or string)")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not abs(value) <= MAX_ARGUMENT:
+            raise ModelArgumentError(f"model argument {reprlib.repr(key)}={reprlib.repr(value)} is out of range: "
+                                     f"numbers are at most {MAX_ARGUMENT:,} in magnitude (rates, sizes, multipliers)")
+
+
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Build the registered model ``name`` with a ``num_classes``-way classifier.
 
     Extra keyword arguments go to the model function (e.g. ``drop_rate``, ``in_chans``).
     Raises :class:`UnknownModelError` for an unregistered name.
     """
-    if name not in _MODEL_ENTRYPOINTS:
-        raise UnknownModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    model_fn = _entrypoint(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    return _MODEL_ENTRYPOINTS[name](num_classes=num_classes, **kwargs)
+    return model_fn(num_classes=num_classes, **kwargs)
+
+
+def _entrypoint(name: str) -> ModelFn:
+    """The function registered as ``name``; :class:`UnknownModelError` lists the choices."""
+    if name not in _MODEL_ENTRYPOINTS:
+        raise UnknownModelError(f"unknown model {reprlib.repr(name)}; choose one of: {', '.join(list_models())}")
+    return _MODEL_ENTRYPOINTS[name]

@@ -13,29 +13,17 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 PROG = "python -m scoring"
-
-
-class _UsageError(ValueError):
-    """Bad command-line input: printed as one line, exit status 2."""
-
-
-def _task_config(task: str):
-    import conf
-    path = Path(conf.__file__).parent / "task" / f"{task}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise _UsageError(f"unknown task {task!r}; choose one of: {', '.join(known)}")
-    return OmegaConf.load(path)
 
 
 def architecture_main(argv: list[str]) -> int:
     """Count a registered architecture on one random input of the task's shape."""
     from models import UnknownModelError, create_model
     from scoring.counter import count_model
+    from scoring.kit import task_definition
     from scoring.report import build_report, layer_table, rules_text, totals_text
+    from scoring.rules import UnknownTaskError
 
     parser = argparse.ArgumentParser(prog=PROG, description="Count a registered architecture under the MicroNet rules.")
     parser.add_argument("--model", required=True, help="registered model name (models.list_models())")
@@ -45,16 +33,16 @@ def architecture_main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, help="also write the report (report.json schema, no gate) here")
     args = parser.parse_args(argv)
     try:
-        task = _task_config(args.task)
-        model = create_model(args.model, num_classes=args.num_classes or task.num_classes, in_chans=task.in_chans)
-    except (_UsageError, UnknownModelError) as exc:
+        task = task_definition(args.task)
+        model = create_model(args.model, num_classes=args.num_classes or task["num_classes"], in_chans=task["in_chans"])
+    except (UnknownTaskError, UnknownModelError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    size = args.input_size or task.input_size
-    inputs = torch.randn(1, task.in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    size = args.input_size or task["input_size"]
+    inputs = torch.randn(1, task["in_chans"], size, size, generator=torch.Generator().manual_seed(0))
     report = build_report(task=args.task, count=count_model(model, inputs), extra={
-        "model": args.model, "input_size": size, "num_classes": args.num_classes or task.num_classes})
-    print(f"{args.model} on {args.task} ({task.in_chans}×{size}×{size}, untrained)\n")
+        "model": args.model, "input_size": size, "num_classes": args.num_classes or task["num_classes"]})
+    print(f"{args.model} on {args.task} ({task['in_chans']}×{size}×{size}, untrained)\n")
     print(layer_table(report["layers"]), totals_text(report), "Project rules used:\n" + rules_text(report), sep="\n\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,8 @@ def writeup(entry: Entry, report: dict[str, Any], train_command: str) -> str:
         "The resolved config of the run (every value, defaults included) is in `entry/entry.json`.",
         f"## How to verify\n\n    python -m scoring verify BUNDLE{data_flag}\n\n"
         "first checks every file against `SHA256SUMS` (a changed, missing or unlisted file fails; "
-        "`sha256sum -c SHA256SUMS` inside the bundle checks the same), then "
+        "`sha256sum -c SHA256SUMS` inside the bundle checks the same), then checks the entry against the kit "
+        "(its task as the kit defines it, the official score settings), "
         "rebuilds the model from `entry/entry.json`, loads `entry/model.safetensors` (never unpickled), evaluates "
         "it on the test set, recounts it and compares with `report.json`: exact correct/total and gate verdict; "
         "params, ops and score to 1e-9 relative; every layer's counts. Exit status 0 when all agree.",

@@ -48,9 +48,9 @@ def test_manifest_lists_every_file_and_sha256sum_accepts_it(bundle):
 
 
 def edit_one_byte(path: Path) -> None:
-    """Change one digit of the file: ``"examples": 64`` becomes ``"examples": 54`` (still valid JSON)."""
+    """Change one digit of the file: ``"examples": 256`` becomes ``"examples": 556`` (still valid JSON)."""
     data = path.read_bytes()
-    at = data.index(b'"examples": 64') + len(b'"examples": ')
+    at = data.index(b'"examples": 256') + len(b'"examples": ')
     path.write_bytes(data[:at] + b"5" + data[at + 1:])
 
 
