@@ -51,8 +51,9 @@ def _check_window(window: int) -> None:
 class TrainStreams:
     """``(inputs, targets)`` windows ``[batch_size, length]`` of this rank's streams (module doc).
 
-    ``tokens``: the train stream (1-D integer array). ``len()`` = windows per epoch; ``dataset_size`` = tokens
-    in the train stream (all ranks); call :meth:`set_epoch` before iterating an epoch.
+    ``tokens``: the train stream (1-D integer array, e.g. a memory-mapped :attr:`data.wikitext.Corpus.train`).
+    ``len()`` = windows per epoch; ``dataset_size`` = tokens in the train stream (all ranks); ``streams`` = this
+    rank's ``[batch_size, L]`` view of it. Call :meth:`set_epoch` before iterating an epoch.
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, window: int, *, variable: bool = False, seed: int = 0,
@@ -68,14 +69,14 @@ class TrainStreams:
         length = len(tokens) // streams
         if length < window + 1:
             max_batch, max_window = len(tokens) // (world_size * (window + 1)), length - 1
-            fixes = ([f"batch_size <= {max_batch} at window {window}"] if max_batch else []) + (
-                [f"window <= {max_window} at batch_size {batch_size}"] if max_window else []) or [
-                "a longer train stream"]
+            fixes = [f"batch_size <= {max_batch} at window {window}"] if max_batch else []
+            if max_window:
+                fixes.append(f"window <= {max_window} at batch_size {batch_size}")
             raise ValueError(f"the train stream of {len(tokens):,} tokens is too short for {streams} streams "
                              f"(batch_size {batch_size} x {world_size} processes) of window + 1 = {window + 1} "
-                             f"tokens: each gets {length:,} ; fix: {' or '.join(fixes)}")
+                             f"tokens: each gets {length:,} ; fix: {' or '.join(fixes) or 'a longer train stream'}")
         self.streams = tokens[rank * batch_size * length:(rank + 1) * batch_size * length].reshape(batch_size, length)
-        self.window, self.variable, self.seed = window, variable, seed
+        self.batch_size, self.window, self.variable, self.seed = batch_size, window, variable, seed
         self.num_windows = (length - 1) // window
         self.dataset_size = len(tokens)
         self.epoch = 0

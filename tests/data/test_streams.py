@@ -116,3 +116,15 @@ def test_eval_stream_is_one_sequence_with_len_minus_one_predictions():
     # A window that divides the predictions exactly: 100 / 25 = 4 windows; one window of everything.
     assert len(EvalStream(tokens, 25)) == 4 and [i.shape[1] for i, _ in EvalStream(tokens, 25)] == [25] * 4
     assert len(EvalStream(tokens, 1000)) == 1
+
+
+def test_streams_are_views_of_a_memory_mapped_corpus(tmp_path):
+    """The cached corpus arrays are read-only int32 memory maps: batching cuts views, never a copy of the stream."""
+    np.save(tmp_path / "ids.npy", np.arange(T, dtype=np.int32))
+    ids = np.load(tmp_path / "ids.npy", mmap_mode="r")
+    loader = TrainStreams(ids, batch_size=4, window=10)
+    assert np.shares_memory(loader.streams, ids)
+    inputs, targets = next(iter(loader))
+    assert inputs.dtype == torch.int64 and inputs[:, 0].tolist() == [0, 250, 500, 750]
+    inputs, targets = next(iter(EvalStream(ids, window=10)))
+    assert inputs.tolist() == [list(range(10))] and targets.tolist() == [list(range(1, 11))]
