@@ -68,6 +68,12 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
         return out, state
 
 
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the last dim in at least float32 (under autocast the logits may come out narrower)."""
+    narrow = logits.dtype in (torch.float16, torch.bfloat16)
+    return F.log_softmax(logits, dim=-1, dtype=torch.float32 if narrow else None)
+
+
 class LinearSoftmax(nn.Linear):
     """Full softmax: an ``nn.Linear`` (``in_features`` → V) whose weight rows are also the tied token table."""
 
@@ -75,7 +81,7 @@ class LinearSoftmax(nn.Linear):
         return F.embedding(tokens, self.weight)
 
     def log_prob(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self(hidden), dim=-1)
+        return log_softmax(self(hidden))
 
     def nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self(hidden)
@@ -132,7 +138,7 @@ class AdaptiveSoftmax(nn.Module):
         return ids
 
     def _cluster_log_prob(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.clusters[k](self.projections[k](hidden)), dim=-1)
+        return log_softmax(self.clusters[k](self.projections[k](hidden)))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)
@@ -168,10 +174,11 @@ class AdaptiveSoftmax(nn.Module):
         # A shortlist word's own head score, or the head's score of the word's cluster.
         log_p = head.gather(1, torch.where(ids == 0, flat, self.cutoffs[0] - 1 + ids)[:, None]).squeeze(1)
         for k in range(1, len(self.clusters)):
+            # Also when no target is in the cluster (0 rows, no work): every parameter stays in the graph, as
+            # DistributedDataParallel expects of each step.
             rows = (ids == k).nonzero().squeeze(1)
-            if rows.numel():
-                tail = self._cluster_log_prob(k, flat_hidden[rows])
-                log_p = log_p.index_add(0, rows, tail.gather(1, (flat[rows] - self.bounds[k])[:, None]).squeeze(1))
+            tail = self._cluster_log_prob(k, flat_hidden[rows])
+            log_p = log_p.index_add(0, rows, tail.gather(1, (flat[rows] - self.bounds[k])[:, None]).squeeze(1))
         return -log_p.view(targets.shape).float()
 
 

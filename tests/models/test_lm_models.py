@@ -77,6 +77,19 @@ def test_full_distribution_and_cheap_nll(name):
     torch.testing.assert_close(nll, -log_probs.gather(-1, targets[..., None]).squeeze(-1), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["lstm_lm_baseline", "lstm_lm", "txl_micronet"])
+def test_mixed_precision_keeps_float32_outputs(name):
+    model, tokens = tiny(name), stream(length=12)
+    with torch.no_grad():
+        reference, _ = model(tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            log_probs, state = model(tokens)
+            nll, _ = model(tokens, state, targets=tokens)  # a carried state mixes widths in the caches
+    assert log_probs.dtype == nll.dtype == torch.float32
+    assert torch.allclose(log_probs.logsumexp(-1), torch.zeros(2, 12), atol=1e-5)
+    assert (log_probs - reference).abs().max() < 0.1  # bfloat16 matmuls: 8 significant bits
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_windows_of_any_length_equal_token_by_token(name):
     model, tokens = tiny(name), stream()
@@ -214,10 +227,10 @@ def test_the_cheap_path_computes_only_the_targets_clusters(name):
     calls, _ = _cluster_calls(model.decoder)
     with torch.no_grad():
         model(tokens, targets=torch.tensor([[1, 2, 3, 4, 5, 6]]))  # all in the head
-        assert calls == [[6], [], []]
+        assert calls == [[6], [0], [0]]  # a cluster without targets runs on no rows (its weights stay in the graph)
         calls[:] = [[] for _ in calls]
         model(tokens, targets=torch.tensor([[1, 40, 2, 50, 59, 3]]))  # three in cluster 2
-        assert calls == [[6], [], [3]]
+        assert calls == [[6], [0], [3]]
         calls[:] = [[] for _ in calls]
         model(tokens)  # the full distribution: every cluster for every position
         assert calls == [[6], [6], [6]]
@@ -241,6 +254,15 @@ def test_the_adaptive_input_projects_only_the_tokens_of_each_cluster():
         out = decoder.embed(torch.tensor([[3, 12, 45, 13, 14, 0]]))  # 2 head (no projection), 3 + 1 in the tails
     assert recorder.shapes == [((3, 8), (8, 16)), ((1, 2), (2, 16))]
     assert out.shape == (1, 6, 16)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_every_parameter_gets_a_gradient_even_when_a_cluster_has_no_target(name):
+    model = tiny(name).train()
+    nll, _ = model(stream(length=6), targets=torch.tensor([[1, 2, 3, 4, 5, 6]] * 2))  # head targets only
+    nll.mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    assert model.decoder.clusters[2].weight.grad.abs().sum() > 0  # still trained as the input table of 45
 
 
 @pytest.mark.parametrize("name", ["lstm_lm", "txl_micronet"])
@@ -383,9 +405,10 @@ def test_lstm_lm_baseline_is_the_challenge_baseline():
 
 def test_lstm_lm_parameters_at_a_demo_vocabulary():
     model = create_model("lstm_lm", num_classes=20_000)
-    softmax = adaptive_softmax_params(256, 20_000, [2_000, 8_000], [256, 64, 16])
-    assert softmax == (256 * 2_002 + 2_002) + (256 * 64 + 64 * 6_000 + 6_000) + (256 * 16 + 16 * 12_000 + 12_000)
-    assert n_params(model) == softmax + 4 * 256 * (256 + 256) + 4 * 256
+    softmax = adaptive_softmax_params(128, 20_000, [1_000, 5_000], [128, 32, 8])
+    assert softmax == (128 * 1_002 + 1_002) + (128 * 32 + 32 * 4_000 + 4_000) + (128 * 8 + 8 * 15_000 + 15_000) \
+        == 401_378
+    assert n_params(model) == softmax + 4 * 128 * (128 + 128) + 4 * 128 == 532_962
 
 
 @pytest.mark.parametrize("name,cls", [("lstm_lm_baseline", LSTMLanguageModel), ("lstm_lm", LSTMLanguageModel),
@@ -404,7 +427,7 @@ def test_config_files_list_every_option_with_the_registered_default(name, cls):
 # --- errors -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("build,match", [
-    (lambda: create_model("lstm_lm", num_classes=5_000), r"cutoffs \[2000, 8000\] must be .* inside \(0, 5000\)"),
+    (lambda: create_model("lstm_lm", num_classes=4_000), r"cutoffs \[1000, 5000\] must be .* inside \(0, 4000\)"),
     (lambda: AdaptiveSoftmax(16, V, [30, 10]), "increasing strictly"),
     (lambda: AdaptiveSoftmax(16, V, [10, 30], [16, 8]), "widths .* must be 3 positive integers"),
     (lambda: create_model("lstm_lm_baseline", num_classes=V, output_proj=None), "output_proj=512"),
