@@ -1,7 +1,7 @@
 """Compression stages for MicroNet entries: gradual magnitude pruning, quantization-aware training,
 knowledge distillation, composed into ordered stages by ``conf/compress/*.yaml``.
 
-Works on any ``nn.Module`` (layers chosen by type — Conv/Linear — and by name pattern) and declares
+Works on any ``nn.Module`` (layers chosen by type — Conv/Linear/Embedding — and by name pattern) and declares
 bit widths to the scorer only through ``scoring.protocol``'s attributes. See ``compress/base.py`` for
 the hooks the training loop calls.
 """

@@ -4,9 +4,11 @@ A *stage* (see ``compress/stages.py``) is a named block of training with its own
 rate, during which a list of :class:`Technique` objects is active. The loop in ``train/`` knows nothing
 about pruning or quantization: it calls these hooks, in this order, for every stage:
 
-0. ``configure(steps_per_epoch=...)`` once when the stage starts or resumes, with the number of
-   optimizer steps in one epoch of this stage (``len(train_loader)``), so that schedules written in
-   epochs or fractions of the stage can be converted to steps.
+0. ``configure(steps_per_epoch=..., predict=...)`` once when the stage starts or resumes, with the number
+   of optimizer steps in one epoch of this stage (``len(train_loader)``), so that schedules written in
+   epochs or fractions of the stage can be converted to steps, and the task's way of running a model on a
+   batch (:data:`Predict`: a classifier maps images to logits; a language model maps a window of tokens and
+   the state carried from the previous window to log-probabilities and the next state).
 1. ``attach(model)`` once when the stage starts or resumes. It adds the technique's structure to the
    model (masks, quantizers) and must be idempotent: on resume the structure is already there, restored
    from the checkpoint by :func:`compress.apply_compression_state`. Build the optimizer *after* attach:
@@ -18,6 +20,9 @@ about pruning or quantization: it calls these hooks, in this order, for every st
 4. ``scalars(model)`` whenever the loop logs: numbers for TensorBoard and the progress line.
 5. ``on_stage_end(model)`` after the stage's last epoch: training-only behaviour of the stage (e.g.
    frozen BatchNorm statistics) ends here, so that later stages train normally.
+
+A technique that carries state from batch to batch (a distillation teacher's language-model state) saves it
+in every checkpoint through ``state_dict()`` / ``load_state_dict()``.
 
 Compression state lives on the model (masks and quantizers are submodules and buffers), so it is saved
 with every ``state_dict``; the *structure* needed to rebuild it is described by
@@ -31,12 +36,21 @@ positions to epochs, and finding parametrizations on a layer's weight.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
+
+#: ``predict(model, inputs, carry) -> (outputs, carry)``: how the task runs a model on a batch, given what the
+#: previous batch left (None at the start; a language model's state), returning what the next batch continues from.
+Predict = Callable[[nn.Module, torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+def predict_outputs(model: nn.Module, inputs: torch.Tensor, carry: Any = None) -> tuple[torch.Tensor, Any]:
+    """The :data:`Predict` of independent batches (classification): ``model(inputs)``, nothing carried."""
+    return model(inputs), None
 
 
 class Technique:
@@ -44,9 +58,12 @@ class Technique:
 
     #: Short name used in logs ("prune", "quantize", "distill").
     name: str = "technique"
+    #: Whether :meth:`loss` reads the model's outputs (a task that can skip computing them then computes them).
+    needs_outputs: bool = False
 
-    def configure(self, *, steps_per_epoch: int) -> None:
-        """Called before :meth:`attach` with the number of optimizer steps per epoch of the stage."""
+    def configure(self, *, steps_per_epoch: int, predict: Predict = predict_outputs) -> None:
+        """Called before :meth:`attach` with the number of optimizer steps per epoch of the stage and the task's
+        :data:`Predict`."""
 
     def attach(self, model: nn.Module) -> None:
         """Add this technique's structure to ``model`` (idempotent)."""
@@ -72,6 +89,13 @@ class Technique:
 
     def on_stage_end(self, model: nn.Module) -> None:
         """Called once after the last epoch of the stage."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the technique carries between batches, for a checkpoint (none by default)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (called on resume, after :meth:`attach`)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,17 +213,17 @@ def stage_epochs_at(value: float, unit: str, stage_epochs: int) -> float:
 # --------------------------------------------------------------------------------------------------
 
 #: Layer types whose weights are pruned and quantized (transposed convolutions are not: their output
-#: channels are not the weight's first dimension).
-WEIGHT_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+#: channels are not the weight's first dimension). An embedding table's rows play the output channels.
+WEIGHT_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every conv / linear layer of ``model`` by qualified name, in registration order."""
+    """Every conv / linear / embedding layer of ``model`` by qualified name, in registration order."""
     return {name: module for name, module in model.named_modules() if isinstance(module, WEIGHT_LAYER_TYPES)}
 
 
 def first_and_last(model: nn.Module) -> set[str]:
-    """Names of the first and last conv/linear layers in registration order (the stem and the classifier
+    """Names of the first and last conv/linear/embedding layers in registration order (the stem and the classifier
     of timm / torchvision models), which are usually kept denser and at higher precision."""
     names = list(weight_layers(model))
     return {names[0], names[-1]} if names else set()
@@ -227,12 +251,12 @@ def select_layers(model: nn.Module, settings: Settings, *, include: Sequence[str
     """
     layers = weight_layers(model)
     if not layers:
-        raise ValueError(f"{settings.where}: the model has no Conv/Linear layer to compress")
+        raise ValueError(f"{settings.where}: the model has no Conv/Linear/Embedding layer to compress")
     for key, patterns in (("layers", include), ("exclude", exclude), ("per-layer", list(per_layer))):
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
                 shown = ", ".join(list(layers)[:12]) + (", ..." if len(layers) > 12 else "")
-                raise ValueError(f"{settings.where}: {key} pattern {pattern!r} matches no Conv/Linear layer; "
+                raise ValueError(f"{settings.where}: {key} pattern {pattern!r} matches no Conv/Linear/Embedding layer; "
                                  f"layers are: {shown}")
     return {name: m for name, m in layers.items() if matches(name, include) and not matches(name, exclude)}
 

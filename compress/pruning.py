@@ -32,8 +32,8 @@ Config keys of a stage's ``prune:`` mapping (values checked by :class:`PruneTech
     structure           unstructured | block | nm; default unstructured
     block_shape         [rows, cols] of a block (structure=block); partial blocks at the edges count
     nm                  [n, m] (structure=nm): imposed at the start step, not gradual
-    layers, exclude     fnmatch patterns of conv/linear layer names; default ["*"] and []
-    first_last_sparsity final sparsity of the first and last conv/linear layers; default 0 (not
+    layers, exclude     fnmatch patterns of conv/linear/embedding layer names; default ["*"] and []
+    first_last_sparsity final sparsity of the first and last conv/linear/embedding layers; default 0 (not
                         pruned); null = like the others
     layer_sparsity      {pattern: final sparsity}; the first matching pattern wins over the above
 """
@@ -47,8 +47,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .base import REQUIRED, UNITS, Settings, Technique, find_parametrization, first_and_last, first_match, \
-    original_weight, put_parametrization, select_layers, stage_epochs_at, weight_layers
+from .base import REQUIRED, UNITS, Predict, Settings, Technique, find_parametrization, first_and_last, first_match, \
+    original_weight, predict_outputs, put_parametrization, select_layers, stage_epochs_at, weight_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +161,7 @@ def mask_sparsity(model: nn.Module) -> dict[str, float]:
 
 
 def mask_zeros(model: nn.Module) -> list[str]:
-    """Give every conv/linear layer without a mask whose weight holds exact zeros a mask of its non-zeros.
+    """Give every conv/linear/embedding layer without a mask whose weight holds exact zeros a mask of its non-zeros.
 
     An entry stores pruned weights as zeros, its masks baked in (``compress.finalize_for_export``); a model
     started from one (``init=``) gets its masks back this way, so that further training keeps them pruned.
@@ -250,7 +250,7 @@ class PruneTechnique(Technique):
             raise s.error(key, value, "two positive integers, e.g. [1, 4] or [2, 4]")
         return int(value[0]), int(value[1])
 
-    def configure(self, *, steps_per_epoch: int) -> None:
+    def configure(self, *, steps_per_epoch: int, predict: Predict = predict_outputs) -> None:
         total = self.stage_epochs * steps_per_epoch
 
         def steps(value: float) -> int:

@@ -1,14 +1,15 @@
 """Quantization-aware training: fake quantization of weights and activations, declared to the scorer.
 
-Weights: symmetric, one step size per output channel, integers in [−(2^(b−1)−1), 2^(b−1)−1] (so at
-most 2^b − 1 values per channel, and 0 ↦ 0: pruned weights stay exactly zero). The quantizer is a
+Weights (of conv, linear and embedding layers): symmetric, one step size per output channel (an embedding:
+per row), integers in [−(2^(b−1)−1), 2^(b−1)−1] (so at most 2^b − 1 values per channel, and 0 ↦ 0: pruned
+weights stay exactly zero). The quantizer is a
 :mod:`torch.nn.utils.parametrize` parametrization registered after the pruning mask, so the executed
 ``module.weight`` is ``quantize(original * mask)``. It carries ``micronet_bits`` and
 ``micronet_scale_count = out_channels`` (scoring/protocol.py).
 
-Activations: one quantizer per conv/linear input (``module.input_quantizer``), run from a forward
-pre-hook through ``__call__`` so the scorer's module hooks see it; per-tensor, unsigned in
-[0, 2^b − 1] when the first training batch it sees is non-negative (e.g. after ReLU), otherwise
+Activations: one quantizer per conv/linear input (``module.input_quantizer``; not for an embedding, whose
+input is token ids and whose output is rows of the quantized table), run from a forward pre-hook through
+``__call__`` so the scorer's module hooks see it; per-tensor, unsigned in [0, 2^b − 1] when the first training batch it sees is non-negative (e.g. after ReLU), otherwise
 symmetric signed; zero-point 0 in both cases, hence ``micronet_scale_count = 1``. An input that
 turns negative after an unsigned calibration is clipped at 0.
 
@@ -39,10 +40,10 @@ Config keys of a stage's ``quantize:`` mapping (checked by :class:`QuantizeTechn
     activation_bits     2..8 or 16, or null (inputs stay float); default 8
     method              lsq | minmax | moving_average; default lsq
     averaging_constant  moving_average only, in (0, 1]; default 0.01
-    first_last_bits     weight and input bits of the first and last conv/linear layers; default 8;
+    first_last_bits     weight and input bits of the first and last conv/linear/embedding layers; default 8;
                         null = like the others
     layer_bits          {pattern: bits, or {weight: bits, activation: bits}}; first match wins
-    layers, exclude     fnmatch patterns of conv/linear layer names; default ["*"] and []
+    layers, exclude     fnmatch patterns of conv/linear/embedding layer names; default ["*"] and []
     unit                fraction | epoch: unit of freeze_observers and freeze_bn; default fraction
     freeze_observers    stage position from which step sizes are fixed; null = never (default)
     freeze_bn           stage position from which BatchNorm statistics are frozen; null = never (default)
@@ -442,7 +443,7 @@ class QuantizeTechnique(Technique):
                 current = WeightQuantizer(module.weight.detach(), weight_bits, self.method)
                 put_parametrization(module, current)
             self._quantizers.append(current)
-            if input_bits is None:
+            if input_bits is None or isinstance(module, nn.Embedding):  # an embedding's input is token ids
                 continue
             wanted = ActivationQuantizer(input_bits, self.method, self.averaging_constant)
             present = module._modules.get("input_quantizer")

@@ -15,7 +15,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.datasets import CIFAR100, ImageFolder
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -26,6 +26,10 @@ DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 
 IMAGENET_CROP = 224
+
+# The validation hold-out never depends on the run's seed either: runs that differ in their seed train on the
+# same examples and are compared on the same held-out ones.
+VAL_SPLIT_SEED = 0
 
 
 class DatasetError(Exception):
@@ -52,6 +56,37 @@ class ArrayImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         image = self.images[index]
         return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), int(self.targets[index])
+
+
+class LabelledSubset(Subset):
+    """A :class:`~torch.utils.data.Subset` that keeps the ``targets`` of the examples it selects."""
+
+    @property
+    def targets(self) -> list[int]:
+        targets = self.dataset.targets
+        return [int(targets[i]) for i in self.indices]
+
+
+def hold_out(dataset: Dataset, size: float | int) -> tuple[Dataset, Dataset]:
+    """``(rest, held out)``: a stratified validation hold-out of ``size`` examples (an int) or of that fraction
+    of ``dataset`` (a float in (0, 1)), drawn with :data:`VAL_SPLIT_SEED`; both keep the dataset's order.
+
+    ``dataset`` has ``targets`` (an :class:`ArrayImageDataset` or torchvision's ImageFolder); array datasets stay
+    arrays (the GPU-resident loader needs them), others become :class:`LabelledSubset`.
+    """
+    targets = np.asarray(dataset.targets)
+    total, classes = len(targets), len(np.unique(targets))
+    count = round(size * total) if isinstance(size, float) else int(size)
+    if not classes <= count <= total - classes:
+        raise ValueError(f"data.val_split={size} holds out {count} of the {total} training examples; a stratified "
+                         f"hold-out needs between {classes} and {total - classes} (one example of each of the "
+                         f"{classes} classes on each side): choose a fraction in (0, 1) or a count in that range")
+    rest, held = train_test_split(np.arange(total), test_size=count, stratify=targets, random_state=VAL_SPLIT_SEED)
+    rest, held = np.sort(rest), np.sort(held)
+    if isinstance(dataset, ArrayImageDataset):
+        return (ArrayImageDataset(dataset.images[rest], targets[rest]),
+                ArrayImageDataset(dataset.images[held], targets[held]))
+    return LabelledSubset(dataset, rest.tolist()), LabelledSubset(dataset, held.tolist())
 
 
 @dataclass(frozen=True)

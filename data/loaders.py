@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import AugmentOptions
-from .datasets import IMAGENET_CROP, Splits, cifar100_splits, digits_splits, imagenet_splits
+from .datasets import IMAGENET_CROP, Splits, cifar100_splits, digits_splits, hold_out, imagenet_splits
 from .gpu_loader import GpuResidentLoader, unsupported_on_device
 from .sampling import AugmentedDataset, EpochSampler
 from .transforms import eval_transform, train_transform
@@ -31,6 +32,14 @@ class EpochDataLoader(SizedDataLoader):
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration's order and augmentation a function of (seed, epoch)."""
         self.sampler.set_epoch(epoch)
+
+
+class Loaders(NamedTuple):
+    """A task's loaders: training, validation (None without a validation split) and test."""
+
+    train: Any
+    val: Any
+    test: Any
 
 
 def _splits(dataset: str, root: str | None, download: bool) -> Splits:
@@ -57,15 +66,16 @@ def gpu_resident_supported(dataset: str, augment: Mapping | None) -> bool:
 def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch_size: int,
                   augment: Mapping | None, num_workers: int, pin_memory: bool, download: bool, seed: int,
                   distributed: bool = False, device: torch.device | None = None,
-                  gpu_resident: bool = False) -> tuple[EpochDataLoader | GpuResidentLoader,
-                                                       SizedDataLoader | GpuResidentLoader]:
-    """Train and test loaders yielding ``(normalised float NCHW inputs, int64 targets)``.
+                  gpu_resident: bool = False, val_split: float | int = 0) -> Loaders:
+    """Train, validation and test loaders yielding ``(normalised float NCHW inputs, int64 targets)``.
 
     The train loader shuffles, augments with ``augment`` (see :class:`AugmentOptions`) and drops the last
-    partial batch; call its ``set_epoch(epoch)`` before each epoch. The test loader keeps dataset order
-    and, when distributed, gives each rank every world-size-th example (no padding, so summed counts
-    are exact). ``gpu_resident`` (digits, cifar100) keeps the data on ``device`` and augments there.
-    Both loaders have ``len()`` (batches on this rank) and ``dataset_size`` (examples in the dataset).
+    partial batch; call its ``set_epoch(epoch)`` before each epoch. ``val_split`` (a fraction in (0, 1) or a
+    count; 0 = none) holds out a stratified, fixed part of the training data (:func:`data.datasets.hold_out`)
+    as the validation set. The validation and test loaders keep dataset order, do not augment and, when
+    distributed, give each rank every world-size-th example (no padding, so summed counts are exact).
+    ``gpu_resident`` (digits, cifar100) keeps the data on ``device`` and augments there. Every loader has
+    ``len()`` (batches on this rank) and ``dataset_size`` (examples in the dataset).
     """
     for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
         if value < 1:
@@ -85,26 +95,32 @@ def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch
                          f"its mirror in the batch), got {batch_size}")
     rank, world_size = _rank_and_world(distributed)
     splits = _splits(dataset, root, download)
-    if len(splits.train) // world_size < batch_size:
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(splits.train) // world_size} training examples "
+    train_examples, val_examples = hold_out(splits.train, val_split) if val_split else (splits.train, None)
+    if len(train_examples) // world_size < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(train_examples) // world_size} training examples "
                          f"per rank of {dataset}; lower it")
     if gpu_resident:
         common = dict(mean=splits.mean, std=splits.std, device=device or torch.device("cpu"), seed=seed,
                       rank=rank, world_size=world_size)
-        return (GpuResidentLoader(splits.train, batch_size=batch_size, options=options, **common),
-                GpuResidentLoader(splits.test, batch_size=eval_batch_size, options=None, **common))
+        resident = [None if part is None else GpuResidentLoader(part, batch_size=eval_batch_size, options=None,
+                                                                 **common) for part in (val_examples, splits.test)]
+        return Loaders(GpuResidentLoader(train_examples, batch_size=batch_size, options=options, **common), *resident)
 
     resize_crop = dataset == "imagenet"
     image_size = IMAGENET_CROP if resize_crop else splits.train.images.shape[1]
     geometry = dict(image_size=image_size, mean=splits.mean, std=splits.std, resize_crop=resize_crop)
-    train_set = AugmentedDataset(splits.train, train_transform(options, **geometry), stochastic=options.is_random)
-    test_set = AugmentedDataset(splits.test, eval_transform(options, **geometry))
+    train_set = AugmentedDataset(train_examples, train_transform(options, **geometry), stochastic=options.is_random)
     workers = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
     train = EpochDataLoader(
         train_set, batch_size=batch_size, drop_last=True,
         sampler=EpochSampler(train_set, seed, num_replicas=world_size, rank=rank),
         # Worker seeds come from this generator, never from the global RNG the training step draws from.
         generator=torch.Generator().manual_seed(seed), **workers)
-    test = SizedDataLoader(test_set, batch_size=eval_batch_size, sampler=range(rank, len(test_set), world_size),
-                           generator=torch.Generator().manual_seed(seed), **workers)
-    return train, test
+
+    def evaluation(examples: Dataset | None) -> SizedDataLoader | None:
+        if examples is None:
+            return None
+        dataset = AugmentedDataset(examples, eval_transform(options, **geometry))
+        return SizedDataLoader(dataset, batch_size=eval_batch_size, sampler=range(rank, len(dataset), world_size),
+                               generator=torch.Generator().manual_seed(seed), **workers)
+    return Loaders(train, evaluation(val_examples), evaluation(splits.test))

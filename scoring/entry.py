@@ -406,13 +406,18 @@ def _storable(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _model_spec(config: dict[str, Any]) -> dict[str, Any]:
-    """Registry name, class count and kwargs of the model, read from the resolved run config."""
+def model_spec(config: dict[str, Any]) -> dict[str, Any]:
+    """Registry name, class count and keyword arguments of a run's model, from its resolved config: the
+    task's input (``data.tasks.Task.model_kwargs``, e.g. ``in_chans``) and then the config's ``model.kwargs``.
+    Training builds its model, and an entry records it, from this one spec."""
+    from data.tasks import build_task
+
     try:
-        return {"name": config["model"]["name"], "num_classes": int(config["task"]["num_classes"]),
-                "kwargs": dict(config["model"].get("kwargs") or {})}
-    except (KeyError, TypeError) as err:
-        raise EntryError(f"config lacks {err}; pass the resolved run config "
+        task = build_task(config["task"])
+        return {"name": config["model"]["name"], "num_classes": task.num_classes,
+                "kwargs": {**task.model_kwargs(), **dict(config["model"].get("kwargs") or {})}}
+    except (KeyError, TypeError, ValueError) as err:
+        raise EntryError(f"config lacks or mistypes {err}; pass the resolved run config "
                          "(OmegaConf.to_container(cfg, resolve=True))") from None
 
 
@@ -437,7 +442,7 @@ def save_entry(directory: str | os.PathLike, model: nn.Module, *, config: dict[s
 
     exported = copy.deepcopy(model).cpu()
     finalize_for_export(exported)
-    document = {"format_version": FORMAT_VERSION, "model": _model_spec(config), "weights": {},
+    document = {"format_version": FORMAT_VERSION, "model": model_spec(config), "weights": {},
                 "versions": _versions(), "config": config, "compression_state": describe(exported)}
     try:  # checked before anything is written
         json.dumps(document, allow_nan=False)

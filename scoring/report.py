@@ -1,12 +1,15 @@
 """Reports of a scored model: report.json, report.md, a printed summary and TensorBoard logs.
 
 ``report.json`` carries the schema of design.md (task, correct, total, top1 or perplexity, gate_passed,
-params, ops, mults, adds, param_bits, freebie, score, baseline, layers) plus the score split into its
-two terms, the project rules used, the accumulator width and the number of examples counted.
+params, ops, mults, adds, param_bits, freebie, score, baseline, layers) plus the split the metric comes from,
+the exact sums behind it (a language model's nll_sum over ``total`` predicted tokens), the validation metrics,
+the score split into its two terms, the project rules used, the accumulator width and the number of examples
+counted.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,15 +21,26 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
 
-def build_report(*, task: str, count: Count, correct: int | None = None, total: int | None = None,
-                 perplexity: float | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The report dict of ``count`` on ``task``; the gate is decided when its metric is given."""
+def build_report(*, task: str, count: Count, evaluation: Mapping[str, Any] | None = None,
+                 validation: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The report dict of ``count`` on ``task``; the gate is decided when an ``evaluation`` is given.
+
+    ``evaluation`` holds the exact sums of the final evaluation (``data.tasks.Evaluation.to_dict()``: split, total,
+    loss_sum, and correct for top-1 tasks); ``validation`` the same for the validation split, if any. The report
+    says which split each number comes from: ``split`` for the top-level metric, ``validation.split`` for those.
+    """
     base = baseline(task)
     params_term, ops_term = count.score_terms(task)
+    evaluation = dict(evaluation or {})
+    correct, total, nll_sum = evaluation.get("correct"), evaluation.get("total"), None
+    if evaluation and correct is None:  # a language model: total counts the predicted tokens
+        nll_sum = evaluation["loss_sum"]
     report: dict[str, Any] = {
-        "task": task, "correct": correct, "total": total,
+        "task": task, "split": evaluation.get("split"), "correct": correct, "total": total,
         "top1": correct / total if correct is not None and total else None,
-        "perplexity": perplexity, "gate_passed": None, "gate": None,
+        "nll_sum": nll_sum, "perplexity": math.exp(nll_sum / total) if nll_sum is not None else None,
+        "loss": evaluation.get("loss"), "validation": dict(validation) if validation else None,
+        "gate_passed": None, "gate": None,
         "params": count.params, "ops": count.ops, "mults": count.mults, "adds": count.adds,
         "param_bits": count.param_bits, "freebie": count.freebie, "accumulator_bits": count.accumulator_bits,
         "examples": count.examples,
@@ -35,8 +49,8 @@ def build_report(*, task: str, count: Count, correct: int | None = None, total: 
         "project_rules": dict(count.project_rules),
         "layers": [dict(layer) for layer in count.layers],
     }
-    if correct is not None or total is not None or perplexity is not None:
-        gate = check_gate(task, correct=correct, total=total, perplexity=perplexity)
+    if evaluation:
+        gate = check_gate(task, correct=correct, total=total, nll_sum=nll_sum)
         report["gate_passed"] = gate.passed
         report["gate"] = {"metric": gate.metric, "threshold": float(gate.threshold), "summary": gate.describe()}
     for key, value in (extra or {}).items():
@@ -46,10 +60,10 @@ def build_report(*, task: str, count: Count, correct: int | None = None, total: 
     return report
 
 
-def write_report(out_dir: str | Path, *, task: str, count: Count, correct: int | None, total: int | None,
-                 perplexity: float | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``report.json`` and ``report.md`` into ``out_dir``; return the report dict."""
-    report = build_report(task=task, count=count, correct=correct, total=total, perplexity=perplexity, extra=extra)
+def write_report(out_dir: str | Path, *, task: str, count: Count, evaluation: Mapping[str, Any] | None = None,
+                 validation: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; return the report dict (see :func:`build_report`)."""
+    report = build_report(task=task, count=count, evaluation=evaluation, validation=validation, extra=extra)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")

@@ -48,8 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import OmegaConf
-
 from scoring.entry import MANIFEST_FILE, Entry, EntryError, FileCheck, build_model_from_entry, check_manifest, \
     load_entry, read_report
 from scoring.kit import judge
@@ -91,28 +89,32 @@ def recount(entry: Entry, *, data_root: str | None = None, examples: int | None 
             device: str = "auto") -> dict[str, Any]:
     """Evaluate and count ``entry`` as ``train/run.py`` did at the end of its run; return the report dict.
 
-    ``data_root`` replaces the config's ``data.root`` (datasets live elsewhere on the organizer's machine);
-    ``examples`` replaces ``score.examples``. Nothing is downloaded.
+    The task (its data, test split and evaluation) is built from the entry's task config through
+    :func:`data.tasks.build_task`, the one definition training uses. ``data_root`` replaces the config's
+    ``data.root`` (datasets live elsewhere on the organizer's machine); ``examples`` replaces ``score.examples``.
+    Nothing is downloaded; the validation hold-out of the run is rebuilt only so the test split is the same.
     """
+    import torch
+
+    from data.tasks import DataOptions, build_task
     from scoring import count_model
     from scoring.report import build_report
-    from train.build import build_data, score_inputs
-    from train.distributed import Context, resolve_device
-    from train.loop import evaluate
 
-    cfg = OmegaConf.create(entry.config)
-    cfg.data.download = False
-    if data_root is not None:
-        cfg.data.root = data_root
-    ctx = Context(resolve_device(device))
-    _, test_loader = build_data(cfg, ctx)
-    model = build_model_from_entry(entry).to(ctx.device)
-    result = evaluate(model, test_loader, ctx.device)
-    score = cfg.score
-    count = count_model(model, score_inputs(test_loader, examples or score.examples, ctx.device),
-                        accumulator_bits=score.accumulator_bits,
-                        freebie=None if score.freebie == "auto" else bool(score.freebie))
-    return build_report(task=cfg.task.name, count=count, correct=result.correct, total=result.total)
+    config = entry.config
+    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                            "cpu" if device == "auto" else device)
+    task = build_task(config["task"])
+    options = DataOptions(root=config["data"].get("root") if data_root is None else data_root,
+                          val_split=config["data"].get("val_split", 0))
+    test_loader = task.loaders(options, batch_size=1, eval_batch_size=config["train"]["eval_batch_size"],
+                               seed=config["seed"], device=resolved).test
+    model = build_model_from_entry(entry).to(resolved)
+    result = task.evaluate(model, test_loader, resolved, "test")
+    score = config["score"]
+    count = count_model(model, task.score_inputs(test_loader, examples or score["examples"], resolved),
+                        accumulator_bits=score["accumulator_bits"],
+                        freebie=None if score["freebie"] == "auto" else bool(score["freebie"]))
+    return build_report(task=task.name, count=count, evaluation=result.to_dict())
 
 
 def compare(reported: dict[str, Any], recounted: dict[str, Any]) -> list[Row]:

@@ -1,26 +1,26 @@
-"""Build what a run needs from its config: the registry model, the data loaders, or a trained model on disk."""
+"""Build what a run needs from its config: the task, its data options, the registry model, or a trained model."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
-import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from compress import apply_compression_state
-from data import build_loaders, gpu_resident_supported
+from data import gpu_resident_supported
+from data.tasks import DataOptions, Task, build_task
 from models import create_model
-from scoring.entry import ENTRY_JSON, build_model_from_entry, load_entry
+from scoring.entry import ENTRY_JSON, build_model_from_entry, load_entry, model_spec
 from train.checkpoint import load_latest, read_checkpoint
 from train.config import ConfigError, auto_switch
 from train.distributed import Context
 
 
 def model_from_config(config: Mapping[str, Any]) -> nn.Module:
-    """A freshly initialised registry model for a (resolved) run config: ``model.name``, ``task.num_classes``."""
-    model = config["model"]
-    return create_model(model["name"], num_classes=int(config["task"]["num_classes"]), **(model["kwargs"] or {}))
+    """A freshly initialised registry model for a (resolved) run config (see :func:`scoring.entry.model_spec`)."""
+    spec = model_spec(dict(config))
+    return create_model(spec["name"], num_classes=spec["num_classes"], **spec["kwargs"])
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
@@ -28,29 +28,20 @@ def build_model(cfg: DictConfig) -> nn.Module:
     return model_from_config(OmegaConf.to_container(cfg, resolve=True))
 
 
-def build_data(cfg: DictConfig, ctx: Context) -> tuple[Any, Any]:
-    """Train and test loaders of the task; GPU-resident and pinned-memory choices resolved for this device."""
+def task_of(cfg: DictConfig) -> Task:
+    """The run's task (data, evaluation, scorer inputs), from its resolved ``task`` config."""
+    return build_task(OmegaConf.to_container(cfg.task, resolve=True, enum_to_str=True))
+
+
+def data_options(cfg: DictConfig, ctx: Context) -> DataOptions:
+    """``data.*`` with every ``auto`` resolved for this device: pinned memory and the GPU-resident loader on CUDA
+    (the latter only where it can apply the task's augmentation)."""
     cuda = ctx.device.type == "cuda"
-    augment = OmegaConf.to_container(cfg.task.augment)
-    # "auto" turns the GPU-resident loader on only where it can apply the task's augmentation.
+    augment = OmegaConf.to_container(cfg.task.augment) if "augment" in cfg.task else None
     resident_auto = cuda and cfg.task.dataset == "cifar100" and gpu_resident_supported(cfg.task.dataset, augment)
-    return build_loaders(
-        cfg.task.dataset, root=cfg.data.root, batch_size=cfg.train.batch_size,
-        eval_batch_size=cfg.train.eval_batch_size, augment=augment,
-        num_workers=cfg.data.num_workers, pin_memory=auto_switch(cfg.data.pin_memory, cuda),
-        download=cfg.data.download, seed=cfg.seed, distributed=ctx.distributed, device=ctx.device,
-        gpu_resident=auto_switch(cfg.data.gpu_resident, resident_auto))
-
-
-def score_inputs(loader: Iterable, examples: int, device: torch.device) -> torch.Tensor:
-    """The first ``examples`` test inputs, the batch the scorer runs the model on."""
-    batches, seen = [], 0
-    for inputs, _ in loader:
-        batches.append(inputs)
-        seen += len(inputs)
-        if seen >= examples:
-            break
-    return torch.cat(batches)[:examples].to(device)
+    return DataOptions(root=cfg.data.root, download=cfg.data.download, num_workers=cfg.data.num_workers,
+                       pin_memory=auto_switch(cfg.data.pin_memory, cuda),
+                       gpu_resident=auto_switch(cfg.data.gpu_resident, resident_auto), val_split=cfg.data.val_split)
 
 
 def restore_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

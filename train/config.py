@@ -71,12 +71,14 @@ class AugmentConfig:
 @dataclass
 class TaskConfig:
     name: str = MISSING
+    kind: str = MISSING  # a key of data.tasks.TASK_KINDS
     dataset: str = MISSING
     num_classes: int = MISSING
-    in_chans: int = MISSING
-    input_size: int = MISSING
     default_model: str = MISSING
     gate: GateConfig = field(default_factory=GateConfig)
+    # classification
+    in_chans: Optional[int] = None
+    input_size: Optional[int] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -116,6 +118,7 @@ class DataConfig:
     num_workers: int = 2
     pin_memory: Any = "auto"  # auto | true | false
     gpu_resident: Any = "auto"  # auto | true | false
+    val_split: Any = 0  # a fraction in (0, 1) or a count of training examples held out for validation; 0 = none
 
 
 @dataclass
@@ -214,6 +217,10 @@ def validate(cfg: DictConfig, known_models: list[str]) -> None:
         if cfg.data[key] not in _AUTO_SWITCH:
             raise ConfigError(f"data.{key}={cfg.data[key]} must be auto, true or false",
                               "use one of auto|true|false")
+    split = cfg.data.val_split
+    if isinstance(split, bool) or not (isinstance(split, int) and split >= 0 or isinstance(split, float) and 0 <= split < 1):
+        raise ConfigError(f"data.val_split={split!r} must be a fraction in [0, 1) or a count >= 0 of training examples",
+                          "use e.g. data.val_split=0.1, or 0 for no validation split")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0", "use 0 to load in-process")
     if cfg.score.examples <= 0:
@@ -231,8 +238,8 @@ def to_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-#: What defines a run: a checkpoint may only be resumed by a command that agrees on these ...
-_RUN_DEFINING = ("task", "model", "train", "compress", "seed", "init")
+#: What defines a run: a checkpoint may only be resumed by a command that agrees on these (dotted paths) ...
+_RUN_DEFINING = ("task", "model", "train", "compress", "seed", "init", "data.val_split")
 #: ... except these, which change how a run is watched, not what it trains.
 _RESUME_FREE = frozenset({"train.log_every", "train.compile", "train.eval_batch_size"})
 
@@ -251,10 +258,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _select(tree: dict, path: str) -> Any:
+    """The value at a dotted ``path`` of a nested dict (None where a key is missing)."""
+    for key in path.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
 def check_same_run(saved: dict, current: dict, where: Any) -> None:
     """Refuse to resume a checkpoint written by a different run configuration."""
-    old = _flatten({key: saved.get(key) for key in _RUN_DEFINING})
-    new = _flatten({key: current.get(key) for key in _RUN_DEFINING})
+    old = _flatten({key: _select(saved, key) for key in _RUN_DEFINING})
+    new = _flatten({key: _select(current, key) for key in _RUN_DEFINING})
     for key in sorted(set(old) | set(new)):
         if key not in _RESUME_FREE and old.get(key) != new.get(key):
             raise ConfigError(f"{where} holds a run with {key}={old.get(key)!r} but this command has "

@@ -1,9 +1,10 @@
-"""The training and evaluation loop, in the style of torchvision's classification reference.
+"""The training loop, in the style of torchvision's classification reference.
 
 A :class:`Trainer` runs the epochs of one stage: optimizer (SGD with Nesterov momentum, or AdamW), a
-per-step schedule (linear warmup, then cosine or step decay), label smoothing, mixup/CutMix soft targets,
-optional weight EMA and gradient clipping, and the compression :class:`~compress.base.Technique` hooks
-in the order ``compress/base.py`` documents. On CUDA it takes the fast path: bf16 autocast,
+per-step schedule (linear warmup, then cosine or step decay), the task's objective (:mod:`train.objectives`:
+label smoothing and mixup/CutMix for classification), optional weight EMA and gradient clipping, and the
+compression :class:`~compress.base.Technique` hooks in the order ``compress/base.py`` documents. Evaluation
+belongs to the task (:meth:`data.tasks.Task.evaluate`). On CUDA it takes the fast path: bf16 autocast,
 channels_last, fused optimizers, optional ``torch.compile``, non-blocking copies, and metrics accumulated
 on the device so that the host synchronises only every ``log_every`` steps. On CPU it is seeded and
 deterministic: given the same checkpoint, the same steps produce bit-identical weights.
@@ -13,13 +14,11 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, MultiStepLR, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -30,25 +29,13 @@ from compress.base import Technique
 from train import distributed
 from train.checkpoint import rng_state, set_rng_state
 from train.config import Amp, Optimizer, Schedule, auto_switch
+from train.objectives import Forward, Objective
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message says where and what to try."""
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Exact test-set counts (summed over all processes) and the mean cross-entropy."""
-
-    correct: int
-    total: int
-    loss: float
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else 0.0
 
 
 def make_deterministic(seed: int, device: torch.device) -> None:
@@ -62,25 +49,6 @@ def make_deterministic(seed: int, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> EvalResult:
-    """Top-1 counts and mean loss of ``model`` on ``loader`` in fp32; exact global counts under torchrun."""
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, total
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for inputs, targets in loader:
-        inputs = inputs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        outputs = model(inputs).float()
-        loss_sum += F.cross_entropy(outputs, targets, reduction="sum")
-        counts[0] += (outputs.argmax(dim=1) == targets).sum()
-        counts[1] += targets.numel()
-    model.train(was_training)
-    correct, total = distributed.all_reduce_sum(counts).tolist()
-    return EvalResult(correct, total, distributed.all_reduce_sum(loss_sum).item() / max(total, 1))
 
 
 def build_optimizer(model: nn.Module, train: DictConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -122,21 +90,21 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, train: DictConfig, *, techniques: list[Technique],
-                 loader: Any, ctx: distributed.Context, mixup: Callable | None = None,
+                 loader: Any, ctx: distributed.Context, objective: Objective,
                  writer: SummaryWriter | None = None, tag: str = "train") -> None:
         self.model, self.train_cfg, self.techniques = model, train, techniques
-        self.loader, self.ctx, self.mixup, self.writer, self.tag = loader, ctx, mixup, writer, tag
+        self.loader, self.ctx, self.objective, self.writer, self.tag = loader, ctx, objective, writer, tag
+        self.need_outputs = any(technique.needs_outputs for technique in techniques)
         device = ctx.device
         self.bf16 = train.amp == Amp.bf16 or (train.amp == Amp.auto and device.type == "cuda")
         self.channels_last = auto_switch(train.channels_last, device.type == "cuda")
         for technique in techniques:  # before the optimizer: quantizers may add parameters
-            technique.configure(steps_per_epoch=len(loader))
+            technique.configure(steps_per_epoch=len(loader), predict=objective.predict)
             technique.attach(model)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(model, train, device)
         self.scheduler = build_scheduler(self.optimizer, train, len(loader))
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)  # hard or soft targets
         # Averaging masks or quantizer state would corrupt them: EMA only where nothing is attached.
         self.ema = None
         if train.ema_decay is not None and not techniques:
@@ -154,6 +122,8 @@ class Trainer:
         self.global_step = 0    # optimizer steps in this stage
         # Device-side running sums for the current epoch: loss x n, correct, seen, non-finite losses.
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        #: The objective's metrics (mean loss, accuracy or perplexity) of the epoch so far, as last logged.
+        self.epoch_metrics: dict[str, float] = {}
         self._rng_to_restore: dict | None = None
 
     @property
@@ -179,7 +149,11 @@ class Trainer:
             "batches_done": self.batches_done,
             "global_step": self.global_step,
             "sums": self.sums.cpu(),
-            "rng": distributed.all_gather_object(rng_state()),  # one per rank, in rank order
+            # One per rank, in rank order: each rank has its own random streams (and, for a language
+            # model, its own streams of text and their carried state).
+            "rng": distributed.all_gather_object(rng_state()),
+            "objective": distributed.all_gather_object(self.objective.state_dict()),
+            "techniques": distributed.all_gather_object([technique.state_dict() for technique in self.techniques]),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -196,6 +170,10 @@ class Trainer:
         states = [states] if isinstance(states, dict) else states  # checkpoints written before per-rank states
         if rank < len(states):
             self._rng_to_restore = states[rank]
+            self.objective.load_state_dict(state.get("objective", [{}] * len(states))[rank])
+            techniques = state.get("techniques", [[{}] * len(self.techniques)] * len(states))[rank]
+            for technique, saved in zip(self.techniques, techniques):
+                technique.load_state_dict(saved)
         else:  # resumed on more processes than saved: this rank keeps its fresh (seed + rank) streams
             log.warning("checkpoint holds RNG states of %d processes; rank %d keeps its own seeding", len(states), rank)
 
@@ -205,6 +183,7 @@ class Trainer:
         # it (epoch boundary) or after replaying the batches already trained (mid-epoch).
         if self.batches_done == 0:
             self._restore_rng()
+            self.objective.reset()
         self.loader.set_epoch(self.epoch)
         self.model.train()
         for technique in self.techniques:
@@ -238,8 +217,8 @@ class Trainer:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
 
-    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Outputs and loss of one batch, gradients left in ``.grad``; compiled while compilation works."""
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> Forward:
+        """One batch through the objective, gradients left in ``.grad``; compiled while compilation works."""
         if self.compiled is not None and not self.eager_step_done:
             # The first step runs eagerly: quantizers calibrate on it, and that one-off, data-dependent code
             # would split the compiled graph into pieces and use up the recompilations.
@@ -258,26 +237,23 @@ class Trainer:
                 self.compiled = None
         return self._loss_and_grad(self.step_model if self.compiled is None else self.compiled, inputs, targets)
 
-    def _loss_and_grad(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss_and_grad(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Forward:
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            outputs = model(inputs)
-            loss = self.criterion(outputs, targets)
+            result = self.objective.forward(model, inputs, targets, need_outputs=self.need_outputs)
             for technique in self.techniques:
-                loss = technique.loss(loss, outputs, inputs, targets)
+                result.loss = technique.loss(result.loss, result.outputs, inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        return outputs, loss
+        result.loss.backward()
+        return result
 
-    def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def _step(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         device = self.ctx.device
         inputs = inputs.to(device, non_blocking=True)
-        labels = targets = targets.to(device, non_blocking=True)
-        if self.channels_last:
+        labels = labels.to(device, non_blocking=True)
+        if self.channels_last and inputs.dim() == 4:  # images (NCHW); token batches have no memory format
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        if self.mixup is not None:
-            inputs, targets = self.mixup(inputs, labels)
-        outputs, loss = self._forward_backward(inputs, targets)
+        inputs, targets = self.objective.prepare(inputs, labels)
+        result = self._forward_backward(inputs, targets)
         if self.train_cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
         self.optimizer.step()
@@ -287,12 +263,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.global_step += 1
+        self.objective.commit(result.carry)
         with torch.no_grad():
-            loss = loss.detach().double()
-            n = labels.numel()
-            # new_full, not new_tensor: a tensor made from host data is a copy that synchronises on CUDA.
-            self.sums += torch.stack([loss * n, (outputs.argmax(dim=1) == labels).sum().double(),
-                                      loss.new_full((), n), (~torch.isfinite(loss)).double()])
+            self.sums[:3] += self.objective.sums(result, labels)
+            self.sums[3] += (~torch.isfinite(result.loss.detach())).double()
 
     def _sync(self, progress: tqdm, elapsed: float, start_seen: float, stop_requested: bool) -> bool:
         """The one host synchronisation every ``log_every`` steps: check, log, agree on stopping."""
@@ -306,8 +280,9 @@ class Trainer:
                 f"{self.global_step}); the last good checkpoint is kept ; fix: lower train.lr or set "
                 "train.grad_clip (e.g. 5.0) and pass hydra.run.dir=<new folder> (a checkpoint resumes only with the "
                 "settings that wrote it, and would reach the same NaN)")
-        scalars = {"loss": loss_sum / seen, "acc": correct / seen, "lr": self.optimizer.param_groups[0]["lr"],
-                   "images_per_s": (seen - start_seen) * self.ctx.world_size / max(elapsed, 1e-9)}
+        self.epoch_metrics = self.objective.metrics(loss_sum / seen, correct, seen)
+        scalars = {**self.epoch_metrics, "lr": self.optimizer.param_groups[0]["lr"],
+                   f"{self.objective.unit}_per_s": (seen - start_seen) * self.ctx.world_size / max(elapsed, 1e-9)}
         for technique in self.techniques:
             scalars.update({f"{technique.name}/{k}": v for k, v in technique.scalars(self.model).items()})
         progress.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)

@@ -1,8 +1,9 @@
 """``python train/run.py [overrides]``: train, compress, evaluate and score one MicroNet entry.
 
 The flow of docs/design.md, top to bottom:
-compose + validate the config → data and model → stage "train" (the baseline; skipped when finished, or
-when ``init=PATH`` is given) → the compress stages in order → evaluate (exact correct/total) → gate →
+compose + validate the config → the task (data/tasks.py), its data and the model → stage "train" (the
+baseline; skipped when finished, or when ``init=PATH`` is given) → the compress stages in order (each epoch
+evaluated on the validation split, when there is one) → evaluate on the test split, once (exact sums) → gate →
 score → report.json / report.md / TensorBoard → the entry in ``<run dir>/entry``.
 
 Every stage checkpoints each epoch under ``<run dir>/checkpoints/<index>_<stage>/``; re-running the same
@@ -21,7 +22,7 @@ import threading
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 if not __package__:  # run as a file (`python train/run.py`): import the repository's packages, not train/*
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -40,15 +41,17 @@ import models
 from compress import DistillTechnique, Stage, apply_compression_state, build_stages, compression_state, \
     finalize_for_export, mask_zeros
 from compress.stages import BASELINE_STAGE
-from data import DatasetError, build_mixup
+from data import DatasetError, Loaders
+from data.tasks import Evaluation
 from scoring import count_model
 from scoring.entry import EntryError, save_entry
 from scoring.report import format_summary, log_report, write_report
 from train import distributed
-from train.build import build_data, build_model, restore_model, score_inputs
+from train.build import build_model, data_options, restore_model, task_of
 from train.checkpoint import CheckpointError, load_latest, save_checkpoint
 from train.config import ConfigError, check_same_run, stage_train_config, to_container, validate
-from train.loop import NonFiniteLossError, Trainer, evaluate, make_deterministic
+from train.loop import NonFiniteLossError, Trainer, make_deterministic
+from train.objectives import Objective, build_objective
 
 log = logging.getLogger("micronet.train")
 
@@ -122,23 +125,27 @@ def run(cfg: DictConfig) -> int:
     with reported_as_config_error(compress_fix):
         stages += build_stages(session.config["compress"], load_teacher=session.load_teacher)
     session.check_teachers(stages)
-    # Each stage's recipe, checked now rather than after hours of training the stages before it.
+    # Each stage's recipe and objective, checked now rather than after hours of training the stages before it.
     recipes = [stage_train_config(cfg.train, stage.name, stage.epochs, stage.overrides) for stage in stages]
+    with reported_as_config_error("correct task.augment (conf/task/*.yaml documents its keys)"):
+        objectives = [build_objective(recipe, session.config["task"]) for recipe in recipes]
     with reported_as_config_error(compress_fix):
-        rehearse_attach(model, stages, steps_per_epoch=len(session.train_loader))
+        rehearse_attach(model, stages, steps_per_epoch=len(session.loaders.train))
     model.to(ctx.device)
 
     with session, sigterm_flag() as preempted:
-        for stage, recipe in zip(stages, recipes):
-            if not session.run_stage(stage, recipe, model, should_stop=preempted):
+        for stage, recipe, objective in zip(stages, recipes, objectives):
+            if not session.run_stage(stage, recipe, objective, model, should_stop=preempted):
                 log.warning("SIGTERM: checkpoint saved in stage '%s'; re-run the same command to resume",
                             stage.name)
                 return PREEMPTED_EXIT
-        # Evaluate and score exactly what the entry will hold (masks baked in, quantizers frozen).
+        # Evaluate and score exactly what the entry will hold (masks baked in, quantizers frozen). The test split
+        # is read here, once.
         finalize_for_export(model)
-        result = evaluate(model, session.test_loader, ctx.device)
+        validation = session.evaluate(model, "val")
+        result = session.evaluate(model, "test")
         if ctx.is_main:
-            session.finish(model, result)
+            session.finish(model, result, validation)
     return 0
 
 
@@ -175,14 +182,13 @@ def sigterm_flag() -> Iterator[Callable[[], bool]]:
 
 
 class Session:
-    """What the stages of one run share: config, process context, run dir, loaders, TensorBoard writer."""
+    """What the stages of one run share: config, process context, run dir, task, loaders, TensorBoard writer."""
 
     def __init__(self, cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> None:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         self.writer = SummaryWriter(run_dir / "tensorboard") if ctx.is_main else None
         self.config = to_container(cfg)
-        with reported_as_config_error("correct task.augment (conf/task/*.yaml documents its keys)"):
-            self.mixup = build_mixup(self.config["task"]["augment"], cfg.task.num_classes)
+        self.task = task_of(cfg)
         # Stage folders by name, in run order: index 0 is the baseline, compress stages follow.
         stages = self.config["compress"].get("stages") or []  # validated by build_stages, so read defensively
         names = ["train"] + [stage.get("name") for stage in stages if isinstance(stage, dict)]
@@ -196,20 +202,20 @@ class Session:
             self.writer.close()
 
     @cached_property
-    def loaders(self) -> tuple[Any, Any]:
-        """Train and test loaders, built on first use (after the stages are known to be valid)."""
+    def loaders(self) -> Loaders:
+        """The task's training, validation and test loaders, built on first use."""
+        cfg = self.cfg
         with reported_as_config_error("adjust the train.* / data.* / task.augment value it names"):
-            return build_data(self.cfg, self.ctx)
+            return self.task.loaders(data_options(cfg, self.ctx), batch_size=cfg.train.batch_size,
+                                     eval_batch_size=cfg.train.eval_batch_size, seed=cfg.seed,
+                                     distributed=self.ctx.distributed, device=self.ctx.device)
 
-    @property
-    def train_loader(self) -> Any:
-        return self.loaders[0]
+    def evaluate(self, model: nn.Module, split: str) -> Evaluation | None:
+        """The task's exact evaluation of ``model`` on ``split`` ("val" or "test"); None when there is no such split."""
+        loader = getattr(self.loaders, split)
+        return None if loader is None else self.task.evaluate(model, loader, self.ctx.device, split)
 
-    @property
-    def test_loader(self) -> Any:
-        return self.loaders[1]
-
-    def run_stage(self, stage: Stage, train_cfg: DictConfig, model: nn.Module,
+    def run_stage(self, stage: Stage, train_cfg: DictConfig, objective: Objective, model: nn.Module,
                   should_stop: Callable[[], bool]) -> bool:
         """Train ``model`` through ``stage`` with recipe ``train_cfg``, resuming from its checkpoints.
 
@@ -223,20 +229,24 @@ class Session:
                 model.load_state_dict(saved["model"])
                 log.info("stage '%s' already finished (%s)", stage.name, directory)
                 return True
-        trainer = Trainer(model, train_cfg, techniques=stage.techniques, loader=self.train_loader, ctx=self.ctx,
-                          mixup=self.mixup, writer=self.writer, tag=stage.name)
+        trainer = Trainer(model, train_cfg, techniques=stage.techniques, loader=self.loaders.train, ctx=self.ctx,
+                          objective=objective, writer=self.writer, tag=stage.name)
         if saved is not None:
             trainer.load_state_dict(saved)
         while trainer.epoch < train_cfg.epochs:
             if not trainer.train_epoch(should_stop):
                 self.save(directory, trainer, finished=False)
                 return False
-            result = evaluate(trainer.eval_model, self.test_loader, self.ctx.device)
-            log.info("%s epoch %d/%d: test %d/%d = %.4f, loss %.4f", stage.name, trainer.epoch, train_cfg.epochs,
-                     result.correct, result.total, result.accuracy, result.loss)
-            if self.writer is not None:
-                self.writer.add_scalar(f"{stage.name}/test/acc", result.accuracy, trainer.global_step)
-                self.writer.add_scalar(f"{stage.name}/test/loss", result.loss, trainer.global_step)
+            # Per-epoch evaluation on the validation split only: the test split is for the final report.
+            result = self.evaluate(trainer.eval_model, "val")
+            trained = ", ".join(f"{key} {value:.4g}" for key, value in trainer.epoch_metrics.items())
+            log.info("%s epoch %d/%d: train %s%s", stage.name, trainer.epoch, train_cfg.epochs, trained,
+                     f"; {result.describe()}" if result is not None else "")
+            if self.writer is not None and result is not None:
+                metric = "acc" if result.correct is not None else "perplexity"
+                value = result.accuracy if result.correct is not None else result.perplexity
+                self.writer.add_scalar(f"{stage.name}/val/{metric}", value, trainer.global_step)
+                self.writer.add_scalar(f"{stage.name}/val/loss", result.loss, trainer.global_step)
             if trainer.epoch == train_cfg.epochs:
                 trainer.finish()
             self.save(directory, trainer, finished=trainer.epoch == train_cfg.epochs)
@@ -288,15 +298,15 @@ class Session:
         teacher, _ = restore_model(spec)
         return teacher.to(self.ctx.device).eval().requires_grad_(False)
 
-    def finish(self, model: nn.Module, result) -> None:
+    def finish(self, model: nn.Module, result: Evaluation, validation: Evaluation | None) -> None:
         """Score, gate verdict (decided by write_report), report and entry for the final model (rank 0)."""
         cfg = self.cfg
-        inputs = score_inputs(self.test_loader, cfg.score.examples, self.ctx.device)
+        inputs = self.task.score_inputs(self.loaders.test, cfg.score.examples, self.ctx.device)
         count = count_model(model.eval(), inputs, accumulator_bits=cfg.score.accumulator_bits,
                             freebie=None if cfg.score.freebie == "auto" else bool(cfg.score.freebie))
-        report = write_report(self.run_dir, task=cfg.task.name, count=count, correct=result.correct,
-                              total=result.total, extra={"model": cfg.model.name, "compress": cfg.compress.name,
-                                                         "seed": cfg.seed, "test_loss": result.loss})
+        report = write_report(self.run_dir, task=cfg.task.name, count=count, evaluation=result.to_dict(),
+                              validation=validation.to_dict() if validation is not None else None,
+                              extra={"model": cfg.model.name, "compress": cfg.compress.name, "seed": cfg.seed})
         if self.writer is not None:
             log_report(self.writer, report, step=0)
         print(format_summary(report))

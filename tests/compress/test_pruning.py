@@ -153,7 +153,7 @@ def test_bad_config_names_key_value_and_range(cfg: dict, message: str):
 
 def test_pattern_matching_no_layer_is_an_error():
     technique = prune({"final_sparsity": 0.5, "exclude": ["conv9"]})
-    with pytest.raises(ValueError, match="exclude pattern 'conv9' matches no Conv/Linear layer; layers are: conv1.0"):
+    with pytest.raises(ValueError, match="exclude pattern 'conv9' matches no Conv/Linear/Embedding layer; layers are: conv1.0"):
         technique.attach(create_model("digits_cnn", num_classes=10))
 
 

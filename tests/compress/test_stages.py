@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from compress import DistillTechnique, PruneTechnique, QuantizeTechnique, build_stages
+from compress.distillation import distillation_loss
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -99,6 +100,59 @@ def test_distillation_loss_mixes_task_and_soft_targets():
     loss.backward()
     assert student.weight.grad is not None and teacher.weight.grad is None
     assert technique.scalars(student) == {"task_loss": pytest.approx(task.item()), "kd_loss": pytest.approx(9 * kl.item(), rel=1e-5)}
+
+
+def test_distillation_over_a_window_averages_every_position_and_top_k_renormalises_the_teacher():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)  # (batch, window, vocabulary)
+    flat = distillation_loss(student.reshape(6, 5), teacher.reshape(6, 5), 2.0)
+    assert distillation_loss(student, teacher, 2.0).item() == pytest.approx(flat.item())  # mean over 6 positions
+    # top-2 by hand at position (0, 0): keep the teacher's two largest log-probabilities at T = 2, renormalise
+    # (softmax of the two), cross-entropy with the student's log-softmax at T, times T² = 4.
+    q = F.log_softmax(teacher / 2.0, dim=-1)
+    p = F.log_softmax(student / 2.0, dim=-1)
+    kept, classes = q.topk(2, dim=-1)
+    by_hand = -(kept.softmax(-1) * p.gather(-1, classes)).sum(-1).mean() * 4
+    assert distillation_loss(student, teacher, 2.0, top_k=2).item() == pytest.approx(by_hand.item())
+    assert distillation_loss(student, teacher, 2.0, top_k=5).item() == pytest.approx(  # all 5: cross-entropy
+        (flat + 4 * -(q.exp() * q).sum(-1).mean()).item(), rel=1e-5)  # = KL + the teacher's entropy
+
+
+class _Counter(nn.Module):
+    """A 'language model' whose output is the number of windows it has seen in this stream (its state)."""
+
+    def forward(self, tokens, state=None):
+        seen = (state if state is not None else torch.zeros(())) + 1
+        return seen.expand(*tokens.shape, 3).clone(), seen
+
+
+def _stream(model, inputs, carry):
+    return model(inputs, carry)
+
+
+def test_a_language_model_teacher_carries_its_state_committed_per_step_restarted_per_epoch_and_saved():
+    teacher = _Counter()
+    technique = DistillTechnique({"alpha": 1.0}, load_teacher=lambda spec: teacher, where="distill")
+    technique.configure(steps_per_epoch=4, predict=_stream)
+    technique.attach(nn.Linear(1, 1))
+    x = torch.zeros(1, 2, dtype=torch.long)
+    seen = []
+    original = technique._predict
+    technique._predict = lambda model, inputs, carry: seen.append(None if carry is None else int(carry)) or \
+        original(model, inputs, carry)
+    technique.on_epoch_start(None, 0)
+    for _ in range(2):
+        technique.loss(torch.zeros(()), torch.zeros(1, 2, 3), x, x)
+        technique.on_step_end(None, 0)
+    technique.loss(torch.zeros(()), torch.zeros(1, 2, 3), x, x)  # a step that is redone: not committed
+    technique.loss(torch.zeros(()), torch.zeros(1, 2, 3), x, x)
+    technique.on_step_end(None, 0)
+    saved = technique.state_dict()
+    technique.on_epoch_start(None, 0)  # a resume within epoch 0: the state stands
+    technique.loss(torch.zeros(()), torch.zeros(1, 2, 3), x, x)
+    technique.on_epoch_start(None, 1)  # a new epoch: its streams start afresh
+    technique.loss(torch.zeros(()), torch.zeros(1, 2, 3), x, x)
+    assert seen == [None, 1, 2, 2, 3, None] and int(saved["carry"]) == 3 and saved["epoch"] == 0
 
 
 def test_teacher_must_not_be_the_student():

@@ -28,7 +28,7 @@ def test_fixture_is_torchvision_format(cifar_root):
 
 
 def test_loaders_sizes_shapes_and_labels(cifar_root):
-    train, test = build_loaders("cifar100", **loader_kwargs(root=cifar_root, batch_size=32, eval_batch_size=64))
+    train, _, test = build_loaders("cifar100", **loader_kwargs(root=cifar_root, batch_size=32, eval_batch_size=64))
     n_train, n_test = CIFAR_CLASSES * CIFAR_TRAIN_PER_CLASS, CIFAR_CLASSES * CIFAR_TEST_PER_CLASS
     assert (train.dataset_size, test.dataset_size) == (n_train, n_test)
     assert (len(train), len(test)) == (n_train // 32, -(-n_test // 64))
@@ -48,7 +48,7 @@ def test_loaders_sizes_shapes_and_labels(cifar_root):
 
 def test_standard_augmentation_keeps_labels_and_pads_with_black(cifar_root):
     augment = {"crop_padding": 4, "hflip": True, "cutout": 8}
-    train, _ = build_loaders("cifar100", **loader_kwargs(root=cifar_root, batch_size=200, augment=augment))
+    train, _, _ = build_loaders("cifar100", **loader_kwargs(root=cifar_root, batch_size=200, augment=augment))
     train.set_epoch(3)
     inputs, targets = next(iter(train))
     black = (0 - CIFAR100_MEAN[2]) / CIFAR100_STD[2]
@@ -63,7 +63,7 @@ def test_standard_augmentation_keeps_labels_and_pads_with_black(cifar_root):
 
 @pytest.mark.parametrize("policy", ["autoaugment", "rand-m9-mstd0.5", "augmix-m3-w2"])
 def test_auto_augment_policies_run(cifar_root, policy):
-    train, _ = build_loaders("cifar100", **loader_kwargs(root=cifar_root, augment={"auto_augment": policy}))
+    train, _, _ = build_loaders("cifar100", **loader_kwargs(root=cifar_root, augment={"auto_augment": policy}))
     train.set_epoch(0)
     inputs, _ = next(iter(train))
     assert inputs.shape == (16, 3, 32, 32) and torch.isfinite(inputs).all()

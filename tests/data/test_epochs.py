@@ -49,7 +49,7 @@ def test_workers_do_not_change_the_batches(cifar_root):
 
 
 def test_loading_leaves_the_global_rngs_alone(cifar_root):
-    train, test = build_loaders("cifar100", **loader_kwargs(root=cifar_root, augment=AUGMENT))
+    train, _, test = build_loaders("cifar100", **loader_kwargs(root=cifar_root, augment=AUGMENT))
     torch.manual_seed(1), random.seed(1), np.random.seed(1)
     expected = (torch.rand(3), random.random(), np.random.rand())
     torch.manual_seed(1), random.seed(1), np.random.seed(1)

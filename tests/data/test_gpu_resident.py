@@ -112,7 +112,7 @@ def max_z(a, b) -> float:
 def test_augmented_batches_have_the_same_pixel_statistics(cifar_root):
     def statistics(gpu_resident: bool, padding: int):
         augment = {"crop_padding": padding, "hflip": True, "cutout": 8}
-        train, _ = build_loaders("cifar100", **loader_kwargs(root=cifar_root, batch_size=50, augment=augment,
+        train, _, _ = build_loaders("cifar100", **loader_kwargs(root=cifar_root, batch_size=50, augment=augment,
                                                              gpu_resident=gpu_resident, device=CPU))
         return pixel_statistics(train, epochs=10)
 
@@ -123,7 +123,7 @@ def test_augmented_batches_have_the_same_pixel_statistics(cifar_root):
 
 def test_eval_batches_equal_the_cpu_path(cifar_root):
     for dataset, root in (("digits", None), ("cifar100", cifar_root)):
-        batches = [list(build_loaders(dataset, **loader_kwargs(root=root, gpu_resident=gpu_resident, device=CPU))[1])
+        batches = [list(build_loaders(dataset, **loader_kwargs(root=root, gpu_resident=gpu_resident, device=CPU)).test)
                    for gpu_resident in (False, True)]
         inputs, targets = ([torch.cat([batch[i] for batch in path]) for path in batches] for i in (0, 1))
         assert torch.allclose(*inputs, atol=1e-6) and torch.equal(*targets)  # the same examples, in the same order
@@ -136,10 +136,10 @@ def test_epochs_are_seeded(cifar_root):
 
     kwargs = loader_kwargs(root=cifar_root, batch_size=50, augment={"crop_padding": 4, "hflip": True, "cutout": 8},
                            gpu_resident=True, device=CPU)
-    train, _ = build_loaders("cifar100", **kwargs)
+    train, _, _ = build_loaders("cifar100", **kwargs)
     assert len(train) == 4 and train.dataset_size == 200
     first, second = epoch(train, 0), epoch(train, 1)
-    resumed, _ = build_loaders("cifar100", **kwargs)
+    resumed, _, _ = build_loaders("cifar100", **kwargs)
     again = epoch(resumed, 1)
     assert torch.equal(second[0], again[0]) and torch.equal(second[1], again[1])
     assert not torch.equal(first[1], second[1])

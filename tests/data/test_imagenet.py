@@ -18,7 +18,7 @@ def red_levels(inputs: torch.Tensor) -> torch.Tensor:
 
 
 def test_loaders_sizes_shapes_and_labels(imagenet_root):
-    train, val = build_loaders("imagenet", **loader_kwargs(root=imagenet_root, batch_size=4, eval_batch_size=4,
+    train, _, val = build_loaders("imagenet", **loader_kwargs(root=imagenet_root, batch_size=4, eval_batch_size=4,
                                                            augment=AUGMENT))
     n_train, n_val = IMAGENET_CLASSES * IMAGENET_TRAIN_PER_CLASS, IMAGENET_CLASSES * IMAGENET_VAL_PER_CLASS
     assert (train.dataset_size, val.dataset_size) == (n_train, n_val)

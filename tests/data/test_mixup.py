@@ -41,5 +41,5 @@ def test_an_odd_batch_size_is_refused_at_build_time(augment):
     """timm's Mixup asserts an even batch at the first training step; the loaders refuse it before training."""
     with pytest.raises(ValueError, match="augment.mixup / augment.cutmix need an even batch_size .* got 63"):
         build_loaders("digits", **loader_kwargs(batch_size=63, augment=augment))
-    train, _ = build_loaders("digits", **loader_kwargs(batch_size=64, augment=augment))
+    train, _, _ = build_loaders("digits", **loader_kwargs(batch_size=64, augment=augment))
     assert len(train) == 1437 // 64

@@ -56,7 +56,7 @@ def test_entry_json_records_model_hash_and_versions(tmp_path, run_config, compre
     save(tmp_path, compressed_model, run_config)
     document = json.loads((tmp_path / ENTRY_JSON).read_text())
     assert document["format_version"] == 1
-    assert document["model"] == {"name": "digits_cnn", "num_classes": 10, "kwargs": {}}
+    assert document["model"] == {"name": "digits_cnn", "num_classes": 10, "kwargs": {"in_chans": 1}}  # the task's input
     assert document["weights"]["sha256"] == sha256_file(tmp_path / WEIGHTS_FILE)
     assert document["versions"]["torch"] == torch.__version__
     assert document["config"] == run_config

@@ -9,21 +9,34 @@ import torch.nn as nn
 
 from compress.base import Technique
 from train import distributed
-from train.build import build_data, build_model
+from train.build import build_model, data_options, task_of
 from train.checkpoint import load_latest, save_checkpoint
-from train.loop import NonFiniteLossError, Trainer, build_optimizer, build_scheduler, evaluate, make_deterministic
+from train.config import to_container
+from train.loop import NonFiniteLossError, Trainer, build_optimizer, build_scheduler, make_deterministic
+from train.objectives import build_objective
 
 CPU = distributed.Context(torch.device("cpu"))
 
 
+def _loaders(cfg, ctx: distributed.Context = CPU):
+    return task_of(cfg).loaders(data_options(cfg, ctx), batch_size=cfg.train.batch_size,
+                                eval_batch_size=cfg.train.eval_batch_size, seed=cfg.seed,
+                                distributed=ctx.distributed, device=ctx.device)
+
+
 def _setup(cfg):
     make_deterministic(cfg.seed, CPU.device)
-    train_loader, test_loader = build_data(cfg, CPU)
-    return build_model(cfg), train_loader, test_loader
+    loaders = _loaders(cfg)
+    return build_model(cfg), loaders.train, loaders.test
 
 
-def _trainer(cfg, model, loader, **kwargs) -> Trainer:
-    return Trainer(model, cfg.train, techniques=kwargs.pop("techniques", []), loader=loader, ctx=CPU, **kwargs)
+def _trainer(cfg, model, loader, ctx: distributed.Context = CPU, **kwargs) -> Trainer:
+    return Trainer(model, cfg.train, techniques=kwargs.pop("techniques", []), loader=loader, ctx=ctx,
+                   objective=build_objective(cfg.train, to_container(cfg)["task"]), **kwargs)
+
+
+def _evaluate(cfg, model, loader):
+    return task_of(cfg).evaluate(model, loader, CPU.device, "test")
 
 
 def _learning_rates(train, steps_per_epoch: int = 10) -> list[float]:
@@ -79,9 +92,12 @@ def test_evaluate_counts_exactly(tiny_config):
     cfg = tiny_config()
     _, _, test_loader = _setup(cfg)
     labels = torch.cat([targets for _, targets in test_loader])
-    result = evaluate(_Constant(3), test_loader, CPU.device)
-    assert result.total == test_loader.dataset_size == len(labels)
+    result = _evaluate(cfg, _Constant(3), test_loader)
+    assert result.split == "test" and result.total == test_loader.dataset_size == len(labels)
     assert result.correct == int((labels == 3).sum())
+    # every example's loss: the cross-entropy of a one-hot logit vector, log(e + 9) - 1 or log(e + 9)
+    right = 1 - (labels == 3).double()
+    assert result.loss_sum == pytest.approx(float((torch.log(torch.tensor(torch.e + 9.0)) - 1 + right).sum()))
 
 
 def _train(cfg, epochs_then_stop: list, tmp_path: Path) -> dict:
@@ -197,7 +213,7 @@ def test_fast_path_options_train_on_cpu_and_compile_failure_falls_back(tiny_conf
     else:  # tried once (on the second step), then every step eager
         assert trainer.compiled is None and compiled_calls == [failing_pass]
         assert "torch.compile failed (backend exploded); continuing without compilation" in caplog.text
-    assert evaluate(model, test_loader, CPU.device).accuracy > 0.3  # it learned, in bf16
+    assert _evaluate(cfg, model, test_loader).accuracy > 0.3  # it learned, in bf16
 
 
 @pytest.mark.slow
@@ -220,13 +236,11 @@ def test_compiled_prune_and_qat_steps_trace_into_one_graph(tiny_config):
     assert not counters["graph_break"]
 
 
-def test_auto_gpu_resident_only_where_the_device_can_apply_the_augmentation(tiny_config, monkeypatch):
-    chosen = []
-    monkeypatch.setattr("train.build.build_loaders", lambda *args, **kwargs: chosen.append(kwargs["gpu_resident"]))
+def test_auto_gpu_resident_only_where_the_device_can_apply_the_augmentation(tiny_config):
     cuda = distributed.Context(torch.device("cuda"))
-    for augment in ("task.augment.auto_augment=null", "task.augment.auto_augment=rand-m9-mstd0.5"):
-        build_data(tiny_config("task=cifar100", "data.root=/nowhere", augment), cuda)
-    build_data(tiny_config("task=cifar100", "data.root=/nowhere"), CPU)
+    chosen = [data_options(tiny_config("task=cifar100", "data.root=/nowhere", augment), cuda).gpu_resident
+              for augment in ("task.augment.auto_augment=null", "task.augment.auto_augment=rand-m9-mstd0.5")]
+    chosen.append(data_options(tiny_config("task=cifar100", "data.root=/nowhere"), CPU).gpu_resident)
     # RandAugment is CPU-only: "auto" must pick the CPU path rather than fail at the loader.
     assert chosen == [True, False, False]
 
@@ -287,10 +301,9 @@ def _nan_on_rank1_rank_main(rank: int, init_file: str, cfg, out_dir: str) -> Non
     try:
         ctx = distributed.Context(torch.device("cpu"), rank=rank, world_size=2)
         make_deterministic(cfg.seed, ctx.device)
-        train_loader, _ = build_data(cfg, ctx)
+        train_loader = _loaders(cfg, ctx).train
         last = len(train_loader) - 1  # the NaN comes at the epoch's last step, on rank 1 only
-        trainer = Trainer(build_model(cfg), cfg.train, techniques=[_PoisonAt(last if rank == 1 else 10**9)],
-                          loader=train_loader, ctx=ctx)
+        trainer = _trainer(cfg, build_model(cfg), train_loader, ctx, techniques=[_PoisonAt(last if rank == 1 else 10**9)])
         try:
             trainer.train_epoch()
             outcome = "finished"

@@ -136,7 +136,7 @@ def test_a_layer_pattern_matching_nothing_stops_the_run_before_training(tmp_path
                        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: compress.stages[1].quantize: per-layer pattern 'conv9' matches no Conv/Linear layer; layers are: "
+        "error: compress.stages[1].quantize: per-layer pattern 'conv9' matches no Conv/Linear/Embedding layer; layers are: "
         "conv1.0, conv2.0, conv3.0, fc ; fix: edit conf/compress/prune_q8.yaml or the compress.* override"]
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained first
 

@@ -36,3 +36,38 @@ def test_earlier_stages_and_existing_paths_are_accepted_as_teachers(tiny_config,
                        f"compress.stages.1.distill.teacher={teacher}")
     with session:
         session.check_teachers(build_stages(session.config["compress"], load_teacher=session.load_teacher))
+
+
+class _Watched:
+    """A loader that records when it is iterated."""
+
+    def __init__(self, loader, reads: list) -> None:
+        self.loader, self.reads = loader, reads
+
+    def __iter__(self):
+        self.reads.append("test")
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def test_with_a_validation_split_the_test_split_is_read_once_after_training(tiny_config, tmp_path: Path, caplog):
+    from compress import Stage
+    from data import Loaders
+    from train.build import build_model
+    from train.objectives import build_objective
+
+    cfg = tiny_config("data.val_split=0.1", "train.epochs=2")
+    session = _session(tiny_config, tmp_path, "data.val_split=0.1", "train.epochs=2")
+    reads: list[str] = []
+    loaders = session.loaders
+    session.loaders = Loaders(loaders.train, loaders.val, _Watched(loaders.test, reads))  # shadows the cached one
+    model = build_model(cfg)
+    with session, caplog.at_level("INFO"):
+        assert session.run_stage(Stage("train", 2, {}, []), cfg.train, build_objective(cfg.train, session.config["task"]),
+                                 model, should_stop=lambda: False)
+        assert reads == []  # two epochs trained and validated: not one read of the test split
+        assert "train epoch 2/2: train loss" in caplog.text and "; val " in caplog.text and "/144 = " in caplog.text
+        final = session.evaluate(model, "test")
+    assert reads == ["test"] and final.split == "test" and final.total == 360

@@ -1,0 +1,182 @@
+"""Tasks: everything that makes one task differ from another, defined in one place.
+
+A task config (``conf/task/<name>.yaml``) names its ``kind``; :func:`build_task` returns that kind's
+:class:`Task`, which owns
+
+* the task's data: training, validation and test loaders (:meth:`Task.loaders`),
+* its evaluation: exact sums over a split, never a rounded mean (:meth:`Task.evaluate` → :class:`Evaluation`),
+* what the scorer runs per example (:meth:`Task.score_inputs`, :attr:`Task.example`: an image of a batch, or
+  one token of a stream fed on-line),
+* what a registry model must be told about the task's input (:meth:`Task.model_kwargs`).
+
+``train/run.py``, the scoring command line and ``verify`` all go through this definition, so adding a task adds
+a config file and the code of what is new; nothing in the pipeline asks which task it runs. The gate and the
+baseline of a task are the challenge's rules and live with the scorer (``scoring/gate.py``, ``scoring/rules.py``).
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .loaders import Loaders, build_loaders
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where the data is and how it is loaded (the run config's ``data.*``, with every ``auto`` resolved)."""
+
+    root: str | None = None
+    download: bool = False
+    num_workers: int = 0
+    pin_memory: bool = False
+    gpu_resident: bool = False
+    #: Validation hold-out from the training data: a fraction in (0, 1) or a count; 0 = none.
+    val_split: float | int = 0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Exact sums of one pass over a split: ``total`` examples (images, or predicted tokens), their summed
+    negative log-likelihood in float64, and for classification the number of correct top-1 predictions."""
+
+    split: str
+    total: int
+    loss_sum: float
+    correct: int | None = None
+
+    @property
+    def loss(self) -> float:
+        """Mean negative log-likelihood per example."""
+        return self.loss_sum / self.total if self.total else math.nan
+
+    @property
+    def accuracy(self) -> float | None:
+        """Top-1 accuracy, for classification."""
+        return None if self.correct is None else self.correct / self.total
+
+    @property
+    def perplexity(self) -> float:
+        """exp(mean NLL): the language-modelling metric."""
+        return math.exp(self.loss)
+
+    def describe(self) -> str:
+        """One phrase for logs: ``val 341/360 = 0.9472, loss 0.2154`` or ``val perplexity 212.3 (loss 5.358)``."""
+        if self.correct is not None:
+            return f"{self.split} {self.correct}/{self.total} = {self.accuracy:.4f}, loss {self.loss:.4f}"
+        return f"{self.split} perplexity {self.perplexity:.2f} (loss {self.loss:.4f} over {self.total:,} tokens)"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sums and the derived metric, as report.json records them."""
+        metrics: dict[str, Any] = {"split": self.split, "total": self.total, "loss_sum": self.loss_sum,
+                                   "loss": self.loss}
+        if self.correct is not None:
+            metrics.update(correct=self.correct, top1=self.accuracy)
+        else:
+            metrics["perplexity"] = self.perplexity
+        return metrics
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over every process of a torchrun job (no-op for a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+class Task(ABC):
+    """A task: its data, evaluation and scorer inputs (see the module docstring). One subclass per ``kind``."""
+
+    #: The ``kind`` of conf/task/*.yaml this class serves.
+    kind: ClassVar[str]
+    #: What one example of the scorer is: ``"image"`` (one element of a batch) or ``"token"`` (fed on-line).
+    example: ClassVar[str]
+    #: The metric the task's gate is on ("top1" or "perplexity").
+    metric: ClassVar[str]
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = dict(config)
+        self.name: str = config["name"]
+        self.dataset: str = config["dataset"]
+        self.num_classes: int = int(config["num_classes"])
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments every registry model gets for this task's input, besides ``num_classes``."""
+        return {}
+
+    @abstractmethod
+    def loaders(self, options: DataOptions, *, batch_size: int, eval_batch_size: int, seed: int,
+                distributed: bool = False, device: torch.device | None = None) -> Loaders:
+        """Training, validation (None without one) and test loaders."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, loader: Iterable, device: torch.device, split: str) -> Evaluation:
+        """Exact sums of ``model`` over ``loader`` (global counts under torchrun), in eval mode and fp32."""
+
+    @abstractmethod
+    def score_inputs(self, loader: Iterable, examples: int, device: torch.device) -> torch.Tensor:
+        """What the scorer runs ``model`` on: the first ``examples`` examples of ``loader``."""
+
+
+class ClassificationTask(Task):
+    """Image classification (digits, CIFAR-100, ImageNet): top-1 on exact correct/total."""
+
+    kind = "classification"
+    example = "image"
+    metric = "top1"
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"in_chans": int(self.config["in_chans"])}
+
+    def loaders(self, options: DataOptions, *, batch_size: int, eval_batch_size: int, seed: int,
+                distributed: bool = False, device: torch.device | None = None) -> Loaders:
+        return build_loaders(self.dataset, root=options.root, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                             augment=self.config.get("augment"), num_workers=options.num_workers,
+                             pin_memory=options.pin_memory, download=options.download, seed=seed,
+                             distributed=distributed, device=device, gpu_resident=options.gpu_resident,
+                             val_split=options.val_split)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Iterable, device: torch.device, split: str) -> Evaluation:
+        was_training = model.training
+        model.eval()
+        counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, total
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for inputs, targets in loader:
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            outputs = model(inputs).float()
+            loss_sum += F.cross_entropy(outputs, targets, reduction="sum")
+            counts[0] += (outputs.argmax(dim=1) == targets).sum()
+            counts[1] += targets.numel()
+        model.train(was_training)
+        correct, total = _all_reduce_sum(counts).tolist()
+        return Evaluation(split, total, _all_reduce_sum(loss_sum).item(), correct)
+
+    def score_inputs(self, loader: Iterable, examples: int, device: torch.device) -> torch.Tensor:
+        batches, seen = [], 0
+        for inputs, _ in loader:
+            batches.append(inputs)
+            seen += len(inputs)
+            if seen >= examples:
+                break
+        return torch.cat(batches)[:examples].to(device)
+
+
+#: Every task kind, by the ``kind`` key of conf/task/*.yaml.
+TASK_KINDS: Mapping[str, type[Task]] = {cls.kind: cls for cls in (ClassificationTask,)}
+
+
+def build_task(config: Mapping[str, Any]) -> Task:
+    """The :class:`Task` of a (resolved) task config; ValueError names the known kinds."""
+    kind = config.get("kind")
+    if kind not in TASK_KINDS:
+        raise ValueError(f"task {config.get('name')!r} has kind {kind!r}; known kinds: {', '.join(TASK_KINDS)}")
+    return TASK_KINDS[kind](config)
