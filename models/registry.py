@@ -6,14 +6,16 @@ A model is a function ``fn(num_classes, **kwargs) -> nn.Module`` decorated with 
 
 Keyword arguments read from a file someone else wrote (an entry's ``model.kwargs``) are checked first by
 :func:`check_model_kwargs`: each must be a parameter of the registered function (any name, when it takes
-``**kwargs``), hold a plain value (None, bool, int, float or str: the architecture's structure comes from the
-function, not from the file; a number at most :data:`MAX_ARGUMENT` in magnitude, since model arguments are rates,
-sizes and multipliers, and timm expands a ``depth_multiplier`` of 10**6 into millions of block definitions before
-it builds anything), and never be one that makes a builder read files or fetch weights. Those are
-refused by name whatever the function accepts, because timm's builders honour them: a name that is, or
-contains as one of its ``_``-separated words, one of :data:`FILE_LOADING_WORDS` (``pretrained``,
-``pretrained_cfg``, ``pretrained_cfg_overlay``, ``checkpoint_path``, ``cache_dir``, torchvision's ``weights``,
-...), or whose last word is ``path`` / ``paths`` (``drop_path_rate`` is a regularizer and stays allowed).
+``**kwargs``); hold a plain value: None, bool, int, float, str or a flat list of at most :data:`MAX_LIST` of them
+(adaptive softmax cutoffs and widths), since the architecture's structure comes from the function, not from the
+file; every number at most ``max(MAX_ARGUMENT, num_classes)`` in magnitude, since model arguments are rates,
+sizes and multipliers, a size at most the class count (a vocabulary), and timm expands a ``depth_multiplier`` of
+10**6 into millions of block definitions before it builds anything; and never be one that makes a builder read
+files or fetch weights. Those are refused by name whatever the function accepts, because timm's builders honour
+them: a name that has one of :data:`FILE_LOADING_WORDS` among its ``_``-separated words (``pretrained``,
+``pretrained_cfg``, ``pretrained_cfg_overlay``, ``checkpoint_path``, ``cache_dir``, ...), whose first word is
+``weights`` (torchvision's ``weights``, ``weights_backbone``; ``tie_weights`` is a structure choice and stays
+allowed), or whose last word is ``path`` / ``paths`` (``drop_path_rate`` is a regularizer and stays allowed).
 """
 from __future__ import annotations
 
@@ -31,11 +33,11 @@ _MODEL_ENTRYPOINTS: dict[str, ModelFn] = {}
 
 
 #: Words of a keyword argument's name that mark it as reading files or weights (see the module docstring).
-FILE_LOADING_WORDS = frozenset({"pretrained", "checkpoint", "weights", "file", "filename", "dir", "url", "cache",
-                                "hub"})
-#: Values a keyword argument from a file may hold, and the largest magnitude of a number among them.
+FILE_LOADING_WORDS = frozenset({"pretrained", "checkpoint", "file", "filename", "dir", "url", "cache", "hub"})
+#: Values a keyword argument from a file may hold (or a flat list of at most MAX_LIST of them); the largest
+#: magnitude of a number among them, unless the class count is larger.
 _PLAIN_VALUES = (type(None), bool, int, float, str)
-MAX_ARGUMENT = 10_000
+MAX_LIST, MAX_ARGUMENT = 64, 10_000
 
 
 class UnknownModelError(ValueError):
@@ -64,35 +66,39 @@ def list_models(pattern: str = "*") -> list[str]:
 def _loads_files(key: str) -> bool:
     """Whether keyword argument ``key`` would make a model builder read a file or fetch weights."""
     words = key.lower().split("_")
-    return bool(FILE_LOADING_WORDS.intersection(words)) or words[-1] in ("path", "paths")
+    return bool(FILE_LOADING_WORDS.intersection(words)) or words[-1] in ("path", "paths") or words[0] == "weights"
 
 
-def check_model_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+def check_model_kwargs(name: str, kwargs: Mapping[str, Any], num_classes: int) -> None:
     """Check keyword arguments read from a file before :func:`create_model` gets them (see the module docstring).
 
     Raises :class:`UnknownModelError` for an unregistered ``name`` and :class:`ModelArgumentError` for an
-    argument the function does not take, a structured value, or one that loads files or weights.
+    argument the function does not take, a structured value, a number out of range, or one that loads files or
+    weights.
     """
     parameters = inspect.signature(_entrypoint(name)).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     named = [p for p, spec in parameters.items() if p != "num_classes" and spec.kind in (
         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    limit = max(MAX_ARGUMENT, num_classes)
     for key, value in kwargs.items():
+        shown = f"model argument {reprlib.repr(key)}"
         if not isinstance(key, str) or key == "num_classes":
-            raise ModelArgumentError(f"model argument {reprlib.repr(key)} is not allowed: the class count is "
-                                     "num_classes, given by the task")
+            raise ModelArgumentError(f"{shown} is not allowed: the class count is num_classes, given by the task")
         if _loads_files(key):
-            raise ModelArgumentError(f"model argument {reprlib.repr(key)} is not allowed: it would make {name} read a "
-                                     "file or fetch weights, and a model is rebuilt from the entry's own weights only")
+            raise ModelArgumentError(f"{shown} is not allowed: it would make {name} read a file or fetch weights, and "
+                                     "a model is rebuilt from the entry's own weights only")
         if key not in named and not takes_any:
             raise ModelArgumentError(f"model {name} takes no argument {reprlib.repr(key)}; its arguments: "
                                      f"{', '.join(named) or 'none besides num_classes'}")
-        if not isinstance(value, _PLAIN_VALUES):
-            raise ModelArgumentError(f"model argument {reprlib.repr(key)}={reprlib.repr(value)} is not a plain value "
-                                     "(null, bool, number or string)")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not abs(value) <= MAX_ARGUMENT:
-            raise ModelArgumentError(f"model argument {reprlib.repr(key)}={reprlib.repr(value)} is out of range: "
-                                     f"numbers are at most {MAX_ARGUMENT:,} in magnitude (rates, sizes, multipliers)")
+        items = value if isinstance(value, list) and len(value) <= MAX_LIST else [value]
+        if not all(isinstance(item, _PLAIN_VALUES) for item in items):
+            raise ModelArgumentError(f"{shown}={reprlib.repr(value)} is not a plain value (null, bool, number, string, "
+                                     f"or a flat list of at most {MAX_LIST} of them)")
+        if any(isinstance(item, (int, float)) and not isinstance(item, bool) and not abs(item) <= limit
+               for item in items):
+            raise ModelArgumentError(f"{shown}={reprlib.repr(value)} is out of range: numbers are at most {limit:,} in "
+                                     "magnitude (rates, sizes, multipliers; a size at most the class count)")
 
 
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:

@@ -589,7 +589,7 @@ def build_model_from_entry(entry: Entry) -> nn.Module:
     spec = entry.meta["model"]
     name, num_classes, kwargs = spec["name"], spec["num_classes"], spec.get("kwargs", {})
     try:
-        check_model_kwargs(name, kwargs)
+        check_model_kwargs(name, kwargs, num_classes)
     except (UnknownModelError, ModelArgumentError) as err:
         raise EntryError(f"entry.json's model: {err}; re-export the run") from None
     _check_architecture(_skeleton(name, num_classes, kwargs), entry)

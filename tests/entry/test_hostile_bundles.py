@@ -465,11 +465,13 @@ def test_a_report_with_odd_values_is_a_difference_not_a_traceback(hostile, capsy
 
 def test_verify_evaluates_with_the_kits_task_and_its_own_data_settings(exported_bundle, tmp_path):
     """What recount gets: the kit's task definition, the official score settings, verify's data settings (the
-    recorded data.root of the entrant's machine is dropped); training augmentation may differ."""
+    recorded data.root of the entrant's machine is dropped, the run's validation hold-out kept); training
+    augmentation may differ."""
     bundle = tmp_path / "bundle"
     shutil.copytree(exported_bundle, bundle)
     edit_entry(bundle, lambda d: (d["config"]["task"]["augment"].update(cutout=2, hflip=True),
-                                  d["config"]["data"].update(root=str(tmp_path / "elsewhere"), num_workers=64)))
+                                  d["config"]["data"].update(root=str(tmp_path / "elsewhere"), num_workers=64,
+                                                             val_split=0.1)))
     entry = load_entry(bundle)
     judged = judge(entry, json.loads((bundle / REPORT_JSON).read_text()))
     assert judged.unofficial == ()
@@ -477,7 +479,7 @@ def test_verify_evaluates_with_the_kits_task_and_its_own_data_settings(exported_
     assert judged.entry.config["score"] == official_score_settings() == {"examples": 256, "accumulator_bits": 32,
                                                                          "freebie": "auto"}
     assert judged.entry.config["data"] == {"root": None, "download": False, "num_workers": 0, "pin_memory": "auto",
-                                           "gpu_resident": "auto"}
+                                           "gpu_resident": "auto", "val_split": 0.1}
     assert judged.entry.config["train"] == entry.config["train"] and judged.entry.state_dict is entry.state_dict
 
 

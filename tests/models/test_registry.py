@@ -1,6 +1,11 @@
 """The model registry: timm's register_model / create_model convention and its errors."""
+from pathlib import Path
+
 import pytest
+from omegaconf import OmegaConf
 from torch import nn
+
+import conf
 
 from models import ModelArgumentError, UnknownModelError, check_model_kwargs, create_model, list_models, register_model
 
@@ -52,16 +57,21 @@ def test_kwargs_reach_the_model_function():
     ("mixnet_s", {"pretrained_cfg_overlay": "x"}, r"'pretrained_cfg_overlay' is not allowed"),
     ("efficientnet_b0", {"cache_dir": "/tmp"}, r"'cache_dir' is not allowed"),
     ("efficientnet_b0", {"weights": "IMAGENET1K_V1"}, r"'weights' is not allowed"),
+    ("efficientnet_b0", {"weights_backbone": "x"}, r"'weights_backbone' is not allowed"),
     ("efficientnet_b0", {"model_path": "x"}, r"'model_path' is not allowed"),
     ("digits_cnn", {"num_classes": 3}, r"'num_classes' is not allowed: the class count is num_classes"),
-    ("digits_cnn", {"in_chans": [1, 2]}, r"in_chans'=\[1, 2\] is not a plain value"),
+    ("digits_cnn", {"in_chans": [[1], 2]}, r"in_chans'=\[\[1\], 2\] is not a plain value"),
+    ("lstm_lm", {"cutoffs": list(range(65))}, r"cutoffs'=\[0, 1, 2, 3, 4, 5, \.\.\.\] is not a plain value \(null, "
+                                              r"bool, number, string, or a flat list of at most 64 of them\)"),
+    ("lstm_lm", {"cutoffs": [1000, 300_000]}, r"cutoffs'=\[1000, 300000\] is out of range: numbers are at most "
+                                              r"267,735"),
     ("mobilenetv2_140", {"depth_multiplier": 10**6}, r"'depth_multiplier'=1000000 is out of range: numbers are at "
                                                       r"most 10,000"),
     ("nope", {}, r"unknown model 'nope'"),
 ])
 def test_model_kwargs_from_a_file_are_checked(name, kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
-        check_model_kwargs(name, kwargs)
+        check_model_kwargs(name, kwargs, num_classes=267_735 if name == "lstm_lm" else 1000)
     assert "\n" not in str(info.value)
     assert isinstance(info.value, UnknownModelError if name == "nope" else ModelArgumentError)
 
@@ -74,4 +84,16 @@ def test_model_kwargs_from_a_file_are_checked(name, kwargs, message):
     ("digits_cnn", {}),
 ])
 def test_model_kwargs_a_model_takes_are_accepted(name, kwargs):
-    check_model_kwargs(name, kwargs)
+    check_model_kwargs(name, kwargs, num_classes=1000)
+
+
+@pytest.mark.parametrize("path", sorted((Path(conf.__file__).parent / "model").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_model_config_passes_the_entry_check(path):
+    """The kit's own model configs are what entries record: each passes at the WikiText-103 vocabulary (267,735
+    classes, the largest task), and each but the language models' (cutoffs up to 25,000) at 10 classes."""
+    spec = OmegaConf.to_container(OmegaConf.load(path))
+    if spec["name"].startswith("$"):  # default.yaml: the task's default model, checked under its own name
+        return
+    check_model_kwargs(spec["name"], spec["kwargs"], num_classes=267_735)
+    if spec["name"] not in ("txl_micronet", "txl_teacher"):
+        check_model_kwargs(spec["name"], spec["kwargs"], num_classes=10)
