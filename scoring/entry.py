@@ -292,18 +292,19 @@ def _folder_files(folder: Path) -> dict[str, tuple[Path, os.stat_result]]:
     pending, entries, total = [(folder, 0)], 0, 0
     while pending:
         directory, depth = pending.pop()
+        items = []
         try:
             with os.scandir(directory) as listing:
-                items = list(listing)
+                for item in listing:  # counted while listed: a folder of millions stops at the limit
+                    entries += 1
+                    if entries > MAX_FILES:
+                        raise EntryError(f"{folder} holds more than {MAX_FILES:,} files and folders, the limit for a "
+                                         "bundle; send the bundle as `python -m scoring.export` writes it")
+                    items.append((Path(item.path), item.stat(follow_symlinks=False)))
         except OSError as err:
             raise EntryError(f"{directory} cannot be listed ({err.strerror}); get an intact copy of the bundle") \
                 from None
-        for item in items:
-            entries += 1
-            if entries > MAX_FILES:
-                raise EntryError(f"{folder} holds more than {MAX_FILES:,} files and folders, the limit for a bundle; "
-                                 "send the bundle as `python -m scoring.export` writes it")
-            path, info = Path(item.path), item.stat(follow_symlinks=False)
+        for path, info in items:
             if stat.S_ISDIR(info.st_mode):
                 if depth + 1 > MAX_DEPTH:
                     raise EntryError(f"{path} is {depth + 1} folders deep, over the limit of {MAX_DEPTH} for a "

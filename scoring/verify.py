@@ -148,7 +148,8 @@ def format_manifest_table(checks: Sequence[FileCheck]) -> str:
     def short(digest: str | None) -> str:
         return digest[:16] if digest else "-"
     return _aligned([("file", "manifest", "on disk", "status")] + [
-        (check.path, short(check.listed), short(check.found), check.status) for check in checks])
+        (check.path if check.path.isprintable() else ascii(check.path), short(check.listed), short(check.found),
+         check.status) for check in checks])
 
 
 def _aligned(cells: Sequence[tuple[str, ...]]) -> str:

@@ -4,15 +4,18 @@
 
 An audit hook (PEP 578), installed before anything of ours is imported, records the path of every ``open`` and
 every folder listing (``os.listdir`` / ``os.scandir``) of the whole run, imports included. At exit the file named
-by ``AUDIT_OUT`` receives ``{"status", "opened", "maxrss_kb", "seconds"}`` (``ru_maxrss`` of this process).
+by ``AUDIT_OUT`` receives ``{"status", "opened", "peak_rss_kb", "seconds"}``. The peak is ``VmHWM`` of
+/proc/self/status: the high-water mark of this process image. (``ru_maxrss`` is no measure here: Linux carries
+it over ``execve`` from the forked parent, so a child of a large pytest process reports the parent's size.)
 """
 from __future__ import annotations
 
 import json
 import os
-import resource
+import re
 import sys
 import time
+from pathlib import Path
 
 _opened: list[str] = []
 _EVENTS = ("open", "os.listdir", "os.scandir")
@@ -32,8 +35,9 @@ def main() -> None:
         status = scoring_main(sys.argv[1:])
     except SystemExit as exit_:  # argparse
         status = exit_.code
-    result = {"status": status, "opened": list(_opened), "seconds": time.perf_counter() - start,
-              "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    seconds, opened = time.perf_counter() - start, list(_opened)
+    peak = re.search(r"^VmHWM:\s+(\d+) kB$", Path("/proc/self/status").read_text(), re.MULTILINE)
+    result = {"status": status, "opened": opened, "seconds": seconds, "peak_rss_kb": int(peak.group(1))}
     with open(os.environ["AUDIT_OUT"], "w") as out:
         json.dump(result, out)
 

@@ -522,6 +522,17 @@ def test_hostile_bundle_in_a_fresh_process(hostile, tmp_path, edit, how, flags, 
     assert re.search(pattern, done.stderr), done.stderr
     assert "verified" not in done.stdout
     assert outside([Path(p) for p in result["opened"]], bundle) == []
-    assert result["maxrss_kb"] * 1024 < 1.5 * GB
+    assert result["peak_rss_kb"] * 1024 < 1.5 * GB
     assert result["seconds"] < 60, f"verify took {result['seconds']:.1f} s ({wall:.1f} s with start-up)"
     assert not (away / "marker").exists()
+
+
+def test_a_stray_file_with_an_odd_name_is_one_escaped_row(hostile, capsys):
+    bundle, _ = hostile
+    (bundle / os.fsdecode(b"\xff\nreport.json")).write_text("x")  # not UTF-8, and a newline: one row, escaped
+    verdict = run_verify(bundle, capsys)
+    assert verdict.status == 1 and verdict.err == ""
+    rows = [re.split(r" {2,}", line) for line in verdict.out.splitlines()[1:-1]]
+    assert len(rows) == 6 and ["'\\udcff\\nreport.json'", "-"] in [row[:2] for row in rows]
+    assert rows[[row[0] for row in rows].index("'\\udcff\\nreport.json'")][-1] == "NOT LISTED"
+    assert_bounded(verdict, bundle)
