@@ -31,13 +31,13 @@ State = Any
 
 
 class LanguageModel(nn.Module, metaclass=ABCMeta):
-    """Base of the LMs: embeds tokens (tied through ``decoder`` unless an untied ``embedding`` is given), runs
-    the subclass's :meth:`encode` on the vectors and the state, and predicts with ``decoder``."""
+    """Base of the LMs: embeds tokens (tied through ``decoder`` unless ``embedding`` is an untied
+    ``nn.Embedding``), runs the subclass's :meth:`encode` on the vectors and the state, and predicts with
+    ``decoder``. A subclass sets ``embedding`` first and ``decoder`` last, so that modules register in data-flow
+    order (compress/ takes the first and last registered linear layers for the input and output layers)."""
 
-    def __init__(self, decoder: LinearSoftmax | AdaptiveSoftmax, embedding: nn.Embedding | None = None) -> None:
-        super().__init__()
-        self.decoder = decoder
-        self.embedding = embedding
+    embedding: nn.Embedding | None
+    decoder: LinearSoftmax | AdaptiveSoftmax
 
     @abstractmethod
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
