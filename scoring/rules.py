@@ -332,7 +332,9 @@ _PERMUTE = ("a reordering of the elements along a dim of size n (ShuffleNet's ch
             "product with a sparse n×n permutation matrix (rules FAQ): 1 multiply per output element and per permuted "
             "dim (one nonzero per row: (L-1)·N = 0 adds); the matrix is stored once per distinct permutation, as any "
             "sparse tensor (n nonzeros at the unquantized width + an n² mask). Reshapes, views, transposes and permutes "
-            "of whole dims (a head split, a flatten, pixel shuffle) keep every dim's order: free")
+            "of whole dims (a head split, a flatten, pixel shuffle, a window partition) keep every dim's order: free; a "
+            "view that merges back the parts of a dim an earlier view split, in another order (the view-transpose-view "
+            "channel shuffle), reorders that dim: a permutation")
 _LOOKUP = ("embedding lookup: free (precedent of the verified 2019 WikiText-103 entries); the table is a stored weight, "
            "nonzeros × bits + mask like any weight, stored once with a conv/linear that reads it too (a tied softmax)")
 _INDEX = ("address computation on integer or boolean index tensors (token ids and the comparisons, masks, offsets, "
@@ -376,6 +378,8 @@ def _norm(name: str, group: str) -> Rule:
 
 #: The rule of ops on index tensors only (see ``_INDEX``); not an aten name.
 INDEX_ARITHMETIC = "(index arithmetic)"
+#: The rule of a view that reorders a dim split by an earlier view (see ``_PERMUTE``); not an aten name.
+REORDERING_VIEW = "(reordering view)"
 
 _POOL_VALID = "valid = the window's in-bounds elements (padding and ceil_mode overhang excluded)"
 
@@ -477,7 +481,8 @@ RULES: Mapping[str, Rule] = MappingProxyType({
         "copy", "_local_scalar_dense")},
     # lookups, permutations, index arithmetic
     "embedding": _project(LOOKUP, _LOOKUP),
-    **{name: Rule(PERMUTATION, True, _PERMUTE) for name in ("channel_shuffle", "native_channel_shuffle", "roll", "flip")},
+    **{name: Rule(PERMUTATION, True, _PERMUTE) for name in ("channel_shuffle", "native_channel_shuffle", "roll", "flip",
+                                                             REORDERING_VIEW)},
     INDEX_ARITHMETIC: _project(FREE, _INDEX),
     **{name: _free(_CONSTANT) for name in (
         "empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
