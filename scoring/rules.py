@@ -6,7 +6,9 @@ operator (its overload-packet name, in-place ops folded onto their out-of-place 
 additions per output element, per merged input element and per reduced row, whether it is an *official*
 rule (the challenge's page or its reference calculator) or a *project* rule (ours, stated in every report),
 and why. Composite ops are counted through the rules of their parts (:func:`norm_counts`,
-:func:`attention_counts`), so every number traces back to a line of the table.
+:func:`attention_counts`, :func:`recurrent_counts` with the recurrent cells of :data:`CELLS`), so every number
+traces back to a line of the table. A few rows are keyed by a class of ops rather than an aten name
+(:data:`INDEX_ARITHMETIC`, :data:`REORDERING_VIEW`).
 
 Both the traced counter (:mod:`scoring.counter`) and the hand-written op list (:mod:`scoring.oplist`)
 count through this table, so a traced count can be checked by hand.
@@ -478,7 +480,7 @@ RULES: Mapping[str, Rule] = MappingProxyType({
         "t", "transpose", "permute", "expand", "cat", "stack", "split", "split_with_sizes", "unbind",
         "unsafe_split", "unsafe_split_with_sizes", "unsafe_chunk", "slice", "select", "as_strided", "index",
         "index_select", "gather", "index_put", "repeat", "constant_pad_nd", "pixel_shuffle", "pixel_unshuffle",
-        "copy", "_local_scalar_dense")},
+        "copy", "_local_scalar_dense", "_pack_padded_sequence", "_pad_packed_sequence")},
     # lookups, permutations, index arithmetic
     "embedding": _project(LOOKUP, _LOOKUP),
     **{name: Rule(PERMUTATION, True, _PERMUTE) for name in ("channel_shuffle", "native_channel_shuffle", "roll", "flip",
