@@ -408,6 +408,8 @@ def _dim_groups(before: Sequence[int], after: Sequence[int]) -> list[tuple[list[
         product_in, product_out = before[dims_before[i]], after[dims_after[j]]
         i, j = i + 1, j + 1
         while product_in != product_out:
+            if (i == len(dims_before)) if product_in < product_out else (j == len(dims_after)):
+                return groups  # not a reshape of equal products (an empty tensor)
             if product_in < product_out:
                 ins.append(dims_before[i])
                 product_in, i = product_in * before[dims_before[i]], i + 1
