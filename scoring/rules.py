@@ -479,7 +479,7 @@ RULES: Mapping[str, Rule] = MappingProxyType({
     **{name: _free(_MOVE) for name in (
         "t", "transpose", "permute", "expand", "cat", "stack", "split", "split_with_sizes", "unbind",
         "unsafe_split", "unsafe_split_with_sizes", "unsafe_chunk", "slice", "select", "as_strided", "index",
-        "index_select", "gather", "index_put", "repeat", "constant_pad_nd", "pixel_shuffle", "pixel_unshuffle",
+        "index_select", "gather", "index_put", "index_copy", "scatter", "masked_select", "masked_scatter", "repeat", "constant_pad_nd", "pixel_shuffle", "pixel_unshuffle",
         "copy", "_local_scalar_dense", "_pack_padded_sequence", "_pad_packed_sequence")},
     # lookups, permutations, index arithmetic
     "embedding": _project(LOOKUP, _LOOKUP),

@@ -290,3 +290,17 @@ def test_ops_on_token_ids_are_address_arithmetic():
     count = count_model(Cluster(), torch.tensor([[1, 5, 7, 12]]))
     assert (count.mults, count.adds) == (0, 0)
     assert "(index arithmetic)" in count.project_rules
+
+    class Gather(nn.Module):  # the registered adaptive input's pattern: nonzero positions, rows written back
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(20, 3))
+
+        def forward(self, tokens):
+            flat = tokens.reshape(-1)
+            rows = (flat >= 4).nonzero().squeeze(1)
+            out = torch.zeros(flat.numel(), 3)
+            return out.index_copy_(0, rows, torch.nn.functional.embedding(flat[rows] - 4, self.table))
+
+    count = count_model(Gather(), torch.tensor([[1, 5, 7, 12]]), freebie=False)
+    assert (count.mults, count.adds, count.params) == (0, 0, 60)  # lookups and moves are free; the table stored
