@@ -536,6 +536,13 @@ class _Tracer(TorchDispatchMode):
         self.active = False
         self.names = {module: name or MODEL_LAYER for name, module in model.named_modules()}
         self.modules = {name: module for module, name in self.names.items()}
+        #: Parameter / buffer -> the layer owning it (a parametrization's original: the parametrized module); one
+        #: registered in several modules (a shared weight) has no single owner.
+        owners: dict[int, set[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                owners.setdefault(id(tensor), set()).add(name.split(".parametrizations.")[0] or MODEL_LAYER)
+        self.owners = {key: names.pop() for key, names in owners.items() if len(names) == 1}
         self.quantizer_depth = 0
         #: Depth of recurrent composites being run: their inner ops are counted by the composite's rule.
         self.opaque = 0
@@ -773,12 +780,17 @@ class _Tracer(TorchDispatchMode):
     # --- stored values ------------------------------------------------------------------------------
     def _wants(self, key: Hashable, numel: int, priority: int = 1) -> bool:
         """Whether a value stored under ``key`` (the parameters it derives from), read at ``numel`` values, must be
-        (re)counted: its first read, a larger read (a table looked up for a growing context), or a conv/linear read
-        (``priority`` 1) of a table first read by a lookup (0): a tied table belongs to its output layer."""
+        (re)counted: its first read, a larger read (a table looked up for a growing context), or a read of higher
+        ``priority``: a conv/linear read (1) after a lookup (0), so that a tied table belongs to its output layer,
+        and any read in the module owning the parameters (+2) after reads elsewhere."""
         if not key:
             return False
         kept = self.storage.get(key)
         return kept is None or (priority, numel) > (kept[2], kept[1].numel)
+
+    def _priority(self, layer: _Layer, roots: frozenset[int], priority: int) -> int:
+        """``priority``, + 2 when ``layer`` is the module owning every parameter in ``roots``."""
+        return priority + 2 if roots and all(self.owners.get(root) == layer.name for root in roots) else priority
 
     def _keep(self, layer: _Layer, key: Hashable, stored: _Stored, priority: int = 1) -> None:
         self.storage[key] = (layer, stored, priority)
@@ -815,8 +827,9 @@ class _Tracer(TorchDispatchMode):
             if info.static and info.roots:
                 base, read = self._extent(tensor)
                 numel = base.numel() if read is None else int(read.sum())
-                if self._wants(info.roots, numel):
-                    self._keep(layer, info.roots, _Stored(numel, info.bits))
+                priority = self._priority(layer, info.roots, 1)
+                if self._wants(info.roots, numel, priority):
+                    self._keep(layer, info.roots, _Stored(numel, info.bits), priority)
 
     def _store_weight(self, layer: _Layer, weight: torch.Tensor, priority: int = 1) -> None:
         """Count a static weight (conv/linear, recurrent matrix, lookup table): its nonzeros × bits + a mask, or
@@ -825,6 +838,7 @@ class _Tracer(TorchDispatchMode):
         layer.weight_width = info.width() if layer.weight_width is None else layer.weight_width | info.width()
         base, read = self._extent(weight)
         numel = base.numel() if read is None else int(read.sum())
+        priority = self._priority(layer, info.roots, priority)
         if not self._wants(info.roots, numel, priority):
             return
         storage = None if base.is_meta else base.untyped_storage().data_ptr()
