@@ -45,10 +45,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from scoring.protocol import declared_mask_bits, is_quantizer, quantizer_bits, quantizer_scales
 from scoring.rules import (ADAPTIVE_POOL, ATTENTION, BATCH_NORM, CELLS, COMPOSITE_LAYOUTS, CONV, ELEMENTWISE, FREE,
                            INDEX_ARITHMETIC, KERNEL_MODES, LOOKUP, MATMUL, NORM, PERMUTATION, POOL, RECURRENT, REDUCE,
-                           REORDERING_VIEW,
-                           RULES, SOFTMAX, STREAM_CONVENTION, VIEW, Cell, Rule, UnsupportedOpError, attention_counts,
-                           cell_counts, dot_counts, norm_counts, project_rules_note, recurrent_counts, rule_key, score, score_terms,
-                           weight_storage_bits)
+                           REORDERING_VIEW, RULES, SOFTMAX, STREAM_CONVENTION, VIEW, Cell, Rule, UnsupportedOpError,
+                           attention_counts, cell_counts, dot_counts, norm_counts, project_rules_note, recurrent_counts,
+                           rule_key, score, score_terms, weight_storage_bits)
 
 #: Width of an unquantized tensor with and without the freebie.
 FULL_BITS = 32
@@ -864,7 +863,8 @@ class _Tracer(TorchDispatchMode):
         storage = weight.untyped_storage().data_ptr() if not weight.is_meta else None
         key = None
         if storage in self.param_storages:
-            key = (storage, weight.storage_offset(), tuple(weight.shape), weight.stride(), weight._version, dims, static)
+            key = (storage, weight.storage_offset(), tuple(weight.shape), weight.stride(), weight._version, dims,
+                   static)
             cached = self.rows_cache.get(key)
             if cached is not None:
                 return cached
