@@ -1395,3 +1395,13 @@ def count_stream(model: nn.Module, tokens: torch.Tensor, *, warmup_tokens: int =
             state = _step(model, tracer.run, token, state)
     tracer.finish()
     return _resolve(tracer, stream.shape[1] - warmup_tokens, accumulator_bits, freebie, dict([STREAM_CONVENTION]))
+
+
+def count_inputs(model: nn.Module, inputs: Any, *, accumulator_bits: int = 32, freebie: bool | None = None,
+                 rules: Mapping[str, Rule] = RULES) -> Count:
+    """Count ``model`` on a task's scorer inputs (``data.tasks.ScoreInputs``: ``inputs``, ``stream``, ``warmup``):
+    a token stream fed on-line with :func:`count_stream`, a batch of examples with :func:`count_model`."""
+    if inputs.stream:
+        return count_stream(model, inputs.inputs, warmup_tokens=inputs.warmup, accumulator_bits=accumulator_bits,
+                            freebie=freebie, rules=rules)
+    return count_model(model, inputs.inputs, accumulator_bits=accumulator_bits, freebie=freebie, rules=rules)
