@@ -92,7 +92,7 @@ def recount(entry: Entry, *, data_root: str | None = None, examples: int | None 
     count = count_inputs(model, task.score_inputs(test_loader, examples or score["examples"], resolved, model),
                          accumulator_bits=score["accumulator_bits"],
                          freebie=None if score["freebie"] == "auto" else bool(score["freebie"]))
-    return build_report(task=task.name, count=count, evaluation=result.to_dict())
+    return build_report(task=task.name, count=count, evaluation=result.to_dict(), example=task.example)
 
 
 def compare(reported: dict[str, Any], recounted: dict[str, Any]) -> list[Row]:
