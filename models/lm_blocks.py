@@ -31,13 +31,13 @@ State = Any
 
 
 class LanguageModel(nn.Module, metaclass=ABCMeta):
-    """Base of the LMs: embeds tokens (tied through ``decoder`` unless an untied ``embedding`` is given), runs
-    the subclass's :meth:`encode` on the vectors and the state, and predicts with ``decoder``."""
+    """Base of the LMs: embeds tokens (tied through ``decoder`` unless ``embedding`` is an untied
+    ``nn.Embedding``), runs the subclass's :meth:`encode` on the vectors and the state, and predicts with
+    ``decoder``. A subclass sets ``embedding`` first and ``decoder`` last, so that modules register in data-flow
+    order (compress/ takes the first and last registered linear layers for the input and output layers)."""
 
-    def __init__(self, decoder: LinearSoftmax | AdaptiveSoftmax, embedding: nn.Embedding | None = None) -> None:
-        super().__init__()
-        self.decoder = decoder
-        self.embedding = embedding
+    embedding: nn.Embedding | None
+    decoder: LinearSoftmax | AdaptiveSoftmax
 
     @abstractmethod
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
@@ -103,7 +103,7 @@ class AdaptiveSoftmax(nn.Module):
 
     Not ``nn.AdaptiveLogSoftmaxWithLoss``: its tail widths are ``in_features // div_value**k`` (the 2019
     winner's 256/64/4 is not such a sequence), its head has no projection, and it has no tied input side.
-    The ops match it (a cluster's members by ``nonzero``, written back by ``index_copy``).
+    A cluster's members are found by ``nonzero`` and written back by index assignment, as there.
     """
 
     def __init__(self, in_features: int, num_classes: int, cutoffs: Sequence[int],
@@ -154,7 +154,7 @@ class AdaptiveSoftmax(nn.Module):
                 lookup = F.linear(lookup, projection.weight.t())
             if out is None:  # a fresh buffer (under autocast a projected cluster may come out narrower)
                 out = torch.empty(flat.numel(), self.in_features, dtype=lookup.dtype, device=lookup.device)
-            out.index_copy_(0, rows, lookup.to(out.dtype))
+            out[rows] = lookup.to(out.dtype)
         return out.view(*tokens.shape, self.in_features)
 
     def log_prob(self, hidden: torch.Tensor) -> torch.Tensor:

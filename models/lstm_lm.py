@@ -70,11 +70,8 @@ class LSTMLanguageModel(LanguageModel):
         if tie_weights and features != embed_dim:
             raise ValueError(f"tied embeddings need the softmax input width ({features}) to equal embed_dim "
                              f"({embed_dim}) ; fix: set output_proj={embed_dim}, or tie_weights=false")
-        if cutoffs:
-            decoder = AdaptiveSoftmax(features, num_classes, cutoffs, widths, div_value=div_value, bias=output_bias)
-        else:
-            decoder = LinearSoftmax(features, num_classes, bias=output_bias)
-        super().__init__(decoder, None if tie_weights else nn.Embedding(num_classes, embed_dim))
+        super().__init__()
+        self.embedding = None if tie_weights else nn.Embedding(num_classes, embed_dim)
         self.num_layers, self.hidden_size = num_layers, hidden_size
         self.emb_dropout = SequenceDropout(emb_dropout, variational)
         self.layers = nn.ModuleList(
@@ -82,6 +79,8 @@ class LSTMLanguageModel(LanguageModel):
         self.layer_dropout = SequenceDropout(dropout, variational)
         self.out_dropout = SequenceDropout(out_dropout, variational)
         self.projection = nn.Linear(hidden_size, output_proj, bias=False) if output_proj else None
+        self.decoder = (AdaptiveSoftmax(features, num_classes, cutoffs, widths, div_value=div_value, bias=output_bias)
+                        if cutoffs else LinearSoftmax(features, num_classes, bias=output_bias))
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         dtype = self.layers[0].recurrent.weight.dtype

@@ -130,9 +130,8 @@ class TransformerXL(LanguageModel):
         if d_model % 2:
             raise ValueError(f"transformer_xl d_model={d_model} is odd ; fix: use an even d_model "
                              "(the sinusoidal encoding pairs sin and cos)")
-        decoder = (AdaptiveSoftmax(d_model, num_classes, cutoffs, widths, div_value=div_value) if cutoffs
-                   else LinearSoftmax(d_model, num_classes))
-        super().__init__(decoder)
+        super().__init__()
+        self.embedding = None  # always tied
         self.mem_len, self.inner = mem_len, n_head * d_head
         self.embed_scale = math.sqrt(d_model)
         self.emb_dropout = nn.Dropout(dropout if emb_dropout is None else emb_dropout)
@@ -140,6 +139,8 @@ class TransformerXL(LanguageModel):
                                                  pre_norm) for _ in range(n_layer))
         self.final_norm = nn.LayerNorm(d_model) if pre_norm else None
         self.dropout = nn.Dropout(dropout)
+        self.decoder = (AdaptiveSoftmax(d_model, num_classes, cutoffs, widths, div_value=div_value) if cutoffs
+                        else LinearSoftmax(d_model, num_classes))
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -7,9 +7,9 @@
 
 Bit widths reach the scorer only through :mod:`scoring.protocol`.
 """
-from scoring.counter import Count, count_model, count_stream
+from scoring.counter import Count, count_inputs, count_model, count_stream
 from scoring.gate import GATES, GateResult, check_gate
 from scoring.rules import BASELINES, RULES, Rule, UnknownTaskError, UnsupportedOpError, score
 
 __all__ = ["BASELINES", "GATES", "RULES", "Count", "GateResult", "Rule", "UnknownTaskError", "UnsupportedOpError",
-           "check_gate", "count_model", "count_stream", "score"]
+           "check_gate", "count_inputs", "count_model", "count_stream", "score"]

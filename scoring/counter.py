@@ -45,9 +45,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from scoring.protocol import declared_mask_bits, is_quantizer, quantizer_bits, quantizer_scales
 from scoring.rules import (ADAPTIVE_POOL, ATTENTION, BATCH_NORM, CELLS, COMPOSITE_LAYOUTS, CONV, ELEMENTWISE, FREE,
                            INDEX_ARITHMETIC, KERNEL_MODES, LOOKUP, MATMUL, NORM, PERMUTATION, POOL, RECURRENT, REDUCE,
-                           RULES, SOFTMAX, STREAM_CONVENTION, VIEW, Cell, Rule, UnsupportedOpError, attention_counts,
-                           cell_counts, dot_counts, norm_counts, project_rules_note, recurrent_counts, rule_key, score, score_terms,
-                           weight_storage_bits)
+                           REORDERING_VIEW, RULES, SOFTMAX, STREAM_CONVENTION, VIEW, Cell, Rule, UnsupportedOpError,
+                           attention_counts, cell_counts, dot_counts, norm_counts, project_rules_note, recurrent_counts,
+                           rule_key, score, score_terms, weight_storage_bits)
 
 #: Width of an unquantized tensor with and without the freebie.
 FULL_BITS = 32
@@ -202,6 +202,9 @@ class _Info:
     mask: _Mask | None = None
     #: An index tensor: integer input (token ids), or computed from index tensors alone.
     index: bool = False
+    #: Per dim, (split, part) when an earlier view split one dim into parts (None: not split), for telling a
+    #: view that reorders a dim (channel shuffle) from one that does not.
+    parts: tuple[tuple[int, int] | None, ...] | None = None
 
     @property
     def constant(self) -> bool:
@@ -387,6 +390,49 @@ def _elements(key: str, rule: Rule, func: Any, args: tuple, kwargs: dict, out: t
     return n, planes * windows - n, 0
 
 
+# --- views that reorder a dim -----------------------------------------------------------------------
+#: Ops that reshape without moving data (dims split or merged), transpose dims, or copy a tensor as it is.
+_RESHAPES = frozenset({"view", "_unsafe_view", "unsqueeze", "squeeze"})
+_TRANSPOSES = frozenset({"t", "transpose", "permute"})
+_COPIES = frozenset({"clone", "_to_copy", "alias", "detach", "lift_fresh"})
+
+
+def _dim_groups(before: Sequence[int], after: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """The (dims before, dims after) of a reshape whose sizes multiply to the same product, size-1 dims left out."""
+    dims_before = [d for d, size in enumerate(before) if size != 1]
+    dims_after = [d for d, size in enumerate(after) if size != 1]
+    groups, i, j = [], 0, 0
+    while i < len(dims_before) and j < len(dims_after):
+        ins, outs = [dims_before[i]], [dims_after[j]]
+        product_in, product_out = before[dims_before[i]], after[dims_after[j]]
+        i, j = i + 1, j + 1
+        while product_in != product_out:
+            if (i == len(dims_before)) if product_in < product_out else (j == len(dims_after)):
+                return groups  # not a reshape of equal products (an empty tensor)
+            if product_in < product_out:
+                ins.append(dims_before[i])
+                product_in, i = product_in * before[dims_before[i]], i + 1
+            else:
+                outs.append(dims_after[j])
+                product_out, j = product_out * after[dims_after[j]], j + 1
+        groups.append((ins, outs))
+    return groups
+
+
+def _transposed(key: str, args: tuple, parts: tuple) -> tuple:
+    """``parts`` (per dim) in the dim order of a transpose / permute."""
+    dims = len(parts)
+    if key == "t":
+        order = list(range(dims))[::-1]
+    elif key == "transpose":
+        first, second = args[1] % dims, args[2] % dims
+        order = list(range(dims))
+        order[first], order[second] = second, first
+    else:
+        order = [d % dims for d in args[1]]
+    return tuple(parts[d] for d in order)
+
+
 # --- recurrent ops: what their arguments hold -------------------------------------------------------
 @dataclass(frozen=True)
 class Recurrence:
@@ -489,6 +535,13 @@ class _Tracer(TorchDispatchMode):
         self.active = False
         self.names = {module: name or MODEL_LAYER for name, module in model.named_modules()}
         self.modules = {name: module for module, name in self.names.items()}
+        #: Parameter / buffer -> the layer owning it (a parametrization's original: the parametrized module); one
+        #: registered in several modules (a shared weight) has no single owner.
+        owners: dict[int, set[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                owners.setdefault(id(tensor), set()).add(name.split(".parametrizations.")[0] or MODEL_LAYER)
+        self.owners = {key: names.pop() for key, names in owners.items() if len(names) == 1}
         self.quantizer_depth = 0
         #: Depth of recurrent composites being run: their inner ops are counted by the composite's rule.
         self.opaque = 0
@@ -504,6 +557,7 @@ class _Tracer(TorchDispatchMode):
         self.rules_used: set[str] = set()
         self.keys: dict[Any, str] = {}
         self.mutates: dict[Any, bool] = {}
+        self.splits = 0  # views that split a dim into parts, numbered
         #: torch's composite recurrent functions (torch.lstm, ...) -> their rule key.
         self.composites = {getattr(torch, key): key for key, rule in rules.items()
                            if rule.kind == RECURRENT and rule.layout in COMPOSITE_LAYOUTS and hasattr(torch, key)}
@@ -631,7 +685,8 @@ class _Tracer(TorchDispatchMode):
             self._store_dense(layer, inputs, infos)
             # A batch norm after a channel concatenation of conv outputs folds into each conv.
             producer = _concat_producer(args[0], args[1] if len(args) > 1 else 0, infos) if key == "cat" else None
-            self._propagate(out, infos, rule, static=False, producer=producer)
+            parts = self._view_parts(layer, key, args, out) if isinstance(out, torch.Tensor) and inputs else None
+            self._propagate(out, infos, rule, static=False, producer=producer, parts=parts)
             self._mark_written_base(func, args)
             return
         self.rules_used.add(key)
@@ -683,7 +738,7 @@ class _Tracer(TorchDispatchMode):
                 self.infos[base] = _DYNAMIC
 
     def _propagate(self, out: Any, infos: list[_Info], rule: Rule | None, *, static: bool,
-                   producer: _Producer | None = None, index: bool = False) -> None:
+                   producer: _Producer | None = None, index: bool = False, parts: tuple | None = None) -> None:
         bits = None
         if rule is not None and (rule.kind in (FREE, VIEW, LOOKUP, PERMUTATION) or rule.keeps_bits):
             tags = [i.bits for i in infos if not (i.constant or i.index)]  # indices move data, they are not values
@@ -692,7 +747,7 @@ class _Tracer(TorchDispatchMode):
             if rule.kind == VIEW and producer is None and len(infos) == 1:
                 producer = infos[0].producer
         roots = frozenset().union(*(i.roots for i in infos)) if static else frozenset()
-        info = _Info(static=static, bits=bits, producer=producer, roots=roots, index=index)
+        info = _Info(static=static, bits=bits, producer=producer, roots=roots, index=index, parts=parts)
         # A declared mask passes through static ops that keep its tensor's size (quantizer, views).
         masks = {i.mask for i in infos if i.mask is not None} if static else set()
         mask = masks.pop() if len(masks) == 1 else None
@@ -724,12 +779,17 @@ class _Tracer(TorchDispatchMode):
     # --- stored values ------------------------------------------------------------------------------
     def _wants(self, key: Hashable, numel: int, priority: int = 1) -> bool:
         """Whether a value stored under ``key`` (the parameters it derives from), read at ``numel`` values, must be
-        (re)counted: its first read, a larger read (a table looked up for a growing context), or a conv/linear read
-        (``priority`` 1) of a table first read by a lookup (0): a tied table belongs to its output layer."""
+        (re)counted: its first read, a larger read (a table looked up for a growing context), or a read of higher
+        ``priority``: a conv/linear read (1) after a lookup (0), so that a tied table belongs to its output layer,
+        and any read in the module owning the parameters (+2) after reads elsewhere."""
         if not key:
             return False
         kept = self.storage.get(key)
         return kept is None or (priority, numel) > (kept[2], kept[1].numel)
+
+    def _priority(self, layer: _Layer, roots: frozenset[int], priority: int) -> int:
+        """``priority``, + 2 when ``layer`` is the module owning every parameter in ``roots``."""
+        return priority + 2 if roots and all(self.owners.get(root) == layer.name for root in roots) else priority
 
     def _keep(self, layer: _Layer, key: Hashable, stored: _Stored, priority: int = 1) -> None:
         self.storage[key] = (layer, stored, priority)
@@ -766,8 +826,9 @@ class _Tracer(TorchDispatchMode):
             if info.static and info.roots:
                 base, read = self._extent(tensor)
                 numel = base.numel() if read is None else int(read.sum())
-                if self._wants(info.roots, numel):
-                    self._keep(layer, info.roots, _Stored(numel, info.bits))
+                priority = self._priority(layer, info.roots, 1)
+                if self._wants(info.roots, numel, priority):
+                    self._keep(layer, info.roots, _Stored(numel, info.bits), priority)
 
     def _store_weight(self, layer: _Layer, weight: torch.Tensor, priority: int = 1) -> None:
         """Count a static weight (conv/linear, recurrent matrix, lookup table): its nonzeros × bits + a mask, or
@@ -776,6 +837,7 @@ class _Tracer(TorchDispatchMode):
         layer.weight_width = info.width() if layer.weight_width is None else layer.weight_width | info.width()
         base, read = self._extent(weight)
         numel = base.numel() if read is None else int(read.sum())
+        priority = self._priority(layer, info.roots, priority)
         if not self._wants(info.roots, numel, priority):
             return
         storage = None if base.is_meta else base.untyped_storage().data_ptr()
@@ -801,7 +863,8 @@ class _Tracer(TorchDispatchMode):
         storage = weight.untyped_storage().data_ptr() if not weight.is_meta else None
         key = None
         if storage in self.param_storages:
-            key = (storage, weight.storage_offset(), tuple(weight.shape), weight.stride(), weight._version, dims, static)
+            key = (storage, weight.storage_offset(), tuple(weight.shape), weight.stride(), weight._version, dims,
+                   static)
             cached = self.rows_cache.get(key)
             if cached is not None:
                 return cached
@@ -897,8 +960,7 @@ class _Tracer(TorchDispatchMode):
             self._store_weight(layer, table, priority=0)
 
     def _permutation(self, layer: _Layer, key: str, arguments: Mapping[str, Any], out: torch.Tensor) -> None:
-        """A reordering along some dims: per permuted dim of size n, 1 multiply per output element with a stored
-        n×n permutation matrix (n nonzeros + an n² mask), once per distinct permutation."""
+        """channel_shuffle, roll, flip: a permutation along each dim they reorder."""
         x = arguments["self"]
         if key in ("channel_shuffle", "native_channel_shuffle"):
             moves = [(1, ("groups", arguments["groups"]))]
@@ -909,12 +971,43 @@ class _Tracer(TorchDispatchMode):
             moves = list(zip(dims, (("shift", s) for s in shifts))) if dims else [(None, ("shift", shifts[0]))]
         for dim, how in moves:
             n = x.numel() if dim is None else x.shape[dim]
-            if n <= 1 or how == ("shift", 0) or (how[0] == "shift" and how[1] % n == 0):
-                continue  # the identity
-            self._add_ops(layer, self._operand_width([x], _UNTAGGED), *dot_counts(1, out.numel()))
-            matrix = ("permutation", key, n, how)
-            if self._wants(matrix, n * n):
-                self._keep(layer, matrix, _Stored(n * n, None, nonzeros=n))
+            if n > 1 and not (how[0] == "shift" and how[1] % n == 0):  # else the identity
+                self._permute(layer, key, n, how, x, out)
+
+    def _permute(self, layer: _Layer, key: str, n: int, how: tuple, x: torch.Tensor, out: torch.Tensor) -> None:
+        """A permutation of a dim of size ``n``: 1 multiply per output element with a stored n×n permutation matrix
+        (n nonzeros + an n² mask), once per distinct permutation ``how``."""
+        self._add_ops(layer, self._operand_width([x], _UNTAGGED), *dot_counts(1, out.numel()))
+        matrix = ("permutation", key, n, how)
+        if self._wants(matrix, n * n):
+            self._keep(layer, matrix, _Stored(n * n, None, nonzeros=n))
+
+    def _view_parts(self, layer: _Layer, key: str, args: tuple, out: torch.Tensor) -> tuple | None:
+        """The parts of split dims after a layout op, and a view merging parts back in another order counted as a
+        permutation of that dim (the view-transpose-view channel shuffle)."""
+        if key not in _RESHAPES and key not in _TRANSPOSES and key not in _COPIES:
+            return None
+        x = args[0]
+        parts = self._info(x).parts
+        if key in _COPIES:
+            return parts
+        if key in _TRANSPOSES:
+            return _transposed(key, args, parts) if parts is not None else None
+        new: list[tuple[int, int] | None] = [None] * out.dim()
+        for ins, outs in _dim_groups(x.shape, out.shape):
+            merged = [parts[d] for d in ins] if parts is not None else [None]
+            if len(ins) > 1 and None not in merged and len({split for split, _ in merged}) == 1:
+                order = tuple(part for _, part in merged)
+                if list(order) != sorted(order):  # parts of one dim back together, reordered
+                    sizes = tuple(x.shape[d] for d in ins)
+                    self._permute(layer, REORDERING_VIEW, math.prod(sizes), (order, sizes), x, out)
+            if len(ins) == 1 and len(outs) > 1:  # a split: its parts numbered
+                self.splits += 1
+                for part, dim in enumerate(outs):
+                    new[dim] = (self.splits, part)
+            elif len(ins) == 1 and parts is not None:
+                new[outs[0]] = parts[ins[0]]
+        return tuple(new) if any(p is not None for p in new) else None
 
     def _recurrent(self, layer: _Layer, key: str, rule: Rule, arguments: Mapping[str, Any]) -> None:
         """A recurrent op: per layer and direction the gate dot products, biases, pointwise ops and projection."""
@@ -1302,3 +1395,13 @@ def count_stream(model: nn.Module, tokens: torch.Tensor, *, warmup_tokens: int =
             state = _step(model, tracer.run, token, state)
     tracer.finish()
     return _resolve(tracer, stream.shape[1] - warmup_tokens, accumulator_bits, freebie, dict([STREAM_CONVENTION]))
+
+
+def count_inputs(model: nn.Module, inputs: Any, *, accumulator_bits: int = 32, freebie: bool | None = None,
+                 rules: Mapping[str, Rule] = RULES) -> Count:
+    """Count ``model`` on a task's scorer inputs (``data.tasks.ScoreInputs``: ``inputs``, ``stream``, ``warmup``):
+    a token stream fed on-line with :func:`count_stream`, a batch of examples with :func:`count_model`."""
+    if inputs.stream:
+        return count_stream(model, inputs.inputs, warmup_tokens=inputs.warmup, accumulator_bits=accumulator_bits,
+                            freebie=freebie, rules=rules)
+    return count_model(model, inputs.inputs, accumulator_bits=accumulator_bits, freebie=freebie, rules=rules)

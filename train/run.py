@@ -43,7 +43,7 @@ from compress import DistillTechnique, Stage, apply_compression_state, build_sta
 from compress.stages import BASELINE_STAGE
 from data import DatasetError, Loaders
 from data.tasks import Evaluation
-from scoring import count_model
+from scoring import UnsupportedOpError, count_inputs
 from scoring.entry import EntryError, save_entry
 from scoring.report import format_summary, log_report, write_report
 from train import distributed
@@ -59,7 +59,7 @@ CONF_DIR = str(Path(conf.__file__).resolve().parent)
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: schedulers see "interrupted", not "finished"
 #: Errors the user can fix; printed as one line.
 USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, DatasetError,
-               models.UnknownModelError, EntryError)
+               models.UnknownModelError, EntryError, UnsupportedOpError)
 
 
 def fail(message: str) -> None:
@@ -301,11 +301,12 @@ class Session:
     def finish(self, model: nn.Module, result: Evaluation, validation: Evaluation | None) -> None:
         """Score, gate verdict (decided by write_report), report and entry for the final model (rank 0)."""
         cfg = self.cfg
-        inputs = self.task.score_inputs(self.loaders.test, cfg.score.examples, self.ctx.device)
-        count = count_model(model.eval(), inputs, accumulator_bits=cfg.score.accumulator_bits,
-                            freebie=None if cfg.score.freebie == "auto" else bool(cfg.score.freebie))
+        inputs = self.task.score_inputs(self.loaders.test, cfg.score.examples, self.ctx.device, model)
+        count = count_inputs(model.eval(), inputs, accumulator_bits=cfg.score.accumulator_bits,
+                             freebie=None if cfg.score.freebie == "auto" else bool(cfg.score.freebie))
         report = write_report(self.run_dir, task=cfg.task.name, count=count, evaluation=result.to_dict(),
                               validation=validation.to_dict() if validation is not None else None,
+                              example=self.task.example,
                               extra={"model": cfg.model.name, "compress": cfg.compress.name, "seed": cfg.seed})
         if self.writer is not None:
             log_report(self.writer, report, step=0)

@@ -171,6 +171,15 @@ def test_the_output_layer_owns_the_only_table(name):
     torch.testing.assert_close(looked_up, expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name,first,last", [
+    ("lstm_lm_baseline", "layers.0.input", "decoder"), ("lstm_lm", "layers.0.input", "decoder.clusters.2"),
+    ("txl_micronet", "layers.0.attention.qkv", "decoder.clusters.2")])
+def test_linear_layers_register_in_data_flow_order(name, first, last):
+    """The output layer (which also serves the tied input) registers last, as a classifier does."""
+    linears = [n for n, m in tiny(name).named_modules() if isinstance(m, nn.Linear)]
+    assert (linears[0], linears[-1]) == (first, last)
+
+
 class _ScaleRows(nn.Module):
     """A parametrization like a pruning mask: multiplies rows of a weight by fixed factors."""
 

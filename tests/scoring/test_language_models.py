@@ -16,8 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from scoring import BASELINES
-from scoring.counter import count_stream
+from scoring import BASELINES, count_stream
 from scoring.oplist import Activation, Add, Attention, FullyConnected, LayerNorm, Recurrent, Softmax, count_oplist
 from tests.scoring.helpers import FakeQuant, set_grid_weights
 from tests.scoring.lm_models import BaselineLM, MemoryTransformer

@@ -82,6 +82,34 @@ def test_channel_shuffle_is_a_product_with_a_stored_sparse_permutation_matrix():
     assert count_model(Shuffles(), torch.randn(1, 6, 2, 2)).param_bits == (6 * 16 + 36) + (4 * 16 + 16)
 
 
+class ManualShuffle(nn.Module):
+    """torchvision's ShuffleNetV2 channel shuffle: split the channels into (groups, per group), swap, merge back."""
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        shuffled = x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+        unshuffled_order = x.view(b, 2, c // 2, h, w).reshape(b, c, h, w)  # split and merged in order: free
+        windows = x.view(b, c, h // 2, 2, w).permute(0, 1, 2, 4, 3).reshape(b, c, h // 2, w * 2)  # across dims: free
+        return shuffled, unshuffled_order, windows
+
+
+def test_a_view_transpose_view_channel_shuffle_is_the_same_permutation():
+    # only the first output reorders a dim: 6 channels × 2 × 4 positions = 48 mults, the 6×6 matrix stored
+    count = count_model(ManualShuffle(), torch.randn(1, 6, 4, 2), freebie=False)
+    assert (count.mults, count.adds, count.param_bits) == (48, 0, 6 * 32 + 36)
+    assert count_model(nn.ChannelShuffle(2), torch.randn(1, 6, 4, 2), freebie=False).mults == 48
+
+
+def test_attention_head_splits_and_merges_are_free():
+    class Heads(nn.Module):
+        def forward(self, x):  # [1, 4 tokens, 3 × 2 heads × 4]
+            q, k, v = x.view(1, 4, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            return (q + k + v).transpose(1, 2).reshape(1, 4, 8)
+
+    count = count_model(Heads(), torch.randn(1, 4, 24), freebie=False)
+    assert (count.mults, count.adds, count.params) == (0, 64, 0)  # the two adds only
+
+
 @pytest.mark.parametrize("fn, expected", [
     # a 2×5 input: roll along the dim of 5 by 2: 10 mults; a 5×5 matrix: 5 × 32 + 25
     (lambda x: torch.roll(x, 2, 2), (10, 5 * 32 + 25)),
