@@ -4,10 +4,12 @@ A bundle records the config of the run that made it, but the task and the rules 
 kit's, never the bundle's:
 
 * the task: :func:`task_definition` reads ``conf/task/<name>.yaml`` of this repository, the one definition
-  training composes too (dataset, classes, input, gate). ``verify`` evaluates on that definition, and refuses an
-  entry whose recorded task differs from it anywhere but in the training augmentation (``task.augment`` keys
-  other than ``eval_resize``, which shapes the test inputs): those are the entrant's recipe. A recorded
-  ``task.name: cifar100`` on a digits entry is refused, not scored against the CIFAR-100 baseline;
+  training composes too (dataset, classes, input, gate). ``verify`` evaluates on that definition alone, and
+  refuses an entry whose recorded task differs from it at any key the file defines but those that shape training
+  batches only (:data:`TRAINING_ONLY`: the augmentation but ``eval_resize``, the language models' training
+  windows ``stream.bptt`` / ``stream.variable``): those are the entrant's recipe. Keys the file does not define
+  (defaults a run's typed schema adds) are not compared, since nothing reads them. A recorded ``task.name: cifar100`` on a digits entry is refused, not scored against the CIFAR-100
+  baseline;
 * the score settings: :func:`official_score_settings` reads ``score`` of ``conf/config.yaml`` (examples 256,
   accumulator_bits 32, freebie auto). An entry recorded with other settings is refused, unless the organizer
   passes ``--allow-score-settings``; then it is compared under its own settings and every line that would say
@@ -41,9 +43,12 @@ CONF_DIR = Path(conf.__file__).parent
 VERIFY_DATA = {"root": None, "download": False, "num_workers": 0, "pin_memory": "auto", "gpu_resident": "auto"}
 #: Largest evaluation batch and score example count verify runs (the kit's defaults are at most 1,000 and 256).
 MAX_BATCH = 4096
-#: Keys of a task's ``augment`` that are the kit's although in ``augment``: they shape the test inputs. The other
-#: ``augment`` keys shape training batches only, and are the entrant's.
-_EVALUATION_AUGMENT = ("eval_resize",)
+#: Keys of a task that shape training batches only: the entrant's recipe, not compared (verify never reads them:
+#: the evaluation is built from the kit's definition). Every other key of the kit's task file is the kit's, e.g.
+#: ``augment.eval_resize`` and ``stream.eval_window``, which shape the test inputs.
+TRAINING_ONLY = frozenset({
+    "augment.crop_padding", "augment.hflip", "augment.auto_augment", "augment.cutout", "augment.mixup",
+    "augment.cutmix", "augment.random_resized_crop", "stream.bptt", "stream.variable"})
 #: A key absent from a mapping (None is a value).
 _ABSENT = object()
 
@@ -111,7 +116,10 @@ def judge(entry: Entry, report: Mapping[str, Any], *, allow_score_settings: bool
 
 
 def _check_task(recorded: Mapping[str, Any], task: Mapping[str, Any]) -> None:
-    """The recorded task equals the kit's, but for the training augmentation (which must still be valid)."""
+    """The recorded task has the kit's value at every key the kit's file defines, but the :data:`TRAINING_ONLY`
+    ones (a recorded augmentation must still be valid). Keys the file does not define (the defaults a run's typed
+    schema adds, e.g. ``stream: null`` for an image task) are not compared either: the evaluation is built from
+    the kit's definition alone, so no recorded task value reaches it."""
     from data import AugmentOptions
 
     name = task["name"]
@@ -122,15 +130,13 @@ def _check_task(recorded: Mapping[str, Any], task: Mapping[str, Any]) -> None:
         AugmentOptions.from_mapping(augment)
     except ValueError as err:
         raise EntryError(f"entry.json's task.augment: {err}; re-export the run") from None
-    kit_augment = task.get("augment") or {}
-    comparable = ({**recorded, "augment": {key: (augment or {}).get(key) for key in _EVALUATION_AUGMENT}},
-                  {**task, "augment": {key: kit_augment.get(key) for key in _EVALUATION_AUGMENT}})
-    difference = _first_difference(*comparable, "task")
+    difference = _first_difference(recorded, task, "task")
     if difference:
         where, mine, kits = difference
         raise EntryError(f"entry.json's task differs from this kit's definition of {name!r} (conf/task/{name}.yaml) "
                          f"at {where}: {mine} in the entry, {kits} in the kit; only entries of the kit's task are "
-                         f"verified — retrain with task={name} (training augmentation may differ, nothing else)")
+                         f"verified — retrain with task={name} (only the training augmentation and windows may "
+                         "differ)")
 
 
 #: Checks of each score setting, for an entry compared under its own settings (--allow-score-settings).
@@ -187,9 +193,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _first_difference(mine: Any, kits: Any, where: str) -> tuple[str, str, str] | None:
-    """(path, entry's value, kit's value) of the first place where two configs differ, or None."""
+    """(path, entry's value, kit's value) of the first key the kit's task defines where the entry's differs, or
+    None. Keys only the entry has, and :data:`TRAINING_ONLY` keys, are not compared (see :func:`_check_task`)."""
     if isinstance(mine, dict) and isinstance(kits, dict):
-        for key in sorted(mine.keys() | kits.keys(), key=str):
+        for key in sorted((key for key in kits if f"{where}.{key}".removeprefix("task.") not in TRAINING_ONLY),
+                          key=str):
             difference = _first_difference(mine.get(key, _ABSENT), kits.get(key, _ABSENT), f"{where}.{key}")
             if difference:
                 return difference

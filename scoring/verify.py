@@ -20,8 +20,9 @@ Then, before any data is loaded, the entry is checked against the kit (:mod:`sco
 * a bundle whose files are not what the kit writes: a link, FIFO or device anywhere it is read, a file over its
   size cap, a safetensors header over 4 MiB, folders nested too deep or too many files (:mod:`scoring.entry`);
 * entry data that is not plain data: not strict JSON, or a string a config reader would interpolate (``${...}``);
-* an entry of another task: its recorded task differs from ``conf/task/<name>.yaml`` anywhere but the training
-  augmentation, or report.json names another task, baseline or gate;
+* an entry of another task: its recorded task differs from ``conf/task/<name>.yaml`` at a key that file defines
+  (but the training-only ones: augmentation, training windows), or report.json names another task, baseline or
+  gate;
 * score settings other than the official ones (``conf/config.yaml``: examples 256, accumulator_bits 32,
   freebie auto), unless ``--allow-score-settings`` is given: the entry is then compared under its own settings,
   the FIRST line of the output names them and says the score is not official, and so does the last line, which

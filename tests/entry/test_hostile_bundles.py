@@ -355,8 +355,12 @@ PROBES = [
                  id="unknown-method"),
     pytest.param(_entry(lambda d: d["weights"].update(file="../../../etc/passwd")), "reseal", (), 2,
                  r"lacks weights\.file / weights\.sha256 \(the file is model\.safetensors\)", id="weights-file-path"),
-    pytest.param(_entry(lambda d: d["config"]["task"].update(threshold=0.5)), "reseal", (), 2,
-                 r"at task\.threshold: 0\.5 in the entry, absent in the kit", id="task-extra-key"),
+    pytest.param(_entry(lambda d: d["config"]["task"]["gate"].update(threshold=0.5)), "reseal", (), 2,
+                 r"at task\.gate\.threshold: 0\.5 in the entry, 0\.95 in the kit", id="task-gate"),
+    pytest.param(_entry(lambda d: d["config"]["task"]["augment"].update(eval_resize=300)), "reseal", (), 2,
+                 r"at task\.augment\.eval_resize: 300 in the entry, None in the kit", id="task-eval-resize"),
+    pytest.param(_entry(lambda d: d["config"]["task"].pop("kind")), "reseal", (), 2,
+                 r"at task\.kind: absent in the entry, 'classification' in the kit", id="task-key-missing"),
     pytest.param(lambda b, _: edit_json(b / REPORT_JSON, lambda r: r["baseline"].update(params=1)), "reseal", (), 2,
                  r"report\.json's baseline is .*, the kit's for task digits is", id="report-baseline"),
     # Without a manifest (a run dir, --allow-no-manifest): the readers themselves refuse.
@@ -470,12 +474,13 @@ def test_verify_evaluates_with_the_kits_task_and_its_own_data_settings(exported_
     bundle = tmp_path / "bundle"
     shutil.copytree(exported_bundle, bundle)
     edit_entry(bundle, lambda d: (d["config"]["task"]["augment"].update(cutout=2, hflip=True),
+                                  d["config"]["task"].update(stream={"bptt": 10**9}),  # not the kit's: unread
                                   d["config"]["data"].update(root=str(tmp_path / "elsewhere"), num_workers=64,
                                                              val_split=0.1)))
     entry = load_entry(bundle)
     judged = judge(entry, json.loads((bundle / REPORT_JSON).read_text()))
     assert judged.unofficial == ()
-    assert judged.entry.config["task"] == task_definition("digits")  # cutout 0, hflip false: the kit's
+    assert judged.entry.config["task"] == task_definition("digits")  # cutout 0, hflip false, no stream: the kit's
     assert judged.entry.config["score"] == official_score_settings() == {"examples": 256, "accumulator_bits": 32,
                                                                          "freebie": "auto"}
     assert judged.entry.config["data"] == {"root": None, "download": False, "num_workers": 0, "pin_memory": "auto",
