@@ -86,9 +86,9 @@ def hydra_main(cfg: DictConfig) -> None:
         code = run(cfg)
     except USER_ERRORS as err:
         fail(str(err))
-    except KeyboardInterrupt:
-        fail("interrupted by a second Ctrl-C, without a new checkpoint; the last saved one is intact ; fix: re-run "
-             "the same command to resume", INTERRUPTED_EXIT)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one asks for a checkpoint, see stop_signals)
+        fail("stopped at once by a second Ctrl-C, without a new checkpoint; the last saved one is intact ; fix: "
+             "re-run the same command to resume", INTERRUPTED_EXIT)
     except Exception as err:  # a full disk or a read-only folder, wherever it shows: one line; anything else is a bug
         problem = write_problem(err)
         if problem is None:
@@ -101,7 +101,13 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> int:
-    """The whole pipeline for one composed config; returns the exit status."""
+    """The whole pipeline for one composed config; returns the exit status. From the start, SIGTERM and SIGINT
+    ask it to stop at the next checkpoint (:func:`stop_signals`)."""
+    with stop_signals() as stop:
+        return _pipeline(cfg, stop)
+
+
+def _pipeline(cfg: DictConfig, stop: StopRequest) -> int:
     validate(cfg, models.list_models())
     ctx = distributed.setup(cfg.device)
     if not ctx.is_main:
@@ -141,11 +147,11 @@ def run(cfg: DictConfig) -> int:
     model.to(ctx.device)
 
     session.accept(HydraConfig.get().overrides.task)
-    with session, stop_signals() as stop:
+    with session:
         for stage, recipe, objective in zip(stages, recipes, objectives):
             if not session.run_stage(stage, recipe, objective, model, should_stop=stop):
-                log.warning("%s: stopped in stage '%s' with its checkpoint saved; re-run the same command to resume",
-                            stop.signal, stage.name)
+                log.warning("%s: stopped in stage '%s' with its progress checkpointed; re-run the same command to "
+                            "resume", stop.signal, stage.name)
                 return PREEMPTED_EXIT
         if stop():  # every stage is saved; the final evaluation runs again on the next start
             log.warning("%s: stopped before the final evaluation; re-run the same command to finish", stop.signal)
@@ -234,9 +240,9 @@ def stop_signals() -> Iterator[StopRequest]:
     previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield request
-    finally:
+    finally:  # once stopped, the process is on its way out: a late signal has nothing left to ask
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if request() else handler)
 
 
 class Session:
@@ -327,6 +333,8 @@ class Session:
         if found is not None:
             log.info("stage '%s': resuming from %s (epoch %d/%d, %d batches into it)", stage.name, found[0],
                      saved["epoch"] + 1, train_cfg.epochs, saved["batches_done"])
+        else:
+            log.info("stage '%s': %d epochs of %d steps", stage.name, train_cfg.epochs, len(self.loaders.train))
         trainer = Trainer(model, train_cfg, techniques=stage.techniques, loader=self.loaders.train, ctx=self.ctx,
                           objective=objective, writer=self.writer, tag=stage.name)
         if saved is not None:

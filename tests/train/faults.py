@@ -5,7 +5,8 @@ functions every write goes through (``open``, ``os.open``, ``os.fsync``, ``os.mk
 so that a test can place them exactly and they need neither root nor a special filesystem:
 
     kill_before_sidecar      SIGKILL this process between a stage's first .pt and its .sha256
-    disk_full_after:STAGE    ENOSPC for every file opened or synced for writing after STAGE's final checkpoint
+    disk_full_after:STAGE    ENOSPC for every file of the run folder opened or synced for writing after STAGE's
+                             final checkpoint
     disk_full_at_start:WHAT  ENOSPC from the start, for files whose name contains WHAT ("" = every file)
     read_only:PATH           EROFS for creating or writing anything under PATH
 """
@@ -82,8 +83,9 @@ def install(fault: str) -> None:
 
         def save(directory: Path, global_step: int, state: dict) -> Path:
             path = real_save(directory, global_step, state)
-            if state["finished"] and directory.name == argument:
-                _failing_writes(errno.ENOSPC, lambda path: True)
+            if state["finished"] and directory.name == argument:  # the run folder's disk is full from now on
+                run_dir = str(directory.resolve().parents[1])
+                _failing_writes(errno.ENOSPC, lambda path: os.path.abspath(path).startswith(run_dir))
             return path
         checkpoint.save_checkpoint = save  # before run.py imports it
     elif kind == "disk_full_at_start":

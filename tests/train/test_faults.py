@@ -142,7 +142,7 @@ def test_a_stop_signal_to_the_process_group_saves_a_checkpoint_and_exits_143(ref
     run.signal_group(how)
     status, stdout, stderr = run.finish()
     assert status == 143, stderr[-3000:]  # SIGINT used to end in a KeyboardInterrupt, SIGTERM in "worker killed"
-    assert f"{how.name}: stopped in stage 'train' with its checkpoint saved" in stdout
+    assert f"{how.name}: stopped in stage 'train' with its progress checkpointed" in stdout
     assert "Traceback" not in stderr and "killed by signal" not in stderr
     saved = load_latest(run_dir / "checkpoints" / "0_train")
     assert saved["epoch"] == 0 and 3 <= saved["batches_done"] < 22 and not saved["finished"]  # mid-epoch
@@ -150,6 +150,19 @@ def test_a_stop_signal_to_the_process_group_saves_a_checkpoint_and_exits_143(ref
     _assert_finished(resumed, run_dir)
     assert f"resuming from {run_dir / 'checkpoints' / '0_train'}" in resumed.stdout
     _assert_same_weights(run_dir, reference)
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path: Path):
+    """For whoever will not wait for the checkpoint: the first Ctrl-C asks for one at the next log step (here the
+    end of the epoch), the second one stops there and then."""
+    run = _Run(tmp_path / "run", *ARGS, "train.log_every=1000")
+    run.wait_for("stage 'train': 2 epochs of 22 steps")
+    run.signal_group(signal.SIGINT)
+    time.sleep(0.2)
+    run.signal_group(signal.SIGINT)
+    status, _, stderr = run.finish()
+    assert status == 130
+    assert _one_line(stderr).startswith("error: stopped at once by a second Ctrl-C, without a new checkpoint")
 
 
 def test_a_second_run_into_a_busy_folder_is_refused_and_touches_nothing(reference, tmp_path: Path):
