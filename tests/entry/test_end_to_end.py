@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import HANG
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=HANG)
 
 
 @pytest.mark.slow
@@ -21,7 +23,8 @@ def test_prune_q8_run_exports_and_verifies(tmp_path):
     run_dir = tmp_path / "run"
     overrides = ["task=digits", "compress=prune_q8", "train.epochs=1", "device=cpu", "data.num_workers=0"]
     trained = run(["train/run.py", *overrides, f"hydra.run.dir={run_dir}"], REPO)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.returncode in (0, 3), trained.stderr[-3000:]  # 3: finished, but the entry fails its gate
+    assert trained.returncode == (0 if json.loads((run_dir / "report.json").read_text())["gate_passed"] else 3)
 
     bundle = tmp_path / "bundle"
     exported = run(["-m", "scoring.export", str(run_dir), "--out", str(bundle)], tmp_path)
