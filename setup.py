@@ -7,7 +7,7 @@ setup(
     description="Reference training, compression and scoring for MicroNet challenge entries",
     python_requires=">=3.10",
     packages=["train", "models", "compress", "scoring", "data", "conf"],
-    package_data={"conf": ["*.yaml", "*/*.yaml"]},
+    package_data={"conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4,<2.15",

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Predict, Settings, Technique, map_carry, predict_outputs
+from .base import Predict, Settings, Technique, map_carry, predict_outputs, register_technique
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
@@ -46,11 +46,18 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 
 
 
+@register_technique
 class DistillTechnique(Technique):
     """Adds a distillation term to the loss of a stage; see the module docstring for its config keys."""
 
     name = "distill"
+    order = 30
     needs_outputs = True
+
+    @classmethod
+    def from_stage(cls, cfg: Mapping[str, Any] | None, *, stage_epochs: int, where: str,
+                   load_teacher: Callable[[str], nn.Module]) -> DistillTechnique:
+        return cls(cfg, load_teacher=load_teacher, where=where)
 
     def __init__(self, cfg: Mapping[str, Any] | None, *, load_teacher: Callable[[str], nn.Module], where: str):
         s = Settings(cfg, where)

@@ -48,7 +48,8 @@ import torch
 import torch.nn as nn
 
 from .base import REQUIRED, UNITS, Predict, Settings, Technique, find_parametrization, first_and_last, first_match, \
-    original_weight, predict_outputs, put_parametrization, select_layers, stage_epochs_at, weight_layers
+    original_weight, predict_outputs, put_parametrization, register_technique, select_layers, stage_epochs_at, \
+    weight_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,10 +190,13 @@ class _PrunedLayer:
     ranked_globally: bool
 
 
+@register_technique
 class PruneTechnique(Technique):
     """Gradual magnitude pruning of a stage; see the module docstring for its config keys."""
 
     name = "prune"
+    order = 10
+    positions = ("start", "end", "frequency")
 
     def __init__(self, cfg: Mapping[str, Any] | None, *, stage_epochs: int, where: str):
         s = Settings(cfg, where)

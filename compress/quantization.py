@@ -59,7 +59,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .base import Settings, Technique, check_bits, find_parametrization, first_and_last, first_match, \
-    put_parametrization, select_layers, stage_epochs_at
+    put_parametrization, register_technique, select_layers, stage_epochs_at
 
 METHODS = ("lsq", "minmax", "moving_average")
 
@@ -386,10 +386,13 @@ def set_batch_norm_frozen(module: nn.modules.batchnorm._BatchNorm, frozen: bool)
     setattr(module, _FROZEN_STATS, frozen)
 
 
+@register_technique
 class QuantizeTechnique(Technique):
     """Quantization-aware training of a stage; see the module docstring for its config keys."""
 
     name = "quantize"
+    order = 20
+    positions = ("freeze_observers", "freeze_bn")
 
     def __init__(self, cfg: Mapping[str, Any] | None, *, stage_epochs: int, where: str):
         s = Settings(cfg, where)

@@ -32,21 +32,33 @@ def architecture_main(argv: list[str]) -> int:
     parser.add_argument("--num-classes", type=int, help="classifier outputs (default: the task's)")
     parser.add_argument("--json", type=Path, help="also write the report (report.json schema, no gate) here")
     args = parser.parse_args(argv)
+    for flag, value in (("--input-size", args.input_size), ("--num-classes", args.num_classes)):
+        if value is not None and value <= 0:
+            print(f"{PROG}: error: {flag} {value} must be > 0 (omit it for the task's own)", file=sys.stderr)
+            return 2
     try:
         task = task_definition(args.task)
-        model = create_model(args.model, num_classes=args.num_classes or task["num_classes"], in_chans=task["in_chans"])
+        classes = task["num_classes"] if args.num_classes is None else args.num_classes
+        model = create_model(args.model, num_classes=classes, in_chans=task["in_chans"])
     except (UnknownTaskError, UnknownModelError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    size = args.input_size or task["input_size"]
+    size = task["input_size"] if args.input_size is None else args.input_size
     inputs = torch.randn(1, task["in_chans"], size, size, generator=torch.Generator().manual_seed(0))
     report = build_report(task=args.task, count=count_model(model, inputs), extra={
-        "model": args.model, "input_size": size, "num_classes": args.num_classes or task["num_classes"]})
+        "model": args.model, "input_size": size, "num_classes": classes})
     print(f"{args.model} on {args.task} ({task['in_chans']}×{size}×{size}, untrained)\n")
     print(layer_table(report["layers"]), totals_text(report), "Project rules used:\n" + rules_text(report), sep="\n\n")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        from scoring.entry import atomic_write
+
+        text = json.dumps(report, indent=2) + "\n"
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(args.json, lambda tmp: tmp.write_text(text))
+        except OSError as exc:
+            print(f"{PROG}: error: cannot write --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0
 
 

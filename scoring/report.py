@@ -1,6 +1,6 @@
 """Reports of a scored model: report.json, report.md, a printed summary and TensorBoard logs.
 
-``report.json`` carries the schema of design.md (task, correct, total, top1 or perplexity, gate_passed,
+``report.json`` carries the schema of docs/design.md (task, correct, total, top1 or perplexity, gate_passed,
 params, ops, mults, adds, param_bits, freebie, score, baseline, layers) plus the split the metric comes from,
 the exact sums behind it (a language model's nll_sum over ``total`` predicted tokens), the validation metrics,
 the score split into its two terms, the project rules used, the accumulator width and the number of examples
@@ -65,13 +65,16 @@ def build_report(*, task: str, count: Count, evaluation: Mapping[str, Any] | Non
 def write_report(out_dir: str | Path, *, task: str, count: Count, evaluation: Mapping[str, Any] | None = None,
                  validation: Mapping[str, Any] | None = None, example: str = "example",
                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``report.json`` and ``report.md`` into ``out_dir``; return the report dict (see :func:`build_report`)."""
+    """Write ``report.json`` and ``report.md`` into ``out_dir``, each atomically (a crash or a full disk leaves the
+    previous file or none, never a torn one); return the report dict (see :func:`build_report`)."""
+    from scoring.entry import atomic_write  # here: scoring.entry imports this module
+
     report = build_report(task=task, count=count, evaluation=evaluation, validation=validation, example=example,
                           extra=extra)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
-    (out / REPORT_MD).write_text(markdown(report))
+    for name, text in ((REPORT_JSON, json.dumps(report, indent=2) + "\n"), (REPORT_MD, markdown(report))):
+        atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
     return report
 
 

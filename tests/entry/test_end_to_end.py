@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import HANG
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """``python ARGS`` in ``cwd``, importing this checkout (not whichever one the environment has installed)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=HANG, env=env)
 
 
 @pytest.mark.slow
@@ -24,7 +26,8 @@ def test_prune_q8_run_exports_and_verifies(tmp_path):
     run_dir = tmp_path / "run"
     overrides = ["task=digits", "compress=prune_q8", "train.epochs=1", "device=cpu", "data.num_workers=0"]
     trained = run(["train/run.py", *overrides, f"hydra.run.dir={run_dir}"], REPO)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.returncode in (0, 3), trained.stderr[-3000:]  # 3: finished, but the entry fails its gate
+    assert trained.returncode == (0 if json.loads((run_dir / "report.json").read_text())["gate_passed"] else 3)
 
     bundle = tmp_path / "bundle"
     exported = run(["-m", "scoring.export", str(run_dir), "--out", str(bundle)], tmp_path)

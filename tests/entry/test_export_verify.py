@@ -11,6 +11,7 @@ import pytest
 
 from scoring import export, verify
 from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, load_entry, write_manifest
+from tests.conftest import HANG
 
 from .conftest import plant_pickle
 
@@ -147,7 +148,7 @@ def test_scoring_cli_refuses_a_planted_pickle_in_a_fresh_process(bundle, tmp_pat
     plant_pickle(bundle / "entry" / WEIGHTS_FILE, marker, torch_archive=False)
     write_manifest(bundle)
     done = subprocess.run([sys.executable, "-m", "scoring", "verify", str(bundle), "--device", "cpu"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and "is not a safetensors file" in done.stderr
     assert "Traceback" not in done.stderr

@@ -10,6 +10,7 @@ import pytest
 
 from scoring import verify
 from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, EntryError, check_manifest, write_manifest
+from tests.conftest import HANG
 
 
 def sha256sum_check(bundle: Path) -> subprocess.CompletedProcess:
@@ -17,7 +18,7 @@ def sha256sum_check(bundle: Path) -> subprocess.CompletedProcess:
     program = shutil.which("sha256sum")
     assert program, "sha256sum (GNU coreutils) is required by this test"
     return subprocess.run([program, "-c", "--strict", MANIFEST_FILE], cwd=bundle, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=HANG)
 
 
 def statuses(out: str) -> dict[str, str]:

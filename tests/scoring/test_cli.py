@@ -55,3 +55,11 @@ def test_verify_and_paths_dispatch_to_the_verifier(monkeypatch, tmp_path):
     assert main(["verify", "bundle", "--data-root", "d"]) == 0
     assert main([str(tmp_path), "--data-root", "d"]) == 0
     assert calls == [("verify", ["bundle", "--data-root", "d"]), ("score", [str(tmp_path), "--data-root", "d"])]
+
+
+@pytest.mark.parametrize("flag", ["--input-size", "--num-classes"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_a_size_that_is_not_positive_is_one_line_and_exit_2(capsys, flag, value):
+    """`--input-size 0` used to count at the task's size (8) without a word."""
+    assert main(["--model", "digits_cnn", "--task", "digits", flag, value]) == 2
+    assert capsys.readouterr().err == f"python -m scoring: error: {flag} {value} must be > 0 (omit it for the task's own)\n"
