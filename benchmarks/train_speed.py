@@ -47,7 +47,7 @@ from compress import Technique, build_stages
 from data.augment import AugmentOptions
 from data.datasets import ArrayImageDataset
 from data.gpu_loader import GpuResidentLoader
-from data.streams import TrainStreams
+from data.streams import TrainStreams, zipf_tokens
 from models import create_model
 from train import distributed
 from train.config import TrainConfig
@@ -159,12 +159,6 @@ def our_loop(model: nn.Module, dataset: ArrayImageDataset, batch_size: int, warm
                                device, compress, batch_size)
 
 
-def synthetic_tokens(tokens: int, vocabulary: int, seed: int = 0) -> np.ndarray:
-    """A token stream whose ids follow Zipf's law over a frequency-sorted vocabulary (p(id) ∝ 1 / (id + 1))."""
-    weights = 1.0 / np.arange(1, vocabulary + 1)
-    return np.random.default_rng(seed).choice(vocabulary, size=tokens, p=weights / weights.sum()).astype(np.int32)
-
-
 def plain_lm_loop(model: nn.Module, stream: np.ndarray, batch_size: int, bptt: int, warmup: int,
                   device: torch.device) -> float:
     """Tokens/s of the tutorial loop: the stream cut into batch_size rows, windows by hand, state detached."""
@@ -245,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
                  f"(step costs {row['step_cost_prune_qat8_vs_ours']:.2f}x ours)" if "ours_prune_qat8" in row
                  else ""), flush=True)
     lm_batch = args.batch_size or (64 if cuda else 32)
-    stream = synthetic_tokens((steps + warmup) * lm_batch * args.bptt + lm_batch, args.vocab)
+    stream = zipf_tokens((steps + warmup) * lm_batch * args.bptt + lm_batch, args.vocab)
     for name in args.lm:
         row = {}
         for _ in range(args.repeats):

@@ -38,6 +38,13 @@ VARIABLE_STD = 5.0
 VARIABLE_MIN = 5
 
 
+def zipf_tokens(count: int, vocabulary: int, *, seed: int = 0) -> np.ndarray:
+    """``count`` synthetic token ids following Zipf's law over a frequency-sorted vocabulary: p(id) ∝ 1 / (id + 1)
+    (word frequencies in text roughly do); for benchmarks and for counting untrained language models."""
+    weights = 1.0 / np.arange(1, vocabulary + 1)
+    return np.random.default_rng(seed).choice(vocabulary, size=count, p=weights / weights.sum()).astype(np.int32)
+
+
 def _window_pair(streams: np.ndarray, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.from_numpy(streams[:, start:stop].astype(np.int64)),
             torch.from_numpy(streams[:, start + 1:stop + 1].astype(np.int64)))

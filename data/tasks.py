@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .datasets import DatasetError
 from .loaders import Loaders, build_loaders
-from .streams import EvalStream, TrainStreams
+from .streams import EvalStream, TrainStreams, zipf_tokens
 from .wikitext import Corpus, load_wikitext103
 from .wikitext_demo import load_wikitext_demo
 
@@ -138,6 +138,10 @@ class Task(ABC):
     def score_inputs(self, loader: Iterable, examples: int, device: torch.device, model: nn.Module) -> ScoreInputs:
         """What the scorer runs ``model`` on: the first ``examples`` examples of ``loader``."""
 
+    @abstractmethod
+    def synthetic_inputs(self, model: nn.Module, *, input_size: int | None = None, seed: int = 0) -> ScoreInputs:
+        """Scorer inputs without the data, to count an untrained architecture (``python -m scoring --model``)."""
+
 
 class ClassificationTask(Task):
     """Image classification (digits, CIFAR-100, ImageNet): top-1 on exact correct/total."""
@@ -182,6 +186,12 @@ class ClassificationTask(Task):
             if seen >= examples:
                 break
         return ScoreInputs(torch.cat(batches)[:examples].to(device))
+
+    def synthetic_inputs(self, model: nn.Module, *, input_size: int | None = None, seed: int = 0) -> ScoreInputs:
+        """One random image of the task's shape (``input_size`` replaces its height = width)."""
+        size = int(self.config["input_size"]) if input_size is None else input_size
+        generator = torch.Generator().manual_seed(seed)
+        return ScoreInputs(torch.randn(1, int(self.config["in_chans"]), size, size, generator=generator))
 
 
 #: The corpora of language-modelling tasks, by the task's ``dataset``: ``root -> Corpus``.
@@ -269,6 +279,18 @@ class LanguageModelTask(Task):
             raise ValueError(f"score.examples={examples} tokens after a warm-up of {warmup} (the model's mem_len) "
                              f"exceed the {seen:,} tokens of the test stream; lower score.examples")
         return ScoreInputs(torch.cat(windows, dim=1)[:, :warmup + examples].to(device), stream=True, warmup=warmup)
+
+    #: Tokens counted on synthetic inputs.
+    SYNTHETIC_TOKENS = 64
+
+    def synthetic_inputs(self, model: nn.Module, *, input_size: int | None = None, seed: int = 0) -> ScoreInputs:
+        """:data:`SYNTHETIC_TOKENS` tokens after the model's memory, drawn by Zipf's law over the vocabulary
+        (ids are frequency-sorted), so the adaptive input's clusters are hit roughly as real text hits them."""
+        if input_size is not None:
+            raise ValueError(f"task {self.name} feeds tokens: --input-size does not apply")
+        warmup = int(getattr(model, "mem_len", 0))
+        tokens = zipf_tokens(warmup + self.SYNTHETIC_TOKENS, self.num_classes, seed=seed)
+        return ScoreInputs(torch.from_numpy(tokens.astype("int64"))[None], stream=True, warmup=warmup)
 
 
 #: Every task kind, by the ``kind`` key of conf/task/*.yaml.

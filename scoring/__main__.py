@@ -12,15 +12,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 PROG = "python -m scoring"
 
 
 def architecture_main(argv: list[str]) -> int:
-    """Count a registered architecture on one random input of the task's shape."""
+    """Count a registered architecture, untrained, on synthetic inputs of the task (an image of its shape, or
+    Zipf-distributed tokens fed on-line after the model's memory)."""
+    from data.tasks import build_task
     from models import UnknownModelError, create_model
-    from scoring.counter import count_model
+    from scoring.counter import count_inputs
     from scoring.kit import task_definition
     from scoring.report import build_report, layer_table, rules_text, totals_text
     from scoring.rules import UnknownTaskError
@@ -28,7 +28,7 @@ def architecture_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Count a registered architecture under the MicroNet rules.")
     parser.add_argument("--model", required=True, help="registered model name (models.list_models())")
     parser.add_argument("--task", required=True, help="task whose input shape, classes and baseline to use")
-    parser.add_argument("--input-size", type=int, help="input height = width (default: the task's)")
+    parser.add_argument("--input-size", type=int, help="image tasks: input height = width (default: the task's)")
     parser.add_argument("--num-classes", type=int, help="classifier outputs (default: the task's)")
     parser.add_argument("--json", type=Path, help="also write the report (report.json schema, no gate) here")
     args = parser.parse_args(argv)
@@ -37,17 +37,21 @@ def architecture_main(argv: list[str]) -> int:
             print(f"{PROG}: error: {flag} {value} must be > 0 (omit it for the task's own)", file=sys.stderr)
             return 2
     try:
-        task = task_definition(args.task)
-        classes = task["num_classes"] if args.num_classes is None else args.num_classes
-        model = create_model(args.model, num_classes=classes, in_chans=task["in_chans"])
-    except (UnknownTaskError, UnknownModelError) as exc:
+        definition = task_definition(args.task)
+        if args.num_classes is not None:
+            definition = {**definition, "num_classes": args.num_classes}
+        task = build_task(definition)
+        model = create_model(args.model, num_classes=task.num_classes, **task.model_kwargs())
+        inputs = task.synthetic_inputs(model, input_size=args.input_size)
+    except (UnknownTaskError, UnknownModelError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    size = task["input_size"] if args.input_size is None else args.input_size
-    inputs = torch.randn(1, task["in_chans"], size, size, generator=torch.Generator().manual_seed(0))
-    report = build_report(task=args.task, count=count_model(model, inputs), extra={
-        "model": args.model, "input_size": size, "num_classes": classes})
-    print(f"{args.model} on {args.task} ({task['in_chans']}×{size}×{size}, untrained)\n")
+    described = ("×".join(map(str, inputs.inputs.shape[1:])) if not inputs.stream else
+                 f"{inputs.inputs.shape[1] - inputs.warmup} Zipf-distributed tokens fed on-line after "
+                 f"{inputs.warmup} that fill its memory")
+    report = build_report(task=args.task, count=count_inputs(model, inputs), example=task.example, extra={
+        "model": args.model, "inputs": described, "num_classes": task.num_classes})
+    print(f"{args.model} on {args.task} ({described}, untrained)\n")
     print(layer_table(report["layers"]), totals_text(report), "Project rules used:\n" + rules_text(report), sep="\n\n")
     if args.json:
         from scoring.entry import atomic_write

@@ -33,6 +33,24 @@ def test_input_size_and_classes_can_be_overridden(capsys):
     assert "| fc | Linear | 1,795.50 | 3,584 | 3,584 |" in out  # (512·7 weights + 7 biases) · 16/32
 
 
+def test_a_language_model_is_counted_per_token_on_zipf_tokens_after_its_memory(tmp_path, capsys):
+    from data.streams import zipf_tokens
+    from scoring import count_stream
+
+    assert main(["--model", "lstm_lm", "--task", "wikitext_demo", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("lstm_lm on wikitext_demo (64 Zipf-distributed tokens fed on-line after 0 that fill its "
+                          "memory, untrained)")
+    report = json.loads((tmp_path / "r.json").read_text())
+    tokens = torch.from_numpy(zipf_tokens(64, 13_329).astype("int64"))
+    fresh = count_stream(create_model("lstm_lm", num_classes=13_329), tokens)
+    assert (report["params"], report["ops"], report["example"], report["examples"]) == (
+        fresh.params, fresh.ops, "token", 64)
+    assert "per token" in report["project_rules"]
+    assert main(["--model", "lstm_lm", "--task", "wikitext_demo", "--input-size", "8"]) == 2
+    assert "--input-size does not apply" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_unknown_model_is_one_line_and_exit_2():
     result = subprocess.run([sys.executable, "-m", "scoring", "--model", "nope", "--task", "digits"],
