@@ -55,9 +55,13 @@ from scoring.kit import judge
 
 #: Relative tolerance for counts that go through floating point (params, ops, score, ...).
 REL_TOL = 1e-9
-#: Report totals compared exactly, and to REL_TOL.
+#: A language model's NLL sum is float32 arithmetic over ~10⁵ tokens, summed in float64: another processor's
+#: kernels change it in the 7th digit, never the verdict's margin that matters (the gate is compared exactly).
+NLL_REL_TOL = 1e-6
+#: Report totals compared exactly, and to REL_TOL (``nll_sum``: to NLL_REL_TOL; None for classification).
 EXACT_FIELDS = ("task", "correct", "total", "gate_passed", "freebie", "param_bits", "accumulator_bits", "examples")
-CLOSE_FIELDS = ("params", "ops", "mults", "adds", "score")
+CLOSE_FIELDS = ("params", "ops", "mults", "adds", "score", "nll_sum")
+_TOLERANCES = {"nll_sum": NLL_REL_TOL}
 #: Per-layer counts compared (not the module type: removing a mask parametrization at export renames it).
 LAYER_EXACT = ("param_bits", "weight_bits", "input_bits")
 LAYER_CLOSE = ("params", "mults", "adds", "sparsity")
@@ -80,7 +84,7 @@ class Row:
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
         if numbers and (isinstance(a, float) or isinstance(b, float)):
             try:
-                return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=0.0)
+                return math.isclose(a, b, rel_tol=_TOLERANCES.get(self.field, REL_TOL), abs_tol=0.0)
             except OverflowError:  # a reported integer beyond any float differs from every recount
                 return False
         return type(a) is type(b) and a == b
@@ -226,21 +230,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EntryError as err:
         print(f"error: {err}", file=sys.stderr)
         return CANNOT_LOAD
+    outcome = _recount_or_fail(judged.entry, args)
+    if outcome is None:
+        return CANNOT_LOAD
+    recounted = outcome[1]
+    # The verdict's first line: whether the entry qualifies, as recounted (an unofficial comparison never does).
     caveat = ""
     if judged.unofficial:
         caveat = f" under the entry's own score settings {', '.join(judged.unofficial)}: NOT AN OFFICIAL SCORE"
         print(f"NOT AN OFFICIAL SCORE: compared under the entry's own score settings {', '.join(judged.unofficial)} "
-              "(--allow-score-settings)")
+              f"(--allow-score-settings); {recounted['gate']['summary']}")
+    else:
+        print(f"{'QUALIFIES' if recounted['gate_passed'] else 'DOES NOT QUALIFY'}: {recounted['gate']['summary']}")
     if checks is None:
         caveat += f" (file integrity unchecked: no {MANIFEST_FILE})"
         print(f"warning: {args.bundle} has no {MANIFEST_FILE}; the integrity of its files is unchecked",
               file=sys.stderr)
     else:
         print(f"integrity: all {len(checks)} files match {args.bundle / MANIFEST_FILE}")
-    outcome = _recount_or_fail(judged.entry, args)
-    if outcome is None:
-        return CANNOT_LOAD
-    rows = compare(reported, outcome[1])
+    rows = compare(reported, recounted)
     differing = [row for row in rows if not row.close]
     print(format_table(rows))
     if differing:

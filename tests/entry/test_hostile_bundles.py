@@ -439,8 +439,8 @@ def test_score_settings_are_compared_only_when_allowed_and_never_called_verified
     assert verdict.status == 0, verdict.out + verdict.err
     lines = verdict.out.splitlines()
     note = f"{setting}={value!r} (official {official})"
-    assert lines[0] == f"NOT AN OFFICIAL SCORE: compared under the entry's own score settings {note} " \
-                       "(--allow-score-settings)"
+    assert lines[0].startswith(f"NOT AN OFFICIAL SCORE: compared under the entry's own score settings {note} "
+                               "(--allow-score-settings); gate ")
     assert lines[1].startswith("integrity: all 5 files match")
     assert re.fullmatch(rf"agrees: all \d+ fields agree with .*report\.json under the entry's own score settings "
                         rf"{re.escape(note)}: NOT AN OFFICIAL SCORE", lines[-1])
