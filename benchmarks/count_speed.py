@@ -1,14 +1,14 @@
 """How long the MicroNet counter takes, beside torch's FlopCounterMode: an image model, or a language model per token.
 
     python benchmarks/count_speed.py [--model resnet50] [--size 224] [--repeats 3] [--limit 3.0]
-    python benchmarks/count_speed.py --lm baseline [--tokens 64] [--repeats 1] [--limit 3.0]
-    python benchmarks/count_speed.py --lm transformer [--tokens 64]
+    python benchmarks/count_speed.py --lm lstm_lm_baseline [--tokens 64] [--repeats 1] [--limit 3.0]
+    python benchmarks/count_speed.py --lm txl_micronet [--tokens 64]
 
 Image models: both count the same model on the same batch of one in the same process, after a warm-up forward
-pass. Language models (``--lm``): the WikiText-103 baseline LSTM or a Transformer-XL-style model with a 96-entry
-memory (built inline, tests/scoring/lm_models.py, until the registered models replace them) is fed ``--tokens``
-tokens on-line, one per call with the state carried: a plain loop, the loop under FlopCounterMode, and
-``scoring.count_stream``. The best of ``--repeats`` runs is reported. Exits 1 when our counter takes longer than
+pass. Language models (``--lm``, a registered one at the full WikiText-103 vocabulary: the baseline LSTM
+``lstm_lm_baseline``, or ``txl_micronet`` with its 96-entry memory, first filled by 96 uncounted tokens) are fed
+``--tokens`` Zipf-distributed tokens on-line, one per call with the state carried: a plain loop, the loop under
+FlopCounterMode, and ``scoring.count_stream``. The best of ``--repeats`` runs is reported. Exits 1 when our counter takes longer than
 ``--limit`` seconds.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from data.streams import zipf_tokens
 from models import create_model
 from scoring import count_model, count_stream
 
@@ -41,11 +42,10 @@ def best_time(run: Callable[[], object], repeats: int) -> float:
 
 
 def language_model(name: str) -> nn.Module:
-    """The baseline LSTM LM or the Transformer-XL-style model, exact zeros of the random init nudged (the counter
+    """A registered language model at WikiText-103's vocabulary, exact zeros of the random init nudged (the counter
     rightly skips zeros, which would make the timing depend on the seed)."""
-    from tests.scoring.lm_models import BaselineLM, MemoryTransformer
     torch.manual_seed(0)
-    model = (BaselineLM() if name == "baseline" else MemoryTransformer()).eval()
+    model = create_model(name, num_classes=267_735).eval()
     with torch.no_grad():
         for param in model.parameters():
             param[param == 0] = 1e-3
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--lm", choices=("baseline", "transformer"), help="time a language model per token instead")
+    parser.add_argument("--lm", choices=("lstm_lm_baseline", "txl_micronet"),
+                        help="time a language model per token instead")
     parser.add_argument("--tokens", type=int, default=64, help="tokens fed on-line (--lm)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--limit", type=float, default=3.0, help="seconds our counter may take")
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.lm:
         model = language_model(args.lm)
-        tokens = torch.randint(0, 267_735, (1, args.tokens), generator=torch.Generator().manual_seed(1))
+        warmup = getattr(model, "mem_len", 0)
+        tokens = torch.from_numpy(zipf_tokens(warmup + args.tokens, 267_735, seed=1).astype("int64"))[None]
 
         def forward() -> None:
             with torch.no_grad():
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                     _, state = model(tokens[:, t:t + 1], state)
 
         def count() -> object:
-            return count_stream(model, tokens)
+            return count_stream(model, tokens, warmup_tokens=warmup)
 
         title = f"{args.lm} language model, {args.tokens} tokens on-line"
     else:
