@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_map
 
 #: ``predict(model, inputs, carry) -> (outputs, carry)``: how the task runs a model on a batch, given what the
 #: previous batch left (None at the start; a language model's state), returning what the next batch continues from.
@@ -51,6 +52,11 @@ Predict = Callable[[nn.Module, torch.Tensor, Any], tuple[torch.Tensor, Any]]
 def predict_outputs(model: nn.Module, inputs: torch.Tensor, carry: Any = None) -> tuple[torch.Tensor, Any]:
     """The :data:`Predict` of independent batches (classification): ``model(inputs)``, nothing carried."""
     return model(inputs), None
+
+
+def map_carry(function: Callable[[torch.Tensor], torch.Tensor], carry: Any) -> Any:
+    """``function`` applied to every tensor of a carried state (a pytree), e.g. to detach it or move it."""
+    return tree_map(lambda value: function(value) if isinstance(value, torch.Tensor) else value, carry)
 
 
 class Technique:

@@ -28,9 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch.utils._pytree import tree_map
-
-from .base import Predict, Settings, Technique, predict_outputs, register_technique
+from .base import Predict, Settings, Technique, map_carry, predict_outputs, register_technique
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
@@ -46,10 +44,6 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     kept, classes = teacher.topk(min(top_k, teacher.shape[-1]), dim=-1)
     return -(kept.softmax(dim=-1) * student.gather(-1, classes)).sum(-1).mean() * temperature ** 2
 
-
-def _detached(carry: Any) -> Any:
-    """A carried state with every tensor detached (the next window does not backpropagate into it)."""
-    return tree_map(lambda value: value.detach() if isinstance(value, torch.Tensor) else value, carry)
 
 
 @register_technique
@@ -106,8 +100,7 @@ class DistillTechnique(Technique):
             raise RuntimeError(f"{self.where}: attach(model) must be called before loss()")
         with torch.no_grad():
             teacher = self.teacher.to(inputs.device)  # a no-op once it is there
-            carry = tree_map(lambda value: value.to(inputs.device) if isinstance(value, torch.Tensor) else value,
-                             self._carry)  # a checkpoint's state arrives on the CPU
+            carry = map_carry(lambda value: value.to(inputs.device), self._carry)  # a checkpoint's is on the CPU
             teacher_outputs, self._pending = self._predict(teacher, inputs, carry)
         soft = distillation_loss(outputs, teacher_outputs, self.temperature, self.top_k)
         self._last = (loss.detach(), soft.detach())
@@ -118,7 +111,7 @@ class DistillTechnique(Technique):
             self._carry, self._carry_epoch = None, epoch
 
     def on_step_end(self, model: nn.Module, step: int) -> None:
-        self._carry, self._pending = _detached(self._pending), None
+        self._carry, self._pending = map_carry(torch.Tensor.detach, self._pending), None
 
     def state_dict(self) -> dict[str, Any]:
         return {"carry": self._carry, "epoch": self._carry_epoch}

@@ -75,7 +75,7 @@ def recount(entry: Entry, *, data_root: str | None = None, examples: int | None 
     import torch
 
     from data.tasks import DataOptions, build_task
-    from scoring import count_model
+    from scoring import count_inputs
     from scoring.report import build_report
 
     config = entry.config
@@ -89,10 +89,10 @@ def recount(entry: Entry, *, data_root: str | None = None, examples: int | None 
     model = build_model_from_entry(entry).to(resolved)
     result = task.evaluate(model, test_loader, resolved, "test")
     score = config["score"]
-    count = count_model(model, task.score_inputs(test_loader, examples or score["examples"], resolved),
-                        accumulator_bits=score["accumulator_bits"],
-                        freebie=None if score["freebie"] == "auto" else bool(score["freebie"]))
-    return build_report(task=task.name, count=count, evaluation=result.to_dict())
+    count = count_inputs(model, task.score_inputs(test_loader, examples or score["examples"], resolved, model),
+                         accumulator_bits=score["accumulator_bits"],
+                         freebie=None if score["freebie"] == "auto" else bool(score["freebie"]))
+    return build_report(task=task.name, count=count, evaluation=result.to_dict(), example=task.example)
 
 
 def compare(reported: dict[str, Any], recounted: dict[str, Any]) -> list[Row]:

@@ -69,6 +69,13 @@ class AugmentConfig:
 
 
 @dataclass
+class StreamConfig:
+    bptt: int = MISSING
+    variable: bool = False
+    eval_window: int = 512
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     kind: str = MISSING  # a key of data.tasks.TASK_KINDS
@@ -76,10 +83,14 @@ class TaskConfig:
     num_classes: int = MISSING
     default_model: str = MISSING
     gate: GateConfig = field(default_factory=GateConfig)
+    needs_root: bool = False  # the data is not shipped with the code: data.root must point at it
+    downloadable: bool = False  # data.download=true can fetch it into data.root
     # classification
     in_chans: Optional[int] = None
     input_size: Optional[int] = None
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: Optional[AugmentConfig] = None
+    # language modelling
+    stream: Optional[StreamConfig] = None
 
 
 @dataclass
@@ -147,8 +158,6 @@ class RunConfig:
 ConfigStore.instance().store(name="micronet_schema", node=RunConfig)
 
 
-#: Tasks whose data is not shipped with the code and needs ``data.root``.
-TASKS_NEEDING_ROOT = ("cifar100", "imagenet")
 _AUTO_SWITCH = ("auto", True, False)
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -193,11 +202,10 @@ def validate(cfg: DictConfig, known_models: list[str]) -> None:
     if cfg.model.name not in known_models:
         raise ConfigError(f"unknown model '{cfg.model.name}'",
                           f"use model=<name> with one of: {', '.join(sorted(known_models))}")
-    if cfg.task.dataset in TASKS_NEEDING_ROOT and not cfg.data.root:
+    if cfg.task.needs_root and not cfg.data.root:
         raise ConfigError(f"task={cfg.task.name} needs data.root (the {cfg.task.dataset} folder)",
                           f"pass data.root=/path/to/{cfg.task.dataset}"
-                          + (" (add data.download=true to fetch it)" if cfg.task.dataset == "cifar100"
-                             else ""))
+                          + (" (add data.download=true to fetch it)" if cfg.task.downloadable else ""))
     if not _DEVICE.match(cfg.device):
         raise ConfigError(f"device={cfg.device} is not a device", "use auto, cpu, cuda or cuda:N")
     if cfg.device.startswith("cuda"):

@@ -49,7 +49,7 @@ from compress import DistillTechnique, Stage, apply_compression_state, build_sta
 from compress.stages import BASELINE_STAGE  # noqa: E402
 from data import DatasetError, Loaders  # noqa: E402
 from data.tasks import Evaluation  # noqa: E402
-from scoring import count_model  # noqa: E402
+from scoring import UnsupportedOpError, count_inputs  # noqa: E402
 from scoring.entry import EntryError, model_spec, save_entry  # noqa: E402
 from scoring.report import format_summary, log_report, write_report  # noqa: E402
 from train import distributed  # noqa: E402
@@ -70,7 +70,7 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT: a second Ctrl-C, no checkpoint taken
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: schedulers see "interrupted", not "finished"
 #: Errors the user can fix; printed as one line.
 USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, DatasetError,
-               models.UnknownModelError, EntryError)
+               models.UnknownModelError, EntryError, UnsupportedOpError)
 
 
 def main() -> None:
@@ -294,7 +294,9 @@ class Session:
             loaders = self.task.loaders(data_options(cfg, self.ctx), batch_size=cfg.train.batch_size,
                                         eval_batch_size=cfg.train.eval_batch_size, seed=cfg.seed,
                                         distributed=self.ctx.distributed, device=self.ctx.device)
-        return smoke_loaders(loaders, world_size=self.ctx.world_size) if cfg.smoke else loaders
+        if not cfg.smoke:
+            return loaders
+        return smoke_loaders(loaders, world_size=self.ctx.world_size, cut_evaluation=self.task.example == "image")
 
     def check_score_examples(self) -> None:
         """Refuse now a ``score.examples`` the test split cannot give the scorer (rank 0 counts its share), rather
@@ -422,11 +424,12 @@ class Session:
         """Score, gate verdict (decided by write_report), report and entry for the final model (rank 0); returns
         the report. The entry is written last: a run dir with ``entry/entry.json`` has finished."""
         cfg = self.cfg
-        inputs = self.task.score_inputs(self.loaders.test, cfg.score.examples, self.ctx.device)
-        count = count_model(model.eval(), inputs, accumulator_bits=cfg.score.accumulator_bits,
-                            freebie=None if cfg.score.freebie == "auto" else bool(cfg.score.freebie))
+        inputs = self.task.score_inputs(self.loaders.test, cfg.score.examples, self.ctx.device, model)
+        count = count_inputs(model.eval(), inputs, accumulator_bits=cfg.score.accumulator_bits,
+                             freebie=None if cfg.score.freebie == "auto" else bool(cfg.score.freebie))
         report = write_report(self.run_dir, task=cfg.task.name, count=count, evaluation=result.to_dict(),
                               validation=validation.to_dict() if validation is not None else None,
+                              example=self.task.example,
                               extra={"model": cfg.model.name, "compress": cfg.compress.name, "seed": cfg.seed})
         if self.writer is not None:
             log_report(self.writer, report, step=0)

@@ -4,8 +4,9 @@ from torch import nn
 
 from models import UnknownModelError, create_model, list_models, register_model
 
-CONTRACT_MODELS = ["digits_cnn", "efficientnet_b0", "efficientnet_b0_cifar", "mixnet_s", "mobilenetv2_140",
-                   "resnet18_cifar", "resnet50", "wrn28_10"]
+CONTRACT_MODELS = ["digits_cnn", "efficientnet_b0", "efficientnet_b0_cifar", "lstm_lm", "lstm_lm_baseline",
+                   "mixnet_s", "mobilenetv2_140", "resnet18_cifar", "resnet50", "txl_micronet", "txl_teacher",
+                   "wrn28_10"]
 
 
 def test_every_contract_model_is_registered():

@@ -44,7 +44,7 @@ def test_unknown_model_is_one_line_and_exit_2():
 
 def test_unknown_task_is_one_line_and_exit_2(capsys):
     assert main(["--model", "digits_cnn", "--task", "mnist"]) == 2
-    assert capsys.readouterr().err == "python -m scoring: error: unknown task 'mnist'; choose one of: cifar100, digits, imagenet\n"
+    assert capsys.readouterr().err == "python -m scoring: error: unknown task 'mnist'; choose one of: cifar100, digits, imagenet, wikitext103, wikitext_demo\n"
 
 
 def test_verify_and_paths_dispatch_to_the_verifier(monkeypatch, tmp_path):
