@@ -249,20 +249,26 @@ class LanguageModelTask(Task):
         was_training = model.training
         model.eval()
         nll_sum = torch.zeros((), dtype=torch.float64, device=device)
-        state = None
+        state, predicted = None, 0
         for inputs, targets in loader:
             nll, state = model(inputs.to(device), state, targets.to(device))
             nll_sum += nll.double().sum()
+            predicted += targets.numel()
         model.train(was_training)
-        return Evaluation(split, loader.predictions, nll_sum.item())
+        return Evaluation(split, predicted, nll_sum.item())
 
     def score_inputs(self, loader: Iterable, examples: int, device: torch.device, model: nn.Module) -> ScoreInputs:
         warmup = int(getattr(model, "mem_len", 0))
-        if warmup + examples > loader.dataset_size:
-            raise ValueError(f"score.examples={examples} tokens after a warm-up of {warmup} exceed the {loader.dataset_size:,} "
-                             "tokens of the test stream; lower score.examples")
-        tokens = torch.from_numpy(loader.stream[:, :warmup + examples].astype("int64"))
-        return ScoreInputs(tokens.to(device), stream=True, warmup=warmup)
+        windows, seen = [], 0
+        for inputs, _ in loader:
+            windows.append(inputs)
+            seen += inputs.shape[1]
+            if seen >= warmup + examples:
+                break
+        if seen < warmup + examples:
+            raise ValueError(f"score.examples={examples} tokens after a warm-up of {warmup} (the model's mem_len) "
+                             f"exceed the {seen:,} tokens of the test stream; lower score.examples")
+        return ScoreInputs(torch.cat(windows, dim=1)[:, :warmup + examples].to(device), stream=True, warmup=warmup)
 
 
 #: Every task kind, by the ``kind`` key of conf/task/*.yaml.
