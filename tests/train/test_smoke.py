@@ -68,3 +68,14 @@ def test_the_imagenet_recipe_runs_end_to_end_as_a_smoke_run(tmp_path: Path):
     assert result.returncode in (0, 3), result.stderr[-3000:]
     assert _stage_steps(tmp_path / "run") == {"0_train": (1, 2), "1_prune": (1, 2), "2_q8": (1, 2)}
     assert json.loads((tmp_path / "run" / "report.json").read_text())["examples"] == 4
+
+
+@pytest.mark.slow
+def test_a_language_model_recipe_runs_as_a_smoke_run_with_its_streams_evaluated_whole(tmp_path: Path):
+    result = run_train("task=wikitext_demo", "compress=lm_prune_q8", "smoke=true", "data.num_workers=0",
+                       f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode in (0, 3), result.stderr[-3000:]
+    assert _stage_steps(tmp_path / "run") == {"0_train": (1, 2), "1_prune": (1, 2), "2_q8": (1, 2)}
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    # The whole test stream, state carried (a cut stream would change the metric); the scorer's 8 tokens.
+    assert report["total"] == 30335 and report["examples"] == 8
