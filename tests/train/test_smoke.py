@@ -9,6 +9,7 @@ import pytest
 from tests.conftest import compose_config, run_train
 from tests.fixtures import make_cifar100, make_imagenet
 from train import smoke
+from train.build import task_of
 from train.checkpoint import load_latest
 from train.cli import accept_command_line
 from train.smoke import smoke_config
@@ -78,4 +79,5 @@ def test_a_language_model_recipe_runs_as_a_smoke_run_with_its_streams_evaluated_
     assert _stage_steps(tmp_path / "run") == {"0_train": (1, 2), "1_prune": (1, 2), "2_q8": (1, 2)}
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     # The whole test stream, state carried (a cut stream would change the metric); the scorer's 8 tokens.
-    assert report["total"] == 30335 and report["examples"] == 8
+    test_stream = task_of(compose_config("task=wikitext_demo")).corpus(None).test
+    assert report["total"] == len(test_stream) - 1 and report["examples"] == 8  # the first token is context only
