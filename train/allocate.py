@@ -286,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_dir = Path(args.config_dir) if args.config_dir else Path(sensitivity["path"]).parent / "conf"
         probe = None
         if not args.no_check:
+            if not sensitivity.get("run"):
+                raise ConfigError(f"{sensitivity['path']} names no run to check the allocation on",
+                                  "pass --no-check, or measure with `python -m train.sensitivity RUN_DIR`")
             validation = sensitivity["validation"]
             probe = Probe.from_run(sensitivity["run"], device=args.device,
                                    val_split=validation["val_split"] if validation["trained_on"] else None,

@@ -219,6 +219,7 @@ def plot_front(groups: Sequence[Group], path: str | Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     tasks = sorted({g.task for g in groups})
     figure, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 5), squeeze=False, layout="constrained")
@@ -234,6 +235,8 @@ def plot_front(groups: Sequence[Group], path: str | Path) -> None:
             spread = (statistics.stdev(scores), statistics.stdev(tests)) if len(group.runs) > 1 else (0.0, 0.0)
             axis.errorbar(mean_s, mean_t, xerr=spread[0], yerr=spread[1], fmt="o", color=colour, capsize=3,
                           label=f"{group.label} ({len(group.runs)} runs)")
+            axis.annotate(group.label, (mean_s, mean_t), textcoords="offset points", xytext=(5, 5), fontsize=7,
+                          color=colour)
         best = front(mine)
         if len(best) > 1:
             axis.plot([statistics.fmean(g.values("score")) for g in best],
@@ -245,6 +248,9 @@ def plot_front(groups: Sequence[Group], path: str | Path) -> None:
         if threshold is not None:
             axis.axhline(threshold, color="crimson", lw=1, ls=":", label=f"gate {threshold:g}")
         axis.set_xscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 0.2, not 2 x 10^-1
+        axis.xaxis.set_major_formatter(plain)
+        axis.xaxis.set_minor_formatter(plain)
         axis.set_xlabel("score (params/baseline + ops/baseline; log scale)")
         axis.set_ylabel(f"test {metric}")
         axis.set_title(f"{task}: test {metric} against score, mean ± std over seeds")
