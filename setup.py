@@ -7,7 +7,7 @@ setup(
     description="Reference training, compression and scoring for MicroNet challenge entries",
     python_requires=">=3.10",
     packages=["train", "models", "compress", "scoring", "data", "conf"],
-    package_data={"conf": ["*.yaml", "*/*.yaml"]},
+    package_data={"conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4,<2.15",
@@ -20,6 +20,7 @@ setup(
         "safetensors>=0.4,<1",
         "scikit-learn>=1.3,<2",
         "tqdm>=4.66,<5",
+        "gensim>=4.4,<5",  # the wikitext_demo task reads the Wikipedia excerpt its wheel ships (4.4: numpy 2)
     ],
     extras_require={"test": ["pytest>=8,<10"]},
     entry_points={

@@ -1,7 +1,8 @@
-"""Training throughput (images/s) of our loop against a minimal plain PyTorch loop, in the same process.
+"""Training throughput (images/s, tokens/s) of our loop against a minimal plain PyTorch loop, in the same process.
 
     python benchmarks/train_speed.py                       # CPU: small batches, a few dozen steps
     python benchmarks/train_speed.py --device cuda --steps 200 --batch-size 512
+    python benchmarks/train_speed.py --models --lm lstm_lm  # a language model only: tokens/s
 
 For each model (default ``resnet18_cifar`` and ``efficientnet_b0_cifar``) on synthetic CIFAR-shaped data:
 
@@ -11,6 +12,12 @@ For each model (default ``resnet18_cifar`` and ``efficientnet_b0_cifar``) on syn
   crop + flip done per batch, bf16 autocast + channels_last + fused SGD on CUDA), same model and SGD settings;
 * **ours + prune + QAT8**: the same with a compress stage of gradual pruning and 8-bit quantization-aware
   training (weights and activations) attached.
+
+A language model (a registered model following the contract of ``models/lm_blocks.py``, e.g. ``lstm_lm``) is
+measured on a synthetic Zipf-distributed token stream of the demo's vocabulary instead, in windows of ``--bptt``
+tokens of ``--batch-size`` streams: **plain** is the tutorial loop (the stream cut into windows by hand, the
+state carried and detached, AdamW, the cheap NLL); **ours** is ``train.loop.Trainer`` with the language-model
+objective over ``data.streams.TrainStreams``, as ``train/run.py`` runs ``task=wikitext_demo``.
 
 Throughput counts only steps after ``--warmup`` steps (compilation, cuDNN autotuning, allocator growth),
 with the device synchronised at both ends of the timed window; the loops take turns ``--repeats`` times and
@@ -33,16 +40,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, TensorDataset
 
 from compress import Technique, build_stages
 from data.augment import AugmentOptions
 from data.datasets import ArrayImageDataset
 from data.gpu_loader import GpuResidentLoader
+from data.streams import TrainStreams, zipf_tokens
 from models import create_model
 from train import distributed
 from train.config import TrainConfig
 from train.loop import Trainer, make_deterministic
+from train.objectives import ClassificationObjective, LanguageModelObjective
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 PRUNE_QAT8 = {"name": "bench", "stages": [{"name": "prune_q8", "epochs": 1, "prune": {"final_sparsity": 0.5},
@@ -120,27 +130,70 @@ def plain_loop(model: nn.Module, dataset: ArrayImageDataset, batch_size: int, wa
     return (len(loader) - warmup) * batch_size / timer.finish()
 
 
-def our_loop(model: nn.Module, dataset: ArrayImageDataset, batch_size: int, warmup: int, device: torch.device,
-             compress: dict | None, compile_model: bool) -> float:
-    """Images/s of train.loop.Trainer with the GPU-resident loader (on CPU tensors when on CPU)."""
-    model.to(device)
-    train = OmegaConf.merge(OmegaConf.structured(TrainConfig), {
-        "epochs": 1, "batch_size": batch_size, "eval_batch_size": batch_size, "lr": 0.05,
-        "weight_decay": 5e-4, "compile": compile_model, "log_every": 10_000})
-    loader = GpuResidentLoader(dataset, batch_size=batch_size, mean=MEAN, std=STD, device=device, seed=0,
-                               options=AugmentOptions.from_mapping({"crop_padding": 4, "hflip": True}))
+def _recipe(batch_size: int, compile_model: bool, **settings: object):
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), {
+        "epochs": 1, "batch_size": batch_size, "eval_batch_size": batch_size, "compile": compile_model,
+        "log_every": 10_000, **settings})
+
+
+def _trainer_throughput(model: nn.Module, train, loader, objective, warmup: int, device: torch.device,
+                        compress: dict | None, per_step: int) -> float:
+    """Examples/s of one epoch of train.loop.Trainer after ``warmup`` steps (``per_step`` examples each)."""
     timer = Timer(warmup, device)
     stages = build_stages(compress, load_teacher=lambda spec: None) if compress else []
     techniques = [t for stage in stages for t in stage.techniques]
     trainer = Trainer(model, train, techniques=[*techniques, TimerHook(timer)], loader=loader,
-                      ctx=distributed.Context(device))
+                      ctx=distributed.Context(device), objective=objective)
     trainer.train_epoch()
-    return (len(loader) - warmup) * batch_size / timer.finish()
+    return (len(loader) - warmup) * per_step / timer.finish()
+
+
+def our_loop(model: nn.Module, dataset: ArrayImageDataset, batch_size: int, warmup: int, device: torch.device,
+             compress: dict | None, compile_model: bool) -> float:
+    """Images/s of train.loop.Trainer with the GPU-resident loader (on CPU tensors when on CPU)."""
+    model.to(device)
+    train = _recipe(batch_size, compile_model, lr=0.05, weight_decay=5e-4)
+    loader = GpuResidentLoader(dataset, batch_size=batch_size, mean=MEAN, std=STD, device=device, seed=0,
+                               options=AugmentOptions.from_mapping({"crop_padding": 4, "hflip": True}))
+    return _trainer_throughput(model, train, loader, ClassificationObjective(train, {"num_classes": 100}), warmup,
+                               device, compress, batch_size)
+
+
+def plain_lm_loop(model: nn.Module, stream: np.ndarray, batch_size: int, bptt: int, warmup: int,
+                  device: torch.device) -> float:
+    """Tokens/s of the tutorial loop: the stream cut into batch_size rows, windows by hand, state detached."""
+    rows = torch.from_numpy(stream[:len(stream) // batch_size * batch_size].astype(np.int64)).view(batch_size, -1)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    timer, state, windows = Timer(warmup, device), None, (rows.shape[1] - 1) // bptt
+    for step in range(windows):
+        inputs = rows[:, step * bptt:(step + 1) * bptt].to(device)
+        targets = rows[:, step * bptt + 1:(step + 1) * bptt + 1].to(device)
+        nll, state = model(inputs, state, targets)
+        loss = nll.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        state = tree_map(torch.Tensor.detach, state)
+        timer.step_done(step)
+    return (windows - warmup) * batch_size * bptt / timer.finish()
+
+
+def our_lm_loop(model: nn.Module, stream: np.ndarray, batch_size: int, bptt: int, warmup: int,
+                device: torch.device, compile_model: bool) -> float:
+    """Tokens/s of train.loop.Trainer with the language-model objective over TrainStreams."""
+    model.to(device)
+    train = _recipe(batch_size, compile_model, optimizer="adamw", lr=3e-3, weight_decay=0.0, nesterov=False)
+    return _trainer_throughput(model, train, TrainStreams(stream, batch_size, bptt), LanguageModelObjective(train, {}),
+                               warmup, device, None, batch_size * bptt)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18_cifar", "efficientnet_b0_cifar"])
+    parser.add_argument("--models", nargs="*", default=["resnet18_cifar", "efficientnet_b0_cifar"])
+    parser.add_argument("--lm", nargs="*", default=[], help="language models to measure in tokens/s, e.g. lstm_lm")
+    parser.add_argument("--vocab", type=int, default=13_329, help="language models' vocabulary (the demo's)")
+    parser.add_argument("--bptt", type=int, default=35, help="language models' training window")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 12 on CPU, 200 on CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 CPU, 30 CUDA)")
@@ -185,6 +238,24 @@ def main(argv: list[str] | None = None) -> dict:
               + (f" | prune+QAT8 {row['ours_prune_qat8']:9.1f} img/s "
                  f"(step costs {row['step_cost_prune_qat8_vs_ours']:.2f}x ours)" if "ours_prune_qat8" in row
                  else ""), flush=True)
+    lm_batch = args.batch_size or (64 if cuda else 32)
+    stream = zipf_tokens((steps + warmup) * lm_batch * args.bptt + lm_batch, args.vocab)
+    for name in args.lm:
+        row = {}
+        for _ in range(args.repeats):
+            for label, run in (("plain", lambda m: plain_lm_loop(m, stream, lm_batch, args.bptt, warmup, device)),
+                               ("ours", lambda m: our_lm_loop(m, stream, lm_batch, args.bptt, warmup, device,
+                                                              args.compile))):
+                torch.manual_seed(0)
+                if label == "plain":
+                    set_backend_flags(torch_defaults)
+                else:
+                    make_deterministic(0, device)
+                row[label] = max(row.get(label, 0.0), run(create_model(name, num_classes=args.vocab)))
+        row["ratio_ours_vs_plain"] = row["ours"] / row["plain"]
+        results["language_models"] = {**results.get("language_models", {}), name: row}
+        print(f"{name:24s} plain {row['plain']:9.1f} tok/s | ours {row['ours']:9.1f} tok/s | "
+              f"ratio {row['ratio_ours_vs_plain']:.3f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results

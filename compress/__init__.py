@@ -5,15 +5,18 @@ Works on any ``nn.Module`` (layers chosen by type — Conv/Linear/Embedding — 
 bit widths to the scorer only through ``scoring.protocol``'s attributes. See ``compress/base.py`` for
 the hooks the training loop calls.
 """
-from .base import Technique
+# Each technique module registers its Technique subclass (compress.base.TECHNIQUES) when imported.
+from .base import TECHNIQUES, Technique, register_technique
 from .distillation import DistillTechnique
 from .pruning import CubicSchedule, PruneTechnique, WeightMask, mask_sparsity, mask_zeros
 from .quantization import ActivationQuantizer, QuantizeTechnique, WeightQuantizer
 from .stages import Stage, build_stages
-from .state import apply_compression_state, compression_state, finalize_for_export
+from .state import apply_compression_state, check_compression_state, check_restored, compression_state, \
+    finalize_for_export
 
 __all__ = [
-    "ActivationQuantizer", "CubicSchedule", "DistillTechnique", "PruneTechnique", "QuantizeTechnique", "Stage",
-    "Technique", "WeightMask", "WeightQuantizer", "apply_compression_state", "build_stages",
-    "compression_state", "finalize_for_export", "mask_sparsity", "mask_zeros",
+    "TECHNIQUES", "ActivationQuantizer", "CubicSchedule", "DistillTechnique", "PruneTechnique", "QuantizeTechnique",
+    "Stage", "Technique", "WeightMask", "WeightQuantizer", "apply_compression_state", "build_stages",
+    "check_compression_state", "check_restored", "compression_state", "finalize_for_export", "mask_sparsity",
+    "mask_zeros", "register_technique",
 ]

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_map
 
 #: ``predict(model, inputs, carry) -> (outputs, carry)``: how the task runs a model on a batch, given what the
 #: previous batch left (None at the start; a language model's state), returning what the next batch continues from.
@@ -53,13 +54,34 @@ def predict_outputs(model: nn.Module, inputs: torch.Tensor, carry: Any = None) -
     return model(inputs), None
 
 
-class Technique:
-    """Base class: every hook is a no-op, so a technique overrides only what it needs."""
+def map_carry(function: Callable[[torch.Tensor], torch.Tensor], carry: Any) -> Any:
+    """``function`` applied to every tensor of a carried state (a pytree), e.g. to detach it or move it."""
+    return tree_map(lambda value: function(value) if isinstance(value, torch.Tensor) else value, carry)
 
-    #: Short name used in logs ("prune", "quantize", "distill").
+
+class Technique:
+    """Base class: every hook is a no-op, so a technique overrides only what it needs.
+
+    A technique a stage can name is registered with :func:`register_technique`: its :attr:`name` is the key
+    of the stage mapping that configures it."""
+
+    #: The key of a stage's mapping that configures it, also its name in logs ("prune", "quantize", "distill").
     name: str = "technique"
+    #: Where it runs within a stage: techniques attach and act in increasing ``order`` (prune 10 before quantize 20,
+    #: so a weight is ``quantize(original * mask)``; distill 30 replaces the loss both train on).
+    order: int = 0
+    #: Keys of its config that are positions within the stage, in the config's ``unit`` (:data:`UNITS`); a smoke
+    #: run that shortens the stage rescales them (``compress.stages.rescale_stages``).
+    positions: tuple[str, ...] = ()
     #: Whether :meth:`loss` reads the model's outputs (a task that can skip computing them then computes them).
     needs_outputs: bool = False
+
+    @classmethod
+    def from_stage(cls, cfg: Mapping[str, Any] | None, *, stage_epochs: int, where: str,
+                   load_teacher: Callable[[str], nn.Module]) -> Technique:
+        """Build from the stage's mapping ``cfg`` (``where`` is its key path, for messages); ``load_teacher``
+        is for techniques that need another model (distillation)."""
+        return cls(cfg, stage_epochs=stage_epochs, where=where)
 
     def configure(self, *, steps_per_epoch: int, predict: Predict = predict_outputs) -> None:
         """Called before :meth:`attach` with the number of optimizer steps per epoch of the stage and the task's
@@ -96,6 +118,21 @@ class Technique:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (called on resume, after :meth:`attach`)."""
+
+
+#: Every technique a stage can use, by its stage key (:attr:`Technique.name`), filled by :func:`register_technique`.
+TECHNIQUES: dict[str, type[Technique]] = {}
+
+
+def register_technique(cls: type[Technique]) -> type[Technique]:
+    """Class decorator: make a :class:`Technique` subclass available to stages under its ``name``.
+
+    The module defining it must be imported for the registration to happen: ``compress/__init__.py`` imports
+    every technique module."""
+    if cls.name in TECHNIQUES or cls.name in ("name", "epochs"):
+        raise ValueError(f"technique name {cls.name!r} is taken (a registered technique or a stage key)")
+    TECHNIQUES[cls.name] = cls
+    return cls
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,9 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch.utils._pytree import tree_map
-
-from .base import Predict, Settings, Technique, predict_outputs
+from .base import Predict, Settings, Technique, map_carry, predict_outputs, register_technique
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
@@ -47,16 +45,19 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return -(kept.softmax(dim=-1) * student.gather(-1, classes)).sum(-1).mean() * temperature ** 2
 
 
-def _detached(carry: Any) -> Any:
-    """A carried state with every tensor detached (the next window does not backpropagate into it)."""
-    return tree_map(lambda value: value.detach() if isinstance(value, torch.Tensor) else value, carry)
 
-
+@register_technique
 class DistillTechnique(Technique):
     """Adds a distillation term to the loss of a stage; see the module docstring for its config keys."""
 
     name = "distill"
+    order = 30
     needs_outputs = True
+
+    @classmethod
+    def from_stage(cls, cfg: Mapping[str, Any] | None, *, stage_epochs: int, where: str,
+                   load_teacher: Callable[[str], nn.Module]) -> DistillTechnique:
+        return cls(cfg, load_teacher=load_teacher, where=where)
 
     def __init__(self, cfg: Mapping[str, Any] | None, *, load_teacher: Callable[[str], nn.Module], where: str):
         s = Settings(cfg, where)
@@ -99,8 +100,7 @@ class DistillTechnique(Technique):
             raise RuntimeError(f"{self.where}: attach(model) must be called before loss()")
         with torch.no_grad():
             teacher = self.teacher.to(inputs.device)  # a no-op once it is there
-            carry = tree_map(lambda value: value.to(inputs.device) if isinstance(value, torch.Tensor) else value,
-                             self._carry)  # a checkpoint's state arrives on the CPU
+            carry = map_carry(lambda value: value.to(inputs.device), self._carry)  # a checkpoint's is on the CPU
             teacher_outputs, self._pending = self._predict(teacher, inputs, carry)
         soft = distillation_loss(outputs, teacher_outputs, self.temperature, self.top_k)
         self._last = (loss.detach(), soft.detach())
@@ -111,7 +111,7 @@ class DistillTechnique(Technique):
             self._carry, self._carry_epoch = None, epoch
 
     def on_step_end(self, model: nn.Module, step: int) -> None:
-        self._carry, self._pending = _detached(self._pending), None
+        self._carry, self._pending = map_carry(torch.Tensor.detach, self._pending), None
 
     def state_dict(self) -> dict[str, Any]:
         return {"carry": self._carry, "epoch": self._carry_epoch}

@@ -40,6 +40,7 @@ Config keys of a stage's ``prune:`` mapping (values checked by :class:`PruneTech
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,7 +48,8 @@ import torch
 import torch.nn as nn
 
 from .base import REQUIRED, UNITS, Predict, Settings, Technique, find_parametrization, first_and_last, first_match, \
-    original_weight, predict_outputs, put_parametrization, select_layers, stage_epochs_at, weight_layers
+    original_weight, predict_outputs, put_parametrization, register_technique, select_layers, stage_epochs_at, \
+    weight_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +123,25 @@ class WeightMask(nn.Module):
         return {"kind": self.kind, "block_shape": list(self.block_shape)}
 
     @classmethod
+    def check_description(cls, description: Mapping[str, Any], weight: torch.Tensor) -> None:
+        """Refuse (``ValueError``) a description :meth:`rebuild` must not build on ``weight``: keys other than
+        :meth:`describe`'s, or a block shape that is not [rows, cols] within the (out, in·kh·kw) weight matrix."""
+        unknown = sorted(set(description) - {"kind", "block_shape"})
+        if unknown:
+            raise ValueError(f"unknown mask setting(s) {', '.join(map(repr, unknown))}; a mask has kind and "
+                             "block_shape")
+        block = description.get("block_shape")
+        rows, cols = weight.shape[0], math.prod(weight.shape[1:])
+        if block is not None and not (isinstance(block, list) and len(block) == 2
+                                      and all(isinstance(v, int) and not isinstance(v, bool) for v in block)
+                                      and 1 <= block[0] <= rows and 1 <= block[1] <= cols):
+            raise ValueError(f"mask block_shape={block!r}: expected [rows, cols] with 1 <= rows <= {rows} and "
+                             f"1 <= cols <= {cols} (the layer's weight matrix)")
+
+    @classmethod
     def rebuild(cls, description: Mapping[str, Any], weight: torch.Tensor) -> WeightMask:
         """An empty mask for ``weight``; its values come from ``load_state_dict``."""
+        cls.check_description(description, weight)
         return cls(weight.shape, description.get("block_shape"))
 
 
@@ -171,10 +190,13 @@ class _PrunedLayer:
     ranked_globally: bool
 
 
+@register_technique
 class PruneTechnique(Technique):
     """Gradual magnitude pruning of a stage; see the module docstring for its config keys."""
 
     name = "prune"
+    order = 10
+    positions = ("start", "end", "frequency")
 
     def __init__(self, cfg: Mapping[str, Any] | None, *, stage_epochs: int, where: str):
         s = Settings(cfg, where)

@@ -59,7 +59,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .base import Settings, Technique, check_bits, find_parametrization, first_and_last, first_match, \
-    put_parametrization, select_layers, stage_epochs_at
+    put_parametrization, register_technique, select_layers, stage_epochs_at
 
 METHODS = ("lsq", "minmax", "moving_average")
 
@@ -233,8 +233,15 @@ class WeightQuantizer(_FakeQuantizer):
         return scale
 
     @classmethod
+    def check_description(cls, description: Mapping[str, Any], weight: torch.Tensor) -> None:
+        """Refuse (``ValueError``) a description :meth:`rebuild` must not build: other keys than
+        :meth:`describe`'s, a bit width outside :data:`~compress.base.ALLOWED_BITS`, an unknown method."""
+        _check_settings(description, ("kind", "bits", "method"), "weight quantizer")
+
+    @classmethod
     def rebuild(cls, description: Mapping[str, Any], weight: torch.Tensor) -> WeightQuantizer:
         """A quantizer shaped for ``weight``; its step sizes come from ``load_state_dict``."""
+        cls.check_description(description, weight)
         return cls(weight, description["bits"], description["method"], initialise=False)
 
 
@@ -322,9 +329,29 @@ class ActivationQuantizer(_FakeQuantizer):
         return {**super().describe(), "averaging_constant": self.averaging_constant}
 
     @classmethod
+    def check_description(cls, description: Mapping[str, Any]) -> None:
+        """Refuse (``ValueError``) a description :meth:`rebuild` must not build: other keys than :meth:`describe`'s,
+        a bit width outside :data:`~compress.base.ALLOWED_BITS`, an unknown method, an averaging constant
+        outside (0, 1]."""
+        _check_settings(description, ("kind", "bits", "method", "averaging_constant"), "input quantizer")
+        constant = description["averaging_constant"]
+        if isinstance(constant, bool) or not isinstance(constant, (int, float)) or not 0 < constant <= 1:
+            raise ValueError(f"input quantizer averaging_constant={constant!r}: expected a number in (0, 1]")
+
+    @classmethod
     def rebuild(cls, description: Mapping[str, Any]) -> ActivationQuantizer:
         """An uncalibrated quantizer; its state comes from ``load_state_dict``."""
+        cls.check_description(description)
         return cls(description["bits"], description["method"], description["averaging_constant"])
+
+
+def _check_settings(description: Mapping[str, Any], keys: tuple[str, ...], what: str) -> None:
+    """A quantizer description has exactly ``keys``, an allowed bit width and a known method."""
+    if set(description) != set(keys):
+        raise ValueError(f"{what} settings {sorted(description)}: expected exactly {', '.join(keys)}")
+    check_bits(description["bits"], f"{what} bits")
+    if description["method"] not in METHODS:
+        raise ValueError(f"{what} method={description['method']!r}: expected one of {', '.join(METHODS)}")
 
 
 def _quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -359,10 +386,13 @@ def set_batch_norm_frozen(module: nn.modules.batchnorm._BatchNorm, frozen: bool)
     setattr(module, _FROZEN_STATS, frozen)
 
 
+@register_technique
 class QuantizeTechnique(Technique):
     """Quantization-aware training of a stage; see the module docstring for its config keys."""
 
     name = "quantize"
+    order = 20
+    positions = ("freeze_observers", "freeze_bn")
 
     def __init__(self, cfg: Mapping[str, Any] | None, *, stage_epochs: int, where: str):
         s = Settings(cfg, where)

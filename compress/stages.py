@@ -5,17 +5,18 @@ A compress config is ``{name, stages: [stage, ...]}``; each stage is a mapping w
     name        identifier used for its checkpoint and logs: letters, digits, "_" or "-"; unique;
                 "train" is reserved for the baseline stage
     epochs      positive integer (conf files interpolate it from ``${train.epochs}``)
-    prune       optional mapping, see compress/pruning.py
-    quantize    optional mapping, see compress/quantization.py
-    distill     optional mapping, see compress/distillation.py
+    <technique> optional mapping configuring a registered technique (:data:`compress.base.TECHNIQUES`):
+                prune (compress/pruning.py), quantize (compress/quantization.py), distill (compress/distillation.py)
     <other>     train-config keys this stage changes (lr, schedule, warmup_epochs, weight_decay, ...),
                 returned as ``Stage.overrides``; train/run.py checks them against the train config.
 
-Within a stage the techniques run in the order prune → quantize → distill, so a weight is always
-``quantize(original * mask)``.
+Within a stage the techniques run in their ``order`` (prune → quantize → distill), so a weight is always
+``quantize(original * mask)``. Adding a technique adds a module with a registered :class:`Technique`
+subclass (imported in compress/__init__.py); nothing here changes.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -24,16 +25,12 @@ from typing import Any
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from .base import Technique
-from .distillation import DistillTechnique
-from .pruning import PruneTechnique
-from .quantization import QuantizeTechnique
+from .base import TECHNIQUES, Technique
 
 #: Stage name of the baseline training in train/run.py.
 BASELINE_STAGE = "train"
 
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
-_TECHNIQUE_KEYS = ("prune", "quantize", "distill")
 
 
 @dataclasses.dataclass
@@ -84,12 +81,32 @@ def _build_stage(raw: Any, where: str, load_teacher: Callable[[str], nn.Module])
     epochs = raw.get("epochs")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"{where}.epochs={epochs!r}: expected an integer >= 1")
-    techniques: list[Technique] = []
-    if raw.get("prune") is not None:
-        techniques.append(PruneTechnique(raw["prune"], stage_epochs=epochs, where=f"{where}.prune"))
-    if raw.get("quantize") is not None:
-        techniques.append(QuantizeTechnique(raw["quantize"], stage_epochs=epochs, where=f"{where}.quantize"))
-    if raw.get("distill") is not None:
-        techniques.append(DistillTechnique(raw["distill"], load_teacher=load_teacher, where=f"{where}.distill"))
-    overrides = {key: value for key, value in raw.items() if key not in ("name", "epochs", *_TECHNIQUE_KEYS)}
+    techniques = [kind.from_stage(raw[key], stage_epochs=epochs, where=f"{where}.{key}", load_teacher=load_teacher)
+                  for key, kind in sorted(TECHNIQUES.items(), key=lambda item: item[1].order)
+                  if raw.get(key) is not None]
+    overrides = {key: value for key, value in raw.items() if key not in ("name", "epochs", *TECHNIQUES)}
     return Stage(name=name, epochs=epochs, overrides=overrides, techniques=techniques)
+
+
+def rescale_stages(compress_cfg: Mapping[str, Any], epochs: int) -> dict[str, Any]:
+    """A copy of a resolved, valid compress config in which every stage lasts at most ``epochs`` epochs, with
+    its techniques' positions (:attr:`Technique.positions`) given as fractions of the stage, so that every
+    schedule keeps its shape in the shorter stage (smoke runs).
+
+    A position in steps depends on the data's size, unknown here: ValueError names the key."""
+    config = copy.deepcopy(dict(compress_cfg))
+    for index, stage in enumerate(config.get("stages") or []):
+        length = stage["epochs"]
+        stage["epochs"] = min(length, epochs)
+        for key, kind in TECHNIQUES.items():
+            settings = stage.get(key)
+            if not isinstance(settings, dict) or not kind.positions or settings.get("unit", "fraction") == "fraction":
+                continue
+            if settings["unit"] != "epoch":
+                raise ValueError(f"compress.stages[{index}].{key}.unit={settings['unit']!r}: a shortened stage "
+                                 "cannot rescale positions counted in steps; write them with unit fraction or epoch")
+            for position in kind.positions:
+                if settings.get(position) is not None:
+                    settings[position] = settings[position] / length
+            settings["unit"] = "fraction"
+    return config

@@ -9,13 +9,14 @@ BatchNorm statistics) are not structure: the techniques re-apply them on resume.
 """
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .base import find_parametrization, original_weight, weight_parametrizations
+from .base import find_parametrization, original_weight, weight_layers, weight_parametrizations
 from .pruning import WeightMask, zero_pruned
 from .quantization import ActivationQuantizer, WeightQuantizer, put_input_quantizer
 
@@ -43,41 +44,94 @@ def compression_state(model: nn.Module) -> dict[str, Any]:
     return {"format": FORMAT_VERSION, "weights": weights, "inputs": inputs}
 
 
-def apply_compression_state(model: nn.Module, state: Mapping[str, Any]) -> None:
-    """Re-create the structure described by ``state`` on ``model`` (a fresh model of the same architecture).
+#: The weight chains :func:`compression_state` can describe: at most one mask, innermost, then at most one quantizer.
+_CHAINS = ([WeightMask.kind], [WeightQuantizer.kind], [WeightMask.kind, WeightQuantizer.kind])
 
-    Idempotent: a layer that already carries exactly the described structure is left alone, and one that
-    carries the start of it (an earlier stage's mask, before a later stage's quantizer) gets the rest.
+
+def check_compression_state(model: nn.Module, state: Any) -> None:
+    """Range-check ``state`` against ``model`` before anything is built; ``ValueError`` names the first problem.
+
+    ``state`` may come from a file someone else wrote (an entry), so every value is checked here, in plain
+    Python, before any tensor is made from it: the format, the keys, the layers (conv/linear layers of
+    ``model``), the chain of parametrizations per weight (:data:`_CHAINS`) and each parametrization's
+    settings (its class's ``check_description``: bit widths, methods, block shapes within the weight).
     """
     if not isinstance(state, Mapping) or state.get("format") != FORMAT_VERSION:
         found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(f"compression state format {found!r} is not supported; expected {FORMAT_VERSION} "
                          "(written by compress.compression_state)")
+    unknown = sorted(map(str, set(state) - {"format", "weights", "inputs"}))
+    if unknown:
+        raise ValueError(f"compression state has unknown key(s) {', '.join(unknown)}; expected format, weights, inputs")
+    weights, inputs = state.get("weights", {}), state.get("inputs", {})
+    if not isinstance(weights, Mapping) or not isinstance(inputs, Mapping):
+        raise ValueError("compression state weights and inputs must map layer names to descriptions")
+    layers = weight_layers(model)
+    for name, chain in weights.items():
+        module = _layer(layers, name)
+        kinds = [d.get("kind") if isinstance(d, Mapping) else None for d in chain] if isinstance(chain, list) else None
+        if kinds not in _CHAINS:
+            raise ValueError(f"layer {name!r}: weight parametrizations {reprlib.repr(kinds or chain)} are not a mask, "
+                             "a weight quantizer, or a mask then a weight quantizer")
+        for description in chain:
+            try:
+                _WEIGHT_PARAMETRIZATIONS[description["kind"]].check_description(description, module.weight)
+            except ValueError as err:
+                raise ValueError(f"layer {name!r}: {err}") from None
+    for name, description in inputs.items():
+        _layer(layers, name)
+        if not isinstance(description, Mapping) or description.get("kind") != ActivationQuantizer.kind:
+            raise ValueError(f"layer {name!r}: input description {reprlib.repr(description)} is not an "
+                             f"{ActivationQuantizer.kind}")
+        try:
+            ActivationQuantizer.check_description(description)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from None
+
+
+def apply_compression_state(model: nn.Module, state: Mapping[str, Any]) -> None:
+    """Re-create the structure described by ``state`` on ``model`` (a fresh model of the same architecture).
+
+    The whole state is checked first (:func:`check_compression_state`), so a bad value builds nothing.
+    Idempotent: a layer that already carries exactly the described structure is left alone, and one that
+    carries the start of it (an earlier stage's mask, before a later stage's quantizer) gets the rest.
+    """
+    check_compression_state(model, state)
+    layers = weight_layers(model)
     for name, chain in state.get("weights", {}).items():
-        module = _layer(model, name)
+        module = layers[name]
         present = [p.describe() for p in weight_parametrizations(module)]
         if present != list(chain)[:len(present)]:
             raise ValueError(f"layer {name!r} already carries {present}, not the described {list(chain)}")
         for description in list(chain)[len(present):]:
-            kind = description.get("kind")
-            if kind not in _WEIGHT_PARAMETRIZATIONS:
-                raise ValueError(f"layer {name!r}: unknown weight parametrization kind {kind!r}; "
-                                 f"expected one of {', '.join(_WEIGHT_PARAMETRIZATIONS)}")
-            built = _WEIGHT_PARAMETRIZATIONS[kind].rebuild(description, module.weight)
+            built = _WEIGHT_PARAMETRIZATIONS[description["kind"]].rebuild(description, module.weight)
             parametrize.register_parametrization(module, "weight", built.to(module.weight.device))
     for name, description in state.get("inputs", {}).items():
-        module = _layer(model, name)
+        module = layers[name]
         present = module._modules.get("input_quantizer")
         if present is None or present.describe() != dict(description):
             put_input_quantizer(module, ActivationQuantizer.rebuild(description).to(module.weight.device))
 
 
-def _layer(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"the compression state names layer {name!r}, which this model does not have: "
-                         "was it saved from a different architecture?") from None
+def check_restored(model: nn.Module) -> None:
+    """After ``load_state_dict``: ``ValueError`` when an input quantizer was never calibrated.
+
+    Such a quantizer has no step size yet and refuses to run in evaluation; a trained model's have all seen a
+    training batch, so the loaded state was not saved from one.
+    """
+    uncalibrated = [name.removesuffix(".input_quantizer") for name, module in model.named_modules()
+                    if isinstance(module, ActivationQuantizer) and not bool(module.calibrated)]
+    if uncalibrated:
+        raise ValueError(f"the input quantizer of layer(s) {', '.join(uncalibrated[:5])} was never calibrated "
+                         f"({len(uncalibrated)} in all): the weights were not saved from a trained model")
+
+
+def _layer(layers: Mapping[str, nn.Module], name: Any) -> nn.Module:
+    """The conv / linear layer ``name`` of the model (``layers`` is :func:`~compress.base.weight_layers`)."""
+    if not isinstance(name, str) or name not in layers:
+        raise ValueError(f"the compression state names layer {reprlib.repr(name)}, which this model does not have as a "
+                         "conv/linear layer: was it saved from a different architecture?")
+    return layers[name]
 
 
 def finalize_for_export(model: nn.Module) -> None:

@@ -6,8 +6,10 @@ move them to the device whole.
 """
 from __future__ import annotations
 
+import http.client
 import os
 import pickle
+import urllib.error
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,6 +140,11 @@ def cifar100_splits(root: str | None, download: bool) -> Splits:
     try:
         train = _CIFAR100Files(root, train=True, download=download)
         test = _CIFAR100Files(root, train=False)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as err:
+        reason = getattr(err, "reason", None) or err
+        raise DatasetError(f"could not download CIFAR-100 from {CIFAR100.url} into {root} ({reason}) ; fix: check "
+                           f"the network connection (or its proxy settings), or download the archive elsewhere and "
+                           f"extract it into {root}") from None
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise DatasetError(f"CIFAR-100 files in {folder} are unreadable ({type(err).__name__}: {detail}) ; "

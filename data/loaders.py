@@ -1,6 +1,8 @@
 """``build_loaders``: the train and test loaders of a task's dataset, on the CPU path or GPU-resident."""
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -13,6 +15,7 @@ from .datasets import IMAGENET_CROP, Splits, cifar100_splits, digits_splits, hol
 from .gpu_loader import GpuResidentLoader, unsupported_on_device
 from .sampling import AugmentedDataset, EpochSampler
 from .transforms import eval_transform, train_transform
+from .workers import worker_init
 
 DATASETS = ("digits", "cifar100", "imagenet")
 GPU_RESIDENT_DATASETS = ("digits", "cifar100")  # uint8 arrays small enough to live on the device
@@ -110,7 +113,8 @@ def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch
     image_size = IMAGENET_CROP if resize_crop else splits.train.images.shape[1]
     geometry = dict(image_size=image_size, mean=splits.mean, std=splits.std, resize_crop=resize_crop)
     train_set = AugmentedDataset(train_examples, train_transform(options, **geometry), stochastic=options.is_random)
-    workers = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    workers = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                   worker_init_fn=functools.partial(worker_init, os.getpid()) if num_workers else None)
     train = EpochDataLoader(
         train_set, batch_size=batch_size, drop_last=True,
         sampler=EpochSampler(train_set, seed, num_replicas=world_size, rank=rank),

@@ -26,7 +26,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .datasets import DatasetError
 from .loaders import Loaders, build_loaders
+from .streams import EvalStream, TrainStreams, zipf_tokens
+from .wikitext import Corpus, load_wikitext103
+from .wikitext_demo import load_wikitext_demo
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,16 @@ class Evaluation:
         return metrics
 
 
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What the scorer runs a model on: a batch of examples, or a token stream fed on-line (one token per
+    example, state carried) whose first ``warmup`` tokens only fill the state and are not counted."""
+
+    inputs: torch.Tensor
+    stream: bool = False
+    warmup: int = 0
+
+
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over every process of a torchrun job (no-op for a single process)."""
     if dist.is_available() and dist.is_initialized():
@@ -121,8 +135,12 @@ class Task(ABC):
         """Exact sums of ``model`` over ``loader`` (global counts under torchrun), in eval mode and fp32."""
 
     @abstractmethod
-    def score_inputs(self, loader: Iterable, examples: int, device: torch.device) -> torch.Tensor:
+    def score_inputs(self, loader: Iterable, examples: int, device: torch.device, model: nn.Module) -> ScoreInputs:
         """What the scorer runs ``model`` on: the first ``examples`` examples of ``loader``."""
+
+    @abstractmethod
+    def synthetic_inputs(self, model: nn.Module, *, input_size: int | None = None, seed: int = 0) -> ScoreInputs:
+        """Scorer inputs without the data, to count an untrained architecture (``python -m scoring --model``)."""
 
 
 class ClassificationTask(Task):
@@ -160,18 +178,123 @@ class ClassificationTask(Task):
         correct, total = _all_reduce_sum(counts).tolist()
         return Evaluation(split, total, _all_reduce_sum(loss_sum).item(), correct)
 
-    def score_inputs(self, loader: Iterable, examples: int, device: torch.device) -> torch.Tensor:
+    def score_inputs(self, loader: Iterable, examples: int, device: torch.device, model: nn.Module) -> ScoreInputs:
         batches, seen = [], 0
         for inputs, _ in loader:
             batches.append(inputs)
             seen += len(inputs)
             if seen >= examples:
                 break
-        return torch.cat(batches)[:examples].to(device)
+        return ScoreInputs(torch.cat(batches)[:examples].to(device))
+
+    def synthetic_inputs(self, model: nn.Module, *, input_size: int | None = None, seed: int = 0) -> ScoreInputs:
+        """One random image of the task's shape (``input_size`` replaces its height = width)."""
+        size = int(self.config["input_size"]) if input_size is None else input_size
+        generator = torch.Generator().manual_seed(seed)
+        return ScoreInputs(torch.randn(1, int(self.config["in_chans"]), size, size, generator=generator))
+
+
+#: The corpora of language-modelling tasks, by the task's ``dataset``: ``root -> Corpus``.
+CORPORA = {"wikitext103": load_wikitext103, "wikitext_demo": lambda root: load_wikitext_demo()}
+
+
+class LanguageModelTask(Task):
+    """Word-level language modelling (WikiText-103, the embedded Wikipedia demo): perplexity on the exact NLL sum.
+
+    Training reads the train stream as ``batch_size`` parallel streams per process in BPTT windows of
+    ``stream.bptt`` tokens (optionally of variable length), the state carried from window to window
+    (:mod:`data.streams`); the validation split is the corpus's valid file. Evaluation reads a whole split as one
+    sequence, batch of one, state carried and never reset, the first token context only (the rules' on-line
+    perplexity): windows of ``stream.eval_window`` tokens are only a faster way to feed it, the same NLL for any
+    window (a model contract, tested). The scorer counts one token per example, fed on-line, after
+    ``mem_len`` tokens (the model's attention memory, 0 for recurrent models) have filled the state, so every
+    counted token attends to what it will attend to at steady state.
+    """
+
+    kind = "language_model"
+    example = "token"
+    metric = "perplexity"
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        stream = config.get("stream") or {}
+        self.bptt, self.eval_window = int(stream.get("bptt", 0)), int(stream.get("eval_window", 0))
+        self.variable_bptt = bool(stream.get("variable", False))
+
+    def corpus(self, root: str | None) -> Corpus:
+        """The task's corpus, its vocabulary checked against ``num_classes`` (the models' output size)."""
+        if self.dataset not in CORPORA:
+            raise ValueError(f"task {self.name}: unknown language-modelling dataset {self.dataset!r}; "
+                             f"known: {', '.join(CORPORA)}")
+        corpus = CORPORA[self.dataset](root)
+        if corpus.vocab_size != self.num_classes:
+            raise DatasetError(f"task {self.name} declares num_classes={self.num_classes} but its corpus has "
+                               f"{corpus.vocab_size:,} types ; fix: set task.num_classes={corpus.vocab_size} "
+                               "(the models' output size is the vocabulary size)")
+        return corpus
+
+    def loaders(self, options: DataOptions, *, batch_size: int, eval_batch_size: int, seed: int,
+                distributed: bool = False, device: torch.device | None = None) -> Loaders:
+        if options.val_split:
+            raise ValueError(f"data.val_split={options.val_split}: task {self.name} validates on its corpus's valid "
+                             "file, which is its validation split; set data.val_split=0")
+        if eval_batch_size != 1:
+            raise ValueError(f"train.eval_batch_size={eval_batch_size}: task {self.name} evaluates each split as one "
+                             f"stream with its state carried; {eval_batch_size} streams would restart the state at "
+                             "each cut and change the NLL; set train.eval_batch_size=1 (task.stream.eval_window "
+                             "sets how many tokens each evaluation step feeds)")
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        if rank:  # rank 0 tokenizes and caches first; the others then read its cache
+            dist.barrier()
+        corpus = self.corpus(options.root)
+        if distributed and not rank:
+            dist.barrier()
+        train = TrainStreams(corpus.train, batch_size, self.bptt, variable=self.variable_bptt, seed=seed, rank=rank,
+                             world_size=world_size)
+        return Loaders(train, EvalStream(corpus.valid, self.eval_window), EvalStream(corpus.test, self.eval_window))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Iterable, device: torch.device, split: str) -> Evaluation:
+        # Every process evaluates the whole stream (state carried, so it cannot be split): no reduction.
+        was_training = model.training
+        model.eval()
+        nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+        state, predicted = None, 0
+        for inputs, targets in loader:
+            nll, state = model(inputs.to(device), state, targets.to(device))
+            nll_sum += nll.double().sum()
+            predicted += targets.numel()
+        model.train(was_training)
+        return Evaluation(split, predicted, nll_sum.item())
+
+    def score_inputs(self, loader: Iterable, examples: int, device: torch.device, model: nn.Module) -> ScoreInputs:
+        warmup = int(getattr(model, "mem_len", 0))
+        windows, seen = [], 0
+        for inputs, _ in loader:
+            windows.append(inputs)
+            seen += inputs.shape[1]
+            if seen >= warmup + examples:
+                break
+        if seen < warmup + examples:
+            raise ValueError(f"score.examples={examples} tokens after a warm-up of {warmup} (the model's mem_len) "
+                             f"exceed the {seen:,} tokens of the test stream; lower score.examples")
+        return ScoreInputs(torch.cat(windows, dim=1)[:, :warmup + examples].to(device), stream=True, warmup=warmup)
+
+    #: Tokens counted on synthetic inputs.
+    SYNTHETIC_TOKENS = 64
+
+    def synthetic_inputs(self, model: nn.Module, *, input_size: int | None = None, seed: int = 0) -> ScoreInputs:
+        """:data:`SYNTHETIC_TOKENS` tokens after the model's memory, drawn by Zipf's law over the vocabulary
+        (ids are frequency-sorted), so the adaptive input's clusters are hit roughly as real text hits them."""
+        if input_size is not None:
+            raise ValueError(f"task {self.name} feeds tokens: --input-size does not apply")
+        warmup = int(getattr(model, "mem_len", 0))
+        tokens = zipf_tokens(warmup + self.SYNTHETIC_TOKENS, self.num_classes, seed=seed)
+        return ScoreInputs(torch.from_numpy(tokens.astype("int64"))[None], stream=True, warmup=warmup)
 
 
 #: Every task kind, by the ``kind`` key of conf/task/*.yaml.
-TASK_KINDS: Mapping[str, type[Task]] = {cls.kind: cls for cls in (ClassificationTask,)}
+TASK_KINDS: Mapping[str, type[Task]] = {cls.kind: cls for cls in (ClassificationTask, LanguageModelTask)}
 
 
 def build_task(config: Mapping[str, Any]) -> Task:

@@ -2,7 +2,9 @@
 
 Importing the package registers every model module below.
 """
-from . import digits_cnn, resnet_cifar, timm_models, wide_resnet  # noqa: F401  (registration side effects)
-from .registry import UnknownModelError, create_model, list_models, register_model
+from . import digits_cnn, lstm_lm, resnet_cifar, timm_models, transformer_xl, wide_resnet  # noqa: F401  (registration)
+from .registry import ModelArgumentError, UnknownModelError, check_model_kwargs, create_model, list_models, \
+    register_model
 
-__all__ = ["UnknownModelError", "create_model", "list_models", "register_model"]
+__all__ = ["ModelArgumentError", "UnknownModelError", "check_model_kwargs", "create_model", "list_models",
+           "register_model"]

@@ -12,53 +12,57 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
 PROG = "python -m scoring"
 
 
-class _UsageError(ValueError):
-    """Bad command-line input: printed as one line, exit status 2."""
-
-
-def _task_config(task: str):
-    import conf
-    path = Path(conf.__file__).parent / "task" / f"{task}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise _UsageError(f"unknown task {task!r}; choose one of: {', '.join(known)}")
-    return OmegaConf.load(path)
-
-
 def architecture_main(argv: list[str]) -> int:
-    """Count a registered architecture on one random input of the task's shape."""
+    """Count a registered architecture, untrained, on synthetic inputs of the task (an image of its shape, or
+    Zipf-distributed tokens fed on-line after the model's memory)."""
+    from data.tasks import build_task
     from models import UnknownModelError, create_model
-    from scoring.counter import count_model
+    from scoring.counter import count_inputs
+    from scoring.kit import task_definition
     from scoring.report import build_report, layer_table, rules_text, totals_text
+    from scoring.rules import UnknownTaskError
 
     parser = argparse.ArgumentParser(prog=PROG, description="Count a registered architecture under the MicroNet rules.")
     parser.add_argument("--model", required=True, help="registered model name (models.list_models())")
     parser.add_argument("--task", required=True, help="task whose input shape, classes and baseline to use")
-    parser.add_argument("--input-size", type=int, help="input height = width (default: the task's)")
+    parser.add_argument("--input-size", type=int, help="image tasks: input height = width (default: the task's)")
     parser.add_argument("--num-classes", type=int, help="classifier outputs (default: the task's)")
     parser.add_argument("--json", type=Path, help="also write the report (report.json schema, no gate) here")
     args = parser.parse_args(argv)
+    for flag, value in (("--input-size", args.input_size), ("--num-classes", args.num_classes)):
+        if value is not None and value <= 0:
+            print(f"{PROG}: error: {flag} {value} must be > 0 (omit it for the task's own)", file=sys.stderr)
+            return 2
     try:
-        task = _task_config(args.task)
-        model = create_model(args.model, num_classes=args.num_classes or task.num_classes, in_chans=task.in_chans)
-    except (_UsageError, UnknownModelError) as exc:
+        definition = task_definition(args.task)
+        if args.num_classes is not None:
+            definition = {**definition, "num_classes": args.num_classes}
+        task = build_task(definition)
+        model = create_model(args.model, num_classes=task.num_classes, **task.model_kwargs())
+        inputs = task.synthetic_inputs(model, input_size=args.input_size)
+    except (UnknownTaskError, UnknownModelError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    size = args.input_size or task.input_size
-    inputs = torch.randn(1, task.in_chans, size, size, generator=torch.Generator().manual_seed(0))
-    report = build_report(task=args.task, count=count_model(model, inputs), extra={
-        "model": args.model, "input_size": size, "num_classes": args.num_classes or task.num_classes})
-    print(f"{args.model} on {args.task} ({task.in_chans}×{size}×{size}, untrained)\n")
+    described = ("×".join(map(str, inputs.inputs.shape[1:])) if not inputs.stream else
+                 f"{inputs.inputs.shape[1] - inputs.warmup} Zipf-distributed tokens fed on-line after "
+                 f"{inputs.warmup} that fill its memory")
+    report = build_report(task=args.task, count=count_inputs(model, inputs), example=task.example, extra={
+        "model": args.model, "inputs": described, "num_classes": task.num_classes})
+    print(f"{args.model} on {args.task} ({described}, untrained)\n")
     print(layer_table(report["layers"]), totals_text(report), "Project rules used:\n" + rules_text(report), sep="\n\n")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        from scoring.entry import atomic_write
+
+        text = json.dumps(report, indent=2) + "\n"
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(args.json, lambda tmp: tmp.write_text(text))
+        except OSError as exc:
+            print(f"{PROG}: error: cannot write --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -13,6 +13,26 @@ touches it, so a planted pickle is refused with one line, and checks the recorde
 :func:`build_model_from_entry` is the one place that composes models and compress to rebuild an entry;
 the exporter, the verifier and the scoring CLI all go through it.
 
+An entry or bundle may come from anyone, so reading one is bounded and reads nothing else:
+
+* only regular files inside the folder are opened: each folder on the way is checked with ``lstat`` (no
+  symlinks), the file too (no link, FIFO, device or socket: refused before it is opened, so nothing blocks),
+  and it is opened with ``O_NOFOLLOW | O_NONBLOCK`` and checked again (``fstat``) to be the file checked;
+* every file has a size cap, checked before reading: :data:`MAX_JSON_BYTES` for entry.json and report.json,
+  :data:`MAX_MANIFEST_BYTES` for the manifest, :data:`MAX_BUNDLE_BYTES` for any file and for a bundle in all,
+  and the safetensors header :data:`MAX_HEADER_BYTES`, read from its 8-byte length before any parser runs;
+* folder walks are iterative, at most :data:`MAX_DEPTH` folders deep and :data:`MAX_FILES` entries;
+* JSON is plain data: NaN / Infinity are refused, and so is any string holding ``${`` or equal to ``???`` in
+  entry.json (what OmegaConf would interpolate, e.g. ``${oc.env:HOME}``, or read as missing): a resolved
+  config has none;
+* :func:`build_model_from_entry` checks the model's keyword arguments (``models.check_model_kwargs``: no
+  argument that reads files), builds the architecture first on the ``meta`` device (no memory) with at most
+  :data:`MAX_MODULES` modules and compares its tensor shapes with the weights file, so no tensor is allocated
+  that the file does not hold; the compression state is range-checked before anything is built
+  (``compress.check_compression_state``) and input quantizers must have been calibrated.
+
+Each refusal is an :class:`EntryError`: one line that names the file or value and the limit, and what to do.
+
 A bundle (``python -m scoring.export``) is sealed by a ``SHA256SUMS`` manifest: one ``<sha256>  <path>``
 line per file, in the format ``sha256sum -c`` reads. :func:`write_manifest` writes it and
 :func:`check_manifest` compares a folder with it, file by file. An entry folder inside a run dir has no
@@ -25,17 +45,21 @@ import hashlib
 import json
 import os
 import re
+import reprlib
+import stat
 import struct
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from scoring.report import REPORT_JSON
 
@@ -47,8 +71,22 @@ MANIFEST_FILE = "SHA256SUMS"
 _MANIFEST_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")
 #: Version of the entry.json layout; bumped when a reader could misread an older entry.
 FORMAT_VERSION = 1
-#: safetensors refuses headers above 100 MB; anything larger is not a safetensors file.
-_MAX_HEADER_BYTES = 100_000_000
+# Limits on reading an entry or bundle. Real entries are far below each: of the registry's models compressed
+# with block masks and 8-bit QAT, mixnet_s has the largest safetensors header (139 kB: 1,262 tensors at ~110 bytes)
+# and compression state (29 kB); resnet50's weights file is 126 MB, wrn28_10's would be ~0.2 GB; a bundle holds
+# 5 files, 2 folders deep. Parsing a 4 MiB header takes safetensors ~2 s (a 90 MB one took 283 s and 2.3 GB).
+#: Bytes of any file of a bundle, and of all its files together.
+MAX_BUNDLE_BYTES = 1 << 30
+#: Bytes of entry.json and report.json.
+MAX_JSON_BYTES = 4 << 20
+#: Bytes of SHA256SUMS (about 1,000 lines).
+MAX_MANIFEST_BYTES = 1 << 20
+#: Bytes of the weights file's safetensors header (about 38,000 tensors).
+MAX_HEADER_BYTES = 4 << 20
+#: Folders below the top of a bundle, and files plus folders in it.
+MAX_DEPTH, MAX_FILES = 8, 1000
+#: Modules of an architecture rebuilt from an entry (the registry's largest, mixnet_s, has 406).
+MAX_MODULES = 5_000
 
 
 class EntryError(ValueError):
@@ -104,11 +142,124 @@ def _fsync(path: Path) -> None:
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+        return _sha256(f)
+
+
+def _sha256(f: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, for a refusal."""
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _not_regular(path: Path, mode: int, expected: str = "a regular file") -> EntryError:
+    return EntryError(f"{path} is {_kind(mode)}, not {expected}; a bundle holds regular files in folders only — "
+                      "get an intact copy of the bundle or re-export it")
+
+
+def _lstat(path: Path) -> os.stat_result:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        raise EntryError(f"{path} is missing; get an intact copy of the bundle or re-export it") from None
+    except OSError as err:
+        raise EntryError(f"{path} cannot be read ({err.strerror}); get an intact copy of the bundle") from None
+
+
+@contextmanager
+def open_regular(path: Path, *, within: Path, limit: int) -> Iterator[BinaryIO]:
+    """Open ``path``, a file inside the folder ``within``, for reading, refusing anything but a regular file of
+    at most ``limit`` bytes reached through real folders (:class:`EntryError`, one line).
+
+    Each folder between ``within`` and the file, and the file, are checked with ``lstat`` before anything is
+    opened (a FIFO is never opened, so nothing blocks; a device is never touched); the file is then opened with
+    ``O_NOFOLLOW | O_NONBLOCK`` and ``fstat`` must show the file that was checked.
+    """
+    folder = within
+    for part in path.relative_to(within).parts[:-1]:
+        folder = folder / part
+        mode = _lstat(folder).st_mode
+        if not stat.S_ISDIR(mode):
+            raise _not_regular(folder, mode, "a folder")
+    checked = _lstat(path)
+    if not stat.S_ISREG(checked.st_mode):
+        raise _not_regular(path, checked.st_mode)
+    if checked.st_size > limit:
+        raise EntryError(f"{path} is {checked.st_size:,} bytes, over the limit of {limit:,} for this file; "
+                         "it is not a file this kit writes — get an intact copy of the bundle or re-export it")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as err:
+        raise EntryError(f"{path} cannot be opened ({err.strerror}); get an intact copy of the bundle") from None
+    with os.fdopen(fd, "rb") as f:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino) or not stat.S_ISREG(opened.st_mode):
+            raise EntryError(f"{path} changed while it was being opened; verify a bundle nothing else is writing")
+        yield f
+
+
+def read_regular(path: Path, *, within: Path, limit: int) -> bytes:
+    """The bytes of ``path`` as :func:`open_regular` allows, never more than ``limit`` (even if it grows)."""
+    with open_regular(path, within=within, limit=limit) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise EntryError(f"{path} grew over the limit of {limit:,} bytes while it was read; verify a bundle "
+                         "nothing else is writing")
+    return data
+
+
+def _plain_json(data: bytes, path: Path) -> Any:
+    """``data`` parsed as strict JSON (no NaN / Infinity); :class:`EntryError` otherwise."""
+    def refuse_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: nesting deeper than the parser's
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise EntryError(f"{path} is not valid JSON ({reason}); get an intact copy of the bundle or re-export it") \
+            from None
+
+
+def _refuse_interpolation(document: Any, path: Path) -> None:
+    """Refuse any key or string value that OmegaConf would not read as plain text: ``${...}`` (an interpolation;
+    resolvers read the environment) or ``???`` (a missing value). A resolved config holds neither."""
+    # Iterative, one generator per level: memory grows with the nesting, never with the size of a list.
+    levels: list[Iterator[tuple[str, Any]]] = [iter([("", document)])]
+    while levels:
+        item = next(levels[-1], None)
+        if item is None:
+            levels.pop()
+            continue
+        where, value = item
+        if isinstance(value, (dict, list)):
+            levels.append(_children(where, value))
+        elif isinstance(value, str) and ("${" in value or value == "???"):
+            raise EntryError(f"{path} holds {reprlib.repr(value)} at {reprlib.repr(where)}, which a config reader "
+                             "would interpolate; entry data is plain data (a resolved config has no ${...} and no "
+                             "???) — re-export the run")
+
+
+def _children(where: str, value: dict | list) -> Iterator[tuple[str, Any]]:
+    """(path, item) of a JSON container's keys and values, or items."""
+    if isinstance(value, list):
+        yield from ((f"{where}[{index}]", item) for index, item in enumerate(value))
+        return
+    for key, item in value.items():
+        inside = f"{where}.{key}" if where else key
+        yield inside, key
+        yield inside, item
 
 
 @dataclass(frozen=True)
@@ -130,16 +281,41 @@ class FileCheck:
         return self.status == "ok"
 
 
-def _folder_files(folder: Path) -> dict[str, Path]:
-    """Every file under ``folder`` but its top-level manifest, by relative POSIX path.
+def _folder_files(folder: Path) -> dict[str, tuple[Path, os.stat_result]]:
+    """Every file under ``folder`` but its top-level manifest, by relative POSIX path, with its ``lstat``.
 
-    Symlinks (to files or folders) are listed, not followed, so that a check can refuse them.
+    Links (to files or folders) and other non-folders are listed, never followed, so that a check can refuse
+    them. Iterative, and bounded: :class:`EntryError` for more than :data:`MAX_FILES` files and folders, a folder
+    more than :data:`MAX_DEPTH` deep, or more than :data:`MAX_BUNDLE_BYTES` in all.
     """
-    found: dict[str, Path] = {}
-    for root, dirs, files in os.walk(folder):
-        for name in files + [d for d in dirs if Path(root, d).is_symlink()]:
-            path = Path(root, name)
-            found[path.relative_to(folder).as_posix()] = path
+    found: dict[str, tuple[Path, os.stat_result]] = {}
+    pending, entries, total = [(folder, 0)], 0, 0
+    while pending:
+        directory, depth = pending.pop()
+        items = []
+        try:
+            with os.scandir(directory) as listing:
+                for item in listing:  # counted while listed: a folder of millions stops at the limit
+                    entries += 1
+                    if entries > MAX_FILES:
+                        raise EntryError(f"{folder} holds more than {MAX_FILES:,} files and folders, the limit for a "
+                                         "bundle; send the bundle as `python -m scoring.export` writes it")
+                    items.append((Path(item.path), item.stat(follow_symlinks=False)))
+        except OSError as err:
+            raise EntryError(f"{directory} cannot be listed ({err.strerror}); get an intact copy of the bundle") \
+                from None
+        for path, info in items:
+            if stat.S_ISDIR(info.st_mode):
+                if depth + 1 > MAX_DEPTH:
+                    raise EntryError(f"{path} is {depth + 1} folders deep, over the limit of {MAX_DEPTH} for a "
+                                     "bundle; send the bundle as `python -m scoring.export` writes it")
+                pending.append((path, depth + 1))
+                continue
+            total += info.st_size if stat.S_ISREG(info.st_mode) else 0
+            if total > MAX_BUNDLE_BYTES:
+                raise EntryError(f"{folder} holds more than {MAX_BUNDLE_BYTES:,} bytes, the limit for a bundle; "
+                                 "send the bundle as `python -m scoring.export` writes it")
+            found[path.relative_to(folder).as_posix()] = (path, info)
     found.pop(MANIFEST_FILE, None)
     return found
 
@@ -150,8 +326,8 @@ def write_manifest(folder: Path) -> Path:
     Call it last: a file written after it is reported as not listed.
     """
     lines = []
-    for name, path in sorted(_folder_files(folder).items()):
-        if path.is_symlink() or not path.is_file():
+    for name, (path, info) in sorted(_folder_files(folder).items()):
+        if not stat.S_ISREG(info.st_mode):
             raise EntryError(f"{path} is not a plain file; a bundle holds plain files only — remove it")
         if "\\" in name or "\n" in name:  # sha256sum would escape such names; nothing we write has them
             raise EntryError(f"{path}: bundle file names must not contain backslashes or newlines — rename it")
@@ -163,9 +339,10 @@ def write_manifest(folder: Path) -> Path:
 
 def _read_manifest(manifest: Path) -> dict[str, str]:
     """The manifest's ``{path: sha256}``; :class:`EntryError` for any line that is not a safe relative path."""
+    data = read_regular(manifest, within=manifest.parent, limit=MAX_MANIFEST_BYTES)
     try:
-        text = manifest.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
         raise EntryError(f"{manifest} cannot be read ({err}); get an intact copy of the bundle") from None
     listed: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), 1):
@@ -189,19 +366,20 @@ def check_manifest(folder: Path) -> list[FileCheck] | None:
     if not folder.is_dir():
         raise EntryError(f"{folder} is not a folder" if folder.exists() else f"{folder} does not exist")
     manifest = folder / MANIFEST_FILE
-    if not manifest.exists():
+    if not os.path.lexists(manifest):
         return None
     listed = _read_manifest(manifest)
     on_disk = _folder_files(folder)
     checks = []
     for name in sorted(listed.keys() | on_disk.keys()):
-        path, recorded = on_disk.get(name), listed.get(name)
+        (path, info), recorded = on_disk.get(name, (None, None)), listed.get(name)
         if path is None:
             checks.append(FileCheck(name, recorded, None, "MISSING"))
-        elif path.is_symlink() or not path.is_file():  # never hashed: a FIFO would block, a link points anywhere
+        elif not stat.S_ISREG(info.st_mode):  # never opened: a FIFO would block, a link points anywhere
             checks.append(FileCheck(name, recorded, None, "NOT A PLAIN FILE"))
         else:
-            digest = sha256_file(path)
+            with open_regular(path, within=folder, limit=MAX_BUNDLE_BYTES) as f:
+                digest = _sha256(f)
             status = "NOT LISTED" if recorded is None else "ok" if digest == recorded else "CHANGED"
             checks.append(FileCheck(name, recorded, digest, status))
     return checks
@@ -287,7 +465,7 @@ def find_entry_dir(path: str | os.PathLike) -> Path:
     """The entry folder for ``path``: an entry itself, or a run dir / bundle holding ``entry/``."""
     path = Path(path)
     for candidate in (path, path / "entry"):
-        if (candidate / ENTRY_JSON).is_file():
+        if os.path.lexists(candidate / ENTRY_JSON):  # not followed: reading it refuses anything but a regular file
             return candidate
     if not path.exists():
         raise EntryError(f"{path} does not exist")
@@ -298,64 +476,97 @@ def find_entry_dir(path: str | os.PathLike) -> Path:
 
 def read_report(directory: str | os.PathLike) -> dict[str, Any]:
     """The ``report.json`` of a run dir or bundle; :class:`EntryError` with what to run when absent."""
-    path = Path(directory) / REPORT_JSON
-    if not path.is_file():
+    directory = Path(directory)
+    path = directory / REPORT_JSON
+    if not os.path.lexists(path):
         raise EntryError(f"{directory} has no report.json; a run writes it when it finishes: "
                          "run `python train/run.py …` to the end first")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EntryError(f"{path} is not valid JSON ({err})") from None
+    report = _plain_json(read_regular(path, within=directory, limit=MAX_JSON_BYTES), path)
+    if not isinstance(report, dict):
+        raise EntryError(f"{path} holds a JSON {type(report).__name__}, not a report (an object); "
+                         "get an intact copy of the bundle or re-export it")
+    return report
 
 
-def check_safetensors(path: Path) -> None:
-    """Refuse a file that is not safetensors, reading only its first bytes (no parser runs on it).
+def _read_safetensors(path: Path, within: Path) -> bytes:
+    """The bytes of a weights file, refused unless it starts like safetensors, before any parser runs on it.
 
     safetensors starts with an 8-byte little-endian header length followed by a JSON object; a pickle
-    starts with an opcode (``0x80``), a ``torch.save`` archive with ``PK``.
+    starts with an opcode (``0x80``), a ``torch.save`` archive with ``PK``. The header length is checked
+    against :data:`MAX_HEADER_BYTES` before the rest of the file is read.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path, within=within, limit=MAX_BUNDLE_BYTES) as f:
         head = f.read(9)
-    header_len = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else 0
-    if not (0 < header_len <= min(size - 8, _MAX_HEADER_BYTES) and head[8:9] == b"{"):
-        raise EntryError(f"{path} is not a safetensors file (it starts with {head[:4]!r}); entries are "
-                         "never unpickled — re-export the run with `python -m scoring.export`")
+        size = os.fstat(f.fileno()).st_size
+        header_len = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else 0
+        if not (0 < header_len <= size - 8 and head[8:9] == b"{"):
+            raise EntryError(f"{path} is not a safetensors file (it starts with {head[:4]!r}); entries are "
+                             "never unpickled — re-export the run with `python -m scoring.export`")
+        if header_len > MAX_HEADER_BYTES:
+            raise EntryError(f"{path} has a safetensors header of {header_len:,} bytes, over the limit of "
+                             f"{MAX_HEADER_BYTES:,} (a real entry's is under 200 kB); re-export the run")
+        return head + f.read(MAX_BUNDLE_BYTES)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+#: Sections of the resolved run config that the readers of an entry use.
+_CONFIG_SECTIONS = ("task", "model", "train", "compress", "data", "score")
+
+
+def _check_document(document: dict[str, Any], path: Path) -> None:
+    """The types of entry.json's fields, before anything reads them."""
+    model, weights, config = document["model"], document["weights"], document["config"]
+    if not (isinstance(weights, dict) and weights.get("file") == WEIGHTS_FILE
+            and isinstance(weights.get("sha256"), str)):
+        raise EntryError(f"{path} lacks weights.file / weights.sha256 (the file is {WEIGHTS_FILE}); re-export the run")
+    if not (isinstance(model, dict) and isinstance(model.get("name"), str) and _is_count(model.get("num_classes"))
+            and isinstance(model.get("kwargs", {}), dict)):
+        raise EntryError(f"{path}: model is {reprlib.repr(model)}, not {{name: str, num_classes: int >= 1, kwargs: "
+                         "mapping}; re-export the run")
+    sections = [key for key in _CONFIG_SECTIONS
+                if not isinstance(config, dict) or not isinstance(config.get(key), dict)]
+    if sections or not isinstance(config["task"].get("name"), str):
+        raise EntryError(f"{path}: config lacks the mapping(s) {', '.join(sections) or 'task.name'} of a resolved "
+                         "run config; re-export the run")
+    if not isinstance(document["compression_state"], dict):
+        raise EntryError(f"{path}: compression_state is not a mapping; re-export the run")
 
 
 def load_entry(path: str | os.PathLike) -> Entry:
     """Read an entry (or the entry inside a run dir / bundle) without unpickling anything.
 
-    Refused with :class:`EntryError`: a missing or malformed entry.json, an unknown format version, a
-    weights file that is not safetensors, and weights whose sha256 differs from the recorded one.
+    Refused with :class:`EntryError`: a missing or malformed entry.json (not plain JSON, interpolations,
+    fields of the wrong type), an unknown format version, a file that is not a regular file inside ``path`` or
+    is over its size cap, a weights file that is not safetensors or whose header is over
+    :data:`MAX_HEADER_BYTES`, and weights whose sha256 differs from the recorded one.
     """
-    directory = find_entry_dir(path)
-    try:
-        document = json.loads((directory / ENTRY_JSON).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EntryError(f"{directory / ENTRY_JSON} is not valid JSON ({err})") from None
+    top = Path(path)
+    directory = find_entry_dir(top)
+    where = directory / ENTRY_JSON
+    document = _plain_json(read_regular(where, within=top, limit=MAX_JSON_BYTES), where)
     version = document.get("format_version") if isinstance(document, dict) else None
     if version != FORMAT_VERSION:
-        raise EntryError(f"{directory / ENTRY_JSON} has format_version {version!r}; this micronet-kit reads "
+        raise EntryError(f"{where} has format_version {reprlib.repr(version)}; this micronet-kit reads "
                          f"version {FORMAT_VERSION} — use the micronet-kit version that wrote it")
     missing = [key for key in ("model", "weights", "config", "compression_state") if key not in document]
     if missing:
-        raise EntryError(f"{directory / ENTRY_JSON} lacks {', '.join(missing)}; re-export the run")
+        raise EntryError(f"{where} lacks {', '.join(missing)}; re-export the run")
+    _refuse_interpolation(document, where)
+    _check_document(document, where)
 
-    try:
-        weights = directory / Path(document["weights"]["file"]).name  # a bare file name: never outside the entry
-        recorded = str(document["weights"]["sha256"])
-    except (KeyError, TypeError):
-        raise EntryError(f"{directory / ENTRY_JSON} lacks weights.file / weights.sha256; re-export the run") from None
-    if not weights.is_file():
+    weights = directory / WEIGHTS_FILE
+    if not os.path.lexists(weights):
         raise EntryError(f"{weights} is missing; the entry is incomplete — re-export the run")
-    check_safetensors(weights)
-    actual = sha256_file(weights)
+    data = _read_safetensors(weights, top)
+    actual, recorded = hashlib.sha256(data).hexdigest(), document["weights"]["sha256"]
     if actual != recorded:
         raise EntryError(f"{weights} has sha256 {actual[:16]}…, entry.json records {recorded[:16]}…: "
                          "the weights were changed after export")
     try:
-        state_dict = load_file(str(weights))
+        state_dict = load(data)
     except SafetensorError as err:
         raise EntryError(f"{weights} is a damaged safetensors file ({err})") from None
 
@@ -365,19 +576,85 @@ def load_entry(path: str | os.PathLike) -> Entry:
 
 
 def build_model_from_entry(entry: Entry) -> nn.Module:
-    """The entry's model: registry architecture + compression structure + the stored weights (strict), in eval mode."""
-    from compress import apply_compression_state
-    from models import create_model
+    """The entry's model: registry architecture + compression structure + the stored weights (strict), in eval mode.
+
+    Refused with :class:`EntryError` before any tensor of the model's size is allocated: keyword arguments the
+    model does not take or that read files (``models.check_model_kwargs``), an architecture that does not
+    build or has more than :data:`MAX_MODULES` modules, a compression state out of range or naming other layers
+    (``compress.check_compression_state``), and a tensor the weights file lacks or holds in another shape.
+    Then, after loading: keys the model does not have, and input quantizers never calibrated.
+    """
+    from compress import apply_compression_state, check_restored
+    from models import ModelArgumentError, UnknownModelError, check_model_kwargs, create_model
 
     spec = entry.meta["model"]
-    model = create_model(spec["name"], num_classes=spec["num_classes"], **spec.get("kwargs", {}))
-    apply_compression_state(model, entry.compression_state)
+    name, num_classes, kwargs = spec["name"], spec["num_classes"], spec.get("kwargs", {})
+    try:
+        check_model_kwargs(name, kwargs, num_classes)
+    except (UnknownModelError, ModelArgumentError) as err:
+        raise EntryError(f"entry.json's model: {err}; re-export the run") from None
+    _check_architecture(_skeleton(name, num_classes, kwargs), entry)
+    model = create_model(name, num_classes=num_classes, **kwargs)
+    apply_compression_state(model, entry.compression_state)  # checked on the skeleton already
     try:
         result = model.load_state_dict(entry.state_dict, strict=False)
-    except RuntimeError as err:  # shape mismatches; torch's message spans many lines
+    except RuntimeError as err:  # dtype / shape problems; torch's message spans many lines
         first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
         raise EntryError(f"the weights do not fit the model rebuilt from entry.json: {first}") from None
     if result.missing_keys or result.unexpected_keys:
         raise EntryError("the weights do not fit the model rebuilt from entry.json: "
-                         f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+                         f"missing {result.missing_keys[:5]}, unexpected {reprlib.repr(result.unexpected_keys)}")
+    try:
+        check_restored(model)
+    except ValueError as err:
+        raise EntryError(f"{err}; re-export the entry of a finished run") from None
     return model.eval()
+
+
+def _skeleton(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """The registry architecture on the ``meta`` device (shapes, no memory), with at most :data:`MAX_MODULES`
+    modules (counted as they are created, so an argument that multiplies the depth stops early)."""
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    from models import create_model
+
+    created = 0
+
+    def count(*_: Any) -> None:
+        nonlocal created
+        created += 1
+        if created > MAX_MODULES:
+            raise EntryError(f"model {name} with entry.json's arguments {reprlib.repr(kwargs)} has more than "
+                             f"{MAX_MODULES:,} modules, the limit for an entry; re-export the run")
+
+    handle = register_module_module_registration_hook(count)
+    try:
+        with torch.device("meta"):
+            return create_model(name, num_classes=num_classes, **kwargs)
+    except EntryError:
+        raise
+    except Exception as err:  # the model function (timm's builders too) runs on the entry's arguments: any failure
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise EntryError(f"model {name} cannot be built with entry.json's arguments {reprlib.repr(kwargs)} "
+                         f"({type(err).__name__}: {reason[:200]}); re-export the run") from None
+    finally:
+        handle.remove()
+
+
+def _check_architecture(skeleton: nn.Module, entry: Entry) -> None:
+    """The compression state fits ``skeleton``, and every tensor of ``skeleton`` is in the weights, same shape."""
+    from compress import check_compression_state
+
+    try:
+        check_compression_state(skeleton, entry.compression_state)
+    except ValueError as err:
+        raise EntryError(f"entry.json's compression_state: {err}; re-export the run") from None
+    parametrized = set(entry.compression_state.get("weights", {}))
+    for key, tensor in skeleton.state_dict().items():
+        layer, _, leaf = key.rpartition(".")
+        stored_key = f"{layer}.parametrizations.{leaf}.original" if leaf == "weight" and layer in parametrized else key
+        stored = entry.state_dict.get(stored_key)
+        if stored is None or stored.shape != tensor.shape:
+            found = "absent" if stored is None else list(stored.shape)
+            raise EntryError(f"the weights do not fit the model rebuilt from entry.json: {stored_key} is {found} in "
+                             f"{WEIGHTS_FILE}, {list(tensor.shape)} in the model; re-export the run")

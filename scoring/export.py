@@ -52,6 +52,18 @@ def _train_command(run_dir: Path, config: dict[str, Any]) -> str:
     return " ".join(["python train/run.py", *overrides])
 
 
+def _result(report: dict[str, Any]) -> str:
+    """The Result section: the verdict, on what it was decided, and whether the entry qualifies."""
+    if report.get("nll_sum") is not None:
+        basis = (f"Test stream, {report['total']:,} predicted tokens (read on-line, the state carried): "
+                 f"{report['gate']['summary']}. The gate is decided on the exact NLL sum, never on a rounded "
+                 "perplexity.")
+    else:
+        basis = (f"Test set, {report['total']:,} examples: {report['gate']['summary']}. The gate is decided on the "
+                 "integer count of correct predictions, never on a rounded percentage.")
+    return basis if report.get("gate_passed") else basis + " **This run fails its gate: it does not qualify.**"
+
+
 def writeup(entry: Entry, report: dict[str, Any], train_command: str) -> str:
     """The WRITEUP.md skeleton: result, the metric calculation in full, reproduction and verification."""
     config = entry.config
@@ -61,8 +73,7 @@ def writeup(entry: Entry, report: dict[str, Any], train_command: str) -> str:
         f"# MicroNet entry: {report['task']}, {entry.meta['model']['name']}, compress={config['compress']['name']}",
         "## Method\n\n_To write: architecture, training recipe, compression stages and why they were chosen, with "
         "citations of the published methods used. Training used only the task's own training data._",
-        f"## Result\n\nTest set, {report['total']:,} examples: {report['gate']['summary']}. The gate is decided on the "
-        "integer count of correct predictions, never on a rounded percentage.",
+        f"## Result\n\n{_result(report)}",
         "## Score\n\n"
         "    score = params / baseline_params + ops / baseline_ops\n"
         f"          = {report['params']:.6g} / {base['params']:.6g} + {report['ops']:.6g} / {base['ops']:.6g}\n"
@@ -71,8 +82,9 @@ def writeup(entry: Entry, report: dict[str, Any], train_command: str) -> str:
         f"Baseline: {base['model']} (the organizers' constants for {report['task']}). Parameters and operations are "
         "in 32-bit equivalents: a parameter stored in b bits counts b/32 (sparse tensors: nonzeros × bits plus a "
         "1-bit mask over the full tensor; batch norm folded into the preceding layer); an operation counts the "
-        "width of its widest input / 32; additions count at the accumulator width; ops are averaged per example "
-        "over the test inputs given to the scorer.\n\n"
+        "width of its widest input / 32; additions count at the accumulator width; ops are averaged per "
+        f"{report.get('example', 'example')} over the test inputs given to the scorer"
+        + (" (tokens fed one at a time, the state carried)" if report.get("example") == "token" else "") + ".\n\n"
         + "\n".join(f"    {line}" for line in totals_text(report).splitlines()),
         "## Per-layer count\n\n" + layer_table(report["layers"]),
         "## Rules used\n\nThe official rules of the challenge's scoring page and reference calculator, as tabulated "
@@ -82,7 +94,8 @@ def writeup(entry: Entry, report: dict[str, Any], train_command: str) -> str:
         "The resolved config of the run (every value, defaults included) is in `entry/entry.json`.",
         f"## How to verify\n\n    python -m scoring verify BUNDLE{data_flag}\n\n"
         "first checks every file against `SHA256SUMS` (a changed, missing or unlisted file fails; "
-        "`sha256sum -c SHA256SUMS` inside the bundle checks the same), then "
+        "`sha256sum -c SHA256SUMS` inside the bundle checks the same), then checks the entry against the kit "
+        "(its task as the kit defines it, the official score settings), "
         "rebuilds the model from `entry/entry.json`, loads `entry/model.safetensors` (never unpickled), evaluates "
         "it on the test set, recounts it and compares with `report.json`: exact correct/total and gate verdict; "
         "params, ops and score to 1e-9 relative; every layer's counts. Exit status 0 when all agree.",
@@ -90,14 +103,19 @@ def writeup(entry: Entry, report: dict[str, Any], train_command: str) -> str:
     return "\n\n".join(sections) + "\n"
 
 
-def export(run_dir: Path, out: Path, *, force: bool = False) -> Path:
-    """Write the bundle of ``run_dir`` to ``out`` and return it."""
+def export(run_dir: Path, out: Path, *, force: bool = False, allow_gate_failure: bool = False) -> Path:
+    """Write the bundle of ``run_dir`` to ``out`` and return it; a run that fails its gate is no entry, and is
+    exported only with ``allow_gate_failure`` (to inspect or share it: its WRITEUP.md says it does not qualify)."""
     source = find_entry_dir(run_dir)
     if source != run_dir / "entry":
         raise EntryError(f"{run_dir} is an entry folder, not a run dir; pass the run dir that holds entry/ "
                          "and report.json")
     entry = load_entry(source)  # refuses damaged or replaced weights before anything is copied
     report = read_report(run_dir)
+    if report.get("gate_passed") is not True and not allow_gate_failure:
+        summary = (report.get("gate") or {}).get("summary", "no gate verdict in report.json")
+        raise EntryError(f"{run_dir} does not qualify ({summary}); an entry must pass its gate: train further, or "
+                         "pass --allow-gate-failure to export it anyway for inspection")
     if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
         raise EntryError(f"--out {out} would contain the run dir itself; choose a folder outside {run_dir}")
     if out.exists() and not force:
@@ -125,14 +143,16 @@ def export(run_dir: Path, out: Path, *, force: bool = False) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m scoring.export RUN_DIR --out BUNDLE [--force]``."""
+    """CLI: ``python -m scoring.export RUN_DIR --out BUNDLE [--force] [--allow-gate-failure]``."""
     parser = argparse.ArgumentParser(prog="python -m scoring.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="finished run dir (holds entry/ and report.json)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    parser.add_argument("--allow-gate-failure", action="store_true",
+                        help="export a run that fails its gate (it does not qualify; for inspection)")
     args = parser.parse_args(argv)
     try:
-        bundle = export(args.run_dir, args.out, force=args.force)
+        bundle = export(args.run_dir, args.out, force=args.force, allow_gate_failure=args.allow_gate_failure)
     except EntryError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

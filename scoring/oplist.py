@@ -2,13 +2,17 @@
 
 A model is written by hand as a list of descriptors (:class:`Conv2D`, :class:`DepthwiseConv2D`,
 :class:`FullyConnected`, :class:`GlobalAvg`, :class:`Scale`, :class:`Add`, :class:`Activation`, and for
-transformers :class:`LayerNorm` and :class:`Attention`), each with its input size, kernel, stride, padding,
+transformers :class:`LayerNorm` and :class:`Attention`, for language models :class:`Recurrent` and
+:class:`Softmax`), each with its input size, kernel, stride, padding,
 bias, activation, sparsity and bit widths. Every count goes through
 the same rules table as the traced counter (:mod:`scoring.rules`), so a traced count can be checked by hand.
 
 Widths: ``bits`` is the width of the stored weights; the op's multiplies count at
 ``max(bits, input_bits)`` (``input_bits`` defaults to ``bits``), biases are stored at ``bias_bits``
 (default ``bits``, as in the official calculator), additions at the accumulator width.
+
+Language models: :class:`Recurrent` (LSTM / GRU / RNN cells, per step), :class:`Softmax` (and log-softmax) and
+:class:`FullyConnected` describe a token's ops; an embedding lookup is free.
 
 Sparsity: the mask costs 1 bit per weight, or with ``block=(rows, cols)`` 1 bit per block of the
 (out, weights per output) weight matrix, partial edge blocks included (rules: "Block sparsity: 1 bit per
@@ -21,7 +25,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Mapping, Sequence
 
-from scoring.rules import ELEMENTWISE, RULES, Rule, attention_counts, dot_counts, norm_counts, weight_storage_bits
+from scoring.rules import (CELLS, ELEMENTWISE, RULES, Rule, attention_counts, dot_counts, norm_counts,
+                           recurrent_counts, weight_storage_bits)
 
 #: Activation names of the official calculator, mapped onto rule keys.
 ACTIVATION_ALIASES: Mapping[str, str] = {"swish": "silu", "relu6": "hardtanh", "hard_swish": "hardswish",
@@ -87,10 +92,9 @@ class _Weighted:
             rows, cols = self.block
             mask_bits = -(-channels // rows) * -(-weights_per_output // cols)
         param_bits = weight_storage_bits(weights, weights * density, self.bits, mask_bits)
-        mults, adds = dot_counts(weights_per_output * density, outputs)
+        mults, adds = dot_counts(weights_per_output * density, outputs, self.bias)  # (L-1)·N, + N for a bias
         if self.bias:
             param_bits += channels * (self.bias_bits or self.bits)
-            adds += rules["add"].counts(outputs)[1]
         if self.activation:
             act_mults, act_adds = _activation_rule(rules, self.activation).counts(outputs)
             mults, adds = mults + act_mults, adds + act_adds
@@ -230,7 +234,68 @@ class Attention:
         return OpCount(Fraction(0), Fraction(mults), Fraction(adds), self.bits)
 
 
-Op = Conv2D | DepthwiseConv2D | FullyConnected | GlobalAvg | Scale | Add | Activation | LayerNorm | Attention
+@dataclass(frozen=True)
+class Softmax:
+    """Softmax (or, with ``log``, log-softmax) over ``n`` values at each of ``positions`` positions (rules
+    ``_softmax`` / ``_log_softmax``)."""
+
+    n: int
+    positions: int = 1
+    log: bool = False
+    bits: int = field(default=32, kw_only=True)
+
+    def count(self, rules: Mapping[str, Rule] = RULES) -> OpCount:
+        """Multiplies and additions of this op under ``rules`` (no stored values)."""
+        elements = self.n * self.positions
+        mults, adds = rules["_log_softmax" if self.log else "_softmax"].counts(
+            elements, elements - self.positions, self.positions)
+        return OpCount(Fraction(0), Fraction(mults), Fraction(adds), self.bits)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recurrent:
+    """``steps`` steps of a recurrent cell (``"lstm"``, ``"gru"``, ``"rnn_tanh"``, ``"rnn_relu"``: a key of
+    :data:`scoring.rules.CELLS`) from ``input_size`` to ``hidden_size``, with an LSTM's projection to
+    ``proj_size`` (0: none), as the traced counter's recurrent rules count it.
+
+    ``bias`` means the framework's two biases, stored as one per merged gate row (:class:`scoring.rules.Cell`);
+    ``sparsity`` applies to every weight matrix, ``bits`` to the weights and biases, ``input_bits`` to the input.
+    """
+
+    cell: str
+    input_size: int
+    hidden_size: int
+    steps: int = 1
+    proj_size: int = 0
+    bias: bool = True
+    sparsity: float | Fraction = 0
+    bits: int = 32
+    input_bits: int | None = None
+
+    def count(self, rules: Mapping[str, Rule] = RULES) -> OpCount:
+        """Stored bits, multiplies and additions of this op under ``rules``."""
+        cell = CELLS[self.cell]
+        density = 1 - _fraction(self.sparsity)
+        hidden, recurrent = self.hidden_size, self.proj_size or self.hidden_size
+        rows, merged = cell.gates * hidden, cell.merged * hidden
+        shapes = [(rows, self.input_size), (rows, recurrent)] + ([(self.proj_size, hidden)] if self.proj_size else [])
+        param_bits = sum(weight_storage_bits(r * c, r * c * density, self.bits) for r, c in shapes)
+        if self.bias:
+            param_bits += (merged + 2 * (rows - merged)) * self.bits
+        unmerged = rows - merged
+        (mults, adds), (cell_mults, cell_adds) = recurrent_counts(
+            rules, cell, hidden, self.steps, merged=[((self.input_size + recurrent) * density, merged)],
+            inputs=[(self.input_size * density, unmerged)] if unmerged else [],
+            recurrent=[(recurrent * density, unmerged)] if unmerged else [], biases=(self.bias, self.bias))
+        if self.proj_size:
+            proj_mults, proj_adds = dot_counts(hidden * density, self.proj_size * self.steps)
+            mults, adds = mults + proj_mults, adds + proj_adds
+        return OpCount(Fraction(param_bits), Fraction(mults + cell_mults), Fraction(adds + cell_adds),
+                       max(self.bits, self.input_bits or self.bits))
+
+
+Op = (Conv2D | DepthwiseConv2D | FullyConnected | GlobalAvg | Scale | Add | Activation | LayerNorm | Attention
+      | Softmax | Recurrent)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,11 @@ is ``quantizer(mask * original)``: the conv then consumes a tensor tagged with t
 scorer measures sparsity by counting zeros of that very tensor. Tensors never tagged are unquantized
 (32-bit, or 16-bit under the freebie).
 
+A width of 1 bit declares a binary tensor: its values are ±1 (times the quantizer's scales, like any quantized
+tensor; zeros, if any, are coded by the sparsity mask). A multiply with a binary operand is a sign flip of a value
+that has a standalone sign bit (floats, and integers on the symmetric grids below) and counts 1/32 of an op,
+whatever the other operand's width (rules page); its additions stay at the accumulator width.
+
 Sparsity needs no declaration: it is measured from the weights that actually execute. Its mask costs
 1 bit per element of the full tensor, unless the module that applies it (e.g. a pruning parametrization,
 ``conv.weight = quantizer(mask(original))``) declares ``micronet_mask_bits``: the bits its stored mask
@@ -45,7 +50,7 @@ DEFAULT_SCALE_BITS = 32
 class Quantizer(Protocol):
     """What a fake-quantizer module exposes to the scorer."""
 
-    #: Bit width of the tensor this module outputs (1..32; compress/ uses 2..8 and 16).
+    #: Bit width of the tensor this module outputs (1..32; 1 = binary, ±1 values; compress/ uses 2..8 and 16).
     micronet_bits: int
     #: Number of stored quantization parameters (scales and zero-points) this quantizer needs at inference.
     micronet_scale_count: int

@@ -1,6 +1,6 @@
 """Reports of a scored model: report.json, report.md, a printed summary and TensorBoard logs.
 
-``report.json`` carries the schema of design.md (task, correct, total, top1 or perplexity, gate_passed,
+``report.json`` carries the schema of docs/design.md (task, correct, total, top1 or perplexity, gate_passed,
 params, ops, mults, adds, param_bits, freebie, score, baseline, layers) plus the split the metric comes from,
 the exact sums behind it (a language model's nll_sum over ``total`` predicted tokens), the validation metrics,
 the score split into its two terms, the project rules used, the accumulator width and the number of examples
@@ -22,9 +22,11 @@ REPORT_MD = "report.md"
 
 
 def build_report(*, task: str, count: Count, evaluation: Mapping[str, Any] | None = None,
-                 validation: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 validation: Mapping[str, Any] | None = None, example: str = "example",
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The report dict of ``count`` on ``task``; the gate is decided when an ``evaluation`` is given.
 
+    ``example`` names what the scorer counted ops per ("image", "token": ``data.tasks.Task.example``).
     ``evaluation`` holds the exact sums of the final evaluation (``data.tasks.Evaluation.to_dict()``: split, total,
     loss_sum, and correct for top-1 tasks); ``validation`` the same for the validation split, if any. The report
     says which split each number comes from: ``split`` for the top-level metric, ``validation.split`` for those.
@@ -43,7 +45,7 @@ def build_report(*, task: str, count: Count, evaluation: Mapping[str, Any] | Non
         "gate_passed": None, "gate": None,
         "params": count.params, "ops": count.ops, "mults": count.mults, "adds": count.adds,
         "param_bits": count.param_bits, "freebie": count.freebie, "accumulator_bits": count.accumulator_bits,
-        "examples": count.examples,
+        "examples": count.examples, "example": example,
         "score": count.score(task), "score_params_term": params_term, "score_ops_term": ops_term,
         "baseline": {"model": base.model, "params": base.params, "ops": base.ops},
         "project_rules": dict(count.project_rules),
@@ -61,13 +63,18 @@ def build_report(*, task: str, count: Count, evaluation: Mapping[str, Any] | Non
 
 
 def write_report(out_dir: str | Path, *, task: str, count: Count, evaluation: Mapping[str, Any] | None = None,
-                 validation: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``report.json`` and ``report.md`` into ``out_dir``; return the report dict (see :func:`build_report`)."""
-    report = build_report(task=task, count=count, evaluation=evaluation, validation=validation, extra=extra)
+                 validation: Mapping[str, Any] | None = None, example: str = "example",
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``, each atomically (a crash or a full disk leaves the
+    previous file or none, never a torn one); return the report dict (see :func:`build_report`)."""
+    from scoring.entry import atomic_write  # here: scoring.entry imports this module
+
+    report = build_report(task=task, count=count, evaluation=evaluation, validation=validation, example=example,
+                          extra=extra)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
-    (out / REPORT_MD).write_text(markdown(report))
+    for name, text in ((REPORT_JSON, json.dumps(report, indent=2) + "\n"), (REPORT_MD, markdown(report))):
+        atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
     return report
 
 
@@ -98,8 +105,8 @@ def totals_text(report: Mapping[str, Any]) -> str:
     return "\n".join([
         f"params {_num(report['params'])} (32-bit equivalents; {report['param_bits']:,} bits)",
         f"ops    {_num(report['ops'])} (32-bit equivalents; {_num(report['mults'])} mults + {_num(report['adds'])} adds "
-        f"per example, additions at {report['accumulator_bits']} bits, freebie {'on' if report['freebie'] else 'off'}, "
-        f"{report['examples']} examples)",
+        f"per {report['example']}, additions at {report['accumulator_bits']} bits, freebie "
+        f"{'on' if report['freebie'] else 'off'}, {report['examples']} {report['example']}s)",
         f"score  {report['score']:.6f} = params {report['score_params_term']:.6f} ({_num(report['params'])} / "
         f"{base['params']:,}) + ops {report['score_ops_term']:.6f} ({_num(report['ops'])} / {base['ops']:,})",
     ])

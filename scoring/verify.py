@@ -2,8 +2,8 @@
 
 ``verify`` is what an organizer runs on a contestant's bundle: it rebuilds the model from
 ``entry/entry.json`` (registry architecture + compression structure), loads ``entry/model.safetensors``
-(never unpickled; see :mod:`scoring.entry`), evaluates it on the task's test set, recounts it with the
-score settings of the run, and compares with the bundle's ``report.json``:
+(never unpickled; see :mod:`scoring.entry`), evaluates it on the test set of the kit's own definition of the
+task, recounts it with the official score settings, and compares with the bundle's ``report.json``:
 
 * correct, total, gate verdict, freebie, parameter bits: exactly;
 * params, ops, mults, adds, score: to 1e-9 relative;
@@ -14,12 +14,31 @@ or unlisted file stops verification with a table of file / manifest / on disk / 
 manifest (a run dir, a bundle exported before manifests existed) is refused unless ``--allow-no-manifest``
 is given; then a warning, and the final line, say that the files' integrity is unchecked.
 
-Exit status 0 when everything agrees, 1 when something differs (a file from the manifest, or a field:
-a table of field / reported / recounted / status is printed either way), 2 when the bundle cannot be
-loaded (no or malformed manifest, refused weights, missing report or entry, missing dataset).
+Then, before any data is loaded, the entry is checked against the kit (:mod:`scoring.kit`) and rebuilt once
+(:func:`scoring.entry.build_model_from_entry`). Refused, each with one line on stderr and exit status 2:
 
-``python -m scoring PATH`` (a run dir, a bundle or an entry folder) evaluates and scores the entry and
-prints the summary, without comparing.
+* a bundle whose files are not what the kit writes: a link, FIFO or device anywhere it is read, a file over its
+  size cap, a safetensors header over 4 MiB, folders nested too deep or too many files (:mod:`scoring.entry`);
+* entry data that is not plain data: not strict JSON, or a string a config reader would interpolate (``${...}``);
+* an entry of another task: its recorded task differs from ``conf/task/<name>.yaml`` at a key that file defines
+  (but the training-only ones: augmentation, training windows), or report.json names another task, baseline or
+  gate;
+* score settings other than the official ones (``conf/config.yaml``: examples 256, accumulator_bits 32,
+  freebie auto), unless ``--allow-score-settings`` is given: the entry is then compared under its own settings,
+  the FIRST line of the output names them and says the score is not official, and so does the last line, which
+  never reads "verified";
+* a model that cannot be rebuilt: an unknown model, a keyword argument the model does not take or one that reads
+  files (``checkpoint_path``, ``pretrained*``, ...), a compression state out of range or naming other layers,
+  weights that do not fit, quantizers never calibrated; and an entry whose evaluation fails (a missing or damaged
+  dataset, a model that does not run on the task's inputs).
+
+The recorded ``data.root`` is never used (it names a folder on the entrant's machine): the dataset comes from
+``--data-root``. Exit status 0 when everything agrees, 1 when something differs (a file from the manifest, or a
+field: a table of field / reported / recounted / status is printed either way), 2 when the bundle is refused or
+cannot be loaded.
+
+``python -m scoring PATH`` (a run dir, a bundle or an entry folder) evaluates and scores the entry with its own
+recorded config and prints the summary, without comparing.
 """
 from __future__ import annotations
 
@@ -32,12 +51,17 @@ from typing import Any, Sequence
 
 from scoring.entry import MANIFEST_FILE, Entry, EntryError, FileCheck, build_model_from_entry, check_manifest, \
     load_entry, read_report
+from scoring.kit import judge
 
 #: Relative tolerance for counts that go through floating point (params, ops, score, ...).
 REL_TOL = 1e-9
-#: Report totals compared exactly, and to REL_TOL.
+#: A language model's NLL sum is float32 arithmetic over ~10⁵ tokens, summed in float64: another processor's
+#: kernels change it in the 7th digit, never the verdict's margin that matters (the gate is compared exactly).
+NLL_REL_TOL = 1e-6
+#: Report totals compared exactly, and to REL_TOL (``nll_sum``: to NLL_REL_TOL; None for classification).
 EXACT_FIELDS = ("task", "correct", "total", "gate_passed", "freebie", "param_bits", "accumulator_bits", "examples")
-CLOSE_FIELDS = ("params", "ops", "mults", "adds", "score")
+CLOSE_FIELDS = ("params", "ops", "mults", "adds", "score", "nll_sum")
+_TOLERANCES = {"nll_sum": NLL_REL_TOL}
 #: Per-layer counts compared (not the module type: removing a mask parametrization at export renames it).
 LAYER_EXACT = ("param_bits", "weight_bits", "input_bits")
 LAYER_CLOSE = ("params", "mults", "adds", "sparsity")
@@ -59,7 +83,10 @@ class Row:
         a, b = self.reported, self.recounted
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
         if numbers and (isinstance(a, float) or isinstance(b, float)):
-            return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=0.0)
+            try:
+                return math.isclose(a, b, rel_tol=_TOLERANCES.get(self.field, REL_TOL), abs_tol=0.0)
+            except OverflowError:  # a reported integer beyond any float differs from every recount
+                return False
         return type(a) is type(b) and a == b
 
 
@@ -75,7 +102,7 @@ def recount(entry: Entry, *, data_root: str | None = None, examples: int | None 
     import torch
 
     from data.tasks import DataOptions, build_task
-    from scoring import count_model
+    from scoring import count_inputs
     from scoring.report import build_report
 
     config = entry.config
@@ -89,16 +116,18 @@ def recount(entry: Entry, *, data_root: str | None = None, examples: int | None 
     model = build_model_from_entry(entry).to(resolved)
     result = task.evaluate(model, test_loader, resolved, "test")
     score = config["score"]
-    count = count_model(model, task.score_inputs(test_loader, examples or score["examples"], resolved),
-                        accumulator_bits=score["accumulator_bits"],
-                        freebie=None if score["freebie"] == "auto" else bool(score["freebie"]))
-    return build_report(task=task.name, count=count, evaluation=result.to_dict())
+    count = count_inputs(model, task.score_inputs(test_loader, examples or score["examples"], resolved, model),
+                         accumulator_bits=score["accumulator_bits"],
+                         freebie=None if score["freebie"] == "auto" else bool(score["freebie"]))
+    return build_report(task=task.name, count=count, evaluation=result.to_dict(), example=task.example)
 
 
 def compare(reported: dict[str, Any], recounted: dict[str, Any]) -> list[Row]:
     """Rows for every compared field: totals, then each layer's counts."""
     rows = [Row(key, reported.get(key), recounted[key]) for key in EXACT_FIELDS + CLOSE_FIELDS]
-    reported_layers = {layer.get("name"): layer for layer in reported.get("layers") or []}
+    layers = reported.get("layers") if isinstance(reported.get("layers"), list) else []
+    reported_layers = {layer["name"]: layer for layer in layers if isinstance(layer, dict) and isinstance(
+        layer.get("name"), str)}  # anything else in the list is no layer of the model: it matches none
     for layer in recounted["layers"]:
         mine = reported_layers.pop(layer["name"], {})
         rows += [Row(f"layers[{layer['name']}].{key}", mine.get(key), layer[key]) for key in LAYER_EXACT + LAYER_CLOSE]
@@ -110,7 +139,13 @@ def format_table(rows: Sequence[Row]) -> str:
     """The comparison as an aligned text table: every total, and the layer fields that differ."""
     shown = [row for row in rows if not (row.field.startswith("layers[") and row.close)]
     return _aligned([("field", "reported", "recounted", "status")] + [
-        (row.field, repr(row.reported), repr(row.recounted), "ok" if row.close else "DIFFERS") for row in shown])
+        (_clip(row.field), _clip(repr(row.reported)), _clip(repr(row.recounted)), "ok" if row.close else "DIFFERS")
+        for row in shown])
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """A table cell of at most ``limit`` characters: a report can hold anything, the table stays readable."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def format_manifest_table(checks: Sequence[FileCheck]) -> str:
@@ -118,7 +153,8 @@ def format_manifest_table(checks: Sequence[FileCheck]) -> str:
     def short(digest: str | None) -> str:
         return digest[:16] if digest else "-"
     return _aligned([("file", "manifest", "on disk", "status")] + [
-        (check.path, short(check.listed), short(check.found), check.status) for check in checks])
+        (check.path if check.path.isprintable() else ascii(check.path), short(check.listed), short(check.found),
+         check.status) for check in checks])
 
 
 def _aligned(cells: Sequence[tuple[str, ...]]) -> str:
@@ -128,32 +164,37 @@ def _aligned(cells: Sequence[tuple[str, ...]]) -> str:
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-root", help="dataset folder (default: data.root of the entry's config)")
+    parser.add_argument("--data-root", help="dataset folder on this machine (verify never uses the entry's recorded "
+                                            "data.root; python -m scoring PATH defaults to it)")
     parser.add_argument("--examples", type=int,
-                        help="test examples run through the scorer (default: score.examples of the entry's config)")
+                        help="test examples run through the scorer (default: score.examples, the official 256 for "
+                             "verify)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
 
 
-def _recount_or_fail(path: Path, args: argparse.Namespace) -> tuple[Entry, dict[str, Any]] | None:
-    """Load and recount; print one line and return None for the problems a user can fix."""
+def _recount_or_fail(source: Path | Entry, args: argparse.Namespace) -> tuple[Entry, dict[str, Any]] | None:
+    """Load (unless given an entry) and recount; print one line and return None for the problems a user can fix."""
     from data import DatasetError
 
     if args.examples is not None and args.examples <= 0:
         print(f"error: --examples {args.examples} must be > 0", file=sys.stderr)
         return None
     try:
-        entry = load_entry(path)
+        entry = source if isinstance(source, Entry) else load_entry(source)
         return entry, recount(entry, data_root=args.data_root, examples=args.examples, device=args.device)
     except (EntryError, DatasetError) as err:  # missing, damaged or inconsistent dataset files
         print(f"error: {err}", file=sys.stderr)
-        return None
+    except (ValueError, RuntimeError) as err:  # what only running it shows: e.g. a model that does not take the
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""  # task's inputs (shapes)
+        print(f"error: the entry cannot be evaluated on its task ({type(err).__name__}: {reason[:300]}); re-export "
+              "the entry of a finished run of this kit", file=sys.stderr)
+    return None
 
 
 def _report_integrity(manifest: Path, checks: Sequence[FileCheck]) -> bool:
-    """Print one line when every file matches the manifest, else the file table and why; True when all match."""
+    """True when every file matches the manifest; else print the file table and why, and return False."""
     bad = sum(not check.ok for check in checks)
     if not bad:
-        print(f"integrity: all {len(checks)} files match {manifest}")
         return True
     print(format_manifest_table(checks))
     print(f"NOT VERIFIED: {bad} of {len(checks)} files differ from {manifest} (changed, missing, not listed or "
@@ -162,13 +203,17 @@ def _report_integrity(manifest: Path, checks: Sequence[FileCheck]) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``verify BUNDLE [--allow-no-manifest] [--data-root PATH] [--examples N] [--device D]``; exit 0 when all agree."""
+    """``verify BUNDLE [--allow-no-manifest] [--allow-score-settings] [--data-root PATH] [--examples N] [--device D]``;
+    exit 0 when all agree."""
     parser = argparse.ArgumentParser(prog="python -m scoring verify",
                                      description="Re-evaluate and recount an entry bundle; compare with its report.")
     parser.add_argument("bundle", type=Path, help="bundle folder (python -m scoring.export) or finished run dir")
     parser.add_argument("--allow-no-manifest", action="store_true",
                         help=f"verify a folder without {MANIFEST_FILE} (a run dir, a bundle exported before "
                              "manifests existed); the files' integrity is then unchecked")
+    parser.add_argument("--allow-score-settings", action="store_true",
+                        help="compare an entry recorded with other score settings than the official ones under its "
+                             "own; the output then says, first and last, that the score is not official")
     _common_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -180,23 +225,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         if checks is not None and not _report_integrity(args.bundle / MANIFEST_FILE, checks):
             return DIFFER  # a bundle altered after export is not recounted: its numbers would prove nothing
         reported = read_report(args.bundle)
+        judged = judge(load_entry(args.bundle), reported, allow_score_settings=args.allow_score_settings)
+        build_model_from_entry(judged.entry)  # every failure to rebuild shows here, before any data is loaded
     except EntryError as err:
         print(f"error: {err}", file=sys.stderr)
         return CANNOT_LOAD
-    caveat = ""
-    if checks is None:
-        caveat = f" (file integrity unchecked: no {MANIFEST_FILE})"
-        print(f"warning: {args.bundle} has no {MANIFEST_FILE}; the integrity of its files is unchecked", file=sys.stderr)
-    outcome = _recount_or_fail(args.bundle, args)
+    outcome = _recount_or_fail(judged.entry, args)
     if outcome is None:
         return CANNOT_LOAD
-    rows = compare(reported, outcome[1])
+    recounted = outcome[1]
+    # The verdict's first line: whether the entry qualifies, as recounted (an unofficial comparison never does).
+    caveat = ""
+    if judged.unofficial:
+        caveat = f" under the entry's own score settings {', '.join(judged.unofficial)}: NOT AN OFFICIAL SCORE"
+        print(f"NOT AN OFFICIAL SCORE: compared under the entry's own score settings {', '.join(judged.unofficial)} "
+              f"(--allow-score-settings); {recounted['gate']['summary']}")
+    else:
+        print(f"{'QUALIFIES' if recounted['gate_passed'] else 'DOES NOT QUALIFY'}: {recounted['gate']['summary']}")
+    if checks is None:
+        caveat += f" (file integrity unchecked: no {MANIFEST_FILE})"
+        print(f"warning: {args.bundle} has no {MANIFEST_FILE}; the integrity of its files is unchecked",
+              file=sys.stderr)
+    else:
+        print(f"integrity: all {len(checks)} files match {args.bundle / MANIFEST_FILE}")
+    rows = compare(reported, recounted)
     differing = [row for row in rows if not row.close]
     print(format_table(rows))
     if differing:
         print(f"NOT VERIFIED: {len(differing)} of {len(rows)} fields differ from {args.bundle / 'report.json'}{caveat}")
         return DIFFER
-    print(f"verified: all {len(rows)} fields agree with {args.bundle / 'report.json'}{caveat}")
+    verdict = "agrees" if judged.unofficial else "verified"  # only an official comparison is called verified
+    print(f"{verdict}: all {len(rows)} fields agree with {args.bundle / 'report.json'}{caveat}")
     return AGREE
 
 

@@ -17,6 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
 RUN_PY = str(REPO / "train" / "run.py")
 
+#: Timeout of every subprocess a test runs: it only catches a hang, so it is minutes, whatever the machine's
+#: load (a CI machine running other jobs may be several times slower); speed is measured in benchmarks/.
+HANG = 900
+
 #: Overrides that keep a run to seconds on a 2-core CPU without changing what it exercises.
 TINY = ("train.epochs=2", "train.warmup_epochs=0.5", "train.log_every=5", "data.num_workers=0",
         "score.examples=16")
@@ -26,6 +30,14 @@ def compose_config(*overrides: str) -> DictConfig:
     """The config ``python train/run.py <overrides>`` would compose (without Hydra's own node)."""
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         return compose("config", overrides=list(overrides))
+
+
+def run_dir_for(*overrides: str) -> Path:
+    """The folder ``python train/run.py <overrides>`` runs in (relative to where it is started)."""
+    from train.cli import run_dir_of
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return run_dir_of(compose("config", overrides=list(overrides), return_hydra_config=True))
 
 
 @pytest.fixture
@@ -39,7 +51,7 @@ def tiny_config() -> Callable[..., DictConfig]:
     return make
 
 
-def run_train(*args: str, cwd: Path, timeout: float = 120, env: dict | None = None,
+def run_train(*args: str, cwd: Path, timeout: float = HANG, env: dict | None = None,
               launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run ``python train/run.py ARGS`` (or under ``launcher``, e.g. torchrun) and capture its output."""
     command = [*launcher, RUN_PY, *args] if launcher else [sys.executable, RUN_PY, *args]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,80 @@ def make_imagenet(root: str | os.PathLike, classes: int = 3, train_per_class: in
                 name = f"{wnid}_{i}.JPEG" if split == "train" else f"ILSVRC2012_val_{c * per_class + i + 1:08d}.JPEG"
                 Image.fromarray(pixels).save(folder / name, quality=95)
     return Path(root)
+
+
+# The standard WikiText-103 sizes (Merity et al. 2016), written here independently of data/wikitext.py.
+WT103_TRAIN_WORDS = 267_734  # distinct train words; with <eos>, the 267,735 types of the vocabulary
+WT103_VALID_TOKENS = 217_646  # <eos> included
+WT103_TEST_TOKENS = 245_569
+# The most frequent words first (ranks of the Zipf-like draw); "=" must be a word: headings are made of it.
+_WIKI_WORDS = ("the", ",", ".", "of", "and", "in", "to", "a", "=", "<unk>", '"', "was", "The", "@-@", "'s", "is",
+               "(", ")", "for", "on", "as", "with", "by", "@,@", "that", "@.@", "from", "his", "at", "he", "it")
+
+
+def _wikitext_lines(words: np.ndarray, seq: np.ndarray, rng: random.Random, total: int | None) -> list[str]:
+    """Lines in WikiText's layout (articles of `` = Title = ``, `` = = Section = = `` and paragraphs, blank
+    lines as `` ``), made of ``words[seq]`` in order. ``total`` (tokens with one ``<eos>`` per line): exactly
+    that many; None: every word of ``seq`` is used."""
+    lines: list[str] = []
+    pos, left = 0, total
+
+    def emit(level: int, k: int) -> None:  # level 0: a paragraph of k words; k == 0: a blank line
+        nonlocal pos, left
+        text = " ".join(words[seq[pos:pos + k]].tolist())
+        lines.append(f" {'= ' * level}{text} {'= ' * level}" if k else " ")
+        pos += k
+        if left is not None:
+            left -= 2 * level + k + 1
+
+    while True:
+        level = rng.choice((0, 0, 0, 1, 2, 3)) if lines else 1
+        k = rng.randint(1, 4) if level else rng.randint(10, 150)
+        cost = k + 1 + (2 * level + 2 if level else 0)  # a heading has a blank line before and after
+        if total is not None and cost > left - 2:
+            if left >= 1:
+                emit(0, left - 1)
+            return lines
+        if total is None and k > len(seq) - pos:
+            if len(seq) > pos:
+                emit(0, len(seq) - pos)
+            return lines
+        if level and (not lines or lines[-1] != " "):
+            emit(0, 0)
+        emit(level, k)
+        if level:
+            emit(0, 0)
+
+
+def make_wikitext103(root: str | os.PathLike, *, train_words: int = WT103_TRAIN_WORDS,
+                     valid_tokens: int = WT103_VALID_TOKENS, test_tokens: int = WT103_TEST_TOKENS,
+                     unseen_test_words: int = 0, extra_train_tokens: int = 60_000, seed: int = 0) -> Path:
+    """Write WikiText-103 in its real format, ``root/wikitext-103/wiki.{train,valid,test}.tokens``; returns
+    the ``wikitext-103`` folder.
+
+    By default it has the standard sizes the loader checks: ``train_words`` distinct train words (+ ``<eos>``:
+    267,735 types), valid and test drawn from them (no unseen type), 217,646 valid and 245,569 test tokens
+    with ``<eos>``. Train holds every word once plus ``extra_train_tokens`` Zipf-distributed ones (about 360k
+    tokens). Non-standard variants: other sizes, or ``unseen_test_words`` test words that train lacks.
+    """
+    if train_words < len(_WIKI_WORDS):
+        raise ValueError(f"train_words must be >= {len(_WIKI_WORDS)}, got {train_words}")
+    rng = np.random.default_rng(seed)
+    unseen = [f"unseen{i}" for i in range(unseen_test_words)]
+    words = np.array([*_WIKI_WORDS, *(f"w{i}" for i in range(train_words - len(_WIKI_WORDS))), *unseen], dtype=object)
+    zipf = 1.0 / (np.arange(train_words) + 3.0)
+    zipf /= zipf.sum()
+    train_seq = rng.permutation(np.concatenate([np.arange(train_words),
+                                                rng.choice(train_words, extra_train_tokens, p=zipf)]))
+    layout = random.Random(seed)
+    texts = {"train": _wikitext_lines(words, train_seq, layout, None)}
+    for split, total in (("valid", valid_tokens), ("test", test_tokens)):
+        seq = rng.choice(train_words, total, p=zipf)
+        if split == "test":
+            seq[10:10 + len(unseen)] = np.arange(train_words, train_words + len(unseen))  # in the first paragraph
+        texts[split] = _wikitext_lines(words, seq, layout, total)
+    out = Path(root) / "wikitext-103"
+    out.mkdir(parents=True, exist_ok=True)
+    for split, lines in texts.items():
+        (out / f"wiki.{split}.tokens").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out

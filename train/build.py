@@ -37,7 +37,7 @@ def data_options(cfg: DictConfig, ctx: Context) -> DataOptions:
     """``data.*`` with every ``auto`` resolved for this device: pinned memory and the GPU-resident loader on CUDA
     (the latter only where it can apply the task's augmentation)."""
     cuda = ctx.device.type == "cuda"
-    augment = OmegaConf.to_container(cfg.task.augment) if "augment" in cfg.task else None
+    augment = OmegaConf.to_container(cfg.task.augment) if cfg.task.augment is not None else None
     resident_auto = cuda and cfg.task.dataset == "cifar100" and gpu_resident_supported(cfg.task.dataset, augment)
     return DataOptions(root=cfg.data.root, download=cfg.data.download, num_workers=cfg.data.num_workers,
                        pin_memory=auto_switch(cfg.data.pin_memory, cuda),

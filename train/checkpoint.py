@@ -1,11 +1,20 @@
 """Training checkpoints: written atomically, verified on load, never able to run code.
 
-A stage's folder holds ``step<global step>.pt`` files, each with a ``.sha256`` sidecar (digest and size)
-written after it. A checkpoint counts only when both exist and agree, so a write cut short by a crash, a
-full disk or ``kill -9`` leaves at most an unverifiable newest file, and loading falls back to the
-previous one. Before the sidecar is written, the new file is read back from disk and hashed: a write the
-disk or filesystem silently corrupted gets no sidecar and raises, so it can never count towards the
-newest :data:`KEEP` checkpoints that are kept (the older ones were checked the same way when written).
+A stage's folder holds ``step<global step>.pt`` files, each with a ``.sha256`` sidecar (digest and size).
+The sidecar is the commit record: it is written, atomically, only after the ``.pt`` is on disk and has been
+read back from disk and hashed, and any older sidecar of the same name is removed before its ``.pt`` is
+replaced. So the two states a checkpoint can be found in mean different things:
+
+* a ``.pt`` without a sidecar was never committed: its write was cut short (a crash, a full disk, ``kill -9``
+  between the two files) or failed its read-back. It is not damage and never counted; loading skips it (a
+  stage whose only file is one of these starts over) and the next save removes it;
+* a ``.pt`` whose sidecar disagrees with it (size or sha256), or that ``torch.load`` refuses, is damage: the
+  file changed after it was committed. Loading falls back to the previous committed checkpoint, and refuses
+  with a fix when every committed one is damaged.
+
+A checkpoint is good only when every floating-point tensor in it is finite: :func:`save_checkpoint` refuses
+a state with a NaN or inf anywhere (weights, batch-norm statistics, optimizer moments), so the newest
+:data:`KEEP` checkpoints that are kept are always ones a run can continue from.
 
 Files are loaded with ``torch.load(weights_only=True)``: a planted pickle is refused, not executed. So
 everything stored is tensors and plain Python (RNG states are converted, see :func:`rng_state`).
@@ -25,6 +34,7 @@ import numpy as np
 import torch
 
 from scoring.entry import atomic_write, sha256_file
+from train.rundir import write_problem
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +45,10 @@ _PATTERN = "step*.pt"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or used; the message says what to do."""
+
+
+class NonFiniteStateError(CheckpointError):
+    """A training state with NaN or inf values, refused as a checkpoint."""
 
 
 def checkpoint_name(global_step: int) -> str:
@@ -52,30 +66,56 @@ def save_checkpoint(directory: Path, global_step: int, state: dict[str, Any]) ->
     Raises :class:`CheckpointError` when the write fails (e.g. disk full) or the file read back from disk differs
     from what was written; either way the checkpoints on disk before are intact, and none of them is deleted.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise NonFiniteStateError(
+            f"the training state after step {global_step} holds NaN/inf in {', '.join(bad[:3])}"
+            f"{f' and {len(bad) - 3} more tensors' if len(bad) > 3 else ''}; it was not saved and the last good "
+            "checkpoint is kept ; fix: lower train.lr or set train.grad_clip (e.g. 5.0): a new value runs in a new "
+            "folder (a checkpoint resumes only with the settings that wrote it, and would reach the same values)")
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getbuffer()
     digest = hashlib.sha256(payload).hexdigest()
     path = directory / checkpoint_name(global_step)
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _sidecar(path).unlink(missing_ok=True)  # a sidecar vouches only for the file written before it
         atomic_write(path, lambda tmp: tmp.write_bytes(payload))
         if _sha256_on_disk(path) != digest:
-            path.unlink()  # garbage; a stale sidecar of an earlier file of this step would vouch for nothing
-            _sidecar(path).unlink(missing_ok=True)
+            path.unlink()  # garbage (uncommitted: it has no sidecar)
             raise CheckpointError(f"checkpoint {path} read back differs from what was written (a disk or filesystem "
                                   "fault); it was removed and the previous checkpoints are intact ; fix: check the "
                                   "disk (or move the run to another), then re-run the same command to resume")
         record = f"{digest} {len(payload)}\n".encode()
         atomic_write(_sidecar(path), lambda tmp: tmp.write_bytes(record))
     except OSError as err:
-        raise CheckpointError(f"could not write checkpoint {path} ({err}); the previous checkpoint is intact ; "
-                              "fix: free disk space, then re-run the same command to resume") from None
+        problem, fix = write_problem(err) or (str(err), "re-run the same command to resume")
+        raise CheckpointError(f"could not write checkpoint {path}: {problem}; the previous checkpoint is intact ; "
+                              f"fix: {fix}") from None
     keep = [p for p in sorted(directory.glob(_PATTERN), reverse=True) if _sidecar(p).is_file()][:KEEP]
-    for old in set(directory.glob(_PATTERN)) - set(keep):  # older ones, and leftovers of interrupted writes
+    for old in set(directory.glob(_PATTERN)) - set(keep):  # older ones, and uncommitted leftovers
+        _sidecar(old).unlink(missing_ok=True)  # the commit record first: a crash here leaves an uncommitted .pt
         old.unlink(missing_ok=True)
-        _sidecar(old).unlink(missing_ok=True)
+    # Temporary files of writes killed mid-way, and sidecars whose .pt is gone.
+    for stale in [*directory.glob(".step*.tmp"), *(p for p in directory.glob("step*.sha256")
+                                                     if not p.with_suffix(".pt").exists())]:
+        stale.unlink(missing_ok=True)
     return path
+
+
+def nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the floating-point tensors in ``state`` (nested dicts, lists, tuples) holding a NaN or inf."""
+    if isinstance(state, torch.Tensor):
+        exact = not (state.is_floating_point() or state.is_complex())
+        return [] if exact or bool(torch.isfinite(state).all()) else [prefix or "state"]
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [path for key, value in items for path in nonfinite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
 def _sha256_on_disk(path: Path) -> str:
@@ -113,24 +153,34 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} was refused by torch.load(weights_only=True): {first_line}") from None
 
 
-def load_latest(directory: Path) -> dict[str, Any] | None:
-    """The newest usable checkpoint in ``directory``, falling back past unusable ones; None if there is none.
+def latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest usable checkpoint in ``directory`` and its path, falling back past damaged ones; None when the
+    folder holds no committed checkpoint (uncommitted files, see the module docstring, are skipped).
 
-    Raises :class:`CheckpointError` when checkpoints exist but none of them is usable.
+    Raises :class:`CheckpointError` when committed checkpoints exist but every one of them is damaged.
     """
-    candidates = sorted(directory.glob(_PATTERN), reverse=True)
-    for path in candidates:
+    committed = []
+    for path in sorted(directory.glob(_PATTERN), reverse=True):
+        if _sidecar(path).is_file():
+            committed.append(path)
+        else:
+            log.warning("ignoring %s: it has no %s, so its write was interrupted before it was committed (it never "
+                        "counted as a checkpoint)", path, _sidecar(path).name)
+    for path in committed:
         try:
-            state = read_checkpoint(path)
+            return path, read_checkpoint(path)
         except CheckpointError as err:
             log.warning("%s; falling back to the previous checkpoint", err)
-            continue
-        log.info("resuming from %s", path)
-        return state
-    if candidates:
-        raise CheckpointError(f"no usable checkpoint in {directory} ({len(candidates)} found, all damaged) ; "
+    if committed:
+        raise CheckpointError(f"no usable checkpoint in {directory} ({len(committed)} committed, all damaged) ; "
                               f"fix: delete {directory} to restart that stage")
     return None
+
+
+def load_latest(directory: Path) -> dict[str, Any] | None:
+    """The state of :func:`latest_checkpoint` (None when there is none)."""
+    found = latest_checkpoint(directory)
+    return None if found is None else found[1]
 
 
 def rng_state() -> dict[str, Any]:

@@ -5,20 +5,20 @@ The dataclasses below are registered in Hydra's ConfigStore as ``micronet_schema
 the config is composed (``train.epochs=abc`` fails at start). :func:`validate` then checks what types
 cannot: ranges, names that must exist, files the task needs. Every problem is a :class:`ConfigError`
 whose text is one line saying what is wrong and how to fix it.
+
+Importing this module is cheap (no torch): ``train/run.py`` composes and validates a command line with it
+before the heavy imports, so that a typo is reported in about a second.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-
-from scoring.gate import GATES
 
 
 class ConfigError(ValueError):
@@ -69,6 +69,13 @@ class AugmentConfig:
 
 
 @dataclass
+class StreamConfig:
+    bptt: int = MISSING
+    variable: bool = False
+    eval_window: int = 512
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     kind: str = MISSING  # a key of data.tasks.TASK_KINDS
@@ -76,10 +83,14 @@ class TaskConfig:
     num_classes: int = MISSING
     default_model: str = MISSING
     gate: GateConfig = field(default_factory=GateConfig)
+    needs_root: bool = False  # the data is not shipped with the code: data.root must point at it
+    downloadable: bool = False  # data.download=true can fetch it into data.root
     # classification
     in_chans: Optional[int] = None
     input_size: Optional[int] = None
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: Optional[AugmentConfig] = None
+    # language modelling
+    stream: Optional[StreamConfig] = None
 
 
 @dataclass
@@ -140,14 +151,13 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     init: Optional[str] = None
+    smoke: bool = False  # shrink every stage to try a recipe end to end (train/smoke.py)
 
 
 # Hydra's convention: register at import, so any composer of conf/ (run.py, tests) gets the schema.
 ConfigStore.instance().store(name="micronet_schema", node=RunConfig)
 
 
-#: Tasks whose data is not shipped with the code and needs ``data.root``.
-TASKS_NEEDING_ROOT = ("cifar100", "imagenet")
 _AUTO_SWITCH = ("auto", True, False)
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -192,21 +202,15 @@ def validate(cfg: DictConfig, known_models: list[str]) -> None:
     if cfg.model.name not in known_models:
         raise ConfigError(f"unknown model '{cfg.model.name}'",
                           f"use model=<name> with one of: {', '.join(sorted(known_models))}")
-    if cfg.task.dataset in TASKS_NEEDING_ROOT and not cfg.data.root:
+    if cfg.task.needs_root and not cfg.data.root:
         raise ConfigError(f"task={cfg.task.name} needs data.root (the {cfg.task.dataset} folder)",
                           f"pass data.root=/path/to/{cfg.task.dataset}"
-                          + (" (add data.download=true to fetch it)" if cfg.task.dataset == "cifar100"
-                             else ""))
-    rules_gate = GATES.get(cfg.task.name)
-    if rules_gate is not None and (cfg.task.gate.metric.value != rules_gate.metric
-                                   or cfg.task.gate.threshold != float(rules_gate.threshold)):
-        # The gate is the challenge's, decided by scoring/gate.py: a different value here would mislead.
-        raise ConfigError(f"task.gate ({cfg.task.gate.metric.value} {cfg.task.gate.threshold}) differs from the "
-                          f"rules' gate for {cfg.task.name} ({rules_gate.metric} {float(rules_gate.threshold)})",
-                          "remove the task.gate override; the gate is fixed by the challenge rules")
+                          + (" (add data.download=true to fetch it)" if cfg.task.downloadable else ""))
     if not _DEVICE.match(cfg.device):
         raise ConfigError(f"device={cfg.device} is not a device", "use auto, cpu, cuda or cuda:N")
     if cfg.device.startswith("cuda"):
+        import torch
+
         index, count = int(cfg.device.partition(":")[2] or 0), torch.cuda.device_count()
         if index >= count:
             raise ConfigError(f"device={cfg.device} but this machine has {count} CUDA device(s) available to torch "
@@ -231,6 +235,15 @@ def validate(cfg: DictConfig, known_models: list[str]) -> None:
     if cfg.score.freebie not in _AUTO_SWITCH:
         raise ConfigError(f"score.freebie={cfg.score.freebie} must be auto, true or false",
                           "use one of auto|true|false")
+    from scoring.gate import GATES  # last and here, not at import: scoring pulls in torch (seconds)
+
+    rules_gate = GATES.get(cfg.task.name)
+    if rules_gate is not None and (cfg.task.gate.metric.value != rules_gate.metric
+                                   or cfg.task.gate.threshold != float(rules_gate.threshold)):
+        # The gate is the challenge's, decided by scoring/gate.py: a different value here would mislead.
+        raise ConfigError(f"task.gate ({cfg.task.gate.metric.value} {cfg.task.gate.threshold}) differs from the "
+                          f"rules' gate for {cfg.task.name} ({rules_gate.metric} {float(rules_gate.threshold)})",
+                          "remove the task.gate override; the gate is fixed by the challenge rules")
 
 
 def to_container(cfg: DictConfig) -> dict:
@@ -239,9 +252,16 @@ def to_container(cfg: DictConfig) -> dict:
 
 
 #: What defines a run: a checkpoint may only be resumed by a command that agrees on these (dotted paths) ...
-_RUN_DEFINING = ("task", "model", "train", "compress", "seed", "init", "data.val_split")
+RUN_DEFINING = ("task", "model", "train", "compress", "seed", "init", "data.val_split", "smoke")
 #: ... except these, which change how a run is watched, not what it trains.
-_RESUME_FREE = frozenset({"train.log_every", "train.compile", "train.eval_batch_size"})
+RESUME_FREE = frozenset({"train.log_every", "train.compile", "train.eval_batch_size"})
+
+
+def is_run_defining(key: str) -> bool:
+    """Whether the dotted config ``key`` (e.g. an override's ``train.lr``) is part of what defines a run."""
+    def under(prefixes: Iterable[str]) -> bool:
+        return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+    return under(RUN_DEFINING) and not under(RESUME_FREE)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -267,8 +287,8 @@ def _select(tree: dict, path: str) -> Any:
 
 def run_settings(config: dict) -> dict[str, Any]:
     """The settings that define a run (what a resume must agree on), flattened: ``{"train.lr": 0.1, …}``."""
-    flat = _flatten({key: _select(config, key) for key in _RUN_DEFINING})
-    return {key: value for key, value in flat.items() if key not in _RESUME_FREE}
+    flat = _flatten({key: _select(config, key) for key in RUN_DEFINING})
+    return {key: value for key, value in flat.items() if key not in RESUME_FREE}
 
 
 def check_same_run(saved: dict, current: dict, where: Any) -> None:

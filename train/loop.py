@@ -4,7 +4,9 @@ A :class:`Trainer` runs the epochs of one stage: optimizer (SGD with Nesterov mo
 per-step schedule (linear warmup, then cosine or step decay), the task's objective (:mod:`train.objectives`:
 label smoothing and mixup/CutMix for classification), optional weight EMA and gradient clipping, and the
 compression :class:`~compress.base.Technique` hooks in the order ``compress/base.py`` documents. Evaluation
-belongs to the task (:meth:`data.tasks.Task.evaluate`). On CUDA it takes the fast path: bf16 autocast,
+belongs to the task (:meth:`data.tasks.Task.evaluate`). Every ``log_every`` steps the objective's metrics, the
+learning rate and the throughput go to the progress bar when the run is watched on a terminal, else to the log
+as one plain line of ``key=value`` pairs (also when ``TQDM_DISABLE=1``), and to TensorBoard. On CUDA it takes the fast path: bf16 autocast,
 channels_last, fused optimizers, optional ``torch.compile``, non-blocking copies, and metrics accumulated
 on the device so that the host synchronises only every ``log_every`` steps. On CPU it is seeded and
 deterministic: given the same checkpoint, the same steps produce bit-identical weights.
@@ -12,7 +14,9 @@ deterministic: given the same checkpoint, the same steps produce bit-identical w
 from __future__ import annotations
 
 import logging
+import os
 import random
+import sys
 import time
 from typing import Any, Callable
 
@@ -192,10 +196,12 @@ class Trainer:
         for _ in range(self.batches_done):
             next(batches)
         self._restore_rng()
-        # On the main process `disable` stays unset, so that TQDM_DISABLE=1 in the environment turns bars off.
+        # Bars only on a terminal (redirected, they become lines of carriage returns) and unless TQDM_DISABLE is
+        # set; read here, as tqdm itself reads it only when it is imported.
+        bar = self.ctx.is_main and sys.stdout.isatty() and sys.stderr.isatty() \
+            and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
         progress = tqdm(total=len(self.loader), initial=self.batches_done, leave=False,
-                        desc=f"{self.tag} epoch {self.epoch + 1}/{self.train_cfg.epochs}",
-                        **({} if self.ctx.is_main else {"disable": True}))
+                        desc=f"{self.tag} epoch {self.epoch + 1}/{self.train_cfg.epochs}", disable=not bar)
         start, start_seen = time.perf_counter(), self.sums[2].item()
         for inputs, targets in batches:
             self._step(inputs, targets)
@@ -278,7 +284,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"training loss became NaN/inf in stage '{self.tag}' (epoch {self.epoch + 1}, before step "
                 f"{self.global_step}); the last good checkpoint is kept ; fix: lower train.lr or set "
-                "train.grad_clip (e.g. 5.0) and pass hydra.run.dir=<new folder> (a checkpoint resumes only with the "
+                "train.grad_clip (e.g. 5.0): a changed value runs in a new folder (a checkpoint resumes only with the "
                 "settings that wrote it, and would reach the same NaN)")
         self.epoch_metrics = self.objective.metrics(loss_sum / seen, correct, seen)
         scalars = {**self.epoch_metrics, "lr": self.optimizer.param_groups[0]["lr"],
@@ -286,6 +292,10 @@ class Trainer:
         for technique in self.techniques:
             scalars.update({f"{technique.name}/{k}": v for k, v in technique.scalars(self.model).items()})
         progress.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
+        if progress.disable and self.ctx.is_main:
+            log.info("%s epoch %d/%d batch %d/%d step %d: %s", self.tag, self.epoch + 1, self.train_cfg.epochs,
+                     self.batches_done, len(self.loader), self.global_step,
+                     " ".join(f"{key}={value:.4g}" for key, value in scalars.items()))
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(f"{self.tag}/train/{key}", value, self.global_step)

@@ -13,6 +13,7 @@ An objective may carry state between batches; ``reset`` starts each epoch afresh
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from compress.base import predict_outputs
+from compress.base import map_carry, predict_outputs
 from data import build_mixup
 
 
@@ -107,8 +108,57 @@ class ClassificationObjective(Objective):
         return {"loss": loss, "acc": correct / seen}
 
 
+class LanguageModelObjective(Objective):
+    """Next-token negative log-likelihood over BPTT windows, each stream's state carried from window to window.
+
+    The state a window leaves is kept (detached, so backpropagation stops at the window) once its step
+    succeeded, and feeds the next window of the same streams; each epoch starts from the zero state, and a
+    mid-epoch checkpoint holds the state of this rank's streams. Without a technique that reads the outputs
+    the model computes the NLL the cheap way (an adaptive softmax only evaluates the target's cluster).
+    """
+
+    unit = "tokens"
+
+    def __init__(self, train: DictConfig, task: Mapping[str, Any]) -> None:
+        self.state: Any = None
+
+    @staticmethod
+    def predict(model: nn.Module, inputs: torch.Tensor, carry: Any) -> tuple[torch.Tensor, Any]:
+        return model(inputs, carry)  # log-probabilities of the full distribution, and the next state
+
+    def forward(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
+                need_outputs: bool) -> Forward:
+        state = map_carry(lambda value: value.to(inputs.device), self.state)  # a checkpoint's is on the CPU
+        if need_outputs:
+            log_probs, carry = model(inputs, state)
+            nll = -log_probs.float().gather(-1, targets.unsqueeze(-1))
+            return Forward(log_probs, nll.mean(), carry)
+        nll, carry = model(inputs, state, targets)
+        return Forward(None, nll.float().mean(), carry)
+
+    def commit(self, carry: Any) -> None:
+        self.state = map_carry(torch.Tensor.detach, carry)
+
+    def sums(self, result: Forward, labels: torch.Tensor) -> torch.Tensor:
+        loss = result.loss.detach().double()
+        return torch.stack([loss * labels.numel(), loss.new_zeros(()), loss.new_full((), labels.numel())])
+
+    def metrics(self, loss: float, correct: float, seen: float) -> dict[str, float]:
+        return {"loss": loss, "ppl": math.exp(min(loss, 700.0))}  # exp overflows a float past ~709
+
+    def reset(self) -> None:
+        self.state = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.state = state.get("state")
+
+
 #: The objective of each task kind (``data.tasks.TASK_KINDS``).
-OBJECTIVES: Mapping[str, type[Objective]] = {"classification": ClassificationObjective}
+OBJECTIVES: Mapping[str, type[Objective]] = {"classification": ClassificationObjective,
+                                             "language_model": LanguageModelObjective}
 
 
 def build_objective(train: DictConfig, task: Mapping[str, Any]) -> Objective:

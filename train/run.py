@@ -1,104 +1,99 @@
 """``python train/run.py [overrides]``: train, compress, evaluate and score one MicroNet entry.
 
 The flow of docs/design.md, top to bottom:
-compose + validate the config → the task (data/tasks.py), its data and the model → stage "train" (the
-baseline; skipped when finished, or when ``init=PATH`` is given) → the compress stages in order (each epoch
-evaluated on the validation split, when there is one) → evaluate on the test split, once (exact sums) → gate →
-score → report.json / report.md / TensorBoard → the entry in ``<run dir>/entry``.
+compose + validate the config, then create and lock the run folder (train/cli.py, before the heavy imports) →
+the task (data/tasks.py), its data and the model → stage "train" (the baseline; skipped when finished, or when
+``init=PATH`` is given) → the compress stages in order (each epoch evaluated on the validation split, when there
+is one) → evaluate on the test split, once (exact sums) → gate → score → report.json / report.md / TensorBoard →
+the entry in ``<run dir>/entry``.
 
 Every stage checkpoints each epoch under ``<run dir>/checkpoints/<index>_<stage>/``; re-running the same
-command resumes from the newest good checkpoint, mid-stage included. Under ``torchrun`` only rank 0
-writes. Problems a user can fix print one line, ``error: … ; fix: …``, and no traceback.
+command resumes from the newest good checkpoint, mid-stage included, and re-running a finished run only reprints
+its summary. A refused command writes nothing (train/rundir.py: the folder's lock and record). Under
+``torchrun`` only rank 0 writes. Problems a user can fix print one line, ``error: … ; fix: …``, and no traceback:
+bad config values, a busy, read-only or full run folder, damaged checkpoints, missing data.
 
-Exit status: 0 finished · 2 error · 143 stopped by SIGTERM after saving a checkpoint (re-run to resume).
+Exit status: 0 finished, the entry passes its gate · 2 error (one line) · 3 finished, but the entry fails its
+gate (report and entry written; it does not qualify) · 130 a second Ctrl-C stopped it at once (the last
+checkpoint is intact) · 143 stopped by SIGTERM or Ctrl-C (SIGINT) after saving a checkpoint (re-run to resume).
 """
 from __future__ import annotations
 
-import copy
-import logging
-import signal
 import sys
-import threading
-from contextlib import contextmanager
-from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator
 
 if not __package__:  # run as a file (`python train/run.py`): import the repository's packages, not train/*
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import hydra
-import torch.nn as nn
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
-from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
-from torch.utils.tensorboard import SummaryWriter
+if __name__ == "__main__":  # a config error is one line before the pipeline's imports below (seconds)
+    from train.cli import accept_command_line
 
-import conf
-import models
+    accept_command_line(sys.argv[1:])
+
+import copy  # noqa: E402  (after the early check above, on purpose)
+import logging  # noqa: E402
+import signal  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from functools import cached_property  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
+
+import hydra  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+import models  # noqa: E402
 from compress import DistillTechnique, Stage, apply_compression_state, build_stages, compression_state, \
-    finalize_for_export, mask_zeros
-from compress.stages import BASELINE_STAGE
-from data import DatasetError, Loaders
-from data.tasks import Evaluation
-from scoring import count_model
-from scoring.entry import EntryError, save_entry
-from scoring.report import format_summary, log_report, write_report
-from train import distributed
-from train.build import build_model, data_options, restore_model, task_of
-from train.checkpoint import CheckpointError, load_latest, save_checkpoint
-from train.config import ConfigError, check_same_run, stage_train_config, to_container, validate
-from train.loop import NonFiniteLossError, Trainer, make_deterministic
-from train.objectives import Objective, build_objective
+    finalize_for_export, mask_zeros  # noqa: E402
+from compress.stages import BASELINE_STAGE  # noqa: E402
+from data import DatasetError, Loaders  # noqa: E402
+from data.tasks import Evaluation  # noqa: E402
+from scoring import UnsupportedOpError, count_inputs  # noqa: E402
+from scoring.entry import EntryError, model_spec, save_entry  # noqa: E402
+from scoring.report import format_summary, log_report, write_report  # noqa: E402
+from train import distributed  # noqa: E402
+from train.build import build_model, data_options, restore_model, task_of  # noqa: E402
+from train.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint  # noqa: E402
+from train.cli import CONF_DIR, accept_command_line, fail  # noqa: E402,F401  (CONF_DIR: used by tests)
+from train.config import ConfigError, check_same_run, stage_train_config, to_container, validate  # noqa: E402
+from train.loop import NonFiniteLossError, Trainer, make_deterministic  # noqa: E402
+from train.objectives import Objective, build_objective  # noqa: E402
+from train.rundir import RunLogHandler, finished_report, prepare_run_dir, quiet_thread_write_errors, write_problem, \
+    write_record  # noqa: E402
+from train.smoke import smoke_config, smoke_loaders  # noqa: E402
 
 log = logging.getLogger("micronet.train")
 
-CONF_DIR = str(Path(conf.__file__).resolve().parent)
+GATE_FAILED_EXIT = 3  # finished, but the entry does not qualify: a script must not mistake it for success
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: a second Ctrl-C, no checkpoint taken
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: schedulers see "interrupted", not "finished"
 #: Errors the user can fix; printed as one line.
 USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, DatasetError,
-               models.UnknownModelError, EntryError)
-
-
-def fail(message: str) -> None:
-    """Print one line to stderr and exit with status 2."""
-    print("error: " + " ".join(message.split()), file=sys.stderr)
-    sys.exit(2)
+               models.UnknownModelError, EntryError, UnsupportedOpError)
 
 
 def main() -> None:
-    """Console entry point: check the overrides compose, then hand over to Hydra."""
-    overrides = sys.argv[1:]
-    if not any(arg.startswith("-") for arg in overrides):  # flags (--multirun, --cfg, …): Hydra's own path
-        try:
-            with initialize_config_dir(CONF_DIR, version_base="1.3"):
-                compose("config", overrides=overrides)
-        except (HydraException, OmegaConfBaseException) as err:
-            fail(describe_composition_error(err))
+    """Console entry point: check the command line and prepare the run folder, then hand over to Hydra."""
+    accept_command_line(sys.argv[1:])
     hydra_main()
-
-
-def describe_composition_error(err: Exception) -> str:
-    """Hydra's multi-line composition message (and its omegaconf cause) as one line with a fix."""
-    text = str(err).split("Config search path")[0]
-    cause = err.__cause__
-    if cause is not None:
-        detail = str(cause).splitlines()
-        key = next((line.split(":", 1)[1].strip() for line in detail if "full_key:" in line), None)
-        text += f": {detail[0]}" + (f" (key {key})" if key else "")
-    fix = ("pick one of the available options listed" if "Available options" in text else
-           "correct the override; `python train/run.py --help` lists groups and conf/*.yaml documents each key")
-    return f"{text} ; fix: {fix}"
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    quiet_thread_write_errors()
     try:
         code = run(cfg)
     except USER_ERRORS as err:
         fail(str(err))
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one asks for a checkpoint, see stop_signals)
+        fail("stopped at once by a second Ctrl-C, without a new checkpoint; the last saved one is intact ; fix: "
+             "re-run the same command to resume", INTERRUPTED_EXIT)
+    except Exception as err:  # a full disk or a read-only folder, wherever it shows: one line; anything else is a bug
+        problem = write_problem(err)
+        if problem is None:
+            raise
+        fail(f"{problem[0]} ; fix: {problem[1]}")
     finally:
         distributed.teardown()
     if code:
@@ -106,14 +101,31 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> int:
-    """The whole pipeline for one composed config; returns the exit status."""
+    """The whole pipeline for one composed config; returns the exit status. From the start, SIGTERM and SIGINT
+    ask it to stop at the next checkpoint (:func:`stop_signals`)."""
+    with stop_signals() as stop:
+        return _pipeline(cfg, stop)
+
+
+def _pipeline(cfg: DictConfig, stop: StopRequest) -> int:
     validate(cfg, models.list_models())
     ctx = distributed.setup(cfg.device)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if ctx.is_main:
+        prepare_run_dir(run_dir)  # locked until this process ends (already done when main() checked the command)
+        log.info("run folder: %s", run_dir)
+    if cfg.smoke:
+        cfg = smoke_config(cfg)
+    report = finished_report(run_dir, to_container(cfg))
+    if report is not None:  # nothing to do: reprint, write nothing
+        if ctx.is_main:
+            reprint(report, cfg, run_dir)
+        return exit_status(report)
     # Each rank its own random streams (dropout, drop-path); DDP starts every rank from rank 0's weights.
     make_deterministic(cfg.seed + ctx.rank, ctx.device)
-    session = Session(cfg, ctx, Path(HydraConfig.get().runtime.output_dir))
+    session = Session(cfg, ctx, run_dir)
 
     if cfg.init:
         model = session.load_init(cfg.init)
@@ -131,22 +143,54 @@ def run(cfg: DictConfig) -> int:
         objectives = [build_objective(recipe, session.config["task"]) for recipe in recipes]
     with reported_as_config_error(compress_fix):
         rehearse_attach(model, stages, steps_per_epoch=len(session.loaders.train))
+    session.check_score_examples()
     model.to(ctx.device)
 
-    with session, sigterm_flag() as preempted:
+    session.accept(HydraConfig.get().overrides.task)
+    with session:
         for stage, recipe, objective in zip(stages, recipes, objectives):
-            if not session.run_stage(stage, recipe, objective, model, should_stop=preempted):
-                log.warning("SIGTERM: checkpoint saved in stage '%s'; re-run the same command to resume",
-                            stage.name)
+            if not session.run_stage(stage, recipe, objective, model, should_stop=stop):
+                log.warning("%s: stopped in stage '%s' with its progress checkpointed; re-run the same command to "
+                            "resume", stop.signal, stage.name)
                 return PREEMPTED_EXIT
+        if stop():  # every stage is saved; the final evaluation runs again on the next start
+            log.warning("%s: stopped before the final evaluation; re-run the same command to finish", stop.signal)
+            return PREEMPTED_EXIT
         # Evaluate and score exactly what the entry will hold (masks baked in, quantizers frozen). The test split
         # is read here, once.
         finalize_for_export(model)
         validation = session.evaluate(model, "val")
         result = session.evaluate(model, "test")
-        if ctx.is_main:
-            session.finish(model, result, validation)
-    return 0
+        report = session.finish(model, result, validation) if ctx.is_main else None
+        passed = distributed.all_gather_object(report["gate_passed"] if report is not None else None)[0]
+    if cfg.smoke:
+        log.warning("smoke run: every stage was cut to %d epoch(s) of a few batches; its numbers are not an "
+                    "entry's", cfg.train.epochs)
+    return 0 if passed else GATE_FAILED_EXIT
+
+
+def exit_status(report: dict[str, Any]) -> int:
+    """0 for a finished run whose entry passes its gate, :data:`GATE_FAILED_EXIT` for one that does not."""
+    return 0 if report["gate_passed"] else GATE_FAILED_EXIT
+
+
+def reprint(report: dict[str, Any], cfg: DictConfig, run_dir: Path) -> None:
+    """A finished run's summary again; a note where this command asks for a count the report does not have."""
+    print(format_summary(report))
+    log.info("run already finished in %s: its summary above is reprinted; nothing was written", run_dir)
+    asked = {"examples": cfg.score.examples, "accumulator_bits": cfg.score.accumulator_bits}
+    if cfg.score.freebie != "auto":
+        asked["freebie"] = bool(cfg.score.freebie)
+    differ = [f"score.{key}={value} (the report has {report.get(key)})" for key, value in asked.items()
+              if report.get(key) != value]
+    if differ:
+        log.warning("this command asks for %s, but a finished run is not counted again; recount it with "
+                    "`python -m scoring %s --examples N`, or train a new run", ", ".join(differ), run_dir)
+
+
+def _model_inputs(spec: dict[str, Any]) -> dict[str, Any]:
+    """What a registry model was told about its task: class count and keyword arguments (in_chans, ...)."""
+    return {"num_classes": spec["num_classes"], **spec["kwargs"]}
 
 
 def rehearse_attach(model: nn.Module, stages: list[Stage], *, steps_per_epoch: int) -> None:
@@ -170,15 +214,35 @@ def reported_as_config_error(fix: str) -> Iterator[None]:
         raise ConfigError(str(err), fix) from None
 
 
+class StopRequest:
+    """Set by SIGTERM or SIGINT while :func:`stop_signals` is active; calling it says whether a stop was asked."""
+
+    def __init__(self) -> None:
+        #: Name of the first stop signal received ("SIGTERM", "SIGINT"), or None.
+        self.signal: str | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
 @contextmanager
-def sigterm_flag() -> Iterator[Callable[[], bool]]:
-    """While active, SIGTERM (cluster preemption) sets a flag the loop polls, instead of killing the process."""
-    requested = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
+def stop_signals() -> Iterator[StopRequest]:
+    """While active, SIGTERM (cluster preemption) and SIGINT (Ctrl-C) ask the loop to checkpoint and stop, instead
+    of killing the process; a second SIGINT interrupts at once (KeyboardInterrupt), for whoever will not wait.
+    (DataLoader workers ignore both: see data/workers.py.)"""
+    request = StopRequest()
+
+    def handle(signum: int, frame: Any) -> None:
+        if request() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        request.signal = request.signal or signal.Signals(signum).name
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield requested.is_set
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        yield request
+    finally:  # once stopped, the process is on its way out: a late signal has nothing left to ask
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_IGN if request() else handler)
 
 
 class Session:
@@ -186,7 +250,7 @@ class Session:
 
     def __init__(self, cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> None:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
-        self.writer = SummaryWriter(run_dir / "tensorboard") if ctx.is_main else None
+        self.log_handler: RunLogHandler | None = None
         self.config = to_container(cfg)
         self.task = task_of(cfg)
         # Stage folders by name, in run order: index 0 is the baseline, compress stages follow.
@@ -197,18 +261,52 @@ class Session:
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc_info: Any) -> None:
+        writer = self.__dict__.get("writer")
+        try:
+            if writer is not None:
+                writer.close()
+        except OSError:
+            if kind is None:  # a full disk shows here too; it must not hide the error already on its way out
+                raise
+        finally:
+            if self.log_handler is not None:
+                logging.getLogger().removeHandler(self.log_handler)
+                self.log_handler.close()
+
+    @cached_property
+    def writer(self) -> SummaryWriter | None:
+        """TensorBoard's writer (rank 0), created on first use: a command that trains nothing adds no event file."""
+        return SummaryWriter(self.run_dir / "tensorboard") if self.ctx.is_main else None
+
+    def accept(self, overrides: list[str]) -> None:
+        """The run passed every check: record its command line (once per folder) and log to run.log (rank 0)."""
+        if self.ctx.is_main:
+            write_record(self.run_dir, list(overrides), self.config)
+            self.log_handler = RunLogHandler(self.run_dir)
+            logging.getLogger().addHandler(self.log_handler)
 
     @cached_property
     def loaders(self) -> Loaders:
-        """The task's training, validation and test loaders, built on first use."""
+        """The task's training, validation and test loaders, built on first use (a few batches each when smoke)."""
         cfg = self.cfg
         with reported_as_config_error("adjust the train.* / data.* / task.augment value it names"):
-            return self.task.loaders(data_options(cfg, self.ctx), batch_size=cfg.train.batch_size,
-                                     eval_batch_size=cfg.train.eval_batch_size, seed=cfg.seed,
-                                     distributed=self.ctx.distributed, device=self.ctx.device)
+            loaders = self.task.loaders(data_options(cfg, self.ctx), batch_size=cfg.train.batch_size,
+                                        eval_batch_size=cfg.train.eval_batch_size, seed=cfg.seed,
+                                        distributed=self.ctx.distributed, device=self.ctx.device)
+        return smoke_loaders(loaders, world_size=self.ctx.world_size) if cfg.smoke else loaders
+
+    def check_score_examples(self) -> None:
+        """Refuse now a ``score.examples`` the test split cannot give the scorer (rank 0 counts its share), rather
+        than count fewer at the end without a word. A token stream's examples are bounded by its task."""
+        size = getattr(self.loaders.test, "dataset_size", None)
+        if self.task.example != "image" or size is None:
+            return
+        available = -(-size // self.ctx.world_size)
+        if self.cfg.score.examples > available:
+            raise ConfigError(f"score.examples={self.cfg.score.examples} but the {self.task.name} test split has "
+                              f"{available} examples" + (" per process" if self.ctx.distributed else ""),
+                              f"pass score.examples={available} or fewer")
 
     def evaluate(self, model: nn.Module, split: str) -> Evaluation | None:
         """The task's exact evaluation of ``model`` on ``split`` ("val" or "test"); None when there is no such split."""
@@ -221,7 +319,8 @@ class Session:
 
         Returns False when stopped by SIGTERM (after saving a checkpoint)."""
         directory = self.stage_dirs[stage.name]
-        saved = load_latest(directory)
+        found = latest_checkpoint(directory)
+        saved = None if found is None else found[1]
         if saved is not None:
             check_same_run(saved["config"], self.config, directory)
             apply_compression_state(model, saved["compression"])
@@ -229,6 +328,13 @@ class Session:
                 model.load_state_dict(saved["model"])
                 log.info("stage '%s' already finished (%s)", stage.name, directory)
                 return True
+        if should_stop():  # asked before this stage trained a step: its last checkpoint (if any) is current
+            return False
+        if found is not None:
+            log.info("stage '%s': resuming from %s (epoch %d/%d, %d batches into it)", stage.name, found[0],
+                     saved["epoch"] + 1, train_cfg.epochs, saved["batches_done"])
+        else:
+            log.info("stage '%s': %d epochs of %d steps", stage.name, train_cfg.epochs, len(self.loaders.train))
         trainer = Trainer(model, train_cfg, techniques=stage.techniques, loader=self.loaders.train, ctx=self.ctx,
                           objective=objective, writer=self.writer, tag=stage.name)
         if saved is not None:
@@ -250,6 +356,8 @@ class Session:
             if trainer.epoch == train_cfg.epochs:
                 trainer.finish()
             self.save(directory, trainer, finished=trainer.epoch == train_cfg.epochs)
+            if should_stop() and trainer.epoch < train_cfg.epochs:  # asked during the epoch's evaluation
+                return False
         return True
 
     def save(self, directory: Path, trainer: Trainer, *, finished: bool) -> None:
@@ -265,9 +373,20 @@ class Session:
 
         Weights an entry stores as exact zeros (pruned, masks baked in) get their masks back, so they stay pruned."""
         model, config = restore_model(path)
+        trained_on = config["task"]["name"]
+        if trained_on != self.task.name:
+            raise ConfigError(f"init={path} was trained on task {trained_on}, and this run is task={self.task.name}",
+                              f"pass task={trained_on}, or an init= run of task {self.task.name}")
         if config["model"]["name"] != self.cfg.model.name:
             raise ConfigError(f"init={path} holds a {config['model']['name']} model, not {self.cfg.model.name}",
                               f"pass model={config['model']['name']}")
+        theirs, ours = (_model_inputs(model_spec(c)) for c in (config, self.config))
+        differ = [f"{key}={theirs.get(key)!r} where this run needs {ours.get(key)!r}"
+                  for key in sorted(theirs.keys() | ours.keys()) if theirs.get(key) != ours.get(key)]
+        if differ:
+            raise ConfigError(f"init={path} holds a model built with {', '.join(differ)}",
+                              "use the task.* and model.kwargs of the init run, or train a new baseline")
+        log.info("init: starting from the model in %s", path)
         masked = mask_zeros(model)
         if masked:
             log.info("init: the zero weights of %s stay pruned (masked)", ", ".join(masked))
@@ -296,22 +415,26 @@ class Session:
         elif spec in self.stage_dirs:
             spec = str(self.stage_dirs[spec])
         teacher, _ = restore_model(spec)
+        log.info("distillation teacher: the model in %s", spec)
         return teacher.to(self.ctx.device).eval().requires_grad_(False)
 
-    def finish(self, model: nn.Module, result: Evaluation, validation: Evaluation | None) -> None:
-        """Score, gate verdict (decided by write_report), report and entry for the final model (rank 0)."""
+    def finish(self, model: nn.Module, result: Evaluation, validation: Evaluation | None) -> dict[str, Any]:
+        """Score, gate verdict (decided by write_report), report and entry for the final model (rank 0); returns
+        the report. The entry is written last: a run dir with ``entry/entry.json`` has finished."""
         cfg = self.cfg
-        inputs = self.task.score_inputs(self.loaders.test, cfg.score.examples, self.ctx.device)
-        count = count_model(model.eval(), inputs, accumulator_bits=cfg.score.accumulator_bits,
-                            freebie=None if cfg.score.freebie == "auto" else bool(cfg.score.freebie))
+        inputs = self.task.score_inputs(self.loaders.test, cfg.score.examples, self.ctx.device, model)
+        count = count_inputs(model.eval(), inputs, accumulator_bits=cfg.score.accumulator_bits,
+                             freebie=None if cfg.score.freebie == "auto" else bool(cfg.score.freebie))
         report = write_report(self.run_dir, task=cfg.task.name, count=count, evaluation=result.to_dict(),
                               validation=validation.to_dict() if validation is not None else None,
+                              example=self.task.example,
                               extra={"model": cfg.model.name, "compress": cfg.compress.name, "seed": cfg.seed})
         if self.writer is not None:
             log_report(self.writer, report, step=0)
         print(format_summary(report))
         save_entry(self.run_dir / "entry", model, config=self.config)
         log.info("entry written to %s", self.run_dir / "entry")
+        return report
 
 
 if __name__ == "__main__":

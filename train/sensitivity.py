@@ -61,7 +61,7 @@ from compress.base import matches, weight_layers
 from compress.quantization import ActivationQuantizer
 from data import Loaders
 from data.tasks import Evaluation, Task
-from scoring import Count, count_model
+from scoring import Count, count_inputs
 from scoring.entry import atomic_write
 from scoring.gate import PERPLEXITY, TOP1
 from scoring.rules import score_terms
@@ -198,7 +198,7 @@ class Probe:
             loaders.train.set_epoch(0)
         #: The first training batches of epoch 0 (inputs only), kept for every calibration.
         self.calibration = [inputs.to(device) for inputs, _ in itertools.islice(loaders.train, calibration_batches)]
-        self.score_inputs = task.score_inputs(loaders.val, score_examples, device)
+        self.score_inputs = task.score_inputs(loaders.val, score_examples, device, self.model)
         score = config.get("score", {})
         self.accumulator_bits = int(score.get("accumulator_bits", 32))
         #: The count modes the run allows: ``score.freebie=false`` never claims the freebie.
@@ -255,7 +255,7 @@ class Probe:
 
     def count(self, model: nn.Module, freebie: bool) -> Count:
         """The scorer's count of ``model`` on the validation inputs, as the run counts (accumulator width)."""
-        return count_model(model.eval(), self.score_inputs, accumulator_bits=self.accumulator_bits, freebie=freebie)
+        return count_inputs(model.eval(), self.score_inputs, accumulator_bits=self.accumulator_bits, freebie=freebie)
 
 
 def grid(bits: Sequence[int | None], sparsity: Sequence[float]) -> list[Setting]:

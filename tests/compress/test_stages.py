@@ -9,8 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from compress import DistillTechnique, PruneTechnique, QuantizeTechnique, build_stages
+from compress import TECHNIQUES, DistillTechnique, PruneTechnique, QuantizeTechnique, Technique, build_stages, \
+    register_technique
 from compress.distillation import distillation_loss
+from compress.stages import rescale_stages
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -53,8 +55,13 @@ def test_conf_compress_files_build_with_epochs_from_the_train_config(name: str):
 def test_experiment_recipes_build_and_are_marked_unreproduced(path: Path):
     text = path.read_text()
     assert text.startswith("# @package _global_") and "NOT YET REPRODUCED HERE" in text
-    stages = build_stages(OmegaConf.load(path).compress, load_teacher=no_teacher)
-    assert [type(t) for t in stages[0].techniques] == [PruneTechnique, DistillTechnique]
+    recipe = OmegaConf.load(path)
+    for stage in recipe.compress.stages:  # a teacher the user must name (a path) is given here
+        if "distill" in stage and OmegaConf.is_missing(stage.distill, "teacher"):
+            stage.distill.teacher = "/runs/teacher"
+    stages = build_stages(recipe.compress, load_teacher=no_teacher)
+    kinds = [[type(t) for t in stage.techniques] for stage in stages]
+    assert [PruneTechnique, DistillTechnique] in kinds  # every recipe prunes while it distils
     assert stages[-1].techniques[0].method == "lsq" and "lr" in stages[-1].overrides
 
 
@@ -160,3 +167,49 @@ def test_teacher_must_not_be_the_student():
     technique = DistillTechnique({}, load_teacher=lambda spec: model, where="compress.stages[0].distill")
     with pytest.raises(ValueError, match="the teacher 'baseline' is the student model itself"):
         technique.attach(model)
+
+
+class _Freeze(Technique):
+    """A technique defined outside compress/: registered, it is a stage key like the built-in ones."""
+
+    name, order = "freeze_test", 5  # before prune (10)
+
+    def __init__(self, cfg, *, stage_epochs: int, where: str) -> None:
+        self.cfg, self.stage_epochs, self.where = cfg, stage_epochs, where
+
+
+def test_a_registered_technique_is_a_stage_key_built_in_its_order(monkeypatch):
+    monkeypatch.setitem(TECHNIQUES, _Freeze.name, _Freeze)
+    stage, = build_stages({"name": "x", "stages": [{"name": "s", "epochs": 3, "prune": {"final_sparsity": 0.5},
+                                                    "freeze_test": {"layers": ["conv1"]}, "lr": 0.01}]},
+                          load_teacher=no_teacher)
+    assert [type(t) for t in stage.techniques] == [_Freeze, PruneTechnique] and stage.overrides == {"lr": 0.01}
+    assert stage.techniques[0].cfg == {"layers": ["conv1"]} and stage.techniques[0].where == "compress.stages[0].freeze_test"
+    with pytest.raises(ValueError, match="technique name 'prune' is taken"):
+        register_technique(type("Again", (Technique,), {"name": "prune"}))
+    assert sorted(TECHNIQUES) == ["distill", "freeze_test", "prune", "quantize"]
+
+
+def test_shortened_stages_keep_the_shape_of_their_schedules():
+    """The CIFAR-100 recipe's positions are epochs of 200- and 120-epoch stages; shortened to 1 epoch they become
+    the same fractions: pruning ends at 120/200, every 2/200; BN statistics freeze at 100/120."""
+    recipe = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / "cifar100_prune_q4_distill.yaml").compress)
+    short = rescale_stages(recipe, 1)
+    prune, q4 = short["stages"]
+    assert (prune["epochs"], q4["epochs"]) == (1, 1)
+    assert {k: prune["prune"][k] for k in ("unit", "start", "end", "frequency")} == \
+        {"unit": "fraction", "start": 0.0, "end": 120 / 200, "frequency": 2 / 200}
+    assert {k: q4["quantize"][k] for k in ("unit", "freeze_bn", "freeze_observers")} == \
+        {"unit": "fraction", "freeze_bn": 100 / 120, "freeze_observers": 110 / 120}
+    assert prune["distill"] == recipe["stages"][0]["distill"] and prune["lr"] == 0.05  # the rest as written
+    assert recipe["stages"][0]["prune"]["unit"] == "epoch"  # the original is not modified
+    assert [s.epochs for s in build_stages(short, load_teacher=no_teacher)] == [1, 1]
+    unchanged = compose_compress("prune_q8", train_epochs=15)  # fractions already: only the epochs change
+    assert rescale_stages(unchanged, 1)["stages"][0]["prune"] == unchanged["stages"][0]["prune"]
+
+
+def test_positions_in_steps_cannot_be_rescaled():
+    steps = {"name": "x", "stages": [{"name": "p", "epochs": 4, "prune": {"final_sparsity": 0.5, "unit": "step",
+                                                                           "start": 0, "end": 100, "frequency": 10}}]}
+    with pytest.raises(ValueError, match=r"compress.stages\[0\].prune.unit='step': a shortened stage cannot rescale"):
+        rescale_stages(steps, 1)

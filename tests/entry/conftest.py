@@ -1,5 +1,6 @@
 """Fixtures for entry tests: a digits run config, a pruned + quantized model, a finished run dir, its exported
-bundle, and a pickle that creates a marker file when (and only when) something unpickles it."""
+bundle (also one per session, to copy), and a pickle that creates a marker file when (and only when) something
+unpickles it."""
 from __future__ import annotations
 
 import json
@@ -33,7 +34,7 @@ STEPS = 3
 def run_config() -> dict:
     """The resolved config of a digits run compressed with :data:`PRUNE_Q4` (as train/run.py saves it)."""
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["task=digits", "device=cpu", "data.num_workers=0", "score.examples=64"])
+        cfg = compose("config", overrides=["task=digits", "device=cpu", "data.num_workers=0"])
     config = to_container(cfg)
     config["compress"] = PRUNE_Q4
     return config
@@ -65,11 +66,9 @@ def compressed_model() -> torch.nn.Module:
     return make_compressed_model()
 
 
-@pytest.fixture
-def run_dir(tmp_path: Path, run_config: dict, compressed_model: torch.nn.Module) -> Path:
-    """A finished run dir as train/run.py leaves it: entry/, report.json, report.md."""
-    directory = tmp_path / "run"
-    save_entry(directory / "entry", compressed_model, config=run_config)
+def finish_run(directory: Path, model: torch.nn.Module, config: dict) -> Path:
+    """Write a finished run dir as train/run.py leaves it: entry/, report.json, report.md."""
+    save_entry(directory / "entry", model, config=config)
     report = recount(load_entry(directory), device="cpu")
     (directory / REPORT_JSON).write_text(json.dumps(report, indent=2))
     (directory / REPORT_MD).write_text(markdown(report))
@@ -77,10 +76,27 @@ def run_dir(tmp_path: Path, run_config: dict, compressed_model: torch.nn.Module)
 
 
 @pytest.fixture
+def run_dir(tmp_path: Path, run_config: dict, compressed_model: torch.nn.Module) -> Path:
+    """A finished run dir as train/run.py leaves it: entry/, report.json, report.md."""
+    return finish_run(tmp_path / "run", compressed_model, run_config)
+
+
+@pytest.fixture
 def bundle(run_dir: Path, tmp_path: Path) -> Path:
     """The bundle ``python -m scoring.export`` makes of :func:`run_dir`."""
     out = tmp_path / "bundle"
-    assert export.main([str(run_dir), "--out", str(out)]) == 0
+    assert export.main([str(run_dir), "--out", str(out), "--allow-gate-failure"]) == 0  # an untrained model
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(tmp_path_factory: pytest.TempPathFactory, run_config: dict,
+                    compressed_model: torch.nn.Module) -> Path:
+    """One exported bundle for the whole session, never changed: tests that alter a bundle copy it first."""
+    root = tmp_path_factory.mktemp("exported")
+    out = root / "bundle"
+    assert export.main([str(finish_run(root / "run", compressed_model, run_config)), "--out", str(out),
+                        "--allow-gate-failure"]) == 0
     return out
 
 

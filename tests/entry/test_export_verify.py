@@ -11,6 +11,7 @@ import pytest
 
 from scoring import export, verify
 from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, load_entry, write_manifest
+from tests.conftest import HANG
 
 from .conftest import plant_pickle
 
@@ -56,17 +57,17 @@ def test_train_command_comes_from_hydra_overrides(run_dir, tmp_path):
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "overrides.yaml").write_text(
         "- task=digits\n- compress=prune_q8\n- train.epochs=3\n- hydra.run.dir=/tmp/somewhere\n")
-    assert export.main([str(run_dir), "--out", str(tmp_path / "b")]) == 0
+    assert export.main([str(run_dir), "--out", str(tmp_path / "b"), "--allow-gate-failure"]) == 0
     assert "    python train/run.py task=digits compress=prune_q8 train.epochs=3\n" in \
         (tmp_path / "b" / "WRITEUP.md").read_text()
 
 
 def test_existing_bundle_needs_force(bundle, run_dir, capsys):
     (bundle / "WRITEUP.md").write_text("old")
-    assert export.main([str(run_dir), "--out", str(bundle)]) == 2
+    assert export.main([str(run_dir), "--out", str(bundle), "--allow-gate-failure"]) == 2
     assert "already exists; choose another --out or pass --force" in capsys.readouterr().err
     assert (bundle / "WRITEUP.md").read_text() == "old"
-    assert export.main([str(run_dir), "--out", str(bundle), "--force"]) == 0
+    assert export.main([str(run_dir), "--out", str(bundle), "--force", "--allow-gate-failure"]) == 0
     assert (bundle / "WRITEUP.md").read_text().startswith("# MicroNet entry: digits")
 
 
@@ -76,7 +77,7 @@ def test_failed_export_leaves_nothing(run_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(export, "writeup", broken)
     with pytest.raises(OSError, match="disk full"):
-        export.export(run_dir, tmp_path / "out" / "bundle")
+        export.export(run_dir, tmp_path / "out" / "bundle", allow_gate_failure=True)
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -92,24 +93,38 @@ def test_unfinished_run_dir_says_what_to_run(run_dir, tmp_path, capsys, remove, 
         target.rmdir()
     else:
         target.unlink()
-    assert export.main([str(run_dir), "--out", str(tmp_path / "b")]) == 2
+    assert export.main([str(run_dir), "--out", str(tmp_path / "b"), "--allow-gate-failure"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert re.search(expected, err)
     assert not (tmp_path / "b").exists()
 
 
+def test_a_run_that_fails_its_gate_is_not_exported_unless_asked_and_its_writeup_says_so(run_dir, tmp_path, capsys):
+    summary = json.loads((run_dir / "report.json").read_text())["gate"]["summary"]
+    assert summary.startswith("gate FAILED")
+    assert export.main([str(run_dir), "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err == (f"error: {run_dir} does not qualify ({summary}); an entry must pass its gate: "
+                                       "train further, or pass --allow-gate-failure to export it anyway for "
+                                       "inspection\n")
+    assert not (tmp_path / "b").exists()
+    assert export.main([str(run_dir), "--out", str(tmp_path / "b"), "--allow-gate-failure"]) == 0
+    assert "**This run fails its gate: it does not qualify.**" in (tmp_path / "b" / "WRITEUP.md").read_text()
+
+
 def test_verify_accepts_an_untouched_bundle(bundle, capsys):
     assert verify.main([str(bundle), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "verified: all" in out and "DIFFERS" not in out
-    assert out.splitlines()[0] == f"integrity: all 5 files match {bundle / MANIFEST_FILE}"
     report = json.loads((bundle / "report.json").read_text())
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:-1]}
+    # The first line says whether the entry qualifies, as recounted: this untrained one does not.
+    assert out.splitlines()[0] == f"DOES NOT QUALIFY: {report['gate']['summary']}"
+    assert out.splitlines()[1] == f"integrity: all 5 files match {bundle / MANIFEST_FILE}"
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[3:-1]}
     assert rows["correct"] == [str(report["correct"]), str(report["correct"]), "ok"]
     assert rows["ops"] == [repr(report["ops"]), repr(report["ops"]), "ok"]
     assert not [name for name in rows if name.startswith("layers[")]  # agreeing layer fields are not listed
-    assert out.splitlines()[-1] == (f"verified: all {7 * len(report['layers']) + 13} fields agree with "
+    assert out.splitlines()[-1] == (f"verified: all {7 * len(report['layers']) + 14} fields agree with "
                                     f"{bundle / 'report.json'}")
 
 
@@ -124,7 +139,7 @@ def test_verify_refuses_an_edited_report_with_a_diff_table(bundle, capsys, field
     edit_report(bundle, edit)
     assert verify.main([str(bundle), "--device", "cpu"]) == 1
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines()[1:]]  # after the integrity line: the edit was resealed
+    rows = [line.split() for line in out.splitlines()[2:]]  # after the verdict and integrity lines (resealed)
     assert rows[0] == ["field", "reported", "recounted", "status"]
     differing = [row for row in rows[1:-1] if row[-1] == "DIFFERS"]
     assert [row[0] for row in differing] == [field]
@@ -147,7 +162,7 @@ def test_scoring_cli_refuses_a_planted_pickle_in_a_fresh_process(bundle, tmp_pat
     plant_pickle(bundle / "entry" / WEIGHTS_FILE, marker, torch_archive=False)
     write_manifest(bundle)
     done = subprocess.run([sys.executable, "-m", "scoring", "verify", str(bundle), "--device", "cpu"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and "is not a safetensors file" in done.stderr
     assert "Traceback" not in done.stderr

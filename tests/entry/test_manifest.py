@@ -10,6 +10,7 @@ import pytest
 
 from scoring import verify
 from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, EntryError, check_manifest, write_manifest
+from tests.conftest import HANG
 
 
 def sha256sum_check(bundle: Path) -> subprocess.CompletedProcess:
@@ -17,7 +18,7 @@ def sha256sum_check(bundle: Path) -> subprocess.CompletedProcess:
     program = shutil.which("sha256sum")
     assert program, "sha256sum (GNU coreutils) is required by this test"
     return subprocess.run([program, "-c", "--strict", MANIFEST_FILE], cwd=bundle, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=HANG)
 
 
 def statuses(out: str) -> dict[str, str]:
@@ -48,9 +49,9 @@ def test_manifest_lists_every_file_and_sha256sum_accepts_it(bundle):
 
 
 def edit_one_byte(path: Path) -> None:
-    """Change one digit of the file: ``"examples": 64`` becomes ``"examples": 54`` (still valid JSON)."""
+    """Change one digit of the file: ``"examples": 256`` becomes ``"examples": 556`` (still valid JSON)."""
     data = path.read_bytes()
-    at = data.index(b'"examples": 64') + len(b'"examples": ')
+    at = data.index(b'"examples": 256') + len(b'"examples": ')
     path.write_bytes(data[:at] + b"5" + data[at + 1:])
 
 

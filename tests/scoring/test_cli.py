@@ -33,6 +33,24 @@ def test_input_size_and_classes_can_be_overridden(capsys):
     assert "| fc | Linear | 1,795.50 | 3,584 | 3,584 |" in out  # (512·7 weights + 7 biases) · 16/32
 
 
+def test_a_language_model_is_counted_per_token_on_zipf_tokens_after_its_memory(tmp_path, capsys):
+    from data.streams import zipf_tokens
+    from scoring import count_stream
+
+    assert main(["--model", "lstm_lm", "--task", "wikitext_demo", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("lstm_lm on wikitext_demo (64 Zipf-distributed tokens fed on-line after 0 that fill its "
+                          "memory, untrained)")
+    report = json.loads((tmp_path / "r.json").read_text())
+    tokens = torch.from_numpy(zipf_tokens(64, 13_329).astype("int64"))
+    fresh = count_stream(create_model("lstm_lm", num_classes=13_329), tokens)
+    assert (report["params"], report["ops"], report["example"], report["examples"]) == (
+        fresh.params, fresh.ops, "token", 64)
+    assert "per token" in report["project_rules"]
+    assert main(["--model", "lstm_lm", "--task", "wikitext_demo", "--input-size", "8"]) == 2
+    assert "--input-size does not apply" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_unknown_model_is_one_line_and_exit_2():
     result = subprocess.run([sys.executable, "-m", "scoring", "--model", "nope", "--task", "digits"],
@@ -44,7 +62,7 @@ def test_unknown_model_is_one_line_and_exit_2():
 
 def test_unknown_task_is_one_line_and_exit_2(capsys):
     assert main(["--model", "digits_cnn", "--task", "mnist"]) == 2
-    assert capsys.readouterr().err == "python -m scoring: error: unknown task 'mnist'; choose one of: cifar100, digits, imagenet\n"
+    assert capsys.readouterr().err == "python -m scoring: error: unknown task 'mnist'; choose one of: cifar100, digits, imagenet, wikitext103, wikitext_demo\n"
 
 
 def test_verify_and_paths_dispatch_to_the_verifier(monkeypatch, tmp_path):
@@ -55,3 +73,11 @@ def test_verify_and_paths_dispatch_to_the_verifier(monkeypatch, tmp_path):
     assert main(["verify", "bundle", "--data-root", "d"]) == 0
     assert main([str(tmp_path), "--data-root", "d"]) == 0
     assert calls == [("verify", ["bundle", "--data-root", "d"]), ("score", [str(tmp_path), "--data-root", "d"])]
+
+
+@pytest.mark.parametrize("flag", ["--input-size", "--num-classes"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_a_size_that_is_not_positive_is_one_line_and_exit_2(capsys, flag, value):
+    """`--input-size 0` used to count at the task's size (8) without a word."""
+    assert main(["--model", "digits_cnn", "--task", "digits", flag, value]) == 2
+    assert capsys.readouterr().err == f"python -m scoring: error: {flag} {value} must be > 0 (omit it for the task's own)\n"

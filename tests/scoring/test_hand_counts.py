@@ -92,9 +92,10 @@ def test_a_pruned_grouped_conv_counts_each_output_channel_over_its_own_nonzeros(
     count = count_model(conv, torch.randn(1, 4, 5, 5), freebie=False)
     # nonzeros 108 - 18 - 3 = 87: sparse (87·32 + 108 mask bits = 2,892) beats dense (3,456); + 6 biases · 32.
     assert count.param_bits == 87 * 32 + 108 + 6 * 32
-    # 25 outputs per channel: mults 87·25 = 2,175; adds: channel 0 none (empty dot product), channel 1
-    # 14·25, channels 2..5 17·25 each, + 6·25 bias adds = 350 + 1,700 + 150.
-    assert (count.mults, count.adds) == (2175, 2200)
+    # 25 outputs per channel: mults 87·25 = 2,175; adds (L-1 + 1 for the bias per output): channel 0 is its
+    # constant bias, no additions (the official (0-1)·25 + 25 = 0); channel 1 (14 + 1)·25, channels 2..5
+    # (17 + 1)·25 each = 375 + 1,800.
+    assert (count.mults, count.adds) == (2175, 2175)
     assert count.layers[0]["sparsity"] == pytest.approx(21 / 108)
 
 

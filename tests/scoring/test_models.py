@@ -77,6 +77,18 @@ def test_digits_baseline_constants_equal_a_fresh_count():
     assert count.score("digits") == 2.0
 
 
+def test_wikitext_demo_baseline_constants_equal_a_fresh_count():
+    import numpy as np
+
+    from data.wikitext_demo import load_wikitext_demo
+    from scoring import count_stream
+
+    tokens = torch.from_numpy(np.asarray(load_wikitext_demo().test[:256], dtype=np.int64))
+    count = count_stream(create_model("lstm_lm", num_classes=13_329), tokens, freebie=False)
+    assert (count.params, count.ops) == (BASELINES["wikitext_demo"].params, BASELINES["wikitext_demo"].ops)
+    assert count.score("wikitext_demo") == 2.0 and count.examples == 256
+
+
 @pytest.mark.slow
 def test_mobilenetv2_140_ops_are_close_to_the_imagenet_baseline_constant():
     # The organizers' constants are not recounts, but the ops of their baseline must land near ours

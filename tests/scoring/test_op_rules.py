@@ -269,3 +269,38 @@ def test_transformer_block_traced_equals_the_op_list(causal):
     count = count_model(Block(causal), torch.randn(3, 4, 8), freebie=False)
     assert (count.param_bits, count.mults, count.adds) == (expected.param_bits, expected.mults, expected.adds)
     assert count.ops == expected.ops
+
+
+# --- masks, selects, bitwise ops ----------------------------------------------------------------------------
+def test_bitwise_ops_on_computed_values_count_and_selects_cost_one_op():
+    # (x > 0) & (x < 1) on 10 floats: 2 comparisons + 1 bitwise and per element (multiplies): 30
+    assert _counts(Fn(lambda x: (x > 0) & (x < 1)), 1, 10) == (30, 0)
+    # a select by a fixed mask (a causal mask from arange): 1 op per output element, counted as an addition
+    causal = Fn(lambda x: x.masked_fill(torch.arange(4)[None] > torch.arange(4)[:, None], float("-inf")))
+    assert _counts(causal, 1, 4, 4) == (0, 16)
+    assert _counts(Fn(lambda x: torch.where(x > 0, x, 0.5 * x)), 1, 10) == (10 + 10, 10)  # >, 0.5·x; the select
+
+
+def test_ops_on_token_ids_are_address_arithmetic():
+    class Cluster(nn.Module):
+        def forward(self, tokens):  # the masks and offsets of an adaptive input
+            mask = (tokens >= 4) & (tokens < 10)
+            return tokens[mask] - 4, mask.sum()
+
+    count = count_model(Cluster(), torch.tensor([[1, 5, 7, 12]]))
+    assert (count.mults, count.adds) == (0, 0)
+    assert "(index arithmetic)" in count.project_rules
+
+    class Gather(nn.Module):  # the registered adaptive input's pattern: nonzero positions, rows written back
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(20, 3))
+
+        def forward(self, tokens):
+            flat = tokens.reshape(-1)
+            rows = (flat >= 4).nonzero().squeeze(1)
+            out = torch.zeros(flat.numel(), 3)
+            return out.index_copy_(0, rows, torch.nn.functional.embedding(flat[rows] - 4, self.table))
+
+    count = count_model(Gather(), torch.tensor([[1, 5, 7, 12]]), freebie=False)
+    assert (count.mults, count.adds, count.params) == (0, 0, 60)  # lookups and moves are free; the table stored

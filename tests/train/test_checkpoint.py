@@ -41,7 +41,6 @@ def test_keeps_the_newest_two_verified_checkpoints(tmp_path: Path):
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "is truncated"),
     (lambda p: p.write_bytes(p.read_bytes()[:100] + b"\x00" * 8 + p.read_bytes()[108:]), "is corrupted"),
-    (lambda p: p.with_suffix(".sha256").unlink(), "has no step0000000002.sha256"),
 ])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, caplog, damage, message):
     save_checkpoint(tmp_path, 1, _state(1.0))
@@ -55,8 +54,80 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path
 def test_all_checkpoints_damaged_is_an_error_that_says_what_to_do(tmp_path: Path):
     save_checkpoint(tmp_path, 1, _state(1.0))
     (tmp_path / "step0000000001.pt").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="no usable checkpoint .* fix: delete"):
+    with pytest.raises(CheckpointError, match="no usable checkpoint .*1 committed, all damaged.* fix: delete"):
         load_latest(tmp_path)
+
+
+def _killed_before_the_sidecar(monkeypatch) -> None:
+    """Make the next save die like ``kill -9`` between the .pt and its .sha256 (the second atomic write)."""
+    real_write = checkpoint.atomic_write
+
+    def write(path: Path, writer) -> None:
+        if path.suffix == ".sha256":
+            raise SystemExit("killed")  # nothing after this point of save_checkpoint runs
+        real_write(path, writer)
+    monkeypatch.setattr(checkpoint, "atomic_write", write)
+
+
+def test_an_interrupted_first_checkpoint_is_not_damage_the_stage_starts_over(tmp_path: Path, monkeypatch, caplog):
+    _killed_before_the_sidecar(monkeypatch)
+    with pytest.raises(SystemExit):
+        save_checkpoint(tmp_path, 5, _state(5.0))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step0000000005.pt"]  # written, never committed
+    assert load_latest(tmp_path) is None  # no checkpoint: the stage restarts, instead of "all damaged"
+    assert "its write was interrupted before it was committed" in caplog.text
+    save_checkpoint(tmp_path, 5, _state(5.5))  # the restarted stage reaches the same step again
+    assert load_latest(tmp_path)["model"]["weight"][0, 0] == 5.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step0000000005.pt", "step0000000005.sha256"]
+
+
+def test_an_interrupted_later_checkpoint_falls_back_and_is_cleaned_up_by_the_next_save(tmp_path: Path, monkeypatch):
+    save_checkpoint(tmp_path, 1, _state(1.0))
+    _killed_before_the_sidecar(monkeypatch)
+    with pytest.raises(SystemExit):
+        save_checkpoint(tmp_path, 2, _state(2.0))
+    monkeypatch.undo()
+    (tmp_path / ".step0000000003.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # killed inside a write
+    assert load_latest(tmp_path)["epoch"] == 1
+    save_checkpoint(tmp_path, 3, _state(3.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step0000000001.pt", "step0000000001.sha256", "step0000000003.pt", "step0000000003.sha256"]
+
+
+def test_resaving_a_step_never_pairs_the_new_file_with_the_old_sidecar(tmp_path: Path, monkeypatch):
+    """A save of a step that has a committed checkpoint, killed between its two files, leaves an uncommitted
+    file: the old sidecar must not vouch for different bytes (they would read as damage, or worse, match)."""
+    save_checkpoint(tmp_path, 1, _state(1.0))
+    save_checkpoint(tmp_path, 2, _state(2.0))
+    _killed_before_the_sidecar(monkeypatch)
+    with pytest.raises(SystemExit):
+        save_checkpoint(tmp_path, 2, _state(7.0))
+    monkeypatch.undo()
+    assert not (tmp_path / "step0000000002.sha256").exists()
+    assert load_latest(tmp_path)["epoch"] == 1
+
+
+@pytest.mark.parametrize("where", ["model.bn.running_var", "optimizer.state.0.momentum_buffer"])
+def test_a_state_with_nan_or_inf_anywhere_is_not_a_checkpoint(tmp_path: Path, where):
+    """The loss can stay finite while batch-norm statistics overflow: the guard must look at every tensor."""
+    save_checkpoint(tmp_path, 1, _state(1.0))
+    state = _state(2.0)
+    state["model"]["bn.running_var"] = torch.tensor([1.0, float("inf")])
+    state["optimizer"] = {"state": {0: {"momentum_buffer": torch.tensor([float("nan")])}}}
+    if where.startswith("model"):
+        state["optimizer"]["state"][0]["momentum_buffer"].zero_()
+    else:
+        state["model"]["bn.running_var"].fill_(1.0)
+    with pytest.raises(checkpoint.NonFiniteStateError, match=rf"after step 2 holds NaN/inf in {where}; it was not "
+                                                             r"saved and the last good checkpoint is kept ; fix: lower"):
+        save_checkpoint(tmp_path, 2, state)
+    assert load_latest(tmp_path)["epoch"] == 1 and not (tmp_path / "step0000000002.pt").exists()
+
+
+def test_integer_and_rng_tensors_are_not_checked_for_finiteness():
+    assert checkpoint.nonfinite_tensors({"rng": rng_state(), "mask": torch.zeros(3, dtype=torch.bool),
+                                         "w": [torch.ones(2), (torch.tensor([float("-inf")]),)]}) == ["w.1.0"]
 
 
 def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path: Path, monkeypatch):

@@ -18,7 +18,7 @@ MODEL_OPTIONS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 
 def test_every_registered_model_has_a_config_file():
     assert set(MODEL_OPTIONS) == set(models.list_models()) | {"default"}
-    assert TASKS == ["cifar100", "digits", "imagenet"]
+    assert TASKS == ["cifar100", "digits", "imagenet", "wikitext103", "wikitext_demo"]
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -1,6 +1,8 @@
 """The train loop on real digits data: schedules, exact evaluation, bit-exact resume, NaN stop, EMA."""
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from train.checkpoint import load_latest, save_checkpoint
 from train.config import to_container
 from train.loop import NonFiniteLossError, Trainer, build_optimizer, build_scheduler, make_deterministic
 from train.objectives import build_objective
+from train.rundir import run_tag
 
 CPU = distributed.Context(torch.device("cpu"))
 
@@ -152,8 +155,9 @@ def test_nan_loss_stops_with_a_message(tiny_config):
     trainer = _trainer(cfg, model, train_loader, techniques=[_PoisonAt(6)])
     with pytest.raises(NonFiniteLossError, match=r"NaN/inf in stage 'train' \(epoch 1, before step 8\).*fix:") as info:
         trainer.train_epoch()
-    # The advised fix must be one the resume check accepts: changed settings need a new run folder.
-    assert "hydra.run.dir=<new folder>" in str(info.value) and "re-run the same command" not in str(info.value)
+    # The advised fix must be one the resume check accepts: changed settings run in a new folder of their own.
+    assert "runs in a new folder" in str(info.value) and "re-run the same command" not in str(info.value)
+    assert run_tag(["train.lr=0.05"]) != run_tag([]) and run_tag(["train.grad_clip=5.0"]) != run_tag([])
 
 
 def test_ema_weights_become_the_stage_output(tiny_config):
@@ -321,3 +325,51 @@ def test_a_nan_on_one_rank_stops_every_rank(tiny_config, tmp_path: Path):
     mp.start_processes(_nan_on_rank1_rank_main, args=(str(tmp_path / "init"), cfg, str(tmp_path)), nprocs=2,
                        start_method="fork")
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["stopped", "stopped"]
+
+
+class _Terminal:
+    """A stream that says it is a terminal and keeps what is written to it."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+_PROGRESS_LINE = re.compile(r"train epoch 1/1 batch (\d+)/22 step (\d+): loss=(\S+) acc=(\S+) lr=(\S+) "
+                            r"images_per_s=(\S+)")
+
+
+def test_without_a_terminal_every_log_step_is_one_plain_line_and_no_bar(tiny_config, caplog, capsys):
+    cfg = tiny_config("train.epochs=1", "train.log_every=10")
+    model, train_loader, _ = _setup(cfg)
+    with caplog.at_level("INFO", logger="train.loop"):
+        _trainer(cfg, model, train_loader).train_epoch()
+    lines = [_PROGRESS_LINE.fullmatch(record.getMessage()) for record in caplog.records]
+    assert [(m.group(1), m.group(2)) for m in lines] == [("10", "10"), ("20", "20"), ("22", "22")]
+    loss, acc, lr, speed = (float(v) for v in lines[-1].groups()[2:])
+    assert 0 < loss < 3 and 0 <= acc <= 1 and lr == 0 and speed > 0  # cosine over one epoch ends at 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err + captured.out and "it/s" not in captured.err  # no bar
+
+
+@pytest.mark.parametrize("tqdm_disable, bar", [("", True), ("1", False)])
+def test_on_a_terminal_a_bar_shows_unless_tqdm_disable(tiny_config, caplog, monkeypatch, tqdm_disable, bar):
+    cfg = tiny_config("train.epochs=1", "train.log_every=10")
+    model, train_loader, _ = _setup(cfg)
+    stdout, stderr = _Terminal(), _Terminal()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setenv("TQDM_DISABLE", tqdm_disable)
+    with caplog.at_level("INFO", logger="train.loop"):
+        _trainer(cfg, model, train_loader).train_epoch()
+    assert ("train epoch 1/1:" in stderr.text and "22/22" in stderr.text) == bar
+    assert len([r for r in caplog.records if _PROGRESS_LINE.fullmatch(r.getMessage())]) == (0 if bar else 3)

@@ -1,0 +1,72 @@
+"""``python train/run.py`` on the language-modelling tasks, as a user runs it: the embedded demo end to end with
+compression, export and verify; WikiText-103 on a fixture generated in the real format and sizes."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HANG, REPO, run_train
+from tests.fixtures import make_wikitext103
+
+pytestmark = pytest.mark.slow
+
+#: A small demo model and short stages: the pipeline, not the perplexity, is under test here.
+SMALL = ("model=lstm_lm", "model.kwargs.embed_dim=32", "model.kwargs.hidden_size=32", "train.log_every=50",
+         "data.num_workers=0", "score.examples=32")
+
+
+def _report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def test_the_demo_trains_compresses_gates_scores_exports_and_verifies(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    result = run_train("task=wikitext_demo", "compress=lm_prune_q8", "train.epochs=1", *SMALL,
+                       f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode in (0, 3), result.stderr[-3000:]  # 3: finished, fails the gate (a tiny model)
+    report = _report(run_dir)
+    # The test stream is 30,336 tokens: every one but the first is predicted, on-line.
+    assert report["task"] == "wikitext_demo" and report["split"] == "test" and report["total"] == 30_335
+    assert report["correct"] is None and report["perplexity"] == pytest.approx(math.exp(report["nll_sum"] / 30_335))
+    assert report["gate_passed"] is (report["nll_sum"] < 30_335 * math.log(400)) and report["gate"]["metric"] == "perplexity"
+    assert report["validation"]["split"] == "val" and report["validation"]["total"] == 39_564
+    assert report["example"] == "token" and report["examples"] == 32 and "per token" in report["project_rules"]
+    # Pruned and quantized: 8-bit weights, ~85% of them zero, so no freebie.
+    weights = [layer for layer in report["layers"] if layer["weight_bits"] is not None]
+    assert weights and {layer["weight_bits"] for layer in weights} == {8} and report["freebie"] is False
+    assert max(layer["sparsity"] for layer in weights) > 0.8
+    assert f"perplexity {report['perplexity']:.4f}" in result.stdout
+
+    bundle = tmp_path / "bundle"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    exported = subprocess.run([sys.executable, "-m", "scoring.export", str(run_dir), "--out", str(bundle),
+                               *([] if report["gate_passed"] else ["--allow-gate-failure"])],
+                              capture_output=True, text=True, timeout=HANG, env=env, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    verified = subprocess.run([sys.executable, "-m", "scoring", "verify", str(bundle), "--device", "cpu"],
+                              capture_output=True, text=True, timeout=HANG, env=env, cwd=tmp_path)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "nll_sum" in verified.stdout and "verified: all" in verified.stdout.splitlines()[-1]
+
+
+def test_wikitext103_on_a_fixture_in_the_real_format_runs_end_to_end(tmp_path: Path):
+    root = tmp_path / "data"
+    make_wikitext103(root)
+    run_dir = tmp_path / "run"
+    result = run_train("task=wikitext103", f"data.root={root}", "train.epochs=1", "train.batch_size=64",
+                       "model.kwargs.cutoffs=[2000,20000]", *SMALL, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode in (0, 3), result.stderr[-3000:]
+    report = _report(run_dir)
+    # The standard test stream: 245,569 tokens, 245,568 predicted; the standard valid stream: 217,646.
+    assert report["total"] == 245_568 and report["validation"]["total"] == 217_645
+    assert report["gate_passed"] is False and "gate FAILED: perplexity" in result.stdout  # random words
+    assert report["baseline"]["params"] == 159_000_000 and report["example"] == "token"
+    # The token ids were cached: a second run of another recipe starts from the cache, not the text files.
+    cache = root / "wikitext-103" / "micronet-cache"
+    assert any(cache.glob("*.npy"))
