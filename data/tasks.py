@@ -114,6 +114,9 @@ class Task(ABC):
     example: ClassVar[str]
     #: The metric the task's gate is on ("top1" or "perplexity").
     metric: ClassVar[str]
+    #: Keys of the task config (dotted) that shape training batches only: an entrant's recipe, which ``verify``
+    #: lets differ from the kit's task definition (every other key must match it).
+    training_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)
@@ -149,6 +152,8 @@ class ClassificationTask(Task):
     kind = "classification"
     example = "image"
     metric = "top1"
+    training_keys = frozenset(f"augment.{key}" for key in (
+        "crop_padding", "hflip", "auto_augment", "cutout", "mixup", "cutmix", "random_resized_crop"))
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"in_chans": int(self.config["in_chans"])}
@@ -214,6 +219,7 @@ class LanguageModelTask(Task):
     kind = "language_model"
     example = "token"
     metric = "perplexity"
+    training_keys = frozenset({"stream.bptt", "stream.variable"})
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)

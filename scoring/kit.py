@@ -6,8 +6,8 @@ kit's, never the bundle's:
 * the task: :func:`task_definition` reads ``conf/task/<name>.yaml`` of this repository, the one definition
   training composes too (dataset, classes, input, gate). ``verify`` evaluates on that definition alone, and
   refuses an entry whose recorded task differs from it at any key the file defines but those that shape training
-  batches only (:data:`TRAINING_ONLY`: the augmentation but ``eval_resize``, the language models' training
-  windows ``stream.bptt`` / ``stream.variable``): those are the entrant's recipe. Keys the file does not define
+  batches only (the task kind's ``data.tasks.Task.training_keys``: the augmentation but ``eval_resize``, the
+  language models' training windows ``stream.bptt`` / ``stream.variable``): those are the entrant's recipe. Keys the file does not define
   (defaults a run's typed schema adds) are not compared, since nothing reads them. A recorded ``task.name: cifar100`` on a digits entry is refused, not scored against the CIFAR-100
   baseline;
 * the score settings: :func:`official_score_settings` reads ``score`` of ``conf/config.yaml`` (examples 256,
@@ -43,12 +43,6 @@ CONF_DIR = Path(conf.__file__).parent
 VERIFY_DATA = {"root": None, "download": False, "num_workers": 0, "pin_memory": "auto", "gpu_resident": "auto"}
 #: Largest evaluation batch and score example count verify runs (the kit's defaults are at most 1,000 and 256).
 MAX_BATCH = 4096
-#: Keys of a task that shape training batches only: the entrant's recipe, not compared (verify never reads them:
-#: the evaluation is built from the kit's definition). Every other key of the kit's task file is the kit's, e.g.
-#: ``augment.eval_resize`` and ``stream.eval_window``, which shape the test inputs.
-TRAINING_ONLY = frozenset({
-    "augment.crop_padding", "augment.hflip", "augment.auto_augment", "augment.cutout", "augment.mixup",
-    "augment.cutmix", "augment.random_resized_crop", "stream.bptt", "stream.variable"})
 #: A key absent from a mapping (None is a value).
 _ABSENT = object()
 
@@ -116,8 +110,8 @@ def judge(entry: Entry, report: Mapping[str, Any], *, allow_score_settings: bool
 
 
 def _check_task(recorded: Mapping[str, Any], task: Mapping[str, Any]) -> None:
-    """The recorded task has the kit's value at every key the kit's file defines, but the :data:`TRAINING_ONLY`
-    ones (a recorded augmentation must still be valid). Keys the file does not define (the defaults a run's typed
+    """The recorded task has the kit's value at every key the kit's file defines, but its kind's training-only
+    ones (``data.tasks.Task.training_keys``; a recorded augmentation must still be valid). Keys the file does not define (the defaults a run's typed
     schema adds, e.g. ``stream: null`` for an image task) are not compared either: the evaluation is built from
     the kit's definition alone, so no recorded task value reaches it."""
     from data import AugmentOptions
@@ -130,7 +124,14 @@ def _check_task(recorded: Mapping[str, Any], task: Mapping[str, Any]) -> None:
         AugmentOptions.from_mapping(augment)
     except ValueError as err:
         raise EntryError(f"entry.json's task.augment: {err}; re-export the run") from None
-    difference = _first_difference(recorded, task, "task")
+    from data.tasks import build_task
+
+    try:
+        training_keys = build_task(task).training_keys
+    except (KeyError, ValueError) as err:
+        raise EntryError(f"the kit's task {name!r} cannot be built ({err}); the kit's conf/task/{name}.yaml is "
+                         "damaged — reinstall the kit") from None
+    difference = _first_difference(recorded, task, "task", training_keys)
     if difference:
         where, mine, kits = difference
         raise EntryError(f"entry.json's task differs from this kit's definition of {name!r} (conf/task/{name}.yaml) "
@@ -192,13 +193,14 @@ def _same(a: Any, b: Any) -> bool:
     return a == b if numbers else type(a) is type(b) and a == b
 
 
-def _first_difference(mine: Any, kits: Any, where: str) -> tuple[str, str, str] | None:
+def _first_difference(mine: Any, kits: Any, where: str, training_keys: frozenset[str]) -> tuple[str, str, str] | None:
     """(path, entry's value, kit's value) of the first key the kit's task defines where the entry's differs, or
-    None. Keys only the entry has, and :data:`TRAINING_ONLY` keys, are not compared (see :func:`_check_task`)."""
+    None. Keys only the entry has, and ``training_keys``, are not compared (see :func:`_check_task`)."""
     if isinstance(mine, dict) and isinstance(kits, dict):
-        for key in sorted((key for key in kits if f"{where}.{key}".removeprefix("task.") not in TRAINING_ONLY),
+        for key in sorted((key for key in kits if f"{where}.{key}".removeprefix("task.") not in training_keys),
                           key=str):
-            difference = _first_difference(mine.get(key, _ABSENT), kits.get(key, _ABSENT), f"{where}.{key}")
+            difference = _first_difference(mine.get(key, _ABSENT), kits.get(key, _ABSENT), f"{where}.{key}",
+                                           training_keys)
             if difference:
                 return difference
         return None

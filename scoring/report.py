@@ -101,12 +101,13 @@ def layer_table(layers: list[Mapping[str, Any]]) -> str:
 
 def totals_text(report: Mapping[str, Any]) -> str:
     """Totals and the score split into its two terms (a few plain lines)."""
+    example = report.get("example", "example")  # reports written before it was recorded (a finished run reprints)
     base = report["baseline"]
     return "\n".join([
         f"params {_num(report['params'])} (32-bit equivalents; {report['param_bits']:,} bits)",
         f"ops    {_num(report['ops'])} (32-bit equivalents; {_num(report['mults'])} mults + {_num(report['adds'])} adds "
-        f"per {report['example']}, additions at {report['accumulator_bits']} bits, freebie "
-        f"{'on' if report['freebie'] else 'off'}, {report['examples']} {report['example']}s)",
+        f"per {example}, additions at {report['accumulator_bits']} bits, freebie "
+        f"{'on' if report['freebie'] else 'off'}, {report['examples']} {example}s)",
         f"score  {report['score']:.6f} = params {report['score_params_term']:.6f} ({_num(report['params'])} / "
         f"{base['params']:,}) + ops {report['score_ops_term']:.6f} ({_num(report['ops'])} / {base['ops']:,})",
     ])

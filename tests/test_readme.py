@@ -98,7 +98,7 @@ def test_the_usage_lines_run_in_order_on_fixtures(tmp_path: Path):
     the datasets' lines with a batch size the tiny fixtures hold); the init= line starts from where the first line
     actually ran (its smoke folder, printed by the run)."""
     cifar, imagenet = make_cifar100(tmp_path / "cifar", train_per_class=1, test_per_class=1), \
-        make_imagenet(tmp_path / "imagenet", classes=3, train_per_class=4, val_per_class=2)
+        make_imagenet(tmp_path / "imagenet", classes=3, train_per_class=4, val_per_class=3)  # 9 >= 8 scored
     folders: dict[str, str] = {}
     lines = _usage_lines()
     assert len(lines) == 8 and lines[-1].startswith("python train/run.py init=outputs/digits/digits_cnn/none/seed0 ")

@@ -294,7 +294,9 @@ class Session:
             loaders = self.task.loaders(data_options(cfg, self.ctx), batch_size=cfg.train.batch_size,
                                         eval_batch_size=cfg.train.eval_batch_size, seed=cfg.seed,
                                         distributed=self.ctx.distributed, device=self.ctx.device)
-        return smoke_loaders(loaders, world_size=self.ctx.world_size) if cfg.smoke else loaders
+        if not cfg.smoke:
+            return loaders
+        return smoke_loaders(loaders, world_size=self.ctx.world_size, cut_evaluation=self.task.example == "image")
 
     def check_score_examples(self) -> None:
         """Refuse now a ``score.examples`` the test split cannot give the scorer (rank 0 counts its share), rather

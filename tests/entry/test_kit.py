@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
+from data.tasks import build_task
 from scoring.kit import _first_difference, official_score_settings, task_definition, task_names
 from scoring.rules import UnknownTaskError
 from train.config import to_container
@@ -16,8 +17,9 @@ def test_a_runs_recorded_task_and_score_are_the_kits_definitions(task):
     defaults of its own: those verify does not compare), and the official score settings."""
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         recorded = to_container(compose("config", overrides=[f"task={task}"]))
-    assert _first_difference(recorded["task"], task_definition(task), "task") is None  # gate 35.0 is the file's 35
-    assert _first_difference(recorded["task"], {**task_definition(task), "kind": "x"}, "task")[0] == "task.kind"
+    keys = build_task(task_definition(task)).training_keys
+    assert _first_difference(recorded["task"], task_definition(task), "task", keys) is None  # 35.0 is the file's 35
+    assert _first_difference(recorded["task"], {**task_definition(task), "kind": "x"}, "task", keys)[0] == "task.kind"
     assert recorded["score"] == official_score_settings() == {"examples": 256, "accumulator_bits": 32,
                                                               "freebie": "auto"}
 
@@ -38,5 +40,5 @@ def test_a_task_name_is_matched_never_joined_into_a_path(name):
 def test_only_what_shapes_training_batches_may_differ(task, change, difference):
     kits = task_definition(task)
     recorded = {**kits, **{key: {**kits[key], **value} for key, value in change.items()}}
-    found = _first_difference(recorded, kits, "task")
+    found = _first_difference(recorded, kits, "task", build_task(kits).training_keys)
     assert (found and found[0]) == difference

@@ -91,3 +91,11 @@ def test_log_report_writes_scalars_and_text(tmp_path, digits_count):
     assert events.Scalars("score/ops_term")[0].step == 7
     assert events.Scalars("gate/top1")[0].value == pytest.approx(350 / 360)
     assert "report/text_summary" in events.Tags()["tensors"]
+
+
+def test_reports_written_atomically_leave_no_temporary_file_and_older_ones_still_print(tmp_path, digits_count):
+    report = write_report(tmp_path, task="digits", count=digits_count, evaluation=_test(343, 361), example="image")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
+    older = {key: value for key, value in report.items() if key != "example"}  # before reports named the example
+    assert format_summary(older) == format_summary(report).replace("per image", "per example").replace(
+        "8 images", "8 examples")
