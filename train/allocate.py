@@ -34,6 +34,7 @@ import argparse
 import copy
 import math
 import re
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -219,11 +220,12 @@ def settings_text(settings: Mapping[str, Setting]) -> str:
 
 
 def write_config(config: Mapping[str, Any], allocation: Allocation, sensitivity: Mapping[str, Any],
-                 path: Path, template: str) -> None:
+                 path: Path, template: str, command: str) -> None:
     """The YAML file, headed by comments saying where it comes from and what it predicts."""
     counted = allocation.counted
     header = [
-        f"# Written by `python -m train.allocate` from {sensitivity.get('path', 'a sensitivity measurement')}",
+        f"# Written by `{command}`",
+        f"# from {sensitivity.get('path', 'a sensitivity measurement')}",
         f"# (run {sensitivity.get('run', '?')}, {sensitivity['validation']['examples']} validation examples), "
         f"template {template}.",
         f"# Constraint: {allocation.constraint} (per-layer increases added: see train/allocate.py).",
@@ -245,7 +247,7 @@ def train_command(sensitivity: Mapping[str, Any], config_dir: Path, names: Seque
     run = sensitivity.get("run")
     if run:
         parts.append(f"init={run}")
-    if not sensitivity["validation"]["trained_on"]:
+    if sensitivity["validation"]["val_split"] and not sensitivity["validation"]["trained_on"]:
         parts.append(f"data.val_split={sensitivity['validation']['val_split']}")
     if config_dir.resolve() != CONF_DIR:
         parts.append(f"hydra.searchpath=[file://{config_dir.resolve()}]")
@@ -312,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if probe is not None:
                 check(allocation, probe)
             path = config_dir / "compress" / f"{name}.yaml"
-            write_config(compress_config(allocation, template, name), allocation, sensitivity, path, args.template)
+            write_config(compress_config(allocation, template, name), allocation, sensitivity, path, args.template,
+                         " ".join(["python -m train.allocate", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]))
             names.append(name)
             counted = {key: f"{value:.{6 if key == 'score' else 4}f}" for key, value in allocation.counted.items()
                        if key in ("score", "loss", "metric")}

@@ -10,7 +10,8 @@ Reads every ``report.json`` below ``RUNS_DIR`` (run dirs of ``train/run.py``, a 
 
 Runs are one configuration when they agree on task, model, compress and every other setting that defines a run
 (``train.config.run_settings``) except the seed and ``init``; a setting that differs inside a (task, model,
-compress) group is shown in the ``variant`` column. ``--png`` draws the test metric against the score: every
+compress) group is shown in the ``variant`` column (a setting one run lacks, e.g. one added since it was
+written, is no difference). ``--png`` draws the test metric against the score: every
 run, the mean ± std of each configuration, the front of configurations no other beats on both, and the gate.
 ``--tensorboard DIR`` writes the same runs for TensorBoard's HParams view (``tensorboard --logdir DIR``).
 """
@@ -146,8 +147,9 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     groups = []
     for (task, model, compress), members in by_name.items():
         keys = sorted({key for run in members for key in run.settings})
-        differing = [key for key in keys if len({json.dumps(run.settings.get(key), sort_keys=True)
-                                                  for run in members}) > 1]
+        # None is what a run written before a setting existed reads for it (train.config._select): no difference
+        differing = [key for key in keys if len({json.dumps(run.settings[key], sort_keys=True) for run in members
+                                                  if run.settings.get(key) is not None}) > 1]
         variants: dict[str, list[Run]] = {}
         for run in members:
             run.variant = ", ".join(f"{key}={run.settings.get(key)}" for key in differing)

@@ -11,7 +11,7 @@ model gets that setting on that one layer, through the techniques the compress s
   the input's by least squared error on the first calibration batch; ``float`` leaves the layer unquantized;
 
 followed by a short calibration (:func:`calibrate`): a forward pass over the first training batches
-(``--calibration-batches``, 4) that initialises the input quantizer and re-estimates every batch norm's
+(``--calibration-batches``, 2) that initialises the input quantizer and re-estimates every batch norm's
 statistics, as any training after the change does first (without it, one-shot pruning mostly measures the
 batch-norm statistics it invalidates). Nothing is trained, so a measurement is deterministic, and the
 reference (the trained model, calibrated the same way) has an increase of exactly 0.
@@ -22,8 +22,9 @@ Each copy is then
    gate's metric), never on the test split;
 2. counted by the scorer on inputs from the validation split. The layer's cost is read from the scorer's
    per-layer table (``Count.layers``): the rows of the layer and of its submodules (quantizers,
-   parametrizations), plus any other row that differs from the reference count (listed as ``changed_rows``;
-   none on the models shipped). The remaining rows (activations, pools, folded batch norms) are the ``rest``,
+   parametrizations), plus any other row that differs from the reference count (listed as ``changed_rows``: e.g.
+   the batch norm folded into a conv pruned so far that whole output channels are empty, which the scorer then
+   counts as constants). The remaining rows (activations, pools, folded batch norms) are the ``rest``,
    so that ``rest + Σ_layers cost(layer's setting)`` is the model's total for any one-layer change, and
    (assumed by ``train.allocate``, which checks it by counting) for any combination.
 
@@ -206,20 +207,16 @@ class Probe:
 
     @classmethod
     def from_run(cls, run: str | Path, *, val_split: float | int | None = None, device: str = "auto",
-                 calibration_batches: int = 4, score_examples: int | None = None) -> Probe:
-        """The probe of a run dir / entry / checkpoint (``train.build.restore_model``). Its validation split is the
-        run's ``data.val_split``; ``val_split`` chooses one for a run trained without (never the test split).
-        ``score_examples`` defaults to the run's ``score.examples``."""
+                 calibration_batches: int = 2, score_examples: int | None = None) -> Probe:
+        """The probe of a run dir / entry / checkpoint (``train.build.restore_model``), on the run's validation split
+        (its ``data.val_split`` hold-out, or the task's own, e.g. a corpus's valid file). ``val_split`` holds one out
+        of the training data for a run trained without any (never the test split). ``score_examples`` defaults to
+        the run's ``score.examples``."""
         model, config = restore_model(run)
         run_split = (config.get("data") or {}).get("val_split") or 0
         if run_split and val_split is not None and val_split != run_split:
             raise ConfigError(f"{run} was trained with data.val_split={run_split}: its validation split is fixed",
                               "drop --val-split (the run's hold-out is used)")
-        if not run_split and not val_split:
-            raise ConfigError(f"{run} has no validation split (it was trained with data.val_split=0), and the test "
-                              "split must not be used to choose settings",
-                              "retrain with data.val_split=0.2, or pass --val-split 0.2 to hold out part of its "
-                              "training data for the measurement")
         structure = compression_state(model)
         if structure["weights"] or structure["inputs"]:
             raise ConfigError(f"{run} is already compressed (masks or quantizers on "
@@ -227,15 +224,21 @@ class Probe:
                               "measure the uncompressed baseline run (compress=none) it started from")
         cfg = OmegaConf.create(dict(config))
         context = Context(resolve_device(device))
-        split = run_split or val_split
-        options = replace(data_options(cfg, context), val_split=split)
+        split = run_split or val_split or 0
         task = task_of(cfg)
-        train = cfg.train
-        loaders = task.loaders(options, batch_size=train.batch_size, eval_batch_size=train.eval_batch_size,
-                               seed=cfg.seed, device=context.device)
+        try:
+            loaders = task.loaders(replace(data_options(cfg, context), val_split=split), batch_size=cfg.train.batch_size,
+                                   eval_batch_size=cfg.train.eval_batch_size, seed=cfg.seed, device=context.device)
+        except ValueError as err:  # e.g. a hold-out asked of a task with a validation split of its own
+            raise ConfigError(str(err), "drop --val-split, or choose one the task accepts") from None
+        if loaders.val is None:
+            raise ConfigError(f"{run} has no validation split (it was trained with data.val_split=0), and the test "
+                              "split must not be used to choose settings",
+                              "retrain with data.val_split=0.2, or pass --val-split 0.2 to hold out part of its "
+                              "training data for the measurement")
         return cls(model, config, task, loaders, device=context.device,
                    calibration_batches=calibration_batches, score_examples=score_examples or cfg.score.examples,
-                   val_split=split, trained_on_validation=not run_split)
+                   val_split=split, trained_on_validation=bool(split and not run_split))
 
     def prepared(self, settings: Mapping[str, Setting], model: nn.Module | None = None) -> nn.Module:
         """A copy of the model (or of ``model``) with ``settings`` applied per layer, quantizers calibrated."""
@@ -494,9 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="layers not to measure")
     parser.add_argument("--val-split", type=parse_split, default=None,
                         help="a validation hold-out for a run trained without one (never the test split)")
-    parser.add_argument("--calibration-batches", type=int, default=4,
+    parser.add_argument("--calibration-batches", type=int, default=2,
                         help="training batches that initialise the input quantizers and re-estimate batch-norm "
-                             "statistics after each change (default 4)")
+                             "statistics after each change (default 2)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     return parser
 
@@ -509,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.calibration_batches < 1:
-            raise ConfigError(f"--calibration-batches {args.calibration_batches}", "use a positive count, e.g. 4")
+            raise ConfigError(f"--calibration-batches {args.calibration_batches}", "use a positive count, e.g. 2")
         probe = Probe.from_run(args.run, val_split=args.val_split, device=args.device,
                                calibration_batches=args.calibration_batches)
         layers = [name for name in weight_layers(probe.model)

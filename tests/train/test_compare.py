@@ -19,9 +19,11 @@ def base_config() -> dict:
 
 
 def _run(root: Path, config: dict, *, compress: str, seed: int, test: float, val: float | None, score: float,
-         hydra: bool = True, **changes) -> Path:
-    """A finished run folder as train/run.py leaves it: report.json and .hydra/config.yaml (or the entry's config)."""
+         hydra: bool = True, lacks: str = "", **changes) -> Path:
+    """A finished run folder as train/run.py leaves it: report.json and .hydra/config.yaml (or the entry's config);
+    ``lacks``: a top-level setting its config does not have (the run was written before the setting existed)."""
     config = copy.deepcopy(config)
+    config.pop(lacks, None)
     config.update(seed=seed, init=f"outputs/base/seed{seed}")
     config["compress"]["name"] = compress
     for key, value in changes.items():
@@ -48,7 +50,8 @@ def _run(root: Path, config: dict, *, compress: str, seed: int, test: float, val
 @pytest.fixture
 def runs_dir(tmp_path: Path, base_config: dict) -> Path:
     for seed, (test, score) in enumerate([(350, 0.1150), (345, 0.1140), (355, 0.1160)]):
-        _run(tmp_path, base_config, compress="prune_q4", seed=seed, test=test / 360, val=0.98, score=score)
+        _run(tmp_path, base_config, compress="prune_q4", seed=seed, test=test / 360, val=0.98, score=score,
+             lacks="smoke" if seed == 0 else "")
     for seed, (test, score) in enumerate([(344, 0.080), (341, 0.082), (347, 0.078)]):
         _run(tmp_path, base_config, compress="auto", seed=seed, test=test / 360, val=0.97, score=score, hydra=seed != 2)
     _run(tmp_path, base_config, compress="q8", seed=0, test=358 / 360, val=None, score=0.5, train__epochs=2)
@@ -62,7 +65,9 @@ def test_runs_are_grouped_by_configuration_with_seeds_aggregated(runs_dir: Path)
     groups = group_runs(runs)
     assert [(g.compress, len(g.runs)) for g in groups] == [("auto", 3), ("prune_q4", 3), ("q8", 1), ("q8", 1)]
     auto, prune = groups[0], groups[1]
+    # prune_q4 seed 0 lacks `smoke` (None where the others have False): still one configuration
     assert [r.seed for r in auto.runs] == [0, 1, 2] and auto.variant == "" and prune.variant == ""
+    assert prune.runs[0].settings["smoke"] is None and prune.runs[1].settings["smoke"] is False
     # a setting that differs inside (task, model, compress) splits it, and is named
     assert (groups[2].variant, groups[3].variant) == ("train.epochs=2", "train.epochs=15")
     assert auto.worst().seed == 1 and auto.worst().gate_passed is False  # 341/360 < 342
