@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
@@ -236,7 +237,7 @@ def plot_front(groups: Sequence[Group], path: str | Path) -> None:
             mean_s, mean_t = statistics.fmean(scores), statistics.fmean(tests)
             spread = (statistics.stdev(scores), statistics.stdev(tests)) if len(group.runs) > 1 else (0.0, 0.0)
             axis.errorbar(mean_s, mean_t, xerr=spread[0], yerr=spread[1], fmt="o", color=colour, capsize=3,
-                          label=f"{group.label} ({len(group.runs)} runs)")
+                          label=f"{group.label} ({len(group.runs)} run{'s' * (len(group.runs) != 1)})")
             axis.annotate(group.label, (mean_s, mean_t), textcoords="offset points", xytext=(5, 5), fontsize=7,
                           color=colour)
         best = front(mine)
@@ -250,9 +251,13 @@ def plot_front(groups: Sequence[Group], path: str | Path) -> None:
         if threshold is not None:
             axis.axhline(threshold, color="crimson", lw=1, ls=":", label=f"gate {threshold:g}")
         axis.set_xscale("log")
-        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 0.2, not 2 x 10^-1
-        axis.xaxis.set_major_formatter(plain)
-        axis.xaxis.set_minor_formatter(plain)
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0.2, not 2 x 10^-1
+        # every minor tick labelled on a narrow axis; on a wide one only 2, 3, 5, 7 x 10^k (all nine collide)
+        low, high = axis.get_xlim()
+        labelled = range(1, 10) if high / low < 4 else (2, 3, 5, 7)
+        axis.xaxis.set_minor_formatter(FuncFormatter(
+            lambda value, _: f"{value:g}" if round(value / 10 ** math.floor(math.log10(value) + 1e-9)) in labelled
+            else ""))
         axis.set_xlabel("score (params/baseline + ops/baseline; log scale)")
         axis.set_ylabel(f"test {metric}")
         axis.set_title(f"{task}: test {metric} against score, mean ± std over seeds")

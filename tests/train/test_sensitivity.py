@@ -177,27 +177,29 @@ def test_a_runs_own_validation_split_is_fixed(untrained_entry):
 
 
 @pytest.mark.slow
-def test_a_language_model_is_measured_like_any_other_model():
-    """The LSTM's matrices and the adaptive softmax's clusters are layers; the metric is perplexity (lower is
-    better); per-token counts (count_stream) add up like per-image ones; a perplexity target is a loss budget."""
+def test_a_language_model_is_measured_like_any_other_model(tmp_path: Path):
+    """The LSTM's matrices and the adaptive softmax's clusters are layers; the validation split is the corpus's
+    valid file (no hold-out: --val-split is refused); the metric is perplexity (lower is better); per-token counts
+    (count_stream) add up like per-image ones; a perplexity target is a loss budget, met by the allocation."""
     import itertools
 
     from tests.conftest import compose_config
-    from train.allocate import allocate
-    from train.build import data_options, task_of
-    from train.distributed import Context
+    from train.allocate import allocate, check
 
     cfg = compose_config("task=wikitext_demo", "model=lstm_lm", "model.kwargs.embed_dim=16",
-                         "model.kwargs.hidden_size=16", "data.num_workers=0", "score.examples=32")
-    task = task_of(cfg)
-    loaders = task.loaders(data_options(cfg, Context(torch.device("cpu"))), batch_size=4, eval_batch_size=1, seed=0)
-    val = list(itertools.islice(loaders.val, 2))  # two evaluation windows of the valid stream: enough to measure
-    probe = Probe(build_model(cfg), to_container(cfg), task, Loaders(loaders.train, val, _Unreadable()),
-                  device=torch.device("cpu"), calibration_batches=2, score_examples=32, val_split=0)
-    assert probe.score_inputs.stream and len(probe.calibration) == 2 and probe.calibration[0].shape == (4, 35)
+                         "model.kwargs.hidden_size=16", "data.num_workers=0", "score.examples=32",
+                         "train.batch_size=4", "train.eval_batch_size=1")
+    entry = save_entry(tmp_path / "lm", build_model(cfg), config=to_container(cfg))
+    with pytest.raises(ConfigError, match="validates on its corpus's valid file.* fix: drop --val-split"):
+        Probe.from_run(entry, val_split=0.1, device="cpu")
+    probe = Probe.from_run(entry, device="cpu", calibration_batches=2)
+    assert probe.val_split == 0 and not probe.trained_on_validation and probe.score_inputs.stream
+    assert len(probe.calibration) == 2 and probe.calibration[0].shape == (4, 35)  # 4 streams x bptt 35
+    probe.val = list(itertools.islice(probe.val, 2))  # two 256-token windows of the valid stream: enough here
     layers = ["layers.0.recurrent", "decoder.clusters.1"]  # an LSTM matrix and a tail cluster of the softmax
     result = measure(probe, layers=layers, settings=grid([None, 4], [0.0, 0.5]), progress=lambda line: None)
     assert result["metric"] == "perplexity" and result["higher_is_better"] is False
+    assert result["validation"]["examples"] == 2 * 256
     assert [(e["name"], e["type"]) for e in result["layers"]] == [(layers[0], "Linear"), (layers[1], "Linear")]
     choice = {layers[0]: Setting(4, 0.5), layers[1]: Setting(None, 0.5)}
     parts = [result["reference"]["rest"][FREEBIE_OFF]] + [_setting(result, layer, s.bits, s.sparsity)["cost"][FREEBIE_OFF]
@@ -205,7 +207,8 @@ def test_a_language_model_is_measured_like_any_other_model():
     count = probe.count(probe.prepared(choice), freebie=False)
     assert count.examples == 32 and sum(p["param_bits"] for p in parts) == count.param_bits
     assert sum(p["ops"] for p in parts) == pytest.approx(count.ops, rel=1e-12)
-    reference = result["reference"]
-    target = float(torch.tensor(reference["loss"] + 0.5).exp())  # perplexity exp(loss + 0.5)
+    target = float(torch.tensor(result["reference"]["loss"] + 0.5).exp())  # perplexity exp(loss + 0.5)
     allocation = allocate(result, target_metric=target)
     assert allocation.constraint == f"validation perplexity <= {target:g}" and allocation.loss_increase <= 0.5 + 1e-9
+    check(allocation, probe)  # the combination counted: the predicted score, to rounding
+    assert allocation.counted["score"] == pytest.approx(allocation.score, rel=1e-9)
