@@ -6,7 +6,9 @@
 #
 # Per seed it trains the baseline once (compress=none, into $OUT/digits_cnn/none/seed<S>) and starts every other
 # recipe from it (init=); CPU runs are deterministic and the baseline stage of a from-scratch run is that very
-# training, so this skips only repeated work (checked for prune_q4 seed 0 in README.md, "Finding the best entry").
+# training, so this skips only repeated work (checked for prune_q4 seed 0 with the same thread count: the same
+# report.json, to the last digit of score and loss; see benchmarks/README.md). The thread count matters: runs
+# with OMP_NUM_THREADS=1 and with 2 threads differ by a test image or so.
 # Runs are sequential, in the background-friendly form (no progress bars, one log per run under $OUT/logs);
 # a failed run is reported and the next one still runs. Finished runs are not retrained when the script is run
 # again (train/run.py resumes). At the end it prints the table of `python -m train.compare $OUT`.
