@@ -296,7 +296,7 @@ class Session:
                                         distributed=self.ctx.distributed, device=self.ctx.device)
         if not cfg.smoke:
             return loaders
-        return smoke_loaders(loaders, world_size=self.ctx.world_size, cut_evaluation=self.task.example == "image")
+        return smoke_loaders(loaders, world_size=self.ctx.world_size)
 
     def check_score_examples(self) -> None:
         """Refuse now a ``score.examples`` the test split cannot give the scorer (rank 0 counts its share), rather

@@ -2,8 +2,9 @@
 
 Every stage is shortened to :data:`EPOCHS` epoch(s) of at most :data:`BATCHES` training batches, its schedules
 rescaled to keep their shape (``compress.stages.rescale_stages``); validation and test read a few batches (a
-language model's streams are read whole); the scorer counts :data:`EXAMPLES` examples. Everything else runs as in the real recipe: every stage and technique,
-checkpoints, evaluation, the gate, the report and the entry. A smoke run is a run of its own (``smoke=true`` is
+language model's: the first windows of each stream); the scorer counts :data:`EXAMPLES` examples. Everything
+else runs as in the real recipe: every stage and technique, checkpoints, evaluation, the gate, the report and
+the entry. A smoke run is a run of its own (``smoke=true`` is
 part of the run folder's name) and its numbers are not an entry's: the gate is decided on a few test batches.
 """
 from __future__ import annotations
@@ -45,15 +46,12 @@ def smoke_config(cfg: DictConfig) -> DictConfig:
     return smoke
 
 
-def smoke_loaders(loaders: Loaders, *, world_size: int = 1, cut_evaluation: bool = True) -> Loaders:
-    """The task's loaders cut to a few batches each (enough evaluation batches for the scorer's examples).
-
-    ``cut_evaluation=False`` keeps the validation and test loaders whole: a stream evaluated with its state carried
-    (``data.tasks.Task.example == "token"``) defines its metric over the whole stream, and is read whole."""
+def smoke_loaders(loaders: Loaders, *, world_size: int = 1) -> Loaders:
+    """The task's loaders cut to a few batches each (enough evaluation batches for the scorer's examples). A
+    language model's evaluation stream is cut to its first windows, read with the state carried as ever: the
+    perplexity of a prefix, which a smoke run reports as a smoke run's (it is not the entry's metric)."""
     def cut(loader: Any, batches: int) -> _FirstBatches | None:
         return None if loader is None else _FirstBatches(loader, batches, world_size)
-    if not cut_evaluation:
-        return Loaders(cut(loaders.train, BATCHES), loaders.val, loaders.test)
     evaluation = max(BATCHES, math.ceil(EXAMPLES / max(1, getattr(loaders.test, "batch_size", None) or 1)))
     return Loaders(cut(loaders.train, BATCHES), cut(loaders.val, evaluation), cut(loaders.test, evaluation))
 
