@@ -12,7 +12,8 @@ Runs are one configuration when they agree on task, model, compress and every ot
 (``train.config.run_settings``) except the seed and ``init``; a setting that differs inside a (task, model,
 compress) group is shown in the ``variant`` column (a setting one run lacks, e.g. one added since it was
 written, is no difference). ``--png`` draws the test metric against the score: every
-run, the mean ± std of each configuration, the front of configurations no other beats on both, and the gate.
+run, the mean ± std of each configuration, the front of configurations no other beats on both, and the gate (a
+run worse than every configuration's mean, e.g. a collapsed one, is named in a corner instead of drawn).
 ``--tensorboard DIR`` writes the same runs for TensorBoard's HParams view (``tensorboard --logdir DIR``).
 """
 from __future__ import annotations
@@ -217,6 +218,24 @@ def front(groups: Sequence[Group]) -> list[Group]:
     return sorted(kept, key=lambda g: statistics.fmean(g.values("score")))
 
 
+def _limit_metric_axis(axis: Any, groups: Sequence[Group], threshold: float | None) -> None:
+    """The metric axis spans every configuration's mean, the gate and the runs on the better side of the worst of
+    those: a collapsed run (top-1 0.1) would otherwise squash every other point into a line. The runs left off are
+    named in the corner."""
+    higher = HIGHER_IS_BETTER[groups[0].runs[0].metric]
+    span = [statistics.fmean(g.values("test")) for g in groups] + ([threshold] if threshold is not None else [])
+    worst = min(span) if higher else max(span)
+    kept = span + [v for g in groups for v in g.values("test") if (v >= worst if higher else v <= worst)]
+    low, high = min(kept), max(kept)
+    pad = 0.08 * ((high - low) or abs(high) or 1.0)
+    axis.set_ylim(low - pad, high + pad)
+    off = [f"{g.label} seed {r.seed}: {r.test:.4g}" for g in groups for r in g.runs
+           if r.test is not None and not low - pad <= r.test <= high + pad]
+    if off:
+        axis.text(0.99, 0.01, "off the axis: " + "; ".join(off), transform=axis.transAxes, ha="right", va="bottom",
+                  fontsize=7, color="dimgrey")
+
+
 def plot_front(groups: Sequence[Group], path: str | Path) -> None:
     """The metric-versus-score PNG: one panel per task."""
     import matplotlib
@@ -250,6 +269,8 @@ def plot_front(groups: Sequence[Group], path: str | Path) -> None:
             threshold = None
         if threshold is not None:
             axis.axhline(threshold, color="crimson", lw=1, ls=":", label=f"gate {threshold:g}")
+        if mine:
+            _limit_metric_axis(axis, mine, threshold)
         axis.set_xscale("log")
         axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0.2, not 2 x 10^-1
         # every minor tick labelled on a narrow axis; on a wide one only 2, 3, 5, 7 x 10^k (all nine collide)

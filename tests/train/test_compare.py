@@ -108,3 +108,22 @@ def test_a_folder_without_runs_is_one_line(tmp_path: Path, capsys):
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no report.json below") and " ; fix: " in err and err.count("\n") == 1
+
+
+def test_a_collapsed_run_is_named_off_the_axis_instead_of_squashing_the_front(runs_dir: Path, base_config: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train.compare import _limit_metric_axis
+
+    _run(runs_dir, base_config, compress="q8", seed=2, test=36 / 360, val=None, score=0.5)  # collapsed to 36/360
+    groups = group_runs(find_runs(runs_dir))
+    figure, axis = plt.subplots()
+    _limit_metric_axis(axis, groups, 0.95)
+    # means: auto 344/360, prune_q4 350/360, q8 [epochs 2] 358/360, q8 [epochs 15] (357 + 36)/2/360 = 196.5/360;
+    # the worst, 196.5/360, is the bottom, the best run 358/360 the top, padded by 8% of the difference
+    low, high = 196.5 / 360, 358 / 360
+    assert axis.get_ylim() == pytest.approx((low - 0.08 * (high - low), high + 0.08 * (high - low)))
+    assert [t.get_text() for t in axis.texts] == ["off the axis: q8 [train.epochs=15] seed 2: 0.1"]
+    plt.close(figure)
