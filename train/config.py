@@ -285,12 +285,17 @@ def _select(tree: dict, path: str) -> Any:
     return tree
 
 
+def run_settings(config: dict) -> dict[str, Any]:
+    """The settings that define a run (what a resume must agree on), flattened: ``{"train.lr": 0.1, …}``."""
+    flat = _flatten({key: _select(config, key) for key in RUN_DEFINING})
+    return {key: value for key, value in flat.items() if key not in RESUME_FREE}
+
+
 def check_same_run(saved: dict, current: dict, where: Any) -> None:
     """Refuse to resume a checkpoint written by a different run configuration."""
-    old = _flatten({key: _select(saved, key) for key in RUN_DEFINING})
-    new = _flatten({key: _select(current, key) for key in RUN_DEFINING})
+    old, new = run_settings(saved), run_settings(current)
     for key in sorted(set(old) | set(new)):
-        if key not in RESUME_FREE and old.get(key) != new.get(key):
+        if old.get(key) != new.get(key):
             raise ConfigError(f"{where} holds a run with {key}={old.get(key)!r} but this command has "
                               f"{key}={new.get(key)!r}", "re-run with the same settings to resume, or pass "
                               "hydra.run.dir=<new folder> to start a separate run")
