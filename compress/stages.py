@@ -7,8 +7,9 @@ A compress config is ``{name, stages: [stage, ...]}``; each stage is a mapping w
     epochs      positive integer (conf files interpolate it from ``${train.epochs}``)
     <technique> optional mapping configuring a registered technique (:data:`compress.base.TECHNIQUES`):
                 prune (compress/pruning.py), quantize (compress/quantization.py), distill (compress/distillation.py)
-    <other>     train-config keys this stage changes (lr, schedule, warmup_epochs, weight_decay, ...),
-                returned as ``Stage.overrides``; train/run.py checks them against the train config.
+    <other>     train-config keys this stage changes (lr, schedule, warmup_epochs, weight_decay, ...), or
+                ``lr_scale`` (the stage's lr as a multiple of ``train.lr``), returned as ``Stage.overrides``;
+                train/run.py checks them against the train config (train.config.stage_train_config).
 
 Within a stage the techniques run in their ``order`` (prune → quantize → distill), so a weight is always
 ``quantize(original * mask)``. Adding a technique adds a module with a registered :class:`Technique`

@@ -123,9 +123,21 @@ def test_task_gate_matches_the_scorers_rules(task):
     ({"lr": -0.1}, "stage q8: train.lr=-0.1 must be > 0"),
     ({"batch_size": 32}, "stage q8: batch_size=32 cannot be set per stage (one data loader serves every stage)"),
     ({"eval_batch_size": 32}, "stage q8: eval_batch_size=32 cannot be set per stage"),
+    ({"lr_scale": 0.1, "lr": 0.01}, "stage q8: both lr=0.01 and lr_scale=0.1"),
+    ({"lr_scale": 0}, "stage q8: lr_scale=0 is not a positive number"),
+    ({"lr_scale": "low"}, "stage q8: lr_scale='low' is not a positive number"),
 ])
 def test_stage_overrides_are_type_checked_and_validated(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         stage_train_config(compose_config().train, "q8", 3, overrides)
     recipe = stage_train_config(compose_config().train, "q8", 3, {"lr": 0.01, "schedule": "step", "milestones": [2]})
     assert (recipe.epochs, recipe.lr, recipe.schedule.value, list(recipe.milestones)) == (3, 0.01, "step", [2])
+
+
+@pytest.mark.parametrize("task, lr", [("digits", 0.1), ("wikitext_demo", 3e-3)])
+def test_a_stage_lr_scale_multiplies_the_tasks_own_lr(task, lr):
+    train = compose_config(f"task={task}").train
+    assert train.lr == pytest.approx(lr)
+    overrides = {"lr_scale": 0.1}
+    recipe = stage_train_config(train, "q8", 2, overrides)
+    assert recipe.lr == pytest.approx(lr * 0.1) and overrides == {"lr_scale": 0.1}  # the stage's own dict intact
