@@ -112,10 +112,11 @@ def test_the_usage_lines_run_in_order_on_fixtures(tmp_path: Path):
         args = [f"data.root={roots[a]}" if a in roots else f"init={folders[a[5:]]}" if a.startswith("init=") else a
                 for a in args]
         args += [] if "smoke=true" in args else ["smoke=true"]
-        if fixture:  # a batch the tiny image fixtures hold; for WikiText-103, 4 windows (its train text holds each
-            # of the 267,734 words once, nearly all in the adaptive softmax's widest cluster: the costliest tokens)
+        if fixture:  # small batches: CIFAR's default model is WRN-28-10 (5 GFLOPs an image); 2 evaluation batches
+            # of 4 give the scorer its 8 images; WikiText-103's train text holds each of its 267,734 words once,
+            # nearly all in the adaptive softmax's widest cluster (the costliest tokens)
             args += ["train.batch_size=4"] if fixture == ["data.root=/data"] else \
-                ["train.batch_size=8", "train.eval_batch_size=50"]
+                ["train.batch_size=2", "train.eval_batch_size=4"]
         result = subprocess.run([sys.executable, str(REPO / "train" / "run.py"), *args], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=HANG)
         assert result.returncode in (0, 3), f"{line}\n{result.stderr[-3000:]}"
