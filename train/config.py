@@ -291,9 +291,25 @@ def run_settings(config: dict) -> dict[str, Any]:
     return {key: value for key, value in flat.items() if key not in RESUME_FREE}
 
 
+def _with_schema_defaults(config: dict, schema: dict) -> dict:
+    """``config`` with every key it lacks taken from ``schema`` (nested dicts merged; ``???`` defaults skipped)."""
+    filled = dict(config)
+    for key, default in schema.items():
+        if key not in filled:
+            if default != MISSING:
+                filled[key] = default
+        elif isinstance(default, dict) and isinstance(filled[key], dict):
+            filled[key] = _with_schema_defaults(filled[key], default)
+    return filled
+
+
 def check_same_run(saved: dict, current: dict, where: Any) -> None:
-    """Refuse to resume a checkpoint written by a different run configuration."""
-    old, new = run_settings(saved), run_settings(current)
+    """Refuse to resume a checkpoint written by a different run configuration.
+
+    A key the saved config lacks (it was written before the key existed) holds the schema's default, which is
+    what that run used: a run recorded before ``smoke`` or ``data.val_split`` existed still resumes."""
+    schema = OmegaConf.to_container(OmegaConf.structured(RunConfig), enum_to_str=True)
+    old, new = run_settings(_with_schema_defaults(saved, schema)), run_settings(current)
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             raise ConfigError(f"{where} holds a run with {key}={old.get(key)!r} but this command has "

@@ -196,8 +196,10 @@ def _model_inputs(spec: dict[str, Any]) -> dict[str, Any]:
 def rehearse_attach(model: nn.Module, stages: list[Stage], *, steps_per_epoch: int) -> None:
     """Configure and attach every stage's pruning and quantization to a copy of ``model``, in run order, so that
     what only the model can reveal (a layer pattern matching nothing, a layer N:M cannot divide, a step past the
-    stage's end) stops the run now rather than after the stages before it trained. Teachers are not loaded."""
-    probe = copy.deepcopy(model)
+    stage's end) stops the run now rather than after the stages before it trained. Teachers are not loaded.
+    The copy lives on the meta device: shapes are all a rehearsal checks, and calibrating a quantizer's step sizes
+    on real weights cost seconds of a CIFAR run's start-up."""
+    probe = copy.deepcopy(model).to("meta")
     for stage in stages:
         for technique in stage.techniques:
             if not isinstance(technique, DistillTechnique):

@@ -80,6 +80,19 @@ def test_resume_refuses_a_checkpoint_of_another_configuration():
         check_same_run(saved, to_container(compose_config("train.epochs=3")), "run")
 
 
+def test_resume_reads_keys_a_saved_config_lacks_as_their_schema_defaults():
+    # A run recorded before smoke, data.val_split and train.grad_clip existed ran with their defaults.
+    current = to_container(compose_config())
+    saved = {**current, "data": {k: v for k, v in current["data"].items() if k != "val_split"},
+             "train": {k: v for k, v in current["train"].items() if k != "grad_clip"}}
+    del saved["smoke"]
+    check_same_run(saved, current, "run")
+    with pytest.raises(ConfigError, match=r"holds a run with smoke=False but this command has smoke=True"):
+        check_same_run(saved, to_container(compose_config("smoke=true")), "run")
+    with pytest.raises(ConfigError, match=r"data.val_split=0 but this command has data.val_split=0.2"):
+        check_same_run(saved, to_container(compose_config("data.val_split=0.2")), "run")
+
+
 def test_resume_names_the_one_stage_setting_that_differs():
     saved = to_container(compose_config("compress=prune_q8"))
     with pytest.raises(ConfigError) as info:

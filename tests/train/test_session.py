@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import models
 from compress import build_stages
+from tests.conftest import compose_config
 from train import distributed
 from train.config import ConfigError
-from train.run import Session
+from train.run import Session, rehearse_attach
 
 
 def _session(tiny_config, tmp_path: Path, *overrides: str) -> Session:
@@ -71,3 +73,28 @@ def test_with_a_validation_split_the_test_split_is_read_once_after_training(tiny
         assert "train epoch 2/2: train loss" in caplog.text and "; val " in caplog.text and "/144 = " in caplog.text
         final = session.evaluate(model, "test")
     assert reads == ["test"] and final.split == "test" and final.total == 360
+
+
+_IMAGE_RECIPES = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "compress").glob("*.yaml")
+                        if not p.stem.startswith("lm_"))
+
+
+@pytest.mark.parametrize("recipe, model", [*((r, "digits_cnn") for r in _IMAGE_RECIPES),
+                                           ("lm_prune_q8", "lstm_lm"), ("lm_distill_prune_q8", "txl_micronet")])
+def test_the_rehearsal_attaches_every_shipped_recipe_and_leaves_the_model_alone(recipe, model):
+    """rehearse_attach runs on a meta-device copy: every technique of every shipped recipe must attach there."""
+    stages = build_stages(compose_config(f"compress={recipe}")["compress"], load_teacher=None)
+    built = models.create_model(model, num_classes=10 if model == "digits_cnn" else 30000)
+    before = {name: tensor.clone() for name, tensor in built.state_dict().items()}
+    rehearse_attach(built, stages, steps_per_epoch=5)
+    assert built.state_dict().keys() == before.keys()  # no mask or quantizer was put on the model itself
+    assert all(torch.equal(built.state_dict()[name], before[name]) for name in before)
+    assert {p.device.type for p in built.parameters()} == {"cpu"}
+
+
+def test_the_rehearsal_stops_a_layer_that_nm_sparsity_cannot_divide():
+    # digits_cnn's first convolution has 1 x 3 x 3 = 9 weights per output: not a multiple of m = 4.
+    stages = build_stages({"name": "nm", "stages": [{"name": "prune", "epochs": 1, "prune": {
+        "final_sparsity": 0.5, "structure": "nm", "nm": [2, 4], "first_last_sparsity": None}}]}, load_teacher=None)
+    with pytest.raises(ValueError, match=r"layer 'conv1.0' has 9 weights per output, not a multiple of m=4"):
+        rehearse_attach(models.create_model("digits_cnn", num_classes=10), stages, steps_per_epoch=5)
