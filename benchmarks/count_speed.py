@@ -2,14 +2,15 @@
 
     python benchmarks/count_speed.py [--model resnet50] [--size 224] [--repeats 3] [--limit 3.0]
     python benchmarks/count_speed.py --lm lstm_lm_baseline [--tokens 64] [--repeats 1] [--limit 3.0]
-    python benchmarks/count_speed.py --lm txl_micronet [--tokens 64]
+    python benchmarks/count_speed.py --lm txl_micronet [--tokens 64] [--threads 1]
 
 Image models: both count the same model on the same batch of one in the same process, after a warm-up forward
 pass. Language models (``--lm``, a registered one at the full WikiText-103 vocabulary: the baseline LSTM
 ``lstm_lm_baseline``, or ``txl_micronet`` with its 96-entry memory, first filled by 96 uncounted tokens) are fed
 ``--tokens`` Zipf-distributed tokens on-line, one per call with the state carried: a plain loop, the loop under
-FlopCounterMode, and ``scoring.count_stream``. The best of ``--repeats`` runs is reported. Exits 1 when our counter takes longer than
-``--limit`` seconds.
+FlopCounterMode, and ``scoring.count_stream``. The best of ``--repeats`` runs is reported. ``--threads`` sets torch's
+intra-op threads (default: torch's choice); on a shared machine one thread gives repeatable times, where a thread
+per core contends with the other processes. Exits 1 when our counter takes longer than ``--limit`` seconds.
 """
 from __future__ import annotations
 
@@ -61,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="tokens fed on-line (--lm)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--limit", type=float, default=3.0, help="seconds our counter may take")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.lm:
         model = language_model(args.lm)

@@ -27,7 +27,9 @@ Costs come from the rules table (:mod:`scoring.rules`); an op with no rule raise
 """
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -40,7 +42,6 @@ from torch.nn.utils.parametrize import ParametrizationList, type_before_parametr
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakIdKeyDictionary
 
 from scoring.protocol import declared_mask_bits, is_quantizer, quantizer_bits, quantizer_scales
 from scoring.rules import (ADAPTIVE_POOL, ATTENTION, BATCH_NORM, CELLS, COMPOSITE_LAYOUTS, CONV, ELEMENTWISE, FREE,
@@ -220,6 +221,43 @@ _CONSTANT = _Info(static=True)
 _DYNAMIC = _Info(static=False)
 
 
+class _Ref(weakref.ref):
+    """A weak reference to a tensor that knows its key in :class:`_Infos` (the tensor's ``id``)."""
+
+    __slots__ = ("key",)
+
+
+class _Infos:
+    """Tensor -> :class:`_Info` by identity, keeping no tensor alive (``WeakIdKeyDictionary``'s semantics at a
+    fraction of its cost: it is read for every input of every op). An entry is dropped when its tensor dies, before
+    the ``id`` can be reused; a lookup still checks that the entry refers to the tensor asked about."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[_Ref, _Info]] = {}
+        entries = self.entries
+
+        def drop(ref: _Ref) -> None:  # the tensor died: forget it, unless its id already holds a newer entry
+            entry = entries.get(ref.key)
+            if entry is not None and entry[0] is ref:
+                del entries[ref.key]
+
+        self.drop = drop
+
+    def get(self, tensor: torch.Tensor, default: _Info = _CONSTANT) -> _Info:
+        entry = self.entries.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else default
+
+    def __setitem__(self, tensor: torch.Tensor, info: _Info) -> None:
+        key = id(tensor)
+        entry = self.entries.get(key)
+        if entry is not None and entry[0]() is tensor:
+            ref = entry[0]
+        else:
+            ref = _Ref(tensor, self.drop)
+            ref.key = key
+        self.entries[key] = (ref, info)
+
+
 @dataclass(frozen=True)
 class _Stored:
     """``numel`` values stored for inference at ``bits`` (None: unquantized); a weight also has ``nonzeros``."""
@@ -277,12 +315,15 @@ def _histogram(lines: torch.Tensor) -> tuple[tuple[int, int], ...]:
     return tuple(zip(values.tolist(), counts.tolist()))
 
 
-def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
+def _tensors(values: Iterable[Any], found: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The tensors among ``values``, in lists and tuples too, in order."""
+    found = [] if found is None else found
     for value in values:
         if isinstance(value, torch.Tensor):
-            yield value
+            found.append(value)
         elif isinstance(value, (list, tuple)):
-            yield from _tensors(value)
+            _tensors(value, found)
+    return found
 
 
 def _integral(tensor: torch.Tensor) -> bool:
@@ -397,7 +438,8 @@ _TRANSPOSES = frozenset({"t", "transpose", "permute"})
 _COPIES = frozenset({"clone", "_to_copy", "alias", "detach", "lift_fresh"})
 
 
-def _dim_groups(before: Sequence[int], after: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+@functools.lru_cache(maxsize=4096)  # a pure function of two shapes, asked for every reshape of every token
+def _dim_groups(before: tuple[int, ...], after: tuple[int, ...]) -> tuple[tuple[list[int], list[int]], ...]:
     """The (dims before, dims after) of a reshape whose sizes multiply to the same product, size-1 dims left out."""
     dims_before = [d for d, size in enumerate(before) if size != 1]
     dims_after = [d for d, size in enumerate(after) if size != 1]
@@ -408,7 +450,7 @@ def _dim_groups(before: Sequence[int], after: Sequence[int]) -> list[tuple[list[
         i, j = i + 1, j + 1
         while product_in != product_out:
             if (i == len(dims_before)) if product_in < product_out else (j == len(dims_after)):
-                return groups  # not a reshape of equal products (an empty tensor)
+                return tuple(groups)  # not a reshape of equal products (an empty tensor)
             if product_in < product_out:
                 ins.append(dims_before[i])
                 product_in, i = product_in * before[dims_before[i]], i + 1
@@ -416,7 +458,7 @@ def _dim_groups(before: Sequence[int], after: Sequence[int]) -> list[tuple[list[
                 outs.append(dims_after[j])
                 product_out, j = product_out * after[dims_after[j]], j + 1
         groups.append((ins, outs))
-    return groups
+    return tuple(groups)
 
 
 def _transposed(key: str, args: tuple, parts: tuple) -> tuple:
@@ -519,7 +561,7 @@ class _Tracer(TorchDispatchMode):
     def __init__(self, model: nn.Module, rules: Mapping[str, Rule]):
         super().__init__()
         self.rules = rules
-        self.infos: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.infos = _Infos()
         for tensor in [*model.parameters(), *model.buffers()]:
             self.infos[tensor] = _Info(static=True, roots=frozenset((id(tensor),)))
         #: Storage of every parameter and buffer: a weight on it can be measured once (see _rows).
@@ -531,8 +573,8 @@ class _Tracer(TorchDispatchMode):
         self.coverage: dict[frozenset[int], torch.Tensor | None] = {}
         self.reads: set[tuple] = set()
         self.layers: dict[str, _Layer] = {}
-        self.stack: list[nn.Module] = []
-        self.active = False
+        #: Per module running, outermost first: the innermost of them that is not a quantizer (None: none is).
+        self.stack: list[nn.Module | None] = []
         self.names = {module: name or MODEL_LAYER for name, module in model.named_modules()}
         self.modules = {name: module for module, name in self.names.items()}
         #: Parameter / buffer -> the layer owning it (a parametrization's original: the parametrized module); one
@@ -565,12 +607,8 @@ class _Tracer(TorchDispatchMode):
     def run(self, model: nn.Module, *args: Any) -> Any:
         """Run ``model(*args)`` with every op recorded."""
         self.stack.clear()
-        self.active = True
-        try:
-            with self, _Composites(self):
-                return model(*args)
-        finally:
-            self.active = False
+        with self, _Composites(self):
+            return model(*args)
 
     # --- module hooks -----------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> list[Any]:
@@ -583,15 +621,14 @@ class _Tracer(TorchDispatchMode):
         return handles
 
     def _enter(self, module: nn.Module, args: Any) -> None:
-        if not self.active:
-            return  # a forward pass that is not counted (count_stream's warm-up)
-        self.stack.append(module)  # first: _leave pops it even when the quantizer's declaration is refused
-        if is_quantizer(module):
+        # The module that ops run now count in: a quantizer's belong to the layer around it. Pushed first: _leave
+        # pops it even when the quantizer's declaration is refused.
+        quantizer = is_quantizer(module)
+        self.stack.append((self.stack[-1] if self.stack else None) if quantizer else module)
+        if quantizer:
             self._enter_quantizer(module)
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self.active:
-            return
         self.stack.pop()
         mask_bits = declared_mask_bits(module)
         if mask_bits is not None:
@@ -628,7 +665,7 @@ class _Tracer(TorchDispatchMode):
     def _layer(self, module: nn.Module | None = None) -> _Layer:
         """The layer of ``module``, by default of the innermost module running (quantizers aside)."""
         if module is None:
-            module = next((m for m in reversed(self.stack) if not is_quantizer(m)), None)
+            module = self.stack[-1] if self.stack else None
         name = self.names.get(module, MODEL_LAYER) if module is not None else MODEL_LAYER
         layer = self.layers.get(name)
         if layer is None:
@@ -658,12 +695,12 @@ class _Tracer(TorchDispatchMode):
         return rule_key(name, args, kwargs)
 
     def _record(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        inputs = list(_tensors(args)) + list(_tensors(kwargs.values()))
-        infos = [self._info(t) for t in inputs]
+        inputs = _tensors(kwargs.values(), _tensors(args)) if kwargs else _tensors(args)
+        infos = list(map(self.infos.get, inputs))
         if self.opaque:  # inside a recurrent composite, counted by its rule: its values are activations
             self._propagate(out, infos, None, static=False)
             return
-        dynamic = not all(info.static for info in infos)
+        dynamic = any(not info.static for info in infos)
         key = self._key(func, args, kwargs)
         rule = self.rules.get(key)
         if not dynamic or self.quantizer_depth:
@@ -741,17 +778,25 @@ class _Tracer(TorchDispatchMode):
                    producer: _Producer | None = None, index: bool = False, parts: tuple | None = None) -> None:
         bits = None
         if rule is not None and (rule.kind in (FREE, VIEW, LOOKUP, PERMUTATION) or rule.keeps_bits):
-            tags = [i.bits for i in infos if not (i.constant or i.index)]  # indices move data, they are not values
+            # the tags of the values moved: neither constants nor indices (which move data, they are not values)
+            tags = [i.bits for i in infos if not i.index and (i.roots or not i.static)]
             if tags and None not in tags:
                 bits = max(tags)
             if rule.kind == VIEW and producer is None and len(infos) == 1:
                 producer = infos[0].producer
-        roots = frozenset().union(*(i.roots for i in infos)) if static else frozenset()
-        info = _Info(static=static, bits=bits, producer=producer, roots=roots, index=index, parts=parts)
+        outputs = [out] if isinstance(out, torch.Tensor) else _tensors([out])
+        if not static:  # an activation: no roots, no mask
+            info = (_DYNAMIC if bits is None and producer is None and not index and parts is None
+                    else _Info(static=False, bits=bits, producer=producer, index=index, parts=parts))
+            for tensor in outputs:
+                self.infos[tensor] = info
+            return
+        roots = frozenset().union(*(i.roots for i in infos))
+        info = _Info(static=True, bits=bits, producer=producer, roots=roots, index=index, parts=parts)
         # A declared mask passes through static ops that keep its tensor's size (quantizer, views).
-        masks = {i.mask for i in infos if i.mask is not None} if static else set()
+        masks = {i.mask for i in infos if i.mask is not None}
         mask = masks.pop() if len(masks) == 1 else None
-        for tensor in _tensors([out]):
+        for tensor in outputs:
             keeps = mask is not None and tensor.numel() == mask.kept.numel()
             self.infos[tensor] = replace(info, mask=mask) if keeps else info
 
@@ -1181,7 +1226,7 @@ class _Composites(TorchFunctionMode):
         kwargs = kwargs or {}
         tracer = self.tracer
         key = tracer.composites.get(func)
-        if key is None or tracer.quantizer_depth or tracer.opaque:
+        if key is None or tracer.quantizer_depth or tracer.opaque:  # nearly every call: kept short
             return func(*args, **kwargs)
         if all(tracer._info(t).static for t in _tensors([*args, *kwargs.values()])):
             return func(*args, **kwargs)  # precomputed at export: its ops are static
@@ -1296,20 +1341,29 @@ def _check_accumulator(accumulator_bits: int) -> None:
 
 
 @contextmanager
-def _tracing(model: nn.Module, rules: Mapping[str, Rule]) -> Iterator[_Tracer]:
-    """A tracer attached to ``model``, run in eval mode without grad; hooks and training modes restored after."""
-    tracer = _Tracer(model, rules)
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode without grad; its training modes restored after."""
     modes = {module: module.training for module in model.modules()}
-    handles = tracer.attach(model)
     try:
         model.eval()
         with torch.no_grad():
-            yield tracer
+            yield
     finally:
-        for handle in handles:
-            handle.remove()
         for module, training in modes.items():
             module.training = training
+
+
+@contextmanager
+def _tracing(model: nn.Module, rules: Mapping[str, Rule]) -> Iterator[_Tracer]:
+    """A tracer attached to ``model``, run in eval mode without grad; its hooks removed after."""
+    tracer = _Tracer(model, rules)
+    with _evaluating(model):
+        handles = tracer.attach(model)
+        try:
+            yield tracer
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def _device(model: nn.Module) -> torch.device | None:
@@ -1380,19 +1434,18 @@ def count_stream(model: nn.Module, tokens: torch.Tensor, *, warmup_tokens: int =
                          "token to count (0 <= warmup_tokens < number of tokens)")
     device = _device(model)
     stream = stream.to(device) if device is not None else stream
-    with _tracing(model, rules) as tracer:
+    with _evaluating(model):
         state = model.initial_state(1, device) if hasattr(model, "initial_state") else None
-        for t in range(stream.shape[1]):
-            token = stream[:, t:t + 1]
-            if t < warmup_tokens:
-                state = _step(model, lambda m, *args: m(*args), token, state)
-                continue
-            if t == warmup_tokens:
-                for tensor in tree_leaves(state):
-                    if isinstance(tensor, torch.Tensor):
-                        tracer.mark_input(tensor)
-            tracer.mark_input(token)
-            state = _step(model, tracer.run, token, state)
+        for t in range(warmup_tokens):  # plain calls, before the tracer is attached: nothing of them is counted
+            state = _step(model, lambda m, *args: m(*args), stream[:, t:t + 1], state)
+        with _tracing(model, rules) as tracer:
+            for tensor in tree_leaves(state):
+                if isinstance(tensor, torch.Tensor):
+                    tracer.mark_input(tensor)
+            for t in range(warmup_tokens, stream.shape[1]):
+                token = stream[:, t:t + 1]
+                tracer.mark_input(token)
+                state = _step(model, tracer.run, token, state)
     tracer.finish()
     return _resolve(tracer, stream.shape[1] - warmup_tokens, accumulator_bits, freebie, dict([STREAM_CONVENTION]))
 

@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 from scoring import UnsupportedOpError, count_model
+from scoring.counter import _CONSTANT, _DYNAMIC, _Infos
 from scoring.oplist import Activation, Add, Conv2D, DepthwiseConv2D, FullyConnected, GlobalAvg, Scale, count_oplist
 from tests.scoring.helpers import FakeQuant, quantize_weight, set_grid_weights
 
@@ -338,6 +339,34 @@ def test_ops_on_parameters_alone_are_free():
 
     count = count_model(Scaled(), torch.randn(1, 2, 4, 4), freebie=False)
     assert (count.params, count.mults, count.adds) == (6, 2 * 3 * 16, 1 * 3 * 16)
+
+
+def test_a_weight_sparsified_between_two_counts_counts_its_new_nonzeros():
+    # The counter measures each weight once per count (nonzeros, per-output lengths): a second count must see the
+    # weight as it is now. Linear 4 -> 3 on one input: dense 3 outputs × 4 mults, 3 × (4 - 1) adds; with 2 of each
+    # row's 4 weights zeroed, 3 × 2 mults and 3 × (2 - 1) adds.
+    layer = nn.Linear(4, 3, bias=False)
+    x = torch.randn(1, 4)
+    with torch.no_grad():
+        layer.weight.fill_(0.5)
+    dense = count_model(layer, x)
+    with torch.no_grad():
+        layer.weight[:, :2] = 0
+    sparse = count_model(layer, x)
+    assert (dense.mults, dense.adds, sparse.mults, sparse.adds) == (12, 9, 6, 3)
+
+
+def test_what_the_counter_knows_of_a_tensor_dies_with_it():
+    # Facts are kept by tensor identity: a tensor allocated where a dead one was (same id) starts unknown.
+    infos = _Infos()
+    known = torch.ones(2)
+    infos[known] = _DYNAMIC
+    assert infos.get(known) is _DYNAMIC and infos.get(torch.ones(2)) is _CONSTANT
+    dead_id = id(known)
+    del known
+    assert not infos.entries  # dropped when the tensor died
+    reused = next(t for t in (torch.ones(2) for _ in range(1000)) if id(t) == dead_id)
+    assert infos.get(reused) is _CONSTANT
 
 
 def test_run_time_zeros_of_a_dynamic_conv_weight_do_not_reduce_the_count():
