@@ -52,11 +52,12 @@ def _allocate(cfg, run_dir: Path) -> tuple[Session, list, list]:
 
 @pytest.fixture(scope="module")
 def allocated(tmp_path_factory):
-    """The stage under an unlimited budget: every layer takes its grid's cheapest setting."""
+    """The stage under an unlimited budget: every layer takes its grid's cheapest setting (slow tests only use it)."""
     run_dir = tmp_path_factory.mktemp("auto")
     return (run_dir, *_allocate(_config(f"compress.stages.0.allocate.budget={UNLIMITED}"), run_dir))
 
 
+@pytest.mark.slow  # measures (seconds on an idle 2-core CPU)
 def test_the_stage_measures_on_validation_allocates_and_sets_the_later_stages(allocated):
     run_dir, session, reads, stages = allocated
     assert reads == []  # the test split is not read by the stage
@@ -91,6 +92,7 @@ def test_the_stage_measures_on_validation_allocates_and_sets_the_later_stages(al
     assert {name: q.micronet_bits for name, q in quantizers.items()} == {name: 4 for name in record["layers"]}
 
 
+@pytest.mark.slow  # measures (seconds on an idle 2-core CPU)
 def test_the_written_compress_config_composes_and_the_command_sweeps_the_same_measurement(allocated, capsys):
     run_dir, *_ = allocated
     conf_dir = run_dir / SENSITIVITY_DIR / "conf"
@@ -105,6 +107,7 @@ def test_the_written_compress_config_composes_and_the_command_sweeps_the_same_me
         capsys.readouterr().out
 
 
+@pytest.mark.slow  # measures (seconds on an idle 2-core CPU)
 def test_a_restart_reads_the_allocation_back_and_one_cut_short_measures_again(allocated, tmp_path, caplog):
     run_dir, session, _, stages = allocated
     out = run_dir / SENSITIVITY_DIR
@@ -160,6 +163,7 @@ def test_what_the_stage_cannot_work_with_is_one_line_before_training(tiny_config
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # measures (seconds on an idle 2-core CPU)
 def test_a_compressed_init_model_and_a_target_nothing_meets_are_refused(tiny_config, tmp_path: Path):
     cfg = tiny_config(*AUTO)
     session = Session(cfg, distributed.Context(torch.device("cpu")), tmp_path)
