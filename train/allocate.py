@@ -27,31 +27,56 @@ then QAT; ``distill_prune_q8`` for both distilled) with the chosen sparsity of e
 ``layer_sparsity`` and the chosen bits of every quantized layer as its ``layer_bits`` (weights and inputs). It is
 written to ``CONFIG_DIR/compress/NAME.yaml`` and the command that trains it from the measured run is printed.
 Several budgets give several configs: the front of score against validation metric.
+
+**As a stage.** A compress config may do both steps inside the run: a stage with ``allocate:`` (documented at
+:class:`AllocateStage`; ``conf/compress/auto.yaml``) measures the model trained so far with the same
+:func:`train.sensitivity.measure`, solves the same :func:`allocate`, and gives the stages after it (the template) the
+chosen per-layer settings (:func:`fill_stages`). Its outputs go to ``RUN/sensitivity/`` as the two commands write
+them, with ``allocation.json`` last (:func:`run_allocate_stage`): a run restarted after it reads the allocation
+back (:func:`read_allocation`) instead of measuring again.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import json
+import logging
 import math
 import re
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.nn as nn
 from omegaconf import OmegaConf
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 import conf
+from compress import compression_state
+from compress.base import Settings, select_layers
 from scoring.entry import atomic_write
-from scoring.gate import PERPLEXITY
-from train.config import ConfigError
-from train.sensitivity import FREEBIE_OFF, FREEBIE_ON, Probe, Setting, layer_pattern, read_sensitivity
+from scoring.gate import PERPLEXITY, TOP1
+from train.config import ConfigError, check_same_run
+from train.sensitivity import DEFAULT_BITS, DEFAULT_SPARSITY, FREEBIE_OFF, FREEBIE_ON, Probe, Setting, grid, \
+    grid_bits, grid_sparsity, layer_pattern, measure, read_sensitivity, write_outputs
 
 CONF_DIR = Path(conf.__file__).resolve().parent
+#: What an allocate stage writes last into ``RUN/sensitivity/``: its presence means the stage has finished.
+ALLOCATION_JSON = "allocation.json"
+#: Version of allocation.json.
+ALLOCATION_FORMAT = 1
+
+#: A loss budget larger than any loss increase (nats per example): every layer takes its cheapest setting. Finite,
+#: since the run's config is stored as strict JSON in its entry.
+UNLIMITED = 1e9
+
+log = logging.getLogger("micronet.allocate")
 
 
 def solve(costs: Sequence[Sequence[float]], penalties: Sequence[Sequence[float]], budget: float) -> list[int] | None:
@@ -96,6 +121,22 @@ class Allocation:
     constraint: str
     #: Filled by :func:`check`: the counted score and the one-shot validation result of the combination.
     counted: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: ``layers`` ({layer: {bits, sparsity}}), freebie, constraint, ``predicted`` and ``counted``."""
+        return {"layers": {layer: dataclasses.asdict(s) for layer, s in self.settings.items()}, "freebie": self.freebie,
+                "constraint": self.constraint, "predicted": {key: getattr(self, key) for key in _PREDICTED},
+                "counted": self.counted}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Allocation:
+        """The inverse of :meth:`to_dict` (other keys of ``data`` are ignored)."""
+        return cls(settings={layer: Setting(**s) for layer, s in data["layers"].items()}, freebie=data["freebie"],
+                   constraint=data["constraint"], counted=dict(data["counted"]), **data["predicted"])
+
+
+#: The predictions of an :class:`Allocation`, as :meth:`Allocation.to_dict` groups them.
+_PREDICTED = ("score", "params", "ops", "loss_increase", "metric")
 
 
 def _penalties(sensitivity: Mapping[str, Any], loss_budget: float | None,
@@ -173,41 +214,57 @@ def load_template(template: str) -> dict[str, Any]:
         raise ConfigError(f"template {template!r}: no file {path}",
                           f"name a config of {CONF_DIR / 'compress'} (e.g. prune_q4, distill_prune_q8) or a yaml path")
     config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    stages = config.get("stages") if isinstance(config, dict) else None
-    if not isinstance(stages, list) or not any("prune" in s for s in stages) or not any("quantize" in s for s in stages):
-        raise ConfigError(f"template {path} needs a stage with prune: and a stage with quantize:",
-                          "use prune_q4, prune_q8 or distill_prune_q8, or a config of the same shape")
-    structure = next(s for s in stages if "prune" in s)["prune"].get("structure", "unstructured")
-    if structure != "unstructured":
-        raise ConfigError(f"template {path} prunes with structure={structure}; the sensitivity measured unstructured "
-                          "magnitude pruning", "use a template with unstructured pruning")
+    try:
+        check_template(config.get("stages") if isinstance(config, dict) else None, f"template {path}")
+    except ValueError as err:
+        raise ConfigError(str(err), "use prune_q4, prune_q8 or distill_prune_q8, or a config of the same shape "
+                                    "with unstructured pruning") from None
     return config
 
 
-def compress_config(allocation: Allocation, template: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The template's stages with the allocation as per-layer overrides (stages left without a technique dropped)."""
-    config = {"name": name, "stages": copy.deepcopy(list(template["stages"]))}
+def check_template(stages: Any, where: str) -> None:
+    """ValueError unless ``stages`` (a list of stage mappings) has a stage with ``prune:`` (unstructured: what the
+    sensitivity measures) and a stage with ``quantize:``: the stages that train an allocation."""
+    if not isinstance(stages, list) or not any("prune" in s for s in stages) or not any("quantize" in s for s in stages):
+        raise ValueError(f"{where} needs a stage with prune: and a stage with quantize:")
+    structure = (next(s for s in stages if "prune" in s)["prune"] or {}).get("structure", "unstructured")
+    if structure != "unstructured":
+        raise ValueError(f"{where} prunes with structure={structure}; the sensitivity measured unstructured "
+                         "magnitude pruning")
+
+
+def fill_stages(stages: Sequence[Mapping[str, Any]], allocation: Allocation) -> list[dict[str, Any]]:
+    """A copy of ``stages`` in which the first ``prune:`` and the first ``quantize:`` carry the allocation as per-layer
+    overrides (the template's schedule keys kept), or are removed where the allocation has nothing for them."""
+    stages = copy.deepcopy([dict(stage) for stage in stages])
     pruned = {layer_pattern(layer): s.sparsity for layer, s in allocation.settings.items() if s.sparsity}
     quantized = {layer_pattern(layer): s.bits for layer, s in allocation.settings.items() if s.quantized}
-    prune_stage = next(s for s in config["stages"] if "prune" in s)
-    quantize_stage = next(s for s in config["stages"] if "quantize" in s)
+    prune_stage = next(s for s in stages if "prune" in s)
+    quantize_stage = next(s for s in stages if "quantize" in s)
     if pruned:
-        prune = {k: v for k, v in prune_stage["prune"].items()
+        prune = {k: v for k, v in (prune_stage["prune"] or {}).items()
                  if k not in ("final_sparsity", "layers", "exclude", "first_last_sparsity", "layer_sparsity")}
         prune_stage["prune"] = {"final_sparsity": max(pruned.values()), **prune, "layers": list(pruned),
                                 "first_last_sparsity": None, "layer_sparsity": pruned}
     else:
         del prune_stage["prune"]
     if quantized:
-        quantize = {k: v for k, v in quantize_stage["quantize"].items()
+        quantize = {k: v for k, v in (quantize_stage["quantize"] or {}).items()
                     if k not in ("weight_bits", "activation_bits", "layers", "exclude", "first_last_bits", "layer_bits")}
         quantize_stage["quantize"] = {**quantize, "layers": list(quantized), "first_last_bits": None,
                                       "layer_bits": quantized}
     else:
         del quantize_stage["quantize"]
+    return stages
+
+
+def compress_config(allocation: Allocation, template: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The template's stages with the allocation as per-layer overrides (stages left without a technique dropped)."""
+    config = {"name": name, "stages": fill_stages(template["stages"], allocation)}
     config["stages"] = [s for s in config["stages"] if any(k in s for k in ("prune", "quantize", "distill"))]
+    quantize_stage = next((s for s in config["stages"] if "quantize" in s), None)
     teachers = {s["distill"].get("teacher") for s in config["stages"] if isinstance(s.get("distill"), Mapping)}
-    if "quantize" in quantize_stage and re.fullmatch(r"q\d+", quantize_stage["name"]) \
+    if quantize_stage is not None and re.fullmatch(r"q\d+", quantize_stage["name"]) \
             and quantize_stage["name"] not in teachers and "qat" not in {s["name"] for s in config["stages"]}:
         quantize_stage["name"] = "qat"  # the template's q8 / q4 would misname mixed widths
     return config
@@ -253,6 +310,149 @@ def train_command(sensitivity: Mapping[str, Any], config_dir: Path, names: Seque
         parts.append(f"hydra.searchpath=[file://{config_dir.resolve()}]")
     parts.append(f"compress={','.join(names)}")
     return " ".join(parts)
+
+
+# --- the allocate stage ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AllocateStage:
+    """The ``allocate:`` mapping of a compress stage (``conf/compress/auto.yaml``), checked key by key:
+
+        budget               the predicted validation-loss increase allowed (nats per example, >= 0), or
+        target_metric        the validation metric to keep (top-1 fraction in (0, 1], or perplexity > 1): exactly one
+        bits                 the grid's bit widths (weights and inputs), float = unquantized; default float,8,6,4,3,2
+        sparsity             the grid's sparsities in [0, 1); default 0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98
+        calibration_batches  training batches of the calibration after each change (train/sensitivity.py); default 2
+        layers, exclude      fnmatch patterns of the layers measured and allocated (the others stay as trained);
+                             default ["*"] and []
+
+    The stages after it are the template (as ``--template`` of the command): its first ``prune:`` and first
+    ``quantize:`` stages train the allocation (:func:`fill_stages`), their other keys (schedule, method) as written."""
+
+    budget: float | None
+    target_metric: float | None
+    bits: list[int | None]
+    sparsity: list[float]
+    calibration_batches: int
+    layers: list[str]
+    exclude: list[str]
+
+    @classmethod
+    def from_stage(cls, cfg: Mapping[str, Any], where: str, metric: str) -> AllocateStage:
+        """Read and check the mapping (``where``: its key path; ``metric``: the task's gate metric); ValueError."""
+        settings = Settings(cfg, where)
+        budget = settings.number("budget", None, low=0, high=math.inf, high_open=True, optional=True)
+        high = 1.0 if metric == TOP1 else math.inf
+        target = settings.number("target_metric", None, low=1.0 if metric == PERPLEXITY else 0.0, low_open=True,
+                                 high=high, high_open=metric != TOP1, optional=True)
+        if (budget is None) == (target is None):
+            raise ValueError(f"{where}: expected exactly one of budget (the predicted validation-loss increase "
+                             f"allowed, e.g. 1.5) and target_metric (the validation {metric} to keep)")
+        grids = {}
+        for key, check_grid, default in (("bits", grid_bits, DEFAULT_BITS), ("sparsity", grid_sparsity, DEFAULT_SPARSITY)):
+            value = settings.get(key, list(default))
+            try:
+                grids[key] = check_grid(value if isinstance(value, Sequence) and not isinstance(value, str) else [value])
+            except ValueError as err:
+                raise ValueError(f"{where}.{key}={value!r}: {err}") from None
+        spec = cls(budget=budget, target_metric=target, bits=grids["bits"], sparsity=grids["sparsity"],
+                   calibration_batches=settings.number("calibration_batches", 2, low=1, high=math.inf, integer=True),
+                   layers=settings.patterns("layers", ["*"]), exclude=settings.patterns("exclude", []))
+        settings.finish()
+        return spec
+
+    def smoke(self) -> AllocateStage:
+        """A smoke run's version (train/smoke.py): the grid's first and last bit width and sparsity, one calibration
+        batch, and no constraint, so that every layer takes its cheapest setting and every later technique runs."""
+        def ends(values: list) -> list:
+            return list(dict.fromkeys([values[0], values[-1]]))
+        return dataclasses.replace(self, budget=UNLIMITED, target_metric=None, bits=ends(self.bits),
+                                   sparsity=ends(self.sparsity), calibration_batches=1)
+
+    def measured_layers(self, model: nn.Module, where: str) -> list[str]:
+        """The weight layers the stage measures; ValueError for a pattern that matches none, or none left."""
+        layers = select_layers(model, Settings({}, where), include=self.layers, exclude=self.exclude, per_layer={})
+        if not layers:
+            raise ValueError(f"{where}: layers {self.layers} without exclude {self.exclude} leave no layer to allocate")
+        return list(layers)
+
+
+def check_allocate_stages(stages: Sequence[Mapping[str, Any]], model: nn.Module, metric: str) -> dict[int, AllocateStage]:
+    """The allocate stages of a resolved compress config's ``stages``, by index, checked before anything trains:
+    at most one, measuring an uncompressed model (no technique before it, none on ``model``: an ``init=`` run), with
+    a template after it (:func:`check_template`). ValueError names the problem."""
+    specs = {index: AllocateStage.from_stage(stage["allocate"], f"compress.stages[{index}].allocate", metric)
+             for index, stage in enumerate(stages) if "allocate" in stage}
+    if len(specs) > 1:
+        raise ValueError(f"compress.stages{sorted(specs)}: more than one allocate stage; keep one")
+    for index, spec in specs.items():
+        where = f"compress.stages[{index}]"
+        earlier = [s["name"] for s in stages[:index] if any(k in s for k in ("prune", "quantize"))]
+        structure = compression_state(model)
+        if earlier or structure["weights"] or structure["inputs"]:
+            raise ValueError(f"{where}: the allocate stage measures an uncompressed model, but "
+                             + (f"stage {earlier[0]} compresses it before" if earlier else "the init= model is compressed"))
+        check_template(list(stages[index + 1:]), f"{where}: the stages after allocate")
+        spec.measured_layers(model, f"{where}.allocate")
+    return specs
+
+
+def read_allocation(out: Path, config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The record an allocate stage of this run wrote into ``out`` (``RUN/sensitivity``), or None when it has not
+    finished. ConfigError when it cannot be read, or was written by a run of another configuration."""
+    path = out / ALLOCATION_JSON
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if record.get("format") != ALLOCATION_FORMAT:
+            raise ValueError(f"format {record.get('format')!r}, not {ALLOCATION_FORMAT}")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConfigError(f"{path} cannot be read ({err})", f"delete {path} and re-run the same command: the allocate "
+                                                            "stage measures again") from None
+    check_same_run(record["config"], dict(config), path)
+    return record
+
+
+def run_allocate_stage(spec: AllocateStage, probe: Probe, *, where: str, later: Sequence[Mapping[str, Any]],
+                       out: Path, config: Mapping[str, Any], baseline: str, command: str,
+                       progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """The allocate stage on ``probe`` (the model trained so far, on the run's validation split): measure
+    (:func:`train.sensitivity.measure`), allocate, check, and write into ``out`` sensitivity.json / .md / .png, the
+    stages ``later`` with the allocation as a compress config (``conf/compress/<name>_allocated.yaml``, as the
+    command writes one) and, last, allocation.json: the record returned, which :func:`read_allocation` reads back.
+    ``baseline`` is where the measured model is saved (for ``python -m train.allocate RUN`` sweeps)."""
+    start = time.perf_counter()
+    result = measure(probe, layers=spec.measured_layers(probe.model, where), settings=grid(spec.bits, spec.sparsity),
+                     progress=progress)
+    result["run"] = baseline
+    result["path"] = str(write_outputs(result, out)["json"])
+    allocation = allocate(result, loss_budget=spec.budget, target_metric=spec.target_metric)
+    if allocation is None:
+        raise ConfigError(f"{where}: no setting of the grid meets target_metric={spec.target_metric:g} (the trained "
+                          f"model has validation {result['metric']} {result['reference']['metric']:.4f}, calibrated)",
+                          f"re-run with init={baseline} and a lower {where}.target_metric, or a budget: the trained "
+                          "model is kept")
+    check(allocation, probe)
+    name = f"{config['compress']['name']}_allocated"
+    path = out / "conf" / "compress" / f"{name}.yaml"
+    write_config({"name": name, "stages": fill_stages(later, allocation)}, allocation, result, path,
+                 f"the stages of compress={config['compress']['name']} after its allocate stage", command)
+    record = {"format": ALLOCATION_FORMAT, "stage": where, "split": "val", "val_split": probe.val_split,
+              "validation_examples": result["validation"]["examples"], **allocation.to_dict(),
+              # relative to the run dir, which may move
+              "sensitivity": str(Path(result["path"]).relative_to(out.parent)),
+              "compress_config": str(path.relative_to(out.parent)),
+              "seconds": round(time.perf_counter() - start, 1), "config": dict(config)}
+    text = json.dumps(record, indent=1) + "\n"
+    atomic_write(out / ALLOCATION_JSON, lambda tmp: tmp.write_text(text))
+    return record
+
+
+def allocation_summary(record: Mapping[str, Any]) -> str:
+    """One line for the console: where the per-layer settings come from, and what they are."""
+    allocation = Allocation.from_dict(record)
+    return (f"per-layer settings allocated on the validation split ({record['validation_examples']} examples, "
+            f"{allocation.constraint}; predicted score {allocation.score:.6f}): {settings_text(allocation.settings)}")
 
 
 # --- command line ------------------------------------------------------------------------------------

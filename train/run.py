@@ -4,8 +4,9 @@ The flow of docs/design.md, top to bottom:
 compose + validate the config, then create and lock the run folder (train/cli.py, before the heavy imports) →
 the task (data/tasks.py), its data and the model → stage "train" (the baseline; skipped when finished, or when
 ``init=PATH`` is given) → the compress stages in order (each epoch evaluated on the validation split, when there
-is one) → evaluate on the test split, once (exact sums) → gate → score → report.json / report.md / TensorBoard →
-the entry in ``<run dir>/entry``.
+is one; an ``allocate:`` stage measures the model on it and sets the later stages' per-layer sparsity and bits:
+train/allocate.py) → evaluate on the test split, once (exact sums) → gate → score → report.json / report.md /
+TensorBoard → the entry in ``<run dir>/entry``.
 
 Every stage checkpoints each epoch under ``<run dir>/checkpoints/<index>_<stage>/``; re-running the same
 command resumes from the newest good checkpoint, mid-stage included, and re-running a finished run only reprints
@@ -59,8 +60,11 @@ from train.cli import CONF_DIR, accept_command_line, fail  # noqa: E402,F401  (C
 from train.config import ConfigError, check_same_run, stage_train_config, to_container, validate  # noqa: E402
 from train.loop import NonFiniteLossError, Trainer, make_deterministic  # noqa: E402
 from train.objectives import Objective, build_objective  # noqa: E402
+from train.allocate import Allocation, allocation_summary, check_allocate_stages, fill_stages, read_allocation, \
+    run_allocate_stage  # noqa: E402
 from train.rundir import RunLogHandler, finished_report, prepare_run_dir, quiet_thread_write_errors, write_problem, \
     write_record  # noqa: E402
+from train.sensitivity import SENSITIVITY_DIR, Probe  # noqa: E402
 from train.smoke import smoke_config, smoke_loaders  # noqa: E402
 
 log = logging.getLogger("micronet.train")
@@ -137,6 +141,8 @@ def _pipeline(cfg: DictConfig, stop: StopRequest) -> int:
     with reported_as_config_error(compress_fix):
         stages += build_stages(session.config["compress"], load_teacher=session.load_teacher)
     session.check_teachers(stages)
+    with reported_as_config_error(compress_fix):
+        session.check_allocation(model)
     # Each stage's recipe and objective, checked now rather than after hours of training the stages before it.
     recipes = [stage_train_config(cfg.train, stage.name, stage.epochs, stage.overrides) for stage in stages]
     with reported_as_config_error("correct task.augment (conf/task/*.yaml documents its keys)"):
@@ -148,8 +154,12 @@ def _pipeline(cfg: DictConfig, stop: StopRequest) -> int:
 
     session.accept(HydraConfig.get().overrides.task)
     with session:
-        for stage, recipe, objective in zip(stages, recipes, objectives):
-            if not session.run_stage(stage, recipe, objective, model, should_stop=stop):
+        for index, (stage, recipe, objective) in enumerate(zip(stages, recipes, objectives)):
+            if stage.allocate is not None:  # trains nothing: chooses the techniques of the stages after it
+                done = session.allocate(stage, model, later=stages[index + 1:], should_stop=stop)
+            else:
+                done = session.run_stage(stage, recipe, objective, model, should_stop=stop)
+            if not done:
                 log.warning("%s: stopped in stage '%s' with its progress checkpointed; re-run the same command to "
                             "resume", stop.signal, stage.name)
                 return PREEMPTED_EXIT
@@ -177,6 +187,8 @@ def exit_status(report: dict[str, Any]) -> int:
 def reprint(report: dict[str, Any], cfg: DictConfig, run_dir: Path) -> None:
     """A finished run's summary again; a note where this command asks for a count the report does not have."""
     print(format_summary(report))
+    if report.get("allocation"):
+        print(allocation_summary(report["allocation"]))
     log.info("run already finished in %s: its summary above is reprinted; nothing was written", run_dir)
     asked = {"examples": cfg.score.examples, "accumulator_bits": cfg.score.accumulator_bits}
     if cfg.score.freebie != "auto":
@@ -212,6 +224,8 @@ def reported_as_config_error(fix: str) -> Iterator[None]:
     """Turn the ValueError a library raises for a bad config value into a one-line ConfigError."""
     try:
         yield
+    except ConfigError:  # has its own fix
+        raise
     except ValueError as err:
         raise ConfigError(str(err), fix) from None
 
@@ -253,6 +267,10 @@ class Session:
     def __init__(self, cfg: DictConfig, ctx: distributed.Context, run_dir: Path) -> None:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         self.log_handler: RunLogHandler | None = None
+        #: The record of the run's allocate stage (train/allocate.py), once it has run or been read back.
+        self.allocation: dict[str, Any] | None = None
+        #: The command line's overrides (:meth:`accept`).
+        self.overrides: list[str] = []
         self.config = to_container(cfg)
         self.task = task_of(cfg)
         # Stage folders by name, in run order: index 0 is the baseline, compress stages follow.
@@ -283,6 +301,7 @@ class Session:
 
     def accept(self, overrides: list[str]) -> None:
         """The run passed every check: record its command line (once per folder) and log to run.log (rank 0)."""
+        self.overrides = list(overrides)
         if self.ctx.is_main:
             write_record(self.run_dir, list(overrides), self.config)
             self.log_handler = RunLogHandler(self.run_dir)
@@ -364,6 +383,50 @@ class Session:
                 return False
         return True
 
+    def check_allocation(self, model: nn.Module) -> None:
+        """Refuse now what would stop an allocate stage after the baseline trained: bad settings, no template after
+        it, a compressed model, no validation split (the test split never chooses settings), several processes."""
+        specs = check_allocate_stages(self.config["compress"].get("stages") or [], model, self.task.metric)
+        if specs and self.loaders.val is None:
+            raise ConfigError(f"compress={self.cfg.compress.name} allocates per-layer settings on the validation "
+                              "split, and this run has none", "pass data.val_split=0.2")
+        if specs and self.ctx.distributed:
+            raise ConfigError(f"compress={self.cfg.compress.name}: an allocate stage runs in one process",
+                              "run it without torchrun, or torchrun the written compress config with init=")
+
+    def allocate(self, stage: Stage, model: nn.Module, later: list[Stage], should_stop: Callable[[], bool]) -> bool:
+        """An allocate stage (train/allocate.py): per-layer settings for the stages ``later``, measured on the
+        validation split and chosen exactly; read back from the run folder when an earlier start chose them.
+
+        Returns False when a stop was asked before it started (it runs to its end once started: a stop during it
+        stops the run before the next stage; a kill during it measures again on the next start)."""
+        stages = self.config["compress"]["stages"]
+        index = [s["name"] for s in stages].index(stage.name)
+        where = f"compress.stages[{index}]"
+        out = self.run_dir / SENSITIVITY_DIR
+        record = read_allocation(out, self.config)
+        if record is not None:
+            log.info("stage '%s' already finished: allocation read back from %s", stage.name, out)
+        elif should_stop():
+            return False
+        else:
+            spec = check_allocate_stages(stages, model, self.task.metric)[index]
+            log.info("stage '%s': measuring every layer on the validation split, then allocating", stage.name)
+            probe = Probe(model, self.config, self.task, self.loaders, device=self.ctx.device,
+                          calibration_batches=spec.calibration_batches, score_examples=self.cfg.score.examples,
+                          val_split=self.cfg.data.val_split)
+            record = run_allocate_stage(spec, probe, where=where, later=stages[index + 1:], out=out,
+                                        config=self.config, baseline=self.cfg.init or str(self.stage_dirs["train"]),
+                                        command=" ".join(["python train/run.py", *self.overrides]))
+            log.info("stage '%s' finished in %.0f s: %s", stage.name, record["seconds"], out)
+        filled = build_stages({"stages": fill_stages(stages[index + 1:], Allocation.from_dict(record))},
+                              load_teacher=self.load_teacher)
+        for target, built in zip(later, filled):
+            target.techniques = built.techniques
+        self.allocation = {key: value for key, value in record.items() if key not in ("config", "format")}
+        log.info("%s", allocation_summary(record))
+        return True
+
     def save(self, directory: Path, trainer: Trainer, *, finished: bool) -> None:
         """One checkpoint dict: trainer state + resolved config + compression structure (rank 0 writes)."""
         state = trainer.state_dict()  # on every rank: it gathers their RNG states
@@ -432,10 +495,13 @@ class Session:
         report = write_report(self.run_dir, task=cfg.task.name, count=count, evaluation=result.to_dict(),
                               validation=validation.to_dict() if validation is not None else None,
                               example=self.task.example,
-                              extra={"model": cfg.model.name, "compress": cfg.compress.name, "seed": cfg.seed})
+                              extra={"model": cfg.model.name, "compress": cfg.compress.name, "seed": cfg.seed,
+                                     **({"allocation": self.allocation} if self.allocation else {})})
         if self.writer is not None:
             log_report(self.writer, report, step=0)
         print(format_summary(report))
+        if self.allocation:
+            print(allocation_summary(self.allocation))
         save_entry(self.run_dir / "entry", model, config=self.config)
         log.info("entry written to %s", self.run_dir / "entry")
         return report

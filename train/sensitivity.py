@@ -76,6 +76,8 @@ log = logging.getLogger("micronet.sensitivity")
 #: Version of sensitivity.json.
 FORMAT_VERSION = 1
 SENSITIVITY_JSON = "sensitivity.json"
+#: The folder of a run dir the outputs go to (the command's default ``--out``, and an allocate stage's).
+SENSITIVITY_DIR = "sensitivity"
 #: Grid defaults: bit widths (None = unquantized, written ``float``) and sparsities.
 DEFAULT_BITS: tuple[int | None, ...] = (None, 8, 6, 4, 3, 2)
 DEFAULT_SPARSITY: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -336,7 +338,7 @@ def measure(probe: Probe, *, layers: Sequence[str] | None = None, settings: Sequ
 def read_sensitivity(path: str | Path) -> dict[str, Any]:
     """sensitivity.json from its path, or from the folder holding it (``RUN_DIR/sensitivity`` or ``RUN_DIR``)."""
     path = Path(path)
-    candidates = [path] if path.suffix == ".json" else [path / SENSITIVITY_JSON, path / "sensitivity" / SENSITIVITY_JSON]
+    candidates = [path] if path.suffix == ".json" else [path / SENSITIVITY_JSON, path / SENSITIVITY_DIR / SENSITIVITY_JSON]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise ConfigError(f"no {SENSITIVITY_JSON} at {' or '.join(map(str, candidates))}",
@@ -446,29 +448,42 @@ def write_outputs(result: Mapping[str, Any], out: str | Path) -> dict[str, Path]
 
 
 # --- command line ------------------------------------------------------------------------------------
+def grid_bits(values: Sequence[Any]) -> list[int | None]:
+    """The bit widths of a grid: ``float`` (or None) = unquantized, else 2..8; ValueError for a bad one."""
+    bits = []
+    for value in values:
+        if value is None or value == "float":
+            bits.append(None)
+        elif isinstance(value, int) and not isinstance(value, bool) and 2 <= value <= 8:
+            bits.append(value)
+        else:
+            raise ValueError(f"{value!r} is not a bit width: use float or 2..8, e.g. float,8,6,4,3,2")
+    if not bits:
+        raise ValueError("no bit width: use float or 2..8, e.g. float,8,6,4,3,2")
+    return bits
+
+
+def grid_sparsity(values: Sequence[Any]) -> list[float]:
+    """The sparsities of a grid: fractions in [0, 1); ValueError for a bad one."""
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in values):
+        raise ValueError(f"{list(values)!r}: expected fractions in [0, 1), e.g. 0,0.5,0.8,0.9,0.95")
+    return [float(v) for v in values]
+
+
 def parse_bits(text: str) -> list[int | None]:
     """``float,8,4,2`` → [None, 8, 4, 2] (argparse type)."""
-    values = []
-    for item in text.split(","):
-        item = item.strip()
-        if item == "float":
-            values.append(None)
-        elif item.isdigit() and int(item) in (2, 3, 4, 5, 6, 7, 8):
-            values.append(int(item))
-        else:
-            raise argparse.ArgumentTypeError(f"{item!r} is not a bit width: use float or 2..8, e.g. float,8,6,4,3,2")
-    return values
+    try:
+        return grid_bits([int(item) if item.strip().isdigit() else item.strip() for item in text.split(",")])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_sparsity(text: str) -> list[float]:
     """``0,0.5,0.9`` → [0.0, 0.5, 0.9] (argparse type)."""
     try:
-        values = [float(item) for item in text.split(",")]
+        return grid_sparsity([float(item) for item in text.split(",")])
     except ValueError:
-        values = []
-    if not values or not all(0 <= v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected fractions in [0, 1), e.g. 0,0.5,0.8,0.9,0.95")
-    return values
+        raise argparse.ArgumentTypeError(f"{text!r}: expected fractions in [0, 1), e.g. 0,0.5,0.8,0.9,0.95") from None
 
 
 def parse_split(text: str) -> float | int:
@@ -526,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "loss increases are measured on training data", args.val_split)
         result = measure(probe, layers=layers, settings=grid(args.bits, args.sparsity))
         result["run"] = str(args.run)
-        paths = write_outputs(result, args.out or Path(args.run) / "sensitivity")
+        paths = write_outputs(result, args.out or Path(args.run) / SENSITIVITY_DIR)
     except USER_ERRORS as err:
         fail(str(err))
     print(f"{len(result['layers'])} layers x {len(result['layers'][0]['settings'])} settings measured in "

@@ -1,0 +1,220 @@
+"""The allocate stage (``compress=auto``): sensitivity and allocation inside a run, on the validation split only,
+written into the run folder, read back on a resume, shortened by smoke runs, refused in one line when it cannot work."""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import PruneTechnique, QuantizeTechnique, build_stages, mask_sparsity
+from compress.base import find_parametrization
+from compress.quantization import WeightQuantizer
+from data import Loaders
+from tests.conftest import TINY, compose_config, run_train
+from tests.train.test_session import _Watched
+from train import distributed
+from train.allocate import ALLOCATION_JSON, UNLIMITED, allocate, main as allocate_main
+from train.build import build_model
+from train.config import ConfigError
+from train.run import Session, reported_as_config_error
+from train.sensitivity import SENSITIVITY_DIR, Setting, read_sensitivity
+from train.smoke import smoke_config
+
+#: The grid of every run here: 2 bit widths x 2 sparsities, 4 settings per layer of digits_cnn's 4.
+GRID = ("compress.stages.0.allocate.bits=[float,4]", "compress.stages.0.allocate.sparsity=[0.0,0.5]")
+#: 64 validation and 4 scored examples keep a measurement (4 layers x 4 settings: 19 evaluations, 27 counts) to seconds.
+AUTO = ("compress=auto", "data.val_split=64", *GRID, "score.examples=4")
+
+
+def _config(*overrides: str):
+    """A tiny ``compress=auto`` run config (the tiny_config fixture's, usable by a module-scoped fixture)."""
+    return compose_config(*TINY, *AUTO, *overrides)
+
+
+def _allocate(cfg, run_dir: Path) -> tuple[Session, list, list]:
+    """Run the allocate stage of an untrained digits_cnn (seeded: deterministic) in ``run_dir``, with a test loader
+    that records every read; returns the session, the reads and the stages (the later ones set by the stage)."""
+    session = Session(cfg, distributed.Context(torch.device("cpu")), run_dir)
+    reads: list[str] = []
+    loaders = session.loaders
+    session.loaders = Loaders(loaders.train, loaders.val, _Watched(loaders.test, reads))  # shadows the cached one
+    stages = build_stages(session.config["compress"], load_teacher=session.load_teacher)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with session:
+        session.check_allocation(model)
+        assert session.allocate(stages[0], model, later=stages[1:], should_stop=lambda: False)
+    return session, reads, stages
+
+
+@pytest.fixture(scope="module")
+def allocated(tmp_path_factory):
+    """The stage under an unlimited budget: every layer takes its grid's cheapest setting (slow tests only use it)."""
+    run_dir = tmp_path_factory.mktemp("auto")
+    return (run_dir, *_allocate(_config(f"compress.stages.0.allocate.budget={UNLIMITED}"), run_dir))
+
+
+@pytest.mark.slow  # measures (seconds on an idle 2-core CPU)
+def test_the_stage_measures_on_validation_allocates_and_sets_the_later_stages(allocated):
+    run_dir, session, reads, stages = allocated
+    assert reads == []  # the test split is not read by the stage
+    out = run_dir / SENSITIVITY_DIR
+    assert sorted(p.name for p in out.iterdir()) == [ALLOCATION_JSON, "conf", "sensitivity.json", "sensitivity.md",
+                                                    "sensitivity.png"]
+    record = json.loads((out / ALLOCATION_JSON).read_text())
+    # 4-bit 50% is the cheapest of the 4 settings of every layer, and no budget limits it
+    assert record["layers"] == {name: {"bits": 4, "sparsity": 0.5} for name in ("conv1.0", "conv2.0", "conv3.0", "fc")}
+    assert record["split"] == "val" and record["val_split"] == 64 and record["validation_examples"] == 64
+    assert record["counted"]["score"] == pytest.approx(record["predicted"]["score"], rel=1e-12)  # costs add up
+    assert record["sensitivity"] == "sensitivity/sensitivity.json"
+    assert session.allocation["layers"] == record["layers"] and "config" not in session.allocation
+    # the same measurement the command makes, and the same solver: the command reproduces the choice from it
+    sensitivity = read_sensitivity(run_dir)
+    assert [len(layer["settings"]) for layer in sensitivity["layers"]] == [4, 4, 4, 4]
+    assert sensitivity["run"] == str(run_dir / "checkpoints" / "0_train")  # where the baseline is, for sweeps
+    solved = allocate(sensitivity, loss_budget=UNLIMITED)
+    assert solved.settings == {name: Setting(4, 0.5) for name in record["layers"]}
+    # the later stages train that allocation: the prune stage prunes every layer to 50%, QAT quantizes all at 4 bits
+    prune, qat = stages[1].techniques[0], stages[2].techniques[0]
+    assert isinstance(prune, PruneTechnique) and isinstance(qat, QuantizeTechnique)
+    model = build_model(session.cfg)
+    for technique in (prune, qat):
+        technique.configure(steps_per_epoch=10)
+        technique.attach(model)
+    for step in range(10 * 2):  # the stage's 2 epochs: the schedule ends at 0.6 of them, at the final sparsity
+        prune.on_step_end(model, step)
+    assert {name: round(value, 2) for name, value in mask_sparsity(model).items()} == \
+        {"conv1.0": 0.5, "conv2.0": 0.5, "conv3.0": 0.5, "fc": 0.5}
+    quantizers = {name: find_parametrization(model.get_submodule(name), WeightQuantizer) for name in record["layers"]}
+    assert {name: q.micronet_bits for name, q in quantizers.items()} == {name: 4 for name in record["layers"]}
+
+
+@pytest.mark.slow  # measures (seconds on an idle 2-core CPU)
+def test_the_written_compress_config_composes_and_the_command_sweeps_the_same_measurement(allocated, capsys):
+    run_dir, *_ = allocated
+    conf_dir = run_dir / SENSITIVITY_DIR / "conf"
+    text = (conf_dir / "compress" / "auto_allocated.yaml").read_text()
+    assert text.startswith("# Written by `python train/run.py") and "conv1.0 4-bit 50%, conv2.0 4-bit 50%" in text
+    cfg = compose_config(f"hydra.searchpath=[file://{conf_dir}]", "compress=auto_allocated")
+    assert [s.name for s in cfg.compress.stages] == ["prune", "qat"]
+    assert dict(cfg.compress.stages[0].prune.layer_sparsity) == {"conv1.0": 0.5, "conv2.0": 0.5, "conv3.0": 0.5,
+                                                                "fc": 0.5}
+    assert allocate_main([str(run_dir), "--budget", "0", "--name", "sweep", "--no-check"]) == 0
+    assert (conf_dir / "compress" / "sweep.yaml").is_file() and "| sweep | validation loss increase <= 0 |" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.slow  # measures (seconds on an idle 2-core CPU)
+def test_a_restart_reads_the_allocation_back_and_one_cut_short_measures_again(allocated, tmp_path, caplog):
+    run_dir, session, _, stages = allocated
+    out = run_dir / SENSITIVITY_DIR
+    before = {path.name: path.stat().st_mtime_ns for path in out.iterdir() if path.is_file()}
+    with caplog.at_level("INFO"):
+        again, reads, restarted = _allocate(session.cfg, run_dir)
+    assert "allocation read back from" in caplog.text and "measuring every layer" not in caplog.text
+    assert {path.name: path.stat().st_mtime_ns for path in out.iterdir() if path.is_file()} == before
+    assert again.allocation == session.allocation and reads == []
+    assert restarted[1].techniques[0].layer_sparsity == stages[1].techniques[0].layer_sparsity
+    # killed during the stage: its outputs but allocation.json were written; the next start measures again
+    cut = tmp_path / "cut"
+    (cut / SENSITIVITY_DIR).mkdir(parents=True)
+    (cut / SENSITIVITY_DIR / "sensitivity.json").write_text("{}")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        remeasured, _, _ = _allocate(session.cfg, cut)
+    assert "measuring every layer" in caplog.text and remeasured.allocation["layers"] == session.allocation["layers"]
+    assert json.loads((cut / SENSITIVITY_DIR / "sensitivity.json").read_text())["layers"] == \
+        json.loads((out / "sensitivity.json").read_text())["layers"]  # deterministic: the same measurement
+    # an allocation.json of another configuration is refused, not used
+    with pytest.raises(ConfigError, match=r"allocation.json holds a run with compress.stages\[0\].allocate.budget="
+                                          r"1000000000.0 but this command has compress.stages\[0\].allocate.budget=2"):
+        _allocate(_config("compress.stages.0.allocate.budget=2"), run_dir)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ((), "compress=auto allocates per-layer settings on the validation split, and this run has none ; fix: pass "
+         "data.val_split=0.2"),
+    (("data.val_split=0.2", "+compress.stages.0.allocate.target_metric=0.9"),
+     "compress.stages[0].allocate: expected exactly one of budget (the predicted validation-loss increase allowed, "
+     "e.g. 1.5) and target_metric (the validation top1 to keep) ; fix: edit conf/compress/auto.yaml"),
+    (("data.val_split=0.2", "compress.stages.0.allocate.budget=null", "+compress.stages.0.allocate.target_metric=97"),
+     "compress.stages[0].allocate.target_metric=97: expected a number in (0.0, 1.0] or null"),
+    (("data.val_split=0.2", "compress.stages.0.allocate.bits=[float,9]"),
+     "compress.stages[0].allocate.bits=['float', 9]: 9 is not a bit width: use float or 2..8"),
+    (("data.val_split=0.2", "+compress.stages.0.allocate.grid=1"), "compress.stages[0].allocate: unknown key(s) grid"),
+    (("data.val_split=0.2", "compress.stages.0.allocate.layers=[conv9]"),
+     "compress.stages[0].allocate: layers pattern 'conv9' matches no Conv/Linear/Embedding layer"),
+    (("data.val_split=0.2", "~compress.stages.2.quantize"),
+     "compress.stages[0]: the stages after allocate needs a stage with prune: and a stage with quantize:"),
+    (("data.val_split=0.2", "+compress.stages.1.prune.structure=block", "+compress.stages.1.prune.block_shape=[1,4]"),
+     "the stages after allocate prunes with structure=block; the sensitivity measured unstructured"),
+])
+def test_what_the_stage_cannot_work_with_is_one_line_before_training(tiny_config, tmp_path: Path, overrides, message):
+    cfg = tiny_config("compress=auto", *overrides)
+    session = Session(cfg, distributed.Context(torch.device("cpu")), tmp_path)
+    model = build_model(cfg)
+    # as train/run.py calls it: a ValueError gets the compress config's fix, a ConfigError keeps its own
+    with session, pytest.raises(ConfigError) as error, reported_as_config_error("edit conf/compress/auto.yaml"):
+        session.check_allocation(model)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # measures (seconds on an idle 2-core CPU)
+def test_a_compressed_init_model_and_a_target_nothing_meets_are_refused(tiny_config, tmp_path: Path):
+    cfg = tiny_config(*AUTO)
+    session = Session(cfg, distributed.Context(torch.device("cpu")), tmp_path)
+    model = build_model(cfg)
+    pruned = build_stages(compose_config("compress=prune")["compress"], load_teacher=lambda spec: None)[0]
+    pruned.techniques[0].configure(steps_per_epoch=1)
+    pruned.techniques[0].attach(model)
+    with pytest.raises(ValueError, match=r"compress.stages\[0\]: the allocate stage measures an uncompressed model, "
+                                         "but the init= model is compressed"):
+        session.check_allocation(model)
+    # an untrained model cannot keep 99% top-1 on validation: after measuring (fc only), one line says what it has
+    with pytest.raises(ConfigError, match=r"compress.stages\[0\]: no setting of the grid meets target_metric=0.99 "
+                                          r"\(the trained model has validation top1 0.\d{4}, calibrated\) ; fix: re-run "
+                                          r"with init=.*0_train and a lower compress.stages\[0\].target_metric"):
+        _allocate(_config("compress.stages.0.allocate.budget=null", "+compress.stages.0.allocate.target_metric=0.99",
+                          "compress.stages.0.allocate.layers=[fc]"), tmp_path / "target")
+    assert not (tmp_path / "target" / SENSITIVITY_DIR / ALLOCATION_JSON).exists()  # nothing that looks finished
+
+
+def test_smoke_runs_measure_the_ends_of_the_grid_without_a_constraint():
+    short = smoke_config(compose_config("compress=auto", "data.val_split=0.2", "smoke=true"))
+    assert dict(short.compress.stages[0].allocate) == {
+        "budget": UNLIMITED, "target_metric": None, "bits": [None, 2], "sparsity": [0.0, 0.98],
+        "calibration_batches": 1, "layers": ["*"], "exclude": []}
+    assert [s.get("epochs") for s in short.compress.stages] == [None, 1, 1]
+
+
+@pytest.mark.slow
+def test_kill9_after_the_allocation_resumes_with_it_and_the_report_says_so(tmp_path: Path):
+    from tests.train.test_run import _interrupt
+
+    args = (*TINY, *AUTO)
+    refused = run_train(*TINY, "compress=auto", f"hydra.run.dir={tmp_path / 'refused'}", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: compress=auto allocates per-layer settings on the validation split, and this run has none ; fix: "
+        "pass data.val_split=0.2"]
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+    run_dir = tmp_path / "run"
+    assert _interrupt(run_dir, signal.SIGKILL, args, stage="2_prune") == -9
+    out = run_dir / SENSITIVITY_DIR
+    chosen = json.loads((out / ALLOCATION_JSON).read_text())
+    measured = (out / "sensitivity.json").stat().st_mtime_ns
+    resumed = run_train(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert resumed.returncode in (0, 3), resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert "stage 'allocate' already finished: allocation read back" in log and "resuming from" in log
+    assert (out / "sensitivity.json").stat().st_mtime_ns == measured
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["allocation"]["layers"] == chosen["layers"] and report["allocation"]["split"] == "val"
+    assert "per-layer settings allocated on the validation split (64 examples" in resumed.stdout
+    rows = {row["name"]: row for row in report["layers"]}
+    for name, setting in chosen["layers"].items():  # what the entry holds is what was allocated
+        assert rows[name]["weight_bits"] == (setting["bits"] or 32)
+        assert rows[name]["sparsity"] == pytest.approx(setting["sparsity"], abs=0.01)
