@@ -55,7 +55,6 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 from omegaconf import OmegaConf
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 import conf
 from compress import compression_state
@@ -82,6 +81,8 @@ log = logging.getLogger("micronet.allocate")
 def solve(costs: Sequence[Sequence[float]], penalties: Sequence[Sequence[float]], budget: float) -> list[int] | None:
     """The multiple-choice knapsack: for each group g one option k minimising Σ costs[g][k] subject to
     Σ penalties[g][k] ≤ budget. Returns the chosen option of each group, or None when no choice fits."""
+    # Imported here: train/run.py imports this module for every run, and only an allocate stage solves.
+    from scipy.optimize import Bounds, LinearConstraint, milp
     sizes = [len(group) for group in costs]
     if any(size == 0 for size in sizes):
         return None
