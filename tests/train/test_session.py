@@ -8,7 +8,7 @@ import torch
 
 import models
 from compress import build_stages
-from tests.conftest import compose_config
+from tests.conftest import REPO, compose_config
 from train import distributed
 from train.config import ConfigError
 from train.run import Session, rehearse_attach
@@ -75,7 +75,7 @@ def test_with_a_validation_split_the_test_split_is_read_once_after_training(tiny
     assert reads == ["test"] and final.split == "test" and final.total == 360
 
 
-_IMAGE_RECIPES = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "compress").glob("*.yaml")
+_IMAGE_RECIPES = sorted(p.stem for p in (REPO / "conf" / "compress").glob("*.yaml")
                         if not p.stem.startswith("lm_"))
 
 
