@@ -7,9 +7,22 @@
 
 Bit widths reach the scorer only through :mod:`scoring.protocol`.
 """
-from scoring.counter import Count, count_inputs, count_model, count_stream
-from scoring.gate import GATES, GateResult, check_gate
-from scoring.rules import BASELINES, RULES, Rule, UnknownTaskError, UnsupportedOpError, score
+from __future__ import annotations
 
-__all__ = ["BASELINES", "GATES", "RULES", "Count", "GateResult", "Rule", "UnknownTaskError", "UnsupportedOpError",
-           "check_gate", "count_inputs", "count_model", "count_stream", "score"]
+import importlib
+from typing import Any
+
+#: The public API and the module that defines each name. Loaded on first use, so that the commands' cheap
+#: paths (a refused command line is one line within a second) can import :mod:`scoring.errors` without torch.
+_API = {"Count": "counter", "count_inputs": "counter", "count_model": "counter", "count_stream": "counter",
+        "GATES": "gate", "GateResult": "gate", "check_gate": "gate",
+        "BASELINES": "rules", "RULES": "rules", "Rule": "rules", "UnknownTaskError": "rules",
+        "UnsupportedOpError": "rules", "score": "rules"}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'scoring' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"scoring.{_API[name]}"), name)

@@ -32,12 +32,11 @@ from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 
-import conf
+from conf import CONF_DIR
 from scoring.entry import Entry, EntryError
 from scoring.gate import gate_for
 from scoring.rules import UnknownTaskError, baseline
 
-CONF_DIR = Path(conf.__file__).parent
 #: data.* settings that describe a machine, not a run: verify uses these, whatever the entry recorded
 #: (``root`` is replaced by ``--data-root``).
 VERIFY_DATA = {"root": None, "download": False, "num_workers": 0, "pin_memory": "auto", "gpu_resident": "auto"}

@@ -23,12 +23,14 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
+from scoring.errors import UserError
 
-class UnsupportedOpError(NotImplementedError):
+
+class UnsupportedOpError(UserError, NotImplementedError):
     """An executed op has no counting rule; the scorer refuses to count it as zero."""
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(UserError, ValueError):
     """A task name with no baseline or gate."""
 
 

@@ -11,10 +11,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+import conf
 import train.config  # noqa: F401  (registers the config schema with Hydra)
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = str(REPO / "conf")
+CONF_DIR = str(conf.CONF_DIR)
 RUN_PY = str(REPO / "train" / "run.py")
 
 #: Timeout of every subprocess a test runs: it only catches a hang, so it is minutes, whatever the machine's

@@ -56,7 +56,7 @@ import numpy as np
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-import conf
+from conf import CONF_DIR
 from compress import compression_state
 from compress.base import Settings, select_layers
 from scoring.entry import atomic_write
@@ -65,7 +65,6 @@ from train.config import ConfigError, check_same_run
 from train.sensitivity import DEFAULT_BITS, DEFAULT_SPARSITY, FREEBIE_OFF, FREEBIE_ON, Probe, Setting, grid, \
     grid_bits, grid_sparsity, layer_pattern, measure, read_sensitivity, write_outputs
 
-CONF_DIR = Path(conf.__file__).resolve().parent
 #: What an allocate stage writes last into ``RUN/sensitivity/``: its presence means the stage has finished.
 ALLOCATION_JSON = "allocation.json"
 #: Version of allocation.json.
@@ -477,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from train.run import USER_ERRORS, fail
+    from scoring.entry.boundary import USER_ERRORS
+    from scoring.errors import fail
 
     args = build_parser().parse_args(argv)
     values = args.budget or args.target_metric

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from scoring.entry import atomic_write, sha256_file
+from scoring.errors import UserError
 from train.rundir import write_problem
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ KEEP = 2
 _PATTERN = "step*.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or used; the message says what to do."""
 
 

@@ -9,9 +9,7 @@ refused: the run folder is made, checked writable and locked only after the conf
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -19,19 +17,13 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-import conf
+from conf import CONF_DIR
+from scoring.errors import fail
 from train.config import ConfigError, validate
 from train.rundir import prepare_run_dir
 
-CONF_DIR = str(Path(conf.__file__).resolve().parent)
 
 _accepted: list[str] | None = None
-
-
-def fail(message: str, status: int = 2) -> NoReturn:
-    """Print one line to stderr (``error: …``) and exit with ``status``."""
-    print("error: " + " ".join(message.split()), file=sys.stderr)
-    sys.exit(status)
 
 
 def describe_composition_error(err: Exception) -> str:
@@ -56,7 +48,7 @@ def run_dir_of(cfg: DictConfig) -> Path:
 def _known_models(name: str) -> list[str]:
     """Registered model names. A name with its own ``conf/model/<name>.yaml`` is known without importing the
     registry (seconds of imports): every such file names a registered model, which a test checks."""
-    if (Path(CONF_DIR) / "model" / f"{name}.yaml").is_file():
+    if (CONF_DIR / "model" / f"{name}.yaml").is_file():
         return [name]
     import models
 
@@ -72,7 +64,7 @@ def accept_command_line(argv: list[str]) -> None:
     if argv == _accepted or any(arg.startswith("-") for arg in argv):
         return
     try:
-        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=argv, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
         fail(describe_composition_error(err))

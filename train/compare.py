@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from train.run import fail
+    from scoring.errors import fail
 
     args = build_parser().parse_args(argv)
     try:

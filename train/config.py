@@ -20,13 +20,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from scoring.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot work; ``str()`` is one line with the fix."""
 
     def __init__(self, problem: str, fix: str) -> None:
-        super().__init__(f"{problem} ; fix: {fix}")
-        self.problem, self.fix = problem, fix
+        super().__init__(problem, fix)
 
 
 class Optimizer(str, Enum):

@@ -30,6 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from compress.base import Technique
+from scoring.errors import UserError
 from train import distributed
 from train.checkpoint import rng_state, set_rng_state
 from train.config import Amp, Optimizer, Schedule, auto_switch
@@ -38,7 +39,7 @@ from train.objectives import Forward, Objective
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or infinite; the message says where and what to try."""
 
 

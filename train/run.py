@@ -48,17 +48,20 @@ import models  # noqa: E402
 from compress import DistillTechnique, Stage, apply_compression_state, build_stages, compression_state, \
     finalize_for_export, mask_zeros  # noqa: E402
 from compress.stages import BASELINE_STAGE  # noqa: E402
-from data import DatasetError, Loaders  # noqa: E402
+from data import Loaders  # noqa: E402
 from data.tasks import Evaluation  # noqa: E402
-from scoring import UnsupportedOpError, count_inputs  # noqa: E402
-from scoring.entry import EntryError, model_spec, save_entry  # noqa: E402
+from scoring import count_inputs  # noqa: E402
+from scoring.entry import model_spec, save_entry  # noqa: E402
 from scoring.report import format_summary, log_report, write_report  # noqa: E402
 from train import distributed  # noqa: E402
 from train.build import build_model, data_options, restore_model, task_of  # noqa: E402
-from train.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint  # noqa: E402
-from train.cli import CONF_DIR, accept_command_line, fail  # noqa: E402,F401  (CONF_DIR: used by tests)
+from train.checkpoint import latest_checkpoint, save_checkpoint  # noqa: E402
+from scoring.entry.boundary import USER_ERRORS  # noqa: E402
+from scoring.errors import fail  # noqa: E402
+from conf import CONF_DIR  # noqa: E402
+from train.cli import accept_command_line  # noqa: E402
 from train.config import ConfigError, check_same_run, stage_train_config, to_container, validate  # noqa: E402
-from train.loop import NonFiniteLossError, Trainer, make_deterministic  # noqa: E402
+from train.loop import Trainer, make_deterministic  # noqa: E402
 from train.objectives import Objective, build_objective  # noqa: E402
 from train.allocate import Allocation, allocation_summary, check_allocate_stages, fill_stages, read_allocation, \
     run_allocate_stage  # noqa: E402
@@ -72,9 +75,6 @@ log = logging.getLogger("micronet.train")
 GATE_FAILED_EXIT = 3  # finished, but the entry does not qualify: a script must not mistake it for success
 INTERRUPTED_EXIT = 130  # 128 + SIGINT: a second Ctrl-C, no checkpoint taken
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: schedulers see "interrupted", not "finished"
-#: Errors the user can fix; printed as one line.
-USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, DatasetError,
-               models.UnknownModelError, EntryError, UnsupportedOpError)
 
 
 def main() -> None:
@@ -83,7 +83,7 @@ def main() -> None:
     hydra_main()
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
     quiet_thread_write_errors()
     try:

@@ -520,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from train.run import USER_ERRORS, fail
+    from scoring.entry.boundary import USER_ERRORS
+    from scoring.errors import fail
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -19,7 +19,7 @@ from scoring.entry import load_entry, save_entry
 from scoring.report import REPORT_JSON, REPORT_MD, markdown
 from scoring.verify import recount
 from train.config import to_container
-from train.run import CONF_DIR
+from tests.conftest import CONF_DIR
 
 #: Two stages on the digits CNN: prune half of the weights over three steps, then 4-bit QAT.
 PRUNE_Q4 = {"name": "prune_q4_test", "stages": [

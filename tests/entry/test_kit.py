@@ -8,7 +8,7 @@ from data.tasks import build_task
 from scoring.kit import _first_difference, official_score_settings, task_definition, task_names
 from scoring.rules import UnknownTaskError
 from train.config import to_container
-from train.run import CONF_DIR
+from tests.conftest import CONF_DIR
 
 
 @pytest.mark.parametrize("task", task_names())

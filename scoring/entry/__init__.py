@@ -62,6 +62,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from scoring.report import REPORT_JSON
+from scoring.errors import UserError
 
 ENTRY_JSON = "entry.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -89,7 +90,7 @@ MAX_DEPTH, MAX_FILES = 8, 1000
 MAX_MODULES = 5_000
 
 
-class EntryError(ValueError):
+class EntryError(UserError, ValueError):
     """An entry cannot be written, read or rebuilt; the message says what to do."""
 
 
