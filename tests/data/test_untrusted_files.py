@@ -1,8 +1,5 @@
-"""Dataset files are data: a CIFAR-100 pickle runs nothing while it loads, and a token cache is the corpus of
-its source (or rebuilt)."""
+"""Dataset files are data: a CIFAR-100 pickle runs nothing while it loads."""
 import builtins
-import json
-import logging
 import os
 import pickle
 import shutil
@@ -12,11 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-import data.wikitext as wikitext
-import data.wikitext_demo as demo
 from data import DatasetError, build_loaders
-from data.wikitext import load_wikitext103, streams_sha256
-from tests.fixtures import make_wikitext103
 
 from .conftest import loader_kwargs
 
