@@ -2,7 +2,8 @@
 
 Every dataset yields ``(PIL image, int label)``; transforms are applied by the loaders. Small datasets
 (digits, CIFAR-100) are held as uint8 arrays (:class:`ArrayImageDataset`) so the GPU-resident loader can
-move them to the device whole.
+move them to the device whole. CIFAR-100's files are pickles: they are read by an unpickler that builds
+only what those files hold (numpy arrays, lists, strings), so a file that would run code is refused unrun.
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import http.client
 import os
 import pickle
 import urllib.error
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -19,6 +22,7 @@ from sklearn.model_selection import train_test_split
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import CIFAR100, ImageFolder
+from torchvision.datasets.utils import download_and_extract_archive
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -32,6 +36,8 @@ IMAGENET_CROP = 224
 # The validation hold-out never depends on the run's seed either: runs that differ in their seed train on the
 # same examples and are compared on the same held-out ones.
 VAL_SPLIT_SEED = 0
+
+_Read = TypeVar("_Read")
 
 
 class DatasetError(Exception):
@@ -117,17 +123,78 @@ def digits_splits() -> Splits:
                   mean=(float(scaled.mean()),), std=(float(scaled.std()),))
 
 
-class _CIFAR100Files(CIFAR100):
-    """torchvision's CIFAR-100 reader checking that the pickles exist rather than their md5 sums, so any file
-    in the official format loads (re-packed copies, test fixtures). Downloads still verify the archive's md5."""
+# The only globals CIFAR-100's pickles name: a numpy array (``data``) is rebuilt from these. The official files
+# were written by Python 2 with numpy 1 (``numpy.core``); files written with numpy 2 name ``numpy._core``.
+_CIFAR100_GLOBALS = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                               ("numpy", "ndarray"), ("numpy", "dtype")})
 
-    train_list = [[name, None] for name, _ in CIFAR100.train_list]
-    test_list = [[name, None] for name, _ in CIFAR100.test_list]
-    meta = {**CIFAR100.meta, "md5": None}
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """What pickle protocol 2 calls (as ``_codecs.encode``) to rebuild bytes written by Python 3."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"it encodes bytes as {encoding!r}, which pickle protocol 2 never does")
+    return text.encode("latin1")
+
+
+class _CIFAR100Unpickler(pickle.Unpickler):
+    """Unpickles CIFAR-100's files and nothing else: a pickle may call any importable function while it loads
+    (``os.system`` included), so every global but the numpy array's few is refused before it is called."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
+        if (module, name) in _CIFAR100_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"a pickle that would call {module}.{name}, which CIFAR-100's files never do "
+                                     "(refused, not run)")
+
+
+def _read_cifar100_pickle(path: str) -> dict:
+    with open(path, "rb") as f:
+        content = _CIFAR100Unpickler(f, encoding="latin1").load()  # Python 2's str as latin-1, as torchvision reads
+    if not isinstance(content, dict):
+        raise TypeError(f"a pickled {type(content).__name__}, not CIFAR-100's dict")
+    return content
+
+
+def _cifar100_images(path: str) -> ArrayImageDataset:
+    """A train or test file: images ``(N, 32, 32, 3)`` uint8 and fine labels 0..99."""
+    content = _read_cifar100_pickle(path)
+    images, labels = content["data"], content["fine_labels"]
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 2
+            and images.shape[1] == 3 * 32 * 32 and isinstance(labels, list) and len(labels) == len(images)
+            and all(type(label) is int and 0 <= label < 100 for label in labels)):
+        raise ValueError("data is not N 32x32 RGB uint8 images with N fine labels in 0..99")
+    return ArrayImageDataset(images.reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1)), np.array(labels))
+
+
+def _cifar100_class_names(path: str) -> list[str]:
+    """The meta file: the 100 fine class names."""
+    names = _read_cifar100_pickle(path)["fine_label_names"]
+    if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+        raise TypeError("fine_label_names is not a list of names")
+    return names
+
+
+def _read_cifar100_file(root: str, name: str, read: Callable[[str], _Read]) -> _Read:
+    """``read(root/cifar-100-python/name)``; a file it cannot read is a one-line :class:`DatasetError`."""
+    folder = os.path.join(root, CIFAR100.base_folder)
+    path = os.path.join(folder, name)
+    try:
+        return read(path)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, UnicodeDecodeError, ImportError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DatasetError(f"CIFAR-100 files in {folder} are unreadable ({path}: {type(err).__name__}: {detail}) ; "
+                           f"fix: re-extract {CIFAR100.url} into {root}, or delete {folder} and set "
+                           "data.download=true") from None
 
 
 def cifar100_splits(root: str | None, download: bool) -> Splits:
-    """CIFAR-100 from ``root/cifar-100-python/{train,test,meta}``; downloaded there only when ``download``."""
+    """CIFAR-100 from ``root/cifar-100-python/{train,test,meta}``; downloaded there only when ``download``.
+
+    The files are pickles, read by :class:`_CIFAR100Unpickler`: one that would run anything but rebuild
+    CIFAR-100's arrays and lists is refused without running it.
+    """
     if root is None:
         raise DatasetNotFoundError("cifar100 needs data.root: the folder that holds (or, with data.download=true, "
                                    "will hold) cifar-100-python/")
@@ -137,21 +204,17 @@ def cifar100_splits(root: str | None, download: bool) -> Splits:
         raise DatasetNotFoundError(
             f"CIFAR-100 not found: {', '.join(os.path.join(folder, m) for m in missing)} missing; extract "
             f"{CIFAR100.url} into {root}, or set data.download=true to download it there")
-    try:
-        train = _CIFAR100Files(root, train=True, download=download)
-        test = _CIFAR100Files(root, train=False)
-    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as err:
-        reason = getattr(err, "reason", None) or err
-        raise DatasetError(f"could not download CIFAR-100 from {CIFAR100.url} into {root} ({reason}) ; fix: check "
-                           f"the network connection (or its proxy settings), or download the archive elsewhere and "
-                           f"extract it into {root}") from None
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise DatasetError(f"CIFAR-100 files in {folder} are unreadable ({type(err).__name__}: {detail}) ; "
-                           f"fix: re-extract {CIFAR100.url} into {root}, or delete {folder} and set "
-                           "data.download=true") from None
-    return Splits(ArrayImageDataset(train.data, train.targets), ArrayImageDataset(test.data, test.targets),
-                  mean=CIFAR100_MEAN, std=CIFAR100_STD)
+    if missing:
+        try:
+            download_and_extract_archive(CIFAR100.url, root, filename=CIFAR100.filename, md5=CIFAR100.tgz_md5)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as err:
+            reason = getattr(err, "reason", None) or err
+            raise DatasetError(f"could not download CIFAR-100 from {CIFAR100.url} into {root} ({reason}) ; fix: check "
+                               f"the network connection (or its proxy settings), or download the archive elsewhere "
+                               f"and extract it into {root}") from None
+    _read_cifar100_file(root, "meta", _cifar100_class_names)
+    train, test = (_read_cifar100_file(root, name, _cifar100_images) for name in ("train", "test"))
+    return Splits(train, test, mean=CIFAR100_MEAN, std=CIFAR100_STD)
 
 
 def imagenet_splits(root: str | None) -> Splits:

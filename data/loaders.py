@@ -66,6 +66,16 @@ def gpu_resident_supported(dataset: str, augment: Mapping | None) -> bool:
     return dataset in GPU_RESIDENT_DATASETS and not unsupported_on_device(AugmentOptions.from_mapping(augment))
 
 
+def _check_counts(*, batch_size: int, eval_batch_size: int, num_workers: int, seed: int) -> None:
+    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+
+
 def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch_size: int,
                   augment: Mapping | None, num_workers: int, pin_memory: bool, download: bool, seed: int,
                   distributed: bool = False, device: torch.device | None = None,
@@ -80,13 +90,7 @@ def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch
     ``gpu_resident`` (digits, cifar100) keeps the data on ``device`` and augments there. Every loader has
     ``len()`` (batches on this rank) and ``dataset_size`` (examples in the dataset).
     """
-    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    _check_counts(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     if gpu_resident and dataset not in GPU_RESIDENT_DATASETS:

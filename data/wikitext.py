@@ -17,8 +17,10 @@ what differs, before anything is cached.
 are then cached as one int32 ``.npy`` (train, valid, test concatenated) and a ``.json`` (vocabulary, split
 lengths, the streams' sha256), named by a key derived from the three files' sha256, so a changed file is
 tokenized again. Both files are written atomically (temporary file in the same folder, fsync,
-``os.replace``), the ``.json`` last. Later loads hash the files (about a second), memory-map the ids and
-re-hash the streams: a cache that does not match its recorded sha256 is logged, rebuilt and never used.
+``os.replace``), the ``.json`` last. Later loads hash the files (about a second), memory-map the ids,
+re-hash the streams and check the cache against its source (:func:`cached_corpus`: for WikiText-103, the
+valid and test streams against their files and the vocabulary's order against the train stream): a cache
+that fails either is logged, rebuilt and never used.
 Where: ``cache_dir`` if given; else ``micronet-cache/`` inside the data folder when it is writable; else
 :func:`user_cache_dir`. A cache that cannot be written is skipped with a warning (the next run tokenizes
 again). Under ``torchrun``, let rank 0 load first (and the others after a barrier) so that only one
@@ -26,6 +28,7 @@ process tokenizes.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -204,8 +207,8 @@ def _cache_paths(folder: Path, name: str, key: str) -> tuple[Path, Path]:
     return stem.with_suffix(".npy"), stem.with_suffix(".json")
 
 
-def _cache_load(folder: Path, name: str, key: str) -> Corpus | None:
-    """The cached corpus, or None when absent or not exactly what was written (logged)."""
+def _cache_load(folder: Path, name: str, key: str, verify: Callable[[Corpus], None]) -> Corpus | None:
+    """The cached corpus, or None (logged) when absent, not exactly what was written or refused by ``verify``."""
     ids_path, meta_path = _cache_paths(folder, name, key)
     if not meta_path.exists():
         return None
@@ -222,10 +225,12 @@ def _cache_load(folder: Path, name: str, key: str) -> Corpus | None:
         vocab = list(meta["vocab"])
         if streams_sha256(vocab, *streams) != meta["sha256"]:
             raise ValueError("the token streams do not match their recorded sha256")
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+        corpus = Corpus(vocab, *streams, sha256=meta["sha256"])
+        verify(corpus)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError) as err:
         log.warning("token cache %s is damaged (%s: %s); rebuilding it", ids_path, type(err).__name__, err)
         return None
-    return Corpus(vocab, *streams, sha256=meta["sha256"])
+    return corpus
 
 
 def _cache_store(folder: Path, name: str, key: str, corpus: Corpus) -> None:
@@ -240,9 +245,15 @@ def _cache_store(folder: Path, name: str, key: str, corpus: Corpus) -> None:
         log.warning("could not write the token cache %s (%s); the next run tokenizes again", ids_path, err)
 
 
-def cached_corpus(name: str, key: str, cache_dir: Path, build: Callable[[], Corpus]) -> Corpus:
-    """The corpus cached in ``cache_dir`` under ``name`` for ``key``; else ``build()``, then cached there."""
-    if (corpus := _cache_load(cache_dir, name, key)) is not None:
+def cached_corpus(name: str, key: str, cache_dir: Path, build: Callable[[], Corpus],
+                  verify: Callable[[Corpus], None]) -> Corpus:
+    """The corpus cached in ``cache_dir`` under ``name`` for ``key``; else ``build()``, then cached there.
+
+    A cache's recorded sha256 only shows it was not damaged by accident: whoever rewrites the streams can
+    rewrite it too. So every read also passes the cached corpus to ``verify``, which raises ValueError (saying
+    why) unless it is the corpus of its source: such a cache is logged and rebuilt, never used.
+    """
+    if (corpus := _cache_load(cache_dir, name, key, verify)) is not None:
         return corpus
     corpus = build()
     _cache_store(cache_dir, name, key, corpus)
@@ -282,7 +293,24 @@ def load_wikitext103(root: str | os.PathLike | None, *, cache_dir: str | os.Path
     else:
         cache = folder / "micronet-cache"
         cache = cache if cache.is_dir() or _can_write(cache) else user_cache_dir()
-    return cached_corpus("wikitext103", digest.hexdigest(), cache, lambda: _tokenize_wikitext103(paths))
+    return cached_corpus("wikitext103", digest.hexdigest(), cache, lambda: _tokenize_wikitext103(paths),
+                         functools.partial(_verify_wikitext103, paths))
+
+
+def _verify_wikitext103(paths: dict[str, Path], corpus: Corpus) -> None:
+    """Raise ValueError unless the cached ``corpus`` is the one of ``paths``, as far as a read can afford: its
+    valid and test streams are the files' tokens (a fraction of a second) and its vocabulary is the standard's
+    size, sorted by train frequency. Re-reading train would take the minutes the cache saves, so an edit of
+    the train stream that keeps every word's count goes unseen."""
+    if corpus.vocab_size != WT103_VOCAB_SIZE:
+        raise ValueError(f"its vocabulary has {corpus.vocab_size:,} types, not the standard {WT103_VOCAB_SIZE:,}")
+    counts = np.bincount(corpus.train, minlength=corpus.vocab_size)
+    if len(counts) != corpus.vocab_size or counts.min() < 1 or np.any(np.diff(counts) > 0):
+        raise ValueError("its vocabulary is not the train stream's types sorted by frequency")
+    vocab = np.array(corpus.vocab, dtype=object)
+    for split in ("valid", "test"):
+        if vocab[corpus.split(split)].tolist() != [t for chunk in iter_file_tokens(paths[split]) for t in chunk]:
+            raise ValueError(f"its {split} stream is not the tokens of {paths[split]}")
 
 
 def _tokenize_wikitext103(paths: dict[str, Path]) -> Corpus:

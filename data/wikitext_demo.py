@@ -18,7 +18,9 @@ in train, and held-out words not in train, become ``<unk>``. The text is then re
 The result must have the sha256 :data:`DEMO_SHA256`, so every machine trains and evaluates on the same
 tokens; anything else (another gensim shipping another excerpt or tokenizing differently) is refused with
 one line. The build takes a few seconds; it is cached in :func:`data.wikitext.user_cache_dir` (or
-``cache_dir``) like WikiText-103, keyed by the excerpt's sha256 and the settings above.
+``cache_dir``) like WikiText-103, keyed by the excerpt's sha256 and the settings above. Every read checks the
+cached corpus against :data:`DEMO_SHA256` too (not only against the sha256 the cache records, which whoever
+edits the cache can rewrite): anything else is rebuilt.
 """
 from __future__ import annotations
 
@@ -128,7 +130,13 @@ def load_wikitext_demo(*, cache_dir: str | os.PathLike | None = None) -> Corpus:
     settings = f"wikitext_demo v{CACHE_FORMAT} {DEMO_SPLIT_SEED} {DEMO_HELD_OUT_TOKENS} {DEMO_MIN_COUNT}"
     key = hashlib.sha256(f"{settings}\n{file_sha256(excerpt)}".encode()).hexdigest()
     return cached_corpus("wikitext_demo", key, Path(cache_dir) if cache_dir is not None else user_cache_dir(),
-                         build_wikitext_demo)
+                         build_wikitext_demo, _verify_reference)
+
+
+def _verify_reference(corpus: Corpus) -> None:
+    """Raise ValueError unless ``corpus`` (read from the cache) is the reference, :data:`DEMO_SHA256`."""
+    if corpus.sha256 != DEMO_SHA256:
+        raise ValueError(f"its tokens have the sha256 {corpus.sha256[:12]}…, not the reference {DEMO_SHA256[:12]}…")
 
 
 def build_wikitext_demo() -> Corpus:

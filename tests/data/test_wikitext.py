@@ -12,6 +12,8 @@ from data.datasets import DatasetError, DatasetNotFoundError
 from data.wikitext import EOS, Encoder, corpus_from_ids, iter_file_tokens, load_wikitext103, streams_sha256, tokenize
 from tests.fixtures import WT103_TEST_TOKENS, WT103_TRAIN_WORDS, WT103_VALID_TOKENS, make_wikitext103
 
+from .conftest import edit_token_cache
+
 NAMES = ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")
 
 
@@ -225,6 +227,27 @@ def test_damaged_cache_is_rebuilt_never_used(wt103_folder, wt103_cached, tmp_pat
     assert rebuilt.sha256 == corpus.sha256 and np.array_equal(rebuilt.test, corpus.test)
     load_wikitext103(wt103_folder.parent, cache_dir=mine)  # the rebuilt cache serves the next load
     assert len(tokenizations) == 1
+
+
+def _change_a_test_token(vocab: list[str], ids: np.ndarray) -> None:
+    ids[-10] = (ids[-10] + 1) % len(vocab)
+
+
+def _swap_two_words(vocab: list[str], ids: np.ndarray) -> None:
+    vocab[5], vocab[6] = vocab[6], vocab[5]  # same ids and counts, other words
+
+
+@pytest.mark.parametrize("edit", [_change_a_test_token, _swap_two_words])
+def test_a_cache_edited_with_its_sha256_is_rebuilt(wt103_folder, wt103_cached, tmp_path, edit, tokenizations, caplog):
+    corpus, cache = wt103_cached
+    mine = tmp_path / "cache"
+    shutil.copytree(cache, mine)
+    edit_token_cache(next(mine.glob("*.npy")), edit)
+    with caplog.at_level(logging.WARNING, logger="data.wikitext"):
+        rebuilt = load_wikitext103(wt103_folder.parent, cache_dir=mine)
+    assert len(tokenizations) == 1 and "is damaged" in caplog.text and "stream is not the tokens of" in caplog.text
+    assert rebuilt.sha256 == corpus.sha256 and rebuilt.vocab == corpus.vocab
+    assert np.array_equal(rebuilt.test, corpus.test)
 
 
 def test_changed_file_is_tokenized_again(wt103_folder, wt103_cached, copy_of, tmp_path, tokenizations):

@@ -1,4 +1,7 @@
 """The embedded demo corpus: gensim's Wikipedia excerpt in WikiText's conventions, fixed by its sha256."""
+import logging
+import shutil
+
 import numpy as np
 import pytest
 from gensim.utils import PAT_ALPHABETIC
@@ -7,6 +10,8 @@ import data.wikitext as wikitext
 import data.wikitext_demo as demo
 from data.datasets import DatasetError
 from data.wikitext import EOS, SPLITS, UNK
+
+from .conftest import edit_token_cache
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +101,21 @@ def test_cached_load_does_not_rebuild(corpus, demo_cache, monkeypatch):
     again = demo.load_wikitext_demo(cache_dir=demo_cache)
     assert isinstance(again.train, np.memmap) and again.sha256 == corpus.sha256 == demo.DEMO_SHA256
     assert np.array_equal(again.test, corpus.test) and again.vocab == corpus.vocab
+
+
+def test_a_cache_edited_with_its_sha256_is_rebuilt(corpus, demo_cache, articles, tmp_path, monkeypatch, caplog):
+    mine = tmp_path / "cache"
+    shutil.copytree(demo_cache, mine)
+
+    def edit(vocab, ids):
+        ids[-10] = (ids[-10] + 1) % len(vocab)  # a token of the test stream
+
+    edit_token_cache(next(mine.glob("*.npy")), edit)
+    monkeypatch.setattr(demo, "demo_articles", lambda: articles)
+    with caplog.at_level(logging.WARNING, logger="data.wikitext"):
+        again = demo.load_wikitext_demo(cache_dir=mine)
+    assert "is damaged" in caplog.text and "not the reference" in caplog.text and "rebuilding it" in caplog.text
+    assert again.sha256 == corpus.sha256 == demo.DEMO_SHA256 and np.array_equal(again.test, corpus.test)
 
 
 def test_other_tokens_are_refused_in_one_line(monkeypatch, tmp_path, articles):
