@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 from scoring import UnsupportedOpError, count_model
-from scoring.counter import _CONSTANT, _DYNAMIC, _Infos
+from scoring.counter.facts import CONSTANT, DYNAMIC, FactMap
 from scoring.oplist import Activation, Add, Conv2D, DepthwiseConv2D, FullyConnected, GlobalAvg, Scale, count_oplist
 from tests.scoring.helpers import FakeQuant, quantize_weight, set_grid_weights
 
@@ -358,15 +358,15 @@ def test_a_weight_sparsified_between_two_counts_counts_its_new_nonzeros():
 
 def test_what_the_counter_knows_of_a_tensor_dies_with_it():
     # Facts are kept by tensor identity: a tensor allocated where a dead one was (same id) starts unknown.
-    infos = _Infos()
+    facts = FactMap()
     known = torch.ones(2)
-    infos[known] = _DYNAMIC
-    assert infos.get(known) is _DYNAMIC and infos.get(torch.ones(2)) is _CONSTANT
+    facts[known] = DYNAMIC
+    assert facts.get(known) is DYNAMIC and facts.get(torch.ones(2)) is CONSTANT
     dead_id = id(known)
     del known
-    assert not infos.entries  # dropped when the tensor died
+    assert not facts.entries  # dropped when the tensor died
     reused = next(t for t in (torch.ones(2) for _ in range(1000)) if id(t) == dead_id)
-    assert infos.get(reused) is _CONSTANT
+    assert facts.get(reused) is CONSTANT
 
 
 def test_run_time_zeros_of_a_dynamic_conv_weight_do_not_reduce_the_count():

@@ -1,0 +1,182 @@
+"""What each kind of op costs: dot products (conv, matmul), batch norms, lookups, permutations, recurrent ops,
+norms, attention and the element-based kinds, as handlers keyed by rule kind (:data:`scoring.rules.KINDS`).
+
+Imports torch, :mod:`scoring.rules` and the counter's own modules."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from scoring.counter.arguments import arguments
+from scoring.counter.elements import elements
+from scoring.counter.facts import NO_INPUT, FactMap, Facts, Width
+from scoring.counter.folding import Folding
+from scoring.counter.layers import Layer
+from scoring.counter.permutations import Permutations
+from scoring.counter.producers import Producer
+from scoring.counter.recurrent import RecurrentCounter
+from scoring.counter.storage import Rows, Storage, stored_view
+from scoring.rules import (ADAPTIVE_POOL, ATTENTION, BATCH_NORM, CONV, ELEMENTWISE, LOOKUP, MATMUL, NORM, PERMUTATION,
+                           POOL, RECURRENT, REDUCE, SOFTMAX, Rule, UnsupportedOpError, attention_counts, dot_counts,
+                           norm_counts)
+
+
+@dataclass(slots=True)
+class Op:
+    """One executed op on computed values: its aten function, rule key and rule, arguments, output, the tensors
+    among its arguments (``inputs``) with their facts (``known``), and the layer it counts in."""
+
+    func: Any
+    key: str
+    rule: Rule
+    args: tuple
+    kwargs: dict
+    out: Any
+    inputs: list[torch.Tensor]
+    known: list[Facts]
+    layer: Layer
+
+    def arguments(self) -> dict[str, Any]:
+        """The arguments by their schema names, defaults filled in."""
+        return arguments(self.func, self.args, self.kwargs)
+
+
+#: Counts one op of a kind; the conv/linear output it produced, for a batch norm to fold into (else None).
+Handler = Callable[[Op], Producer | None]
+
+
+class OpCosts:
+    """Counts the ops of a trace that cost something, by rule kind (see :meth:`handlers`)."""
+
+    def __init__(self, rules: Mapping[str, Rule], rules_used: set[str], facts: FactMap, storage: Storage,
+                 folding: Folding, permutations: Permutations):
+        self.rules, self.rules_used = rules, rules_used
+        self.facts, self.storage, self.folding, self.permutations = facts, storage, folding, permutations
+        self.recurrent = RecurrentCounter(rules, rules_used, facts, storage, self.dot)
+
+    def handlers(self) -> dict[str, Handler]:
+        """The handler of each kind that costs something (all but FREE and VIEW)."""
+        return {CONV: self.conv, MATMUL: self.matmul, BATCH_NORM: self.batch_norm, LOOKUP: self.lookup,
+                PERMUTATION: self.permutation, RECURRENT: self.recurrent_op, NORM: self.norm,
+                ATTENTION: self.attention, **dict.fromkeys((ELEMENTWISE, REDUCE, POOL, ADAPTIVE_POOL, SOFTMAX),
+                                                           self.element_based)}
+
+    def dot(self, layer: Layer, operands: Sequence[torch.Tensor], weight: torch.Tensor, rows: Rows, reuse: int,
+            bias: bool = False, extra: Width = NO_INPUT) -> None:
+        """Count dot products over ``weight`` (nonzeros per output ``rows``), each output used ``reuse`` times and
+        plus a bias when ``bias``, at the width of ``operands`` (and ``extra``); a static weight is stored."""
+        mults = adds = 0
+        for length, outputs in rows.histogram:
+            m, a = dot_counts(length, reuse * outputs, bias)
+            mults, adds = mults + m, adds + a
+        layer.add_ops(self.facts.product_width(operands, extra), mults, adds)
+        if self.facts.get(weight).static:
+            self.storage.store_weight(layer, weight)
+
+    def conv(self, op: Op) -> Producer:
+        """A convolution: dot products over its weight's nonzeros at every output position."""
+        layer, args, out = op.layer, op.args, op.out
+        x, weight, bias = args[0], args[1], args[2]
+        if len(args) > 6 and args[6]:
+            raise UnsupportedOpError(
+                f"transposed convolution (in layer '{layer.name}', {layer.type}) is not counted by the scorer; "
+                "use upsampling + a conv, or extend OpCosts.conv in scoring/counter/kinds.py")
+        rows = self.storage.rows(weight, tuple(range(1, weight.dim())))  # the weight itself: its facts say if static
+        self.dot(layer, (x, weight), weight, rows, out.numel() // out.shape[1], bias is not None)
+        if bias is not None:
+            self.storage.store_dense(layer, [bias], [self.facts.get(bias)])
+        return self.folding.use(Producer(layer.name, weight.shape[0], bias is not None, self.facts.get(weight).roots,
+                                         empty=rows.empty))
+
+    def matmul(self, op: Op) -> Producer:
+        """A matrix product (linear layers, addmm, bmm): dot products over the static operand's nonzeros."""
+        layer, args, kwargs, out = op.layer, op.args, op.kwargs, op.out
+        bias, (a, b) = (args[0], args[1:3]) if len(args) >= 3 else (None, args[:2])
+        weight = a if self.facts.get(a).static and not self.facts.get(b).static else b
+        if weight is a:  # weight on the left: its rows are the outputs
+            rows = self.storage.rows(a, (-1,))
+            self.dot(layer, (a, b), a, rows, b.shape[-1], bias is not None)
+        else:
+            rows = self.storage.rows(b, (-2,))
+            self.dot(layer, (a, b), b, rows, a.shape[-2], bias is not None)
+        # out = beta·bias + alpha·(a @ b): a scaling is precomputed at export when what it scales is static
+        # (the bias; alpha folds into a static weight), else 1 multiply per scaled element.
+        if kwargs.get("beta", 1) != 1 and bias is not None and not self.facts.get(bias).static:
+            layer.add_ops(self.facts.operand_width([bias]), stored_view(bias).numel(), 0)
+        if kwargs.get("alpha", 1) != 1 and not (self.facts.get(a).static or self.facts.get(b).static):
+            layer.add_ops(self.facts.operand_width((a, b)), out.numel(), 0)
+        if bias is not None:
+            self.storage.store_dense(layer, [bias], [self.facts.get(bias)])
+        return self.folding.use(Producer(layer.name, out.shape[-1], bias is not None, self.facts.get(weight).roots,
+                                         empty=rows.empty if weight is b else 0))
+
+    def batch_norm(self, op: Op) -> None:
+        """A batch norm: folded or an affine, decided when the trace is complete (:class:`Folding`)."""
+        self.folding.batch_norm(op.layer, op.key, op.args, bool(op.arguments().get("training")))
+
+    def lookup(self, op: Op) -> None:
+        """A table lookup: free; a static table is a stored weight (a conv/linear reading it too takes it over)."""
+        table = op.args[0]
+        if self.facts.get(table).static:
+            self.storage.store_weight(op.layer, table, priority=0)
+
+    def permutation(self, op: Op) -> None:
+        """channel_shuffle, roll, flip: a permutation along each dim they reorder."""
+        self.permutations.permutation(op.layer, op.key, op.arguments(), op.out)
+
+    def recurrent_op(self, op: Op) -> None:
+        """A recurrent kernel called directly (torch's composite functions are counted where they are called)."""
+        self.recurrent.count(op.layer, op.key, op.rule, op.arguments())
+
+    def norm(self, op: Op) -> None:
+        """A layer norm or group norm, its affine included."""
+        bound = op.arguments()
+        x, weight, bias = bound["input"], bound["weight"], bound["bias"]
+        if "group" in bound:  # group norm: each example's channels in G groups
+            groups = bound["N"] * bound["group"]
+        else:  # layer norm over the trailing normalized_shape
+            groups = x.numel() // max(math.prod(bound["normalized_shape"]), 1)
+        mults, adds = norm_counts(self.rules, op.key, x.numel(), groups, scale=weight is not None,
+                                  shift=bias is not None)
+        self._composite(op, [t for t in (x, weight) if t is not None], mults, adds)  # β only enters additions
+
+    def attention(self, op: Op) -> None:
+        """A fused scaled dot-product attention (any backend's kernel)."""
+        bound, layer = op.arguments(), op.layer
+        q, k, v = bound["query"], bound["key"], bound["value"]
+        if bound.get("dropout_p"):
+            raise UnsupportedOpError(
+                f"aten.{op.key} (in layer '{layer.name}', {layer.type}) runs with dropout_p={bound['dropout_p']}: "
+                "dropout is training only; pass dropout_p=0 when the module is not training")
+        mask = bound.get("attn_mask", bound.get("attn_bias"))
+        queries, head_dim = q.shape[-2:]
+        mults, adds = attention_counts(self.rules, math.prod(q.shape[:-2]), queries, k.shape[-2], head_dim, v.shape[-1],
+                                       causal=bool(bound.get("is_causal")), masked=mask is not None)
+        self.rules_used.add("_softmax")  # its softmax is counted by that rule
+        self._composite(op, [q, k, v], mults, adds)  # the mask only enters additions
+
+    def _composite(self, op: Op, operands: list[torch.Tensor], mults: int, adds: int) -> None:
+        """Count a composite op's ``mults`` and ``adds`` at the width of ``operands``; its static inputs stored."""
+        op.layer.add_ops(self.facts.operand_width(operands), mults, adds)
+        self.storage.store_dense(op.layer, op.inputs, op.known)
+
+    def element_based(self, op: Op) -> None:
+        """Elementwise ops, reductions, softmax and pools: the rule's counts per element, merge and row."""
+        rule, layer = op.rule, op.layer
+        result = op.out[0] if isinstance(op.out, tuple) else op.out
+        mults, adds = rule.counts(*elements(op.key, rule, op.func, op.args, op.kwargs, result))
+        width = self.facts.product_width(op.inputs) if rule.product else self.facts.operand_width(op.inputs)
+        layer.add_ops(width, mults, adds)
+        if rule.alpha_scales is not None:
+            self._alpha(layer, rule, op.arguments())
+        self.storage.store_dense(layer, op.inputs, op.known)
+
+    def _alpha(self, layer: Layer, rule: Rule, bound: Mapping[str, Any]) -> None:
+        """``x + alpha·y`` with alpha != 1: 1 multiply per element of y, none for a constant or static y."""
+        scaled = bound[rule.alpha_scales]
+        if bound.get("alpha", 1) == 1 or not isinstance(scaled, torch.Tensor) or self.facts.get(scaled).static:
+            return
+        layer.add_ops(self.facts.operand_width([scaled]), stored_view(scaled).numel(), 0)

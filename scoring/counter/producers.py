@@ -1,0 +1,69 @@
+"""The conv/linear outputs a batch norm can fold into: which layer produced a tensor, with what weight and bias.
+A tensor's facts (:mod:`scoring.counter.facts`) carry its producer; :mod:`scoring.counter.folding` folds batch norms
+into producers. Imports nothing of ours."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Producer:
+    """A conv/linear output (or a channel concatenation of them), for folding a batch norm into it once."""
+
+    layer: str
+    channels: int
+    has_bias: bool
+    #: The parameters its weight derives from (empty: a weight computed at run time, which absorbs no scale).
+    weight: frozenset[int] = frozenset()
+    parts: tuple[Producer, ...] = ()
+    #: Channels whose dot products are empty (no nonzero weight): a folded bias makes them constants.
+    empty: int = 0
+    #: The batch norm (by its parameters) tentatively folded into this output, None if none.
+    batch_norm: frozenset[int] | None = None
+    #: Read by a batch norm counted unfolded over the same channels: its affine can absorb a scale.
+    absorbed: bool = False
+
+    @property
+    def folded(self) -> bool:
+        """Whether a batch norm has (tentatively) folded into this output."""
+        return self.batch_norm is not None
+
+    def weights(self) -> list[frozenset[int]]:
+        """The stored weights (by the parameters they derive from) whose scale a folded batch norm changes."""
+        if self.parts:
+            return [weight for part in self.parts for weight in part.weights()]
+        return [self.weight]
+
+    def unbiased_channels(self) -> tuple[int, int]:
+        """(channels without a bias of their own, those of them with empty dot products): a fold gives them a
+        bias, which costs an addition only where a dot product is computed."""
+        if self.parts:
+            counts = [part.unbiased_channels() for part in self.parts]
+            return sum(c for c, _ in counts), sum(e for _, e in counts)
+        return (0, 0) if self.has_bias else (self.channels, self.empty)
+
+    def fold(self, batch_norm: frozenset[int]) -> None:
+        """Fold ``batch_norm`` (by its parameters) into this output and its parts, tentatively."""
+        self.batch_norm = batch_norm
+        for part in self.parts:
+            part.fold(batch_norm)
+
+    def absorb(self) -> None:
+        """Mark this output and its parts as read by an unfolded batch norm over the same channels."""
+        self.absorbed = True
+        for part in self.parts:
+            part.absorb()
+
+    def holds(self, batch_norm: frozenset[int]) -> bool:
+        """Whether this output can use a weight that absorbed ``batch_norm``'s scale: it was folded with that
+        batch norm, or an unfolded batch norm after it absorbs the inverse scale in its own affine."""
+        return self.batch_norm == batch_norm or self.absorbed
+
+
+def concat_producer(tensors: list, dim: int, producers: list[Producer | None]) -> Producer | None:
+    """The producer of a channel concatenation of unfolded conv/linear outputs (mixed convs), if it is one;
+    ``producers`` are those of the concatenated ``tensors``."""
+    if not tensors or dim % tensors[0].dim() != 1 or any(p is None or p.folded for p in producers):
+        return None
+    return Producer("+".join(p.layer for p in producers), sum(p.channels for p in producers),
+                    all(p.has_bias for p in producers), parts=tuple(producers))

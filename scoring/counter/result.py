@@ -1,0 +1,105 @@
+"""The result of a count: :class:`Count`, built from the traced layers once the freebie is decided, widths
+resolved. Imports :mod:`scoring.rules` and the counter's facts and layers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Iterable, Mapping
+
+from scoring.counter.facts import NO_INPUT
+from scoring.counter.layers import Layer
+from scoring.rules import score, score_terms
+
+#: Width of an unquantized tensor with and without the freebie.
+FULL_BITS = 32
+FREEBIE_BITS = 16
+
+
+@dataclass(frozen=True)
+class Count:
+    """Per-example counts of one model under the MicroNet rules.
+
+    ``mults``/``adds`` are raw counts, ``param_bits`` the stored bits; ``params`` and ``ops`` are in
+    32-bit equivalents (what the score divides by the baselines). An example is an input of the batch
+    dimension (:func:`~scoring.counter.count_model`) or a token (:func:`~scoring.counter.count_stream`).
+    """
+
+    mults: float
+    adds: float
+    param_bits: int
+    params: float
+    ops: float
+    freebie: bool
+    accumulator_bits: int
+    examples: int
+    layers: list[dict[str, Any]]
+    project_rules: dict[str, str]
+    ops_exact: Fraction = field(repr=False, compare=False, default=Fraction(0))
+
+    def score_terms(self, task: str) -> tuple[float, float]:
+        """(params term, ops term) of the score on ``task``."""
+        params_term, ops_term = score_terms(task, Fraction(self.param_bits, 32), self.ops_exact)
+        return float(params_term), float(ops_term)
+
+    def score(self, task: str) -> float:
+        """params / baseline_params + ops / baseline_ops for ``task``."""
+        return score(task, Fraction(self.param_bits, 32), self.ops_exact)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict of every field."""
+        return {"mults": self.mults, "adds": self.adds, "param_bits": self.param_bits, "params": self.params,
+                "ops": self.ops, "freebie": self.freebie, "accumulator_bits": self.accumulator_bits,
+                "examples": self.examples, "project_rules": dict(self.project_rules),
+                "layers": [dict(layer) for layer in self.layers]}
+
+
+def _number(value: Fraction) -> int | float:
+    return int(value) if value.denominator == 1 else float(value)
+
+
+def _freebie(narrowest_tag: tuple[int, str] | None, freebie: bool | None) -> bool:
+    """Whether the freebie applies: as asked, or (None) when no tensor is quantized below 16 bits."""
+    narrow = narrowest_tag is not None and narrowest_tag[0] < FREEBIE_BITS
+    if freebie and narrow:
+        raise ValueError(f"freebie=True, but {narrowest_tag[1]}: the freebie applies only when "
+                         f"no tensor is below {FREEBIE_BITS} bits; use freebie=None (auto) or False")
+    return (not narrow) if freebie is None else bool(freebie)
+
+
+def _row(layer: Layer, mults: int, param_bits: int, ops: Fraction, examples: int, default: int) -> dict[str, Any]:
+    """The per-layer table's row of ``layer``: its ``mults`` and ``param_bits`` summed, ``ops`` per example."""
+    weights = [s for s in layer.stored if s.nonzeros is not None]
+    numel = sum(s.numel for s in weights)
+    return {
+        "name": layer.name, "type": layer.type,
+        "params": param_bits / 32, "param_bits": param_bits,
+        "mults": _number(Fraction(mults, examples)), "adds": _number(Fraction(layer.adds, examples)),
+        "ops": float(ops),
+        "sparsity": 1 - sum(s.nonzeros for s in weights) / numel if numel else None,
+        "weight_bits": layer.weight_width.bits(default) if layer.weight_width else None,
+        "input_bits": layer.input_width.bits(default) if layer.input_width and layer.input_width != NO_INPUT else None,
+        "note": "; ".join(layer.notes),
+    }
+
+
+def build_count(layers: Iterable[Layer], narrowest_tag: tuple[int, str] | None, examples: int, accumulator_bits: int,
+                freebie: bool | None, project_rules: Mapping[str, str]) -> Count:
+    """The :class:`Count` of traced ``layers`` over ``examples``, the freebie decided from the narrowest tag."""
+    freebie = _freebie(narrowest_tag, freebie)
+    default = FREEBIE_BITS if freebie else FULL_BITS
+    rows, total_mults, total_adds, total_mult_bits, total_param_bits = [], 0, 0, 0, 0
+    for layer in layers:
+        mults = sum(layer.mults.values())
+        mult_bits = sum(count * width.bits(default) for width, count in layer.mults.items())
+        param_bits = sum(s.total_bits(default) for s in layer.stored)
+        if not (mults or layer.adds or param_bits or layer.notes):
+            continue  # a container or data movement only
+        total_mults, total_adds = total_mults + mults, total_adds + layer.adds
+        total_mult_bits, total_param_bits = total_mult_bits + mult_bits, total_param_bits + param_bits
+        ops = Fraction(mult_bits + layer.adds * accumulator_bits, 32 * examples)
+        rows.append(_row(layer, mults, param_bits, ops, examples, default))
+    ops = Fraction(total_mult_bits + total_adds * accumulator_bits, 32 * examples)
+    return Count(mults=_number(Fraction(total_mults, examples)), adds=_number(Fraction(total_adds, examples)),
+                 param_bits=total_param_bits, params=total_param_bits / 32, ops=float(ops), freebie=freebie,
+                 accumulator_bits=accumulator_bits, examples=examples, layers=rows,
+                 project_rules=dict(project_rules), ops_exact=ops)
