@@ -21,7 +21,7 @@ setup(
         "scikit-learn>=1.3,<2",
         "tqdm>=4.66,<5",
         "gensim>=4.4,<5",  # the wikitext_demo task reads the Wikipedia excerpt its wheel ships (4.4: numpy 2)
-        "scipy>=1.10,<2",  # train.allocate's exact solver (scipy.optimize.milp)
+        "scipy>=1.10,<2",  # train.search.solve's exact solver (scipy.optimize.milp)
         "matplotlib>=3.7,<4",  # the sensitivity heat maps and the comparison's front (PNG)
         "pillow>=9.1",  # the ImageNet loader decodes JPEGs (also what torchvision asks for)
     ],

@@ -11,7 +11,7 @@
 # with OMP_NUM_THREADS=1 and with 2 threads differ by a test image or so.
 # Runs are sequential, in the background-friendly form (no progress bars, one log per run under $OUT/logs);
 # a failed run is reported and the next one still runs. Finished runs are not retrained when the script is run
-# again (train/run.py resumes). At the end it prints the table of `python -m train.compare $OUT`.
+# again (train/run.py resumes). At the end it prints the table of `python -m train.search.compare $OUT`.
 # EXTRA holds overrides for every run (e.g. EXTRA="data.val_split=0.2").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,5 +45,5 @@ for seed in $SEEDS; do
             hydra.run.dir="$OUT/digits_cnn/$config/seed$seed"
     done
 done
-"$PYTHON" -m train.compare "$OUT"
+"$PYTHON" -m train.search.compare "$OUT"
 exit "$failed"

@@ -11,9 +11,10 @@ A compress config is ``{name, stages: [stage, ...]}``; each stage is a mapping w
                 ``lr_scale`` (the stage's lr as a multiple of ``train.lr``), returned as ``Stage.overrides``;
                 train/run.py checks them against the train config (train.config.stage_train_config).
 
-A stage with ``allocate:`` (and only ``name``) trains nothing: it measures every layer's sensitivity on the validation
-split and chooses per-layer sparsity and bits for the stages after it. Its mapping is kept as ``Stage.allocate``
-and read by train/allocate.py (:class:`train.allocate.AllocateStage`), which documents its keys.
+A stage has a kind (``Stage.kind``, :func:`stage_kind`): a block of training as above, or, written
+``{name, allocate: mapping}``, an allocation that trains nothing (it chooses per-layer sparsity and bits for the
+stages after it). Here an allocation's mapping is only checked to be one: the module that runs the stage reads it
+from the config and documents its keys (train/search/stage.py).
 
 Within a stage the techniques run in their ``order`` (prune → quantize → distill), so a weight is always
 ``quantize(original * mask)``. Adding a technique adds a module with a registered :class:`Technique`
@@ -35,6 +36,9 @@ from .base import TECHNIQUES, Technique
 #: Stage name of the baseline training in train/run.py.
 BASELINE_STAGE = "train"
 
+#: The kinds of stage (:attr:`Stage.kind`): a block of training, and an allocation (the key that marks one).
+TRAINING, ALLOCATE = "training", "allocate"
+
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -46,8 +50,13 @@ class Stage:
     epochs: int
     overrides: dict[str, Any]
     techniques: list[Technique]
-    #: An allocation stage's settings (see the module docstring); None for a training stage.
-    allocate: dict[str, Any] | None = None
+    #: :data:`TRAINING`, or :data:`ALLOCATE` for a stage that trains nothing (see the module docstring).
+    kind: str = TRAINING
+
+
+def stage_kind(raw: Mapping[str, Any]) -> str:
+    """The kind of a stage mapping as written: :data:`ALLOCATE` when it has ``allocate:``, else :data:`TRAINING`."""
+    return ALLOCATE if ALLOCATE in raw else TRAINING
 
 
 def build_stages(compress_cfg: Mapping[str, Any], *, load_teacher: Callable[[str], nn.Module]) -> list[Stage]:
@@ -85,14 +94,14 @@ def _build_stage(raw: Any, where: str, load_teacher: Callable[[str], nn.Module])
     if not isinstance(name, str) or not _STAGE_NAME.fullmatch(name) or name == BASELINE_STAGE:
         raise ValueError(f"{where}.name={name!r}: expected letters, digits, '_' or '-', "
                          f"other than {BASELINE_STAGE!r} (the baseline stage)")
-    if "allocate" in raw:
-        unknown = sorted(set(raw) - {"name", "allocate"})
+    if stage_kind(raw) == ALLOCATE:
+        unknown = sorted(set(raw) - {"name", ALLOCATE})
         if unknown:
             raise ValueError(f"{where}: an allocate stage trains nothing, so it takes no {', '.join(unknown)}; "
                              "allowed: name, allocate")
-        if not isinstance(raw["allocate"], Mapping):
-            raise ValueError(f"{where}.allocate={raw['allocate']!r}: expected a mapping of settings")
-        return Stage(name=name, epochs=0, overrides={}, techniques=[], allocate=dict(raw["allocate"]))
+        if not isinstance(raw[ALLOCATE], Mapping):
+            raise ValueError(f"{where}.allocate={raw[ALLOCATE]!r}: expected a mapping of settings")
+        return Stage(name=name, epochs=0, overrides={}, techniques=[], kind=ALLOCATE)
     epochs = raw.get("epochs")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"{where}.epochs={epochs!r}: expected an integer >= 1")
@@ -111,7 +120,7 @@ def rescale_stages(compress_cfg: Mapping[str, Any], epochs: int) -> dict[str, An
     A position in steps depends on the data's size, unknown here: ValueError names the key."""
     config = copy.deepcopy(dict(compress_cfg))
     for index, stage in enumerate(config.get("stages") or []):
-        if "allocate" in stage:  # trains nothing; train/smoke.py shrinks its grid
+        if stage_kind(stage) != TRAINING:  # no epochs to shorten
             continue
         length = stage["epochs"]
         stage["epochs"] = min(length, epochs)

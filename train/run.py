@@ -47,7 +47,7 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 import models  # noqa: E402
 from compress import DistillTechnique, Stage, apply_compression_state, build_stages, compression_state, \
     finalize_for_export, mask_zeros  # noqa: E402
-from compress.stages import BASELINE_STAGE  # noqa: E402
+from compress.stages import ALLOCATE, BASELINE_STAGE  # noqa: E402
 from data import Loaders  # noqa: E402
 from data.tasks import Evaluation  # noqa: E402
 from scoring import count_inputs  # noqa: E402
@@ -63,11 +63,9 @@ from train.cli import accept_command_line  # noqa: E402
 from train.config import ConfigError, check_same_run, stage_train_config, to_container, validate  # noqa: E402
 from train.loop import Trainer, make_deterministic  # noqa: E402
 from train.objectives import Objective, build_objective  # noqa: E402
-from train.allocate import Allocation, allocation_summary, check_allocate_stages, fill_stages, read_allocation, \
-    run_allocate_stage  # noqa: E402
 from train.rundir import RunLogHandler, finished_report, prepare_run_dir, quiet_thread_write_errors, write_problem, \
     write_record  # noqa: E402
-from train.sensitivity import SENSITIVITY_DIR, Probe  # noqa: E402
+from train.search.stage import allocation_summary, check_allocation, run_allocate_stage  # noqa: E402
 from train.smoke import smoke_config, smoke_loaders  # noqa: E402
 
 log = logging.getLogger("micronet.train")
@@ -155,8 +153,8 @@ def _pipeline(cfg: DictConfig, stop: StopRequest) -> int:
     session.accept(HydraConfig.get().overrides.task)
     with session:
         for index, (stage, recipe, objective) in enumerate(zip(stages, recipes, objectives)):
-            if stage.allocate is not None:  # trains nothing: chooses the techniques of the stages after it
-                done = session.allocate(stage, model, later=stages[index + 1:], should_stop=stop)
+            if stage.kind == ALLOCATE:  # trains nothing: the stages after it, built anew, replace the planned ones
+                done, stages[index + 1:] = session.allocate(stage, model, later=stages[index + 1:], should_stop=stop)
             else:
                 done = session.run_stage(stage, recipe, objective, model, should_stop=stop)
             if not done:
@@ -384,48 +382,26 @@ class Session:
         return True
 
     def check_allocation(self, model: nn.Module) -> None:
-        """Refuse now what would stop an allocate stage after the baseline trained: bad settings, no template after
-        it, a compressed model, no validation split (the test split never chooses settings), several processes."""
-        specs = check_allocate_stages(self.config["compress"].get("stages") or [], model, self.task.metric)
-        if specs and self.loaders.val is None:
-            raise ConfigError(f"compress={self.cfg.compress.name} allocates per-layer settings on the validation "
-                              "split, and this run has none", "pass data.val_split=0.2")
-        if specs and self.ctx.distributed:
-            raise ConfigError(f"compress={self.cfg.compress.name}: an allocate stage runs in one process",
-                              "run it without torchrun, or torchrun the written compress config with init=")
+        """Refuse now what would stop an allocate stage after the baseline trained (train/search/stage.py)."""
+        check_allocation(self.config["compress"], model, self.task.metric, validation=lambda: self.loaders.val,
+                         distributed=self.ctx.distributed)
 
-    def allocate(self, stage: Stage, model: nn.Module, later: list[Stage], should_stop: Callable[[], bool]) -> bool:
-        """An allocate stage (train/allocate.py): per-layer settings for the stages ``later``, measured on the
-        validation split and chosen exactly; read back from the run folder when an earlier start chose them.
+    def allocate(self, stage: Stage, model: nn.Module, later: list[Stage], should_stop: Callable[[], bool]
+                 ) -> tuple[bool, list[Stage]]:
+        """An allocate stage (train/search/stage.py): the stages ``later`` built anew with per-layer settings chosen
+        on the validation split, or read back from the run folder when an earlier start chose them.
 
-        Returns False when a stop was asked before it started (it runs to its end once started: a stop during it
-        stops the run before the next stage; a kill during it measures again on the next start)."""
-        stages = self.config["compress"]["stages"]
-        index = [s["name"] for s in stages].index(stage.name)
-        where = f"compress.stages[{index}]"
-        out = self.run_dir / SENSITIVITY_DIR
-        record = read_allocation(out, self.config)
-        if record is not None:
-            log.info("stage '%s' already finished: allocation read back from %s", stage.name, out)
-        elif should_stop():
-            return False
-        else:
-            spec = check_allocate_stages(stages, model, self.task.metric)[index]
-            log.info("stage '%s': measuring every layer on the validation split, then allocating", stage.name)
-            probe = Probe(model, self.config, self.task, self.loaders, device=self.ctx.device,
-                          calibration_batches=spec.calibration_batches, score_examples=self.cfg.score.examples,
-                          val_split=self.cfg.data.val_split)
-            record = run_allocate_stage(spec, probe, where=where, later=stages[index + 1:], out=out,
-                                        config=self.config, baseline=self.cfg.init or str(self.stage_dirs["train"]),
-                                        command=" ".join(["python train/run.py", *self.overrides]))
-            log.info("stage '%s' finished in %.0f s: %s", stage.name, record["seconds"], out)
-        filled = build_stages({"stages": fill_stages(stages[index + 1:], Allocation.from_dict(record))},
-                              load_teacher=self.load_teacher)
-        for target, built in zip(later, filled):
-            target.techniques = built.techniques
-        self.allocation = {key: value for key, value in record.items() if key not in ("config", "format")}
-        log.info("%s", allocation_summary(record))
-        return True
+        Returns (False, ``later``) when a stop was asked before it started (it runs to its end once started: a stop
+        during it stops the run before the next stage; a kill during it measures again on the next start)."""
+        allocated = run_allocate_stage(stage.name, model, config=self.config, task=self.task, loaders=self.loaders,
+                                       device=self.ctx.device, run_dir=self.run_dir,
+                                       baseline=self.cfg.init or str(self.stage_dirs["train"]),
+                                       command=" ".join(["python train/run.py", *self.overrides]),
+                                       load_teacher=self.load_teacher, should_stop=should_stop)
+        if allocated is None:
+            return False, later
+        self.allocation, built = allocated
+        return True, built
 
     def save(self, directory: Path, trainer: Trainer, *, finished: bool) -> None:
         """One checkpoint dict: trainer state + resolved config + compression structure (rank 0 writes)."""

@@ -1,18 +1,16 @@
 """``smoke=true``: a recipe end to end in minutes, to try it (on a fixture, or the real data) before the real run.
 
 Every stage is shortened to :data:`EPOCHS` epoch(s) of at most :data:`BATCHES` training batches, its schedules
-rescaled to keep their shape (``compress.stages.rescale_stages``); an allocate stage measures the ends of its grid
-with one calibration batch and takes every layer's cheapest setting (:meth:`train.allocate.AllocateStage.smoke`, so
-that every later technique runs); validation and test read a few batches (a
-language model's: the first windows of each stream); the scorer counts :data:`EXAMPLES` examples. Everything
-else runs as in the real recipe: every stage and technique, checkpoints, evaluation, the gate, the report and
-the entry. A smoke run is a run of its own (``smoke=true`` is
-part of the run folder's name) and its numbers are not an entry's: the gate is decided on a few test batches.
+rescaled to keep their shape (``compress.stages.rescale_stages``); a stage that trains nothing is shortened by the
+module that runs it (an allocate stage: :func:`train.search.stage.smoke_stages`); validation and test read a few
+batches (a language model's: the first windows of each stream); the scorer counts :data:`EXAMPLES` examples.
+Everything else runs as in the real recipe: every stage and technique, checkpoints, evaluation, the gate, the
+report and the entry. A smoke run is a run of its own (``smoke=true`` is part of the run folder's name) and its
+numbers are not an entry's: the gate is decided on a few test batches.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import math
 from typing import Any, Iterator
@@ -22,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from compress import build_stages
 from compress.stages import rescale_stages
 from data import Loaders
-from train.allocate import AllocateStage
 from train.build import task_of
 from train.config import ConfigError
+from train.search.stage import smoke_stages
 
 #: Epochs of every stage (the baseline included).
 EPOCHS = 1
@@ -40,12 +38,7 @@ def smoke_config(cfg: DictConfig) -> DictConfig:
     fix = f"edit conf/compress/{cfg.compress.name}.yaml or the compress.* override"
     try:
         build_stages(compress, load_teacher=lambda spec: None)  # the recipe as written must be valid first
-        shortened = rescale_stages(compress, EPOCHS)
-        for index, stage in enumerate(shortened.get("stages") or []):
-            if "allocate" in stage:
-                where = f"compress.stages[{index}].allocate"
-                stage["allocate"] = dataclasses.asdict(AllocateStage.from_stage(stage["allocate"], where,
-                                                                                task_of(cfg).metric).smoke())
+        shortened = smoke_stages(rescale_stages(compress, EPOCHS), task_of(cfg).metric)
     except ValueError as err:
         raise ConfigError(f"smoke=true: {err}", fix) from None
     smoke = copy.deepcopy(cfg)

@@ -1,4 +1,4 @@
-"""``train.allocate``: the exact multiple-choice knapsack, the freebie, and the compress config it writes."""
+"""``train.search.allocate``: the exact multiple-choice knapsack, the freebie, the compress config it writes."""
 from __future__ import annotations
 
 import itertools
@@ -13,8 +13,10 @@ from compress.base import find_parametrization
 from compress.quantization import WeightQuantizer
 from models import create_model
 from tests.conftest import compose_config
-from train.allocate import allocate, compress_config, load_template, main, solve
-from train.sensitivity import FREEBIE_OFF, FREEBIE_ON, Setting
+from train.search.allocate import main
+from train.search.configs import compress_config, load_template
+from train.search.grid import FREEBIE_OFF, FREEBIE_ON, Setting
+from train.search.solve import allocate, solve
 
 
 def _cost(score: float) -> dict:
@@ -144,7 +146,8 @@ def test_the_command_writes_a_config_hydra_composes(tmp_path: Path, capsys):
     assert (f"python train/run.py -m init=some/run data.val_split=0.2 hydra.searchpath=[file://{conf_dir}] "
             "compress=auto_t_0p2,auto_t_0p05") in out
     text = (conf_dir / "compress" / "auto_t_0p2.yaml").read_text()
-    assert text.startswith(f"# Written by `python -m train.allocate {path} --budget 0.2 0.05 --name auto_t --no-check`")
+    assert text.startswith(f"# Written by `python -m train.search.allocate {path} --budget 0.2 0.05 --name auto_t "
+                           "--no-check`")
     assert "conv2.0 4-bit 90%, fc 8-bit dense" in text
     cfg = compose_config(f"hydra.searchpath=[file://{conf_dir}]", "compress=auto_t_0p2", "train.epochs=3")
     assert cfg.compress.name == "auto_t_0p2" and cfg.compress.stages[0].epochs == 3
@@ -161,7 +164,7 @@ def test_sensitivity_allocation_and_training_end_to_end(tmp_path: Path, capsys):
     import shlex
 
     from tests.conftest import REPO, TINY, run_train
-    from train import compare, sensitivity
+    from train.search import compare, sensitivity
 
     base = tmp_path / "base"
     trained = run_train("data.val_split=0.2", *TINY, f"hydra.run.dir={base}", cwd=tmp_path, timeout=600)

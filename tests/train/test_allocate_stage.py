@@ -16,11 +16,13 @@ from data import Loaders
 from tests.conftest import TINY, compose_config, run_train
 from tests.train.test_session import _Watched
 from train import distributed
-from train.allocate import ALLOCATION_JSON, UNLIMITED, allocate, main as allocate_main
 from train.build import build_model
 from train.config import ConfigError
 from train.run import Session, reported_as_config_error
-from train.sensitivity import SENSITIVITY_DIR, Setting, read_sensitivity
+from train.search.allocate import main as allocate_main
+from train.search.formats import ALLOCATION_JSON, SENSITIVITY_DIR, read_sensitivity
+from train.search.grid import Setting
+from train.search.solve import UNLIMITED, allocate
 from train.smoke import smoke_config
 
 #: The grid of every run here: 2 bit widths x 2 sparsities, 4 settings per layer of digits_cnn's 4.
@@ -36,7 +38,7 @@ def _config(*overrides: str):
 
 def _allocate(cfg, run_dir: Path) -> tuple[Session, list, list]:
     """Run the allocate stage of an untrained digits_cnn (seeded: deterministic) in ``run_dir``, with a test loader
-    that records every read; returns the session, the reads and the stages (the later ones set by the stage)."""
+    that records every read; returns the session, the reads and the stages (the later ones built by the stage)."""
     session = Session(cfg, distributed.Context(torch.device("cpu")), run_dir)
     reads: list[str] = []
     loaders = session.loaders
@@ -44,10 +46,14 @@ def _allocate(cfg, run_dir: Path) -> tuple[Session, list, list]:
     stages = build_stages(session.config["compress"], load_teacher=session.load_teacher)
     torch.manual_seed(0)
     model = build_model(cfg)
+    planned = [stage.techniques for stage in stages[1:]]
     with session:
         session.check_allocation(model)
-        assert session.allocate(stages[0], model, later=stages[1:], should_stop=lambda: False)
-    return session, reads, stages
+        done, later = session.allocate(stages[0], model, later=stages[1:], should_stop=lambda: False)
+    assert done and [stage.name for stage in later] == [stage.name for stage in stages[1:]]
+    # built anew: the planned stages are left as the template built them
+    assert [stage.techniques for stage in stages[1:]] == planned and not set(map(id, later)) & set(map(id, stages))
+    return session, reads, [stages[0], *later]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""``train.compare``: a tree of run folders as one table, seeds aggregated, the front drawn, HParams written."""
+"""``train.search.compare``: a tree of run folders as one table, seeds aggregated, the front drawn, HParams written."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import compose_config
-from train.compare import find_runs, front, group_runs, main, write_hparams
+from train.search.compare import main
+from train.search.formats import find_runs
+from train.search.render import write_hparams
+from train.search.solve import front, group_runs
 from train.config import ConfigError, to_container
 
 
@@ -115,7 +118,7 @@ def test_a_collapsed_run_is_named_off_the_axis_instead_of_squashing_the_front(ru
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from train.compare import _limit_metric_axis
+    from train.search.render import _limit_metric_axis
 
     _run(runs_dir, base_config, compress="q8", seed=2, test=36 / 360, val=None, score=0.5)  # collapsed to 36/360
     groups = group_runs(find_runs(runs_dir))

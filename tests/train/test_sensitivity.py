@@ -1,4 +1,4 @@
-"""``train.sensitivity``: one layer changed at a time, measured on validation, costed from the scorer's table."""
+"""``train.search.sensitivity``: one layer changed at a time, measured on validation, costed from the scorer's table."""
 from __future__ import annotations
 
 import json
@@ -18,8 +18,11 @@ from scoring.entry import save_entry
 from scoring.rules import baseline
 from train.build import build_model
 from train.config import ConfigError, to_container
-from train.sensitivity import FREEBIE_OFF, FREEBIE_ON, Probe, Setting, calibrate, grid, main, measure, \
-    read_sensitivity, write_outputs
+from train.search.formats import read_sensitivity
+from train.search.grid import FREEBIE_OFF, FREEBIE_ON, Setting, grid
+from train.search.measure import Probe, calibrate, measure
+from train.search.render import write_sensitivity
+from train.search.sensitivity import main
 
 TASK = ClassificationTask({"name": "digits", "kind": "classification", "dataset": "digits", "num_classes": 3,
                            "in_chans": 1})
@@ -134,7 +137,7 @@ def test_calibration_initialises_input_quantizers_and_re_estimates_batch_norm():
 
 
 def test_outputs_json_markdown_and_heat_map(tiny_result, tmp_path: Path):
-    paths = write_outputs({**tiny_result, "run": "somewhere"}, tmp_path)
+    paths = write_sensitivity({**tiny_result, "run": "somewhere"}, tmp_path)
     again = read_sensitivity(tmp_path)
     assert again["layers"] == json.loads(json.dumps(tiny_result["layers"]))
     text = paths["md"].read_text()
@@ -184,7 +187,8 @@ def test_a_language_model_is_measured_like_any_other_model(tmp_path: Path):
     import itertools
 
     from tests.conftest import compose_config
-    from train.allocate import allocate, check
+    from train.search.measure import check
+    from train.search.solve import allocate
 
     cfg = compose_config("task=wikitext_demo", "model=lstm_lm", "model.kwargs.embed_dim=16",
                          "model.kwargs.hidden_size=16", "data.num_workers=0", "score.examples=32",
