@@ -2,7 +2,8 @@
 
 Importing the package registers every model module below.
 """
-from . import digits_cnn, lstm_lm, resnet_cifar, timm_models, transformer_xl, wide_resnet  # noqa: F401  (registration)
+from . import (densenet, digits_cnn, lstm_lm, resnet_cifar, timm_models, transformer_xl,  # noqa: F401  (registration)
+               wide_resnet)
 from .registry import ModelArgumentError, UnknownModelError, check_model_kwargs, create_model, list_models, \
     register_model
 

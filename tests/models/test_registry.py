@@ -9,9 +9,9 @@ import conf
 
 from models import ModelArgumentError, UnknownModelError, check_model_kwargs, create_model, list_models, register_model
 
-CONTRACT_MODELS = ["digits_cnn", "efficientnet_b0", "efficientnet_b0_cifar", "lstm_lm", "lstm_lm_baseline",
-                   "mixnet_s", "mobilenetv2_140", "resnet18_cifar", "resnet50", "txl_micronet", "txl_teacher",
-                   "wrn28_10"]
+CONTRACT_MODELS = ["densenet_bc", "densenet_bc_100", "digits_cnn", "efficientnet_b0", "efficientnet_b0_cifar",
+                   "lstm_lm", "lstm_lm_baseline", "mixnet_s", "mobilenetv2_140", "resnet18_cifar", "resnet50",
+                   "txl_micronet", "txl_teacher", "wrn28_10"]
 
 
 def test_every_contract_model_is_registered():
@@ -79,6 +79,7 @@ def test_model_kwargs_from_a_file_are_checked(name, kwargs, message):
 @pytest.mark.parametrize("name, kwargs", [
     ("digits_cnn", {"in_chans": 1}),
     ("wrn28_10", {"drop_rate": 0.3, "in_chans": 3}),
+    ("densenet_bc", {"depth": 190, "growth_rate": 40, "compression": 0.5, "drop_rate": 0.2}),
     ("resnet50", {"drop_path_rate": 0.1, "drop_rate": 0.2}),  # "path" is not its last word: a regularizer
     ("efficientnet_b0_cifar", {"in_chans": 3, "bn_eps": 1e-3, "global_pool": "avg"}),  # **kwargs: any other name
     ("digits_cnn", {}),
