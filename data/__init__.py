@@ -5,7 +5,7 @@ for the ``augment`` keys.
 """
 from .augment import AugmentOptions, build_mixup
 from .datasets import DatasetError, DatasetNotFoundError
-from .loaders import DATASETS, Loaders, build_loaders, gpu_resident_supported
+from .loaders import DATASETS, Loaders, build_loaders, gpu_resident_by_default, gpu_resident_supported
 
 __all__ = ["DATASETS", "AugmentOptions", "Loaders", "DatasetError", "DatasetNotFoundError", "build_loaders", "build_mixup",
-           "gpu_resident_supported"]
+           "gpu_resident_by_default", "gpu_resident_supported"]

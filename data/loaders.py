@@ -19,6 +19,9 @@ from .workers import worker_init
 
 DATASETS = ("digits", "cifar100", "imagenet")
 GPU_RESIDENT_DATASETS = ("digits", "cifar100")  # uint8 arrays small enough to live on the device
+#: Where "auto" keeps the data on the GPU: CIFAR-100, whose per-image augmentation on the CPU limits a GPU's
+#: training speed (benchmarks/train_speed.py). Digits stays on the CPU path, the one a CPU run takes.
+GPU_RESIDENT_BY_DEFAULT = ("cifar100",)
 
 
 class SizedDataLoader(DataLoader):
@@ -62,8 +65,14 @@ def _rank_and_world(distributed: bool) -> tuple[int, int]:
 
 
 def gpu_resident_supported(dataset: str, augment: Mapping | None) -> bool:
-    """Whether ``build_loaders(dataset, augment=augment, gpu_resident=True)`` is possible (resolves "auto")."""
+    """Whether ``build_loaders(dataset, augment=augment, gpu_resident=True)`` is possible."""
     return dataset in GPU_RESIDENT_DATASETS and not unsupported_on_device(AugmentOptions.from_mapping(augment))
+
+
+def gpu_resident_by_default(dataset: str, augment: Mapping | None, *, cuda: bool) -> bool:
+    """What ``gpu_resident`` "auto" means: on a CUDA device, for a dataset of :data:`GPU_RESIDENT_BY_DEFAULT` whose
+    ``augment`` the device can apply; elsewhere the CPU path."""
+    return cuda and dataset in GPU_RESIDENT_BY_DEFAULT and gpu_resident_supported(dataset, augment)
 
 
 def _check_counts(*, batch_size: int, eval_batch_size: int, num_workers: int, seed: int) -> None:

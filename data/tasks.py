@@ -142,6 +142,11 @@ class Task(ABC):
         """What the scorer runs ``model`` on: the first ``examples`` examples of ``loader``."""
 
     @abstractmethod
+    def score_examples_available(self, loader: Any) -> int | None:
+        """How many examples the scorer can take from the split of ``loader`` (all processes together), known
+        before there is a model; None where only the model can tell (:meth:`score_inputs` then checks)."""
+
+    @abstractmethod
     def synthetic_inputs(self, model: nn.Module, *, input_size: int | None = None, seed: int = 0) -> ScoreInputs:
         """Scorer inputs without the data, to count an untrained architecture (``python -m scoring --model``)."""
 
@@ -191,6 +196,10 @@ class ClassificationTask(Task):
             if seen >= examples:
                 break
         return ScoreInputs(torch.cat(batches)[:examples].to(device))
+
+    def score_examples_available(self, loader: Any) -> int | None:
+        """Every image of the split."""
+        return loader.dataset_size
 
     def synthetic_inputs(self, model: nn.Module, *, input_size: int | None = None, seed: int = 0) -> ScoreInputs:
         """One random image of the task's shape (``input_size`` replaces its height = width)."""
@@ -285,6 +294,10 @@ class LanguageModelTask(Task):
             raise ValueError(f"score.examples={examples} tokens after a warm-up of {warmup} (the model's mem_len) "
                              f"exceed the {seen:,} tokens of the test stream; lower score.examples")
         return ScoreInputs(torch.cat(windows, dim=1)[:, :warmup + examples].to(device), stream=True, warmup=warmup)
+
+    def score_examples_available(self, loader: Any) -> int | None:
+        """None: the scorer's tokens come after a warm-up as long as the model's memory (``mem_len``)."""
+        return None
 
     #: Tokens counted on synthetic inputs.
     SYNTHETIC_TOKENS = 64

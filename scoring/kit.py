@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import reprlib
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import OmegaConf

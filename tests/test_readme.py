@@ -14,7 +14,7 @@ import models
 from compress import TECHNIQUES
 from tests.conftest import HANG, REPO, compose_config, run_dir_for
 from tests.fixtures import make_cifar100, make_imagenet, make_wikitext103
-from train import run
+from train import pipeline
 
 README = (REPO / "README.md").read_text()
 CONF = REPO / "conf"
@@ -57,7 +57,7 @@ def test_every_configuration_key_in_the_table_exists():
 
 
 def test_documented_exit_statuses_are_the_ones_run_uses():
-    assert (run.GATE_FAILED_EXIT, run.PREEMPTED_EXIT, run.INTERRUPTED_EXIT) == (3, 143, 130)
+    assert (pipeline.GATE_FAILED_EXIT, pipeline.PREEMPTED_EXIT, pipeline.INTERRUPTED_EXIT) == (3, 143, 130)
     for status, meaning in (("0", "finished, the entry passes its gate"), ("3", "finished, but the entry fails"),
                             ("2", "a problem you can fix"), ("143", "stopped by SIGTERM / Ctrl-C after saving"),
                             ("130", "stopped by a second Ctrl-C")):

@@ -18,6 +18,9 @@ a state with a NaN or inf anywhere (weights, batch-norm statistics, optimizer mo
 
 Files are loaded with ``torch.load(weights_only=True)``: a planted pickle is refused, not executed. So
 everything stored is tensors and plain Python (RNG states are converted, see :func:`rng_state`).
+
+Every checkpoint records the :data:`FORMAT_VERSION` of its layout under ``format_version``, so that a reader can
+tell a layout it does not know from damage; a checkpoint without the key is version 1.
 """
 from __future__ import annotations
 
@@ -41,6 +44,9 @@ log = logging.getLogger(__name__)
 
 #: Verified checkpoints kept per stage: the newest, and the previous good one.
 KEEP = 2
+#: Version of the checkpoint layout (the keys a state holds and what they mean); bumped when a reader could
+#: misread a checkpoint of the previous layout.
+FORMAT_VERSION = 1
 _PATTERN = "step*.pt"
 
 
@@ -50,6 +56,10 @@ class CheckpointError(UserError, RuntimeError):
 
 class NonFiniteStateError(CheckpointError):
     """A training state with NaN or inf values, refused as a checkpoint."""
+
+
+class CheckpointVersionError(CheckpointError):
+    """A checkpoint of a layout this code does not read: not damage, so no older checkpoint replaces it."""
 
 
 def checkpoint_name(global_step: int) -> str:
@@ -75,7 +85,7 @@ def save_checkpoint(directory: Path, global_step: int, state: dict[str, Any]) ->
             "checkpoint is kept ; fix: lower train.lr or set train.grad_clip (e.g. 5.0): a new value runs in a new "
             "folder (a checkpoint resumes only with the settings that wrote it, and would reach the same values)")
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, "format_version": FORMAT_VERSION}, buffer)
     payload = buffer.getbuffer()
     digest = hashlib.sha256(payload).hexdigest()
     path = directory / checkpoint_name(global_step)
@@ -148,10 +158,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if hashlib.sha256(data).hexdigest() != digest:
         raise CheckpointError(f"{path} is corrupted (sha256 differs from {sidecar.name})")
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} was refused by torch.load(weights_only=True): {first_line}") from None
+    version = state.get("format_version", 1) if isinstance(state, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointVersionError(f"{path} has format_version {version!r}; this micronet-kit reads version "
+                                     f"{FORMAT_VERSION}", "resume it with the micronet-kit version that wrote it")
+    return state
 
 
 def latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -170,6 +185,8 @@ def latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
     for path in committed:
         try:
             return path, read_checkpoint(path)
+        except CheckpointVersionError:
+            raise
         except CheckpointError as err:
             log.warning("%s; falling back to the previous checkpoint", err)
     if committed:

@@ -2,9 +2,9 @@
 
 Hydra and the config schema import in a fraction of a second; the training pipeline (torch, torchvision,
 timm, scikit-learn, TensorBoard) takes several seconds more. ``train/run.py`` calls :func:`accept_command_line`
-before those imports, so that a typo, a wrong type or an out-of-range value is one line within about a second
-(``benchmarks/config_error.py`` measures it), and so that nothing is created or written for a command that is
-refused: the run folder is made, checked writable and locked only after the config passed every check.
+before the pipeline is imported, so that a typo, a wrong type or an out-of-range value is one line within about
+a second (``benchmarks/config_error.py`` measures it), and so that nothing is created or written for a command
+that is refused: the run folder is made, checked writable and locked only after the config passed every check.
 """
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ from scoring.errors import fail
 from train.config import ConfigError, validate
 from train.rundir import prepare_run_dir
 
-
-_accepted: list[str] | None = None
 
 
 def describe_composition_error(err: Exception) -> str:
@@ -57,11 +55,9 @@ def _known_models(name: str) -> list[str]:
 
 def accept_command_line(argv: list[str]) -> None:
     """Compose and validate the overrides ``argv``, then create, check and lock the run folder; on any problem
-    print one line and exit with status 2. Done once per process (``train/run.py`` calls it before its heavy
-    imports, and its ``main`` again). Command lines with flags (``--multirun``, ``--cfg``, ``--help``) are
-    Hydra's; each of their jobs is checked by ``run`` itself."""
-    global _accepted
-    if argv == _accepted or any(arg.startswith("-") for arg in argv):
+    print one line and exit with status 2. Command lines with flags (``--multirun``, ``--cfg``, ``--help``) are
+    Hydra's; each of their jobs is checked by the pipeline itself (train/pipeline.py)."""
+    if any(arg.startswith("-") for arg in argv):
         return
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -78,4 +74,3 @@ def accept_command_line(argv: list[str]) -> None:
             prepare_run_dir(run_dir_of(cfg))
     except ConfigError as err:
         fail(str(err))
-    _accepted = list(argv)

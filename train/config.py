@@ -6,15 +6,16 @@ the config is composed (``train.epochs=abc`` fails at start). :func:`validate` t
 cannot: ranges, names that must exist, files the task needs. Every problem is a :class:`ConfigError`
 whose text is one line saying what is wrong and how to fix it.
 
-Importing this module is cheap (no torch): ``train/run.py`` composes and validates a command line with it
-before the heavy imports, so that a typo is reported in about a second.
+Importing this module is cheap (no torch): ``train/cli.py`` composes and validates a command line with it
+before the pipeline's imports, so that a typo is reported in about a second.
 """
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -28,6 +29,22 @@ class ConfigError(UserError, ValueError):
 
     def __init__(self, problem: str, fix: str) -> None:
         super().__init__(problem, fix)
+
+
+@contextmanager
+def reported_as_config_error(fix: str) -> Iterator[None]:
+    """Turn the ValueError a library raises for a bad config value into a one-line ConfigError."""
+    try:
+        yield
+    except ConfigError:  # has its own fix
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err), fix) from None
+
+
+def compress_fix(cfg: DictConfig) -> str:
+    """The fix of a problem in the run's compress stages: where they are written."""
+    return f"edit conf/compress/{cfg.compress.name}.yaml or the compress.* override"
 
 
 class Optimizer(str, Enum):
@@ -307,8 +324,8 @@ def _with_schema_defaults(config: dict, schema: dict) -> dict:
 def check_same_run(saved: dict, current: dict, where: Any) -> None:
     """Refuse to resume a checkpoint written by a different run configuration.
 
-    A key the saved config lacks (it was written before the key existed) holds the schema's default, which is
-    what that run used: a run recorded before ``smoke`` or ``data.val_split`` existed still resumes."""
+    A key the saved config lacks is read as the schema's default: a config is saved whole, so a key it lacks is
+    one its writer's schema did not have, and that run ran with the behaviour the default stands for."""
     schema = OmegaConf.to_container(OmegaConf.structured(RunConfig), enum_to_str=True)
     old, new = run_settings(_with_schema_defaults(saved, schema)), run_settings(current)
     for key in sorted(set(old) | set(new)):

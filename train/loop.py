@@ -172,7 +172,8 @@ class Trainer:
         self.global_step = state["global_step"]
         self.sums.copy_(state["sums"])
         states, rank = state["rng"], self.ctx.rank
-        states = [states] if isinstance(states, dict) else states  # checkpoints written before per-rank states
+        # Format 1 allows one RNG state instead of a per-rank list, and no objective or technique states.
+        states = [states] if isinstance(states, dict) else states
         if rank < len(states):
             self._rng_to_restore = states[rank]
             self.objective.load_state_dict(state.get("objective", [{}] * len(states))[rank])

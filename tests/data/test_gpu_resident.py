@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare
 
-from data import build_loaders, gpu_resident_supported
+from data import build_loaders, gpu_resident_by_default, gpu_resident_supported
 from data.augment import AugmentOptions, cutout_
 from data.datasets import ArrayImageDataset
 from data.gpu_loader import GpuResidentLoader
@@ -191,8 +191,16 @@ def test_unsupported_options_are_refused(cifar_root):
                                                   gpu_resident=True, device=CPU))
 
 
-def test_gpu_resident_supported_resolves_auto():
+def test_gpu_resident_supported_where_the_device_can_apply_the_augmentation():
     assert gpu_resident_supported("cifar100", {"crop_padding": 4, "hflip": True, "cutout": 8, "mixup": 0.2})
     assert gpu_resident_supported("digits", {})
     assert not gpu_resident_supported("cifar100", {"auto_augment": "rand-m9-mstd0.5"})
     assert not gpu_resident_supported("imagenet", {})
+
+
+def test_auto_keeps_cifar100_on_a_cuda_device_where_it_can_be_augmented_there():
+    assert gpu_resident_by_default("cifar100", {"crop_padding": 4, "hflip": True, "cutout": 8}, cuda=True)
+    assert not gpu_resident_by_default("cifar100", {"crop_padding": 4, "hflip": True, "cutout": 8}, cuda=False)
+    assert not gpu_resident_by_default("cifar100", {"auto_augment": "rand-m9-mstd0.5"}, cuda=True)
+    assert not gpu_resident_by_default("digits", {}, cuda=True)
+    assert not gpu_resident_by_default("wikitext103", None, cuda=True)

@@ -17,12 +17,12 @@ from tests.conftest import TINY, compose_config, run_train
 from tests.train.test_session import _Watched
 from train import distributed
 from train.build import build_model
-from train.config import ConfigError
-from train.run import Session, reported_as_config_error
+from train.config import ConfigError, reported_as_config_error
 from train.search.allocate import main as allocate_main
 from train.search.formats import ALLOCATION_JSON, SENSITIVITY_DIR, read_sensitivity
 from train.search.grid import Setting
 from train.search.solve import UNLIMITED, allocate
+from train.session import Session
 from train.smoke import smoke_config
 
 #: The grid of every run here: 2 bit widths x 2 sparsities, 4 settings per layer of digits_cnn's 4.
@@ -162,7 +162,7 @@ def test_what_the_stage_cannot_work_with_is_one_line_before_training(tiny_config
     cfg = tiny_config("compress=auto", *overrides)
     session = Session(cfg, distributed.Context(torch.device("cpu")), tmp_path)
     model = build_model(cfg)
-    # as train/run.py calls it: a ValueError gets the compress config's fix, a ConfigError keeps its own
+    # as train/preflight.py calls it: a ValueError gets the compress config's fix, a ConfigError keeps its own
     with session, pytest.raises(ConfigError) as error, reported_as_config_error("edit conf/compress/auto.yaml"):
         session.check_allocation(model)
     assert message in str(error.value) and "\n" not in str(error.value)

@@ -144,6 +144,30 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path: Path, monk
     assert load_latest(tmp_path)["epoch"] == 1
 
 
+def _commit(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` with a matching sidecar, bypassing save_checkpoint (which adds format_version)."""
+    torch.save(state, path)
+    data = path.read_bytes()
+    path.with_suffix(".sha256").write_text(f"{hashlib.sha256(data).hexdigest()} {len(data)}\n")
+
+
+def test_a_checkpoint_records_its_format_version_and_one_without_it_reads_as_version_1(tmp_path: Path):
+    save_checkpoint(tmp_path, 1, _state(1.0))
+    assert load_latest(tmp_path)["format_version"] == checkpoint.FORMAT_VERSION == 1
+    _commit(tmp_path / checkpoint.checkpoint_name(2), _state(2.0))
+    loaded = load_latest(tmp_path)
+    assert loaded["epoch"] == 2 and "format_version" not in loaded
+
+
+def test_a_checkpoint_of_an_unknown_format_version_is_refused_not_skipped_as_damage(tmp_path: Path):
+    save_checkpoint(tmp_path, 1, _state(1.0))
+    _commit(tmp_path / checkpoint.checkpoint_name(2), {**_state(2.0), "format_version": 2})
+    with pytest.raises(checkpoint.CheckpointVersionError,
+                       match=r"has format_version 2; this micronet-kit reads version 1 ; fix: resume it with the "
+                             r"micronet-kit version that wrote it"):
+        load_latest(tmp_path)
+
+
 class _RunsCode:
     """A pickle payload that would create a file when unpickled."""
 

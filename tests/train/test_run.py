@@ -22,7 +22,8 @@ from train.build import build_model
 from train.checkpoint import CheckpointError, load_latest
 from train.loop import NonFiniteLossError
 from train.objectives import build_objective
-from train.run import Session
+from train.session import Session
+from train.stages import run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -211,7 +212,7 @@ def test_a_nan_or_inf_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_co
     poisoned = Stage(name="train", epochs=3, overrides={}, techniques=[fault(steps_per_epoch + 3)])
     objective = build_objective(cfg.train, session.config["task"])
     with session, pytest.raises(error, match="NaN/inf"):
-        session.run_stage(poisoned, cfg.train, objective, build_model(cfg), should_stop=lambda: False)
+        run_stage(session, poisoned, cfg.train, objective, build_model(cfg), should_stop=lambda: False)
     kept = load_latest(tmp_path / "checkpoints" / "0_train")
     assert kept["epoch"] == 1 and kept["global_step"] == steps_per_epoch and not kept["finished"]
     assert all(torch.isfinite(t).all() for t in kept["model"].values() if t.is_floating_point())

@@ -1,4 +1,4 @@
-"""``train.run.Session`` checks that need no training: what a run refuses before its first stage starts."""
+"""A run's session and preflight checks that need no training: what a run refuses before its first stage starts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,9 @@ from compress import build_stages
 from tests.conftest import REPO, compose_config
 from train import distributed
 from train.config import ConfigError
-from train.run import Session, rehearse_attach
+from train.preflight import check_score_examples, check_teachers, rehearse_attach
+from train.session import Session
+from train.stages import run_stage
 
 
 def _session(tiny_config, tmp_path: Path, *overrides: str) -> Session:
@@ -29,7 +31,7 @@ def test_a_teacher_that_cannot_exist_is_refused_before_training(tiny_config, tmp
     with session:
         stages = build_stages(session.config["compress"], load_teacher=session.load_teacher)
         with pytest.raises(ConfigError, match=message):
-            session.check_teachers(stages)
+            check_teachers(stages, session.stage_dirs)
 
 
 @pytest.mark.parametrize("teacher", ["baseline", "train", "prune", "."])
@@ -37,7 +39,15 @@ def test_earlier_stages_and_existing_paths_are_accepted_as_teachers(tiny_config,
     session = _session(tiny_config, tmp_path, "compress=distill_prune_q8",
                        f"compress.stages.1.distill.teacher={teacher}")
     with session:
-        session.check_teachers(build_stages(session.config["compress"], load_teacher=session.load_teacher))
+        check_teachers(build_stages(session.config["compress"], load_teacher=session.load_teacher), session.stage_dirs)
+
+
+def test_more_scored_examples_than_the_test_split_holds_are_refused_before_training(tiny_config, tmp_path: Path):
+    session = _session(tiny_config, tmp_path)
+    check_score_examples(session.task, session.loaders.test, 360, session.ctx)
+    with pytest.raises(ConfigError, match=r"score.examples=361 but the digits test split has 360 examples ; fix: "
+                                          r"pass score.examples=360 or fewer"):
+        check_score_examples(session.task, session.loaders.test, 361, session.ctx)
 
 
 class _Watched:
@@ -67,8 +77,8 @@ def test_with_a_validation_split_the_test_split_is_read_once_after_training(tiny
     session.loaders = Loaders(loaders.train, loaders.val, _Watched(loaders.test, reads))  # shadows the cached one
     model = build_model(cfg)
     with session, caplog.at_level("INFO"):
-        assert session.run_stage(Stage("train", 2, {}, []), cfg.train, build_objective(cfg.train, session.config["task"]),
-                                 model, should_stop=lambda: False)
+        assert run_stage(session, Stage("train", 2, {}, []), cfg.train,
+                         build_objective(cfg.train, session.config["task"]), model, should_stop=lambda: False)
         assert reads == []  # two epochs trained and validated: not one read of the test split
         assert "train epoch 2/2: train loss" in caplog.text and "; val " in caplog.text and "/144 = " in caplog.text
         final = session.evaluate(model, "test")

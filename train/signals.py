@@ -1,0 +1,38 @@
+"""Stop signals of a run: SIGTERM (a cluster's preemption) and SIGINT (Ctrl-C) ask it to stop at its next
+checkpoint instead of killing it. Imports nothing of ours."""
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+
+class StopRequest:
+    """Set by SIGTERM or SIGINT while :func:`stop_signals` is active; calling it says whether a stop was asked."""
+
+    def __init__(self) -> None:
+        #: Name of the first stop signal received ("SIGTERM", "SIGINT"), or None.
+        self.signal: str | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+@contextmanager
+def stop_signals() -> Iterator[StopRequest]:
+    """While active, SIGTERM (cluster preemption) and SIGINT (Ctrl-C) ask the loop to checkpoint and stop, instead
+    of killing the process; a second SIGINT interrupts at once (KeyboardInterrupt), for whoever will not wait.
+    (DataLoader workers ignore both: see data/workers.py.)"""
+    request = StopRequest()
+
+    def handle(signum: int, frame: Any) -> None:
+        if request() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        request.signal = request.signal or signal.Signals(signum).name
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield request
+    finally:  # once stopped, the process is on its way out: a late signal has nothing left to ask
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_IGN if request() else handler)
