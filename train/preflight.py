@@ -26,8 +26,7 @@ def preflight(session: Session, model: nn.Module, stages: list[Stage]) -> tuple[
     cfg = session.cfg
     check_teachers(stages, session.stage_dirs)
     with reported_as_config_error(compress_fix(cfg)):
-        check_allocation(session.config["compress"], model, session.task.metric,
-                         validation=lambda: session.loaders.val, distributed=session.ctx.distributed)
+        check_allocate_stage(session, model)
     recipes = [stage_train_config(cfg.train, stage.name, stage.epochs, stage.overrides) for stage in stages]
     with reported_as_config_error("correct task.augment (conf/task/*.yaml documents its keys)"):
         objectives = [build_objective(recipe, session.config["task"]) for recipe in recipes]
@@ -35,6 +34,13 @@ def preflight(session: Session, model: nn.Module, stages: list[Stage]) -> tuple[
         rehearse_attach(model, stages, steps_per_epoch=len(session.loaders.train))
     check_score_examples(session.task, session.loaders.test, cfg.score.examples, session.ctx)
     return recipes, objectives
+
+
+def check_allocate_stage(session: Session, model: nn.Module) -> None:
+    """Refuse what would stop an allocate stage after the baseline trained (train/search/stage.py); the validation
+    loader is built only for a config with such a stage."""
+    check_allocation(session.config["compress"], model, session.task.metric, validation=lambda: session.loaders.val,
+                     distributed=session.ctx.distributed)
 
 
 def check_teachers(stages: list[Stage], stage_dirs: Mapping[str, Path]) -> None:

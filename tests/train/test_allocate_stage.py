@@ -22,6 +22,7 @@ from train.search.allocate import main as allocate_main
 from train.search.formats import ALLOCATION_JSON, SENSITIVITY_DIR, read_sensitivity
 from train.search.grid import Setting
 from train.search.solve import UNLIMITED, allocate
+from train.preflight import check_allocate_stage
 from train.session import Session
 from train.smoke import smoke_config
 
@@ -48,7 +49,7 @@ def _allocate(cfg, run_dir: Path) -> tuple[Session, list, list]:
     model = build_model(cfg)
     planned = [stage.techniques for stage in stages[1:]]
     with session:
-        session.check_allocation(model)
+        check_allocate_stage(session, model)
         done, later = session.allocate(stages[0], model, later=stages[1:], should_stop=lambda: False)
     assert done and [stage.name for stage in later] == [stage.name for stage in stages[1:]]
     # built anew: the planned stages are left as the template built them
@@ -164,7 +165,7 @@ def test_what_the_stage_cannot_work_with_is_one_line_before_training(tiny_config
     model = build_model(cfg)
     # as train/preflight.py calls it: a ValueError gets the compress config's fix, a ConfigError keeps its own
     with session, pytest.raises(ConfigError) as error, reported_as_config_error("edit conf/compress/auto.yaml"):
-        session.check_allocation(model)
+        check_allocate_stage(session, model)
     assert message in str(error.value) and "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -179,7 +180,7 @@ def test_a_compressed_init_model_and_a_target_nothing_meets_are_refused(tiny_con
     pruned.techniques[0].attach(model)
     with pytest.raises(ValueError, match=r"compress.stages\[0\]: the allocate stage measures an uncompressed model, "
                                          "but the init= model is compressed"):
-        session.check_allocation(model)
+        check_allocate_stage(session, model)
     # an untrained model cannot keep 99% top-1 on validation: after measuring (fc only), one line says what it has
     with pytest.raises(ConfigError, match=r"compress.stages\[0\]: no setting of the grid meets target_metric=0.99 "
                                           r"\(the trained model has validation top1 0.\d{4}, calibrated\) ; fix: re-run "
