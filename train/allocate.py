@@ -60,7 +60,7 @@ from conf import CONF_DIR
 from compress import compression_state
 from compress.base import Settings, select_layers
 from scoring.entry import atomic_write
-from scoring.gate import PERPLEXITY, TOP1
+from scoring.challenge import PERPLEXITY, TOP1
 from train.config import ConfigError, check_same_run
 from train.sensitivity import DEFAULT_BITS, DEFAULT_SPARSITY, FREEBIE_OFF, FREEBIE_ON, Probe, Setting, grid, \
     grid_bits, grid_sparsity, layer_pattern, measure, read_sensitivity, write_outputs

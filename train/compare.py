@@ -31,10 +31,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from scoring.entry import ENTRY_JSON, EntryError, read_report
-from scoring.gate import gate_for
-from scoring.rules import UnknownTaskError
-from scoring.report import REPORT_JSON
+from scoring.challenge import UnknownTaskError, gate_for
+from scoring.entry import ENTRY_JSON, REPORT_JSON, EntryError, read_report
 from train.config import ConfigError, run_settings
 from train.sensitivity import HIGHER_IS_BETTER
 

@@ -50,9 +50,9 @@ from compress import DistillTechnique, Stage, apply_compression_state, build_sta
 from compress.stages import BASELINE_STAGE  # noqa: E402
 from data import Loaders  # noqa: E402
 from data.tasks import Evaluation  # noqa: E402
-from scoring import count_inputs  # noqa: E402
-from scoring.entry import model_spec, save_entry  # noqa: E402
-from scoring.report import format_summary, log_report, write_report  # noqa: E402
+from scoring.entry import model_spec, recount, save_entry, write_report  # noqa: E402
+from scoring.report import format_summary, log_report  # noqa: E402
+from scoring.rules import freebie_setting  # noqa: E402
 from train import distributed  # noqa: E402
 from train.build import build_model, data_options, restore_model, task_of  # noqa: E402
 from train.checkpoint import latest_checkpoint, save_checkpoint  # noqa: E402
@@ -191,8 +191,9 @@ def reprint(report: dict[str, Any], cfg: DictConfig, run_dir: Path) -> None:
         print(allocation_summary(report["allocation"]))
     log.info("run already finished in %s: its summary above is reprinted; nothing was written", run_dir)
     asked = {"examples": cfg.score.examples, "accumulator_bits": cfg.score.accumulator_bits}
-    if cfg.score.freebie != "auto":
-        asked["freebie"] = bool(cfg.score.freebie)
+    freebie = freebie_setting(cfg.score.freebie)
+    if freebie is not None:
+        asked["freebie"] = freebie
     differ = [f"score.{key}={value} (the report has {report.get(key)})" for key, value in asked.items()
               if report.get(key) != value]
     if differ:
@@ -486,17 +487,15 @@ class Session:
         return teacher.to(self.ctx.device).eval().requires_grad_(False)
 
     def finish(self, model: nn.Module, result: Evaluation, validation: Evaluation | None) -> dict[str, Any]:
-        """Score, gate verdict (decided by write_report), report and entry for the final model (rank 0); returns
-        the report. The entry is written last: a run dir with ``entry/entry.json`` has finished."""
+        """Score, gate verdict and report of the final model (:func:`scoring.entry.recount`, as verify recounts it),
+        then its entry (rank 0); returns the report. The entry is written last: a run dir with ``entry/entry.json``
+        has finished."""
         cfg = self.cfg
-        inputs = self.task.score_inputs(self.loaders.test, cfg.score.examples, self.ctx.device, model)
-        count = count_inputs(model.eval(), inputs, accumulator_bits=cfg.score.accumulator_bits,
-                             freebie=None if cfg.score.freebie == "auto" else bool(cfg.score.freebie))
-        report = write_report(self.run_dir, task=cfg.task.name, count=count, evaluation=result.to_dict(),
-                              validation=validation.to_dict() if validation is not None else None,
-                              example=self.task.example,
-                              extra={"model": cfg.model.name, "compress": cfg.compress.name, "seed": cfg.seed,
-                                     **({"allocation": self.allocation} if self.allocation else {})})
+        report = recount(model, self.task, self.loaders.test, self.ctx.device, self.config["score"],
+                         evaluation=result, validation=validation,
+                         extra={"model": cfg.model.name, "compress": cfg.compress.name, "seed": cfg.seed,
+                                **({"allocation": self.allocation} if self.allocation else {})})
+        report = write_report(self.run_dir, report)
         if self.writer is not None:
             log_report(self.writer, report, step=0)
         print(format_summary(report))

@@ -64,7 +64,7 @@ from data import Loaders
 from data.tasks import Evaluation, Task
 from scoring import Count, count_inputs
 from scoring.entry import atomic_write
-from scoring.gate import PERPLEXITY, TOP1
+from scoring.challenge import PERPLEXITY, TOP1
 from scoring.rules import score_terms
 from train.build import data_options, restore_model, task_of
 from train.config import ConfigError
