@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Reference training, compression and scoring for MicroNet challenge entries",
     python_requires=">=3.10",
-    packages=["train", "models", "compress", "scoring", "data", "conf"],
+    packages=["train", "models", "compress", "scoring", "scoring.entry", "data", "conf"],
     package_data={"conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     include_package_data=True,
     install_requires=[
@@ -30,7 +30,7 @@ setup(
         "console_scripts": [
             "micronet-train=train.run:main",
             "micronet-score=scoring.__main__:main",
-            "micronet-export=scoring.export:main",
+            "micronet-export=scoring.entry.export:main",
         ]
     },
 )

@@ -10,8 +10,10 @@ A task config (``conf/task/<name>.yaml``) names its ``kind``; :func:`build_task`
 * what a registry model must be told about the task's input (:meth:`Task.model_kwargs`).
 
 ``train/run.py``, the scoring command line and ``verify`` all go through this definition, so adding a task adds
-a config file and the code of what is new; nothing in the pipeline asks which task it runs. The gate and the
-baseline of a task are the challenge's rules and live with the scorer (``scoring/gate.py``, ``scoring/rules.py``).
+a config file and the code of what is new; nothing in the pipeline asks which task it runs. The gate, the
+baseline and the metric a task is judged on are the challenge's rules and live in the judge's table
+(``scoring/challenge.py``), keyed by the task's name; a kind's :attr:`Task.metric` names what its evaluation measures,
+and a test checks that every task's kind measures what the judge gates it on.
 """
 from __future__ import annotations
 
@@ -112,7 +114,7 @@ class Task(ABC):
     kind: ClassVar[str]
     #: What one example of the scorer is: ``"image"`` (one element of a batch) or ``"token"`` (fed on-line).
     example: ClassVar[str]
-    #: The metric the task's gate is on ("top1" or "perplexity").
+    #: What this kind's evaluation measures: a key of :meth:`Evaluation.to_dict` ("top1" or "perplexity").
     metric: ClassVar[str]
     #: Keys of the task config (dotted) that shape training batches only: an entrant's recipe, which ``verify``
     #: lets differ from the kit's task definition (every other key must match it).

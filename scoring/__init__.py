@@ -1,4 +1,6 @@
-"""The MicroNet scorer: a rule-exact counter of parameters and operations, the gate and the reports.
+"""The MicroNet scorer, the judge: a rule-exact counter of parameters and operations, the challenge's per-task
+constants (:mod:`scoring.challenge`), the gate and the pure report builders. Its modules import nothing of ours
+outside scoring/ core; the organizers' tools and on-disk formats are in :mod:`scoring.entry`.
 
     from scoring import count_model, check_gate, BASELINES
     count = count_model(model, test_batches)          # traced, per example, rules in scoring/rules.py
@@ -15,9 +17,9 @@ from typing import Any
 #: The public API and the module that defines each name. Loaded on first use, so that the commands' cheap
 #: paths (a refused command line is one line within a second) can import :mod:`scoring.errors` without torch.
 _API = {"Count": "counter", "count_inputs": "counter", "count_model": "counter", "count_stream": "counter",
-        "GATES": "gate", "GateResult": "gate", "check_gate": "gate",
-        "BASELINES": "rules", "RULES": "rules", "Rule": "rules", "UnknownTaskError": "rules",
-        "UnsupportedOpError": "rules", "score": "rules"}
+        "BASELINES": "challenge", "GATES": "challenge", "TASKS": "challenge", "UnknownTaskError": "challenge",
+        "GateResult": "gate", "check_gate": "gate",
+        "RULES": "rules", "Rule": "rules", "UnsupportedOpError": "rules", "score": "rules"}
 
 __all__ = sorted(_API)
 

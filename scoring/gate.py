@@ -4,7 +4,8 @@ An entry passes a top-1 gate when ``correct / total >= threshold``, checked in i
 ``correct * denominator >= numerator * total``. A perplexity gate needs perplexity strictly below the
 threshold (the rules doc's strict reading of "below 35"), decided on the sums as
 ``nll_sum < tokens · ln(threshold)``: the summed negative log-likelihood (nats, float64) of the predicted
-tokens against their count, so no rounded perplexity can tip the verdict.
+tokens against their count, so no rounded perplexity can tip the verdict. Each task's gate is in the table of
+:mod:`scoring.challenge`.
 """
 from __future__ import annotations
 
@@ -12,31 +13,8 @@ import math
 import operator
 from dataclasses import dataclass
 from fractions import Fraction
-from types import MappingProxyType
-from typing import Mapping
 
-from scoring.rules import UnknownTaskError
-
-TOP1 = "top1"
-PERPLEXITY = "perplexity"
-
-
-@dataclass(frozen=True)
-class Gate:
-    """A task's gate: ``metric`` (top1 | perplexity) against an exact ``threshold``."""
-
-    metric: str
-    threshold: Fraction
-
-
-#: The rules doc's gates, plus the project's embedded demos (digits, wikitext_demo).
-GATES: Mapping[str, Gate] = MappingProxyType({
-    "imagenet": Gate(TOP1, Fraction(75, 100)),
-    "cifar100": Gate(TOP1, Fraction(80, 100)),
-    "digits": Gate(TOP1, Fraction(95, 100)),
-    "wikitext_demo": Gate(PERPLEXITY, Fraction(400)),
-    "wikitext103": Gate(PERPLEXITY, Fraction(35)),
-})
+from scoring.challenge import PERPLEXITY, TOP1, gate_for
 
 
 @dataclass(frozen=True)
@@ -72,14 +50,6 @@ class GateResult:
         return (f"gate {verdict}: perplexity {self.perplexity:.4f} = exp({self.nll_sum:.3f} / {self.total:,} tokens) "
                 f"(needs < {threshold:g}: NLL below {self.total:,} · ln {threshold:g} = "
                 f"{self.total * math.log(threshold):.3f})")
-
-
-def gate_for(task: str) -> Gate:
-    """The gate of ``task``; :class:`UnknownTaskError` names the known tasks."""
-    try:
-        return GATES[task]
-    except KeyError:
-        raise UnknownTaskError(f"no quality gate for task {task!r}; known tasks: {', '.join(GATES)}") from None
 
 
 def check_gate(task: str, *, correct: int | None = None, total: int | None = None,

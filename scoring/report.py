@@ -1,24 +1,21 @@
-"""Reports of a scored model: report.json, report.md, a printed summary and TensorBoard logs.
+"""Reports of a scored model, built as data: the report dict, its markdown, a printed summary and TensorBoard logs.
 
-``report.json`` carries the schema of docs/design.md (task, correct, total, top1 or perplexity, gate_passed,
-params, ops, mults, adds, param_bits, freebie, score, baseline, layers) plus the split the metric comes from,
-the exact sums behind it (a language model's nll_sum over ``total`` predicted tokens), the validation metrics,
-the score split into its two terms, the project rules used, the accumulator width and the number of examples
-counted.
+The report (what ``report.json`` holds; :mod:`scoring.entry.runfiles` writes and reads the file) carries the
+schema of docs/design.md (task, correct, total, top1 or perplexity, gate_passed, params, ops, mults, adds,
+param_bits, freebie, score, baseline, layers) plus the split the metric comes from, the exact sums behind it (a
+language model's nll_sum over ``total`` predicted tokens), the validation metrics, the score split into its two
+terms, the project rules used, the accumulator width and the number of examples counted. Which metric a task is
+judged on comes from :mod:`scoring.challenge`. Pure builders of the judge: this module imports nothing of ours
+outside scoring/ core.
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any, Mapping
 
+from scoring.challenge import PERPLEXITY, TOP1, challenge_task
 from scoring.counter import Count
-from scoring.gate import TOP1, check_gate
-from scoring.rules import baseline
-
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
+from scoring.gate import check_gate
 
 
 def build_report(*, task: str, count: Count, evaluation: Mapping[str, Any] | None = None,
@@ -31,11 +28,12 @@ def build_report(*, task: str, count: Count, evaluation: Mapping[str, Any] | Non
     loss_sum, and correct for top-1 tasks); ``validation`` the same for the validation split, if any. The report
     says which split each number comes from: ``split`` for the top-level metric, ``validation.split`` for those.
     """
-    base = baseline(task)
+    judged = challenge_task(task)
+    base = judged.baseline
     params_term, ops_term = count.score_terms(task)
     evaluation = dict(evaluation or {})
     correct, total, nll_sum = evaluation.get("correct"), evaluation.get("total"), None
-    if evaluation and correct is None:  # a language model: total counts the predicted tokens
+    if evaluation and judged.metric == PERPLEXITY:  # total counts the predicted tokens
         nll_sum = evaluation["loss_sum"]
     report: dict[str, Any] = {
         "task": task, "split": evaluation.get("split"), "correct": correct, "total": total,
@@ -59,22 +57,6 @@ def build_report(*, task: str, count: Count, evaluation: Mapping[str, Any] | Non
         if key in report:
             raise ValueError(f"extra report field {key!r} would overwrite a computed field; rename it")
         report[key] = value
-    return report
-
-
-def write_report(out_dir: str | Path, *, task: str, count: Count, evaluation: Mapping[str, Any] | None = None,
-                 validation: Mapping[str, Any] | None = None, example: str = "example",
-                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``report.json`` and ``report.md`` into ``out_dir``, each atomically (a crash or a full disk leaves the
-    previous file or none, never a torn one); return the report dict (see :func:`build_report`)."""
-    from scoring.entry import atomic_write  # here: scoring.entry imports this module
-
-    report = build_report(task=task, count=count, evaluation=evaluation, validation=validation, example=example,
-                          extra=extra)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in ((REPORT_JSON, json.dumps(report, indent=2) + "\n"), (REPORT_MD, markdown(report))):
-        atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
     return report
 
 

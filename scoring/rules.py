@@ -13,7 +13,7 @@ traces back to a line of the table. A few rows are keyed by a class of ops rathe
 Both the traced counter (:mod:`scoring.counter`) and the hand-written op list (:mod:`scoring.oplist`)
 count through this table, so a traced count can be checked by hand.
 
-Also here: the score's baselines (the organizers' constants) and :func:`score`.
+Also here: :func:`score` (against the baselines of :mod:`scoring.challenge`) and how the freebie is set.
 """
 from __future__ import annotations
 
@@ -23,15 +23,12 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
+from scoring.challenge import baseline
 from scoring.errors import UserError
 
 
 class UnsupportedOpError(UserError, NotImplementedError):
     """An executed op has no counting rule; the scorer refuses to count it as zero."""
-
-
-class UnknownTaskError(UserError, ValueError):
-    """A task name with no baseline or gate."""
 
 
 # --- rule kinds: how the counter measures "elements" and "merges" for an op -----------------------
@@ -528,34 +525,14 @@ def project_rules_note(rules: Mapping[str, Rule], keys: set[str] | list[str]) ->
 
 
 # --- the score ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Baseline:
-    """A task's reference model and the constants the score divides by."""
-
-    model: str
-    params: int
-    ops: int
-
-
-#: The organizers' constants (rules doc), plus the project's demos: digits (digits_cnn counted dense at 32 bits
-#: without the freebie, batch norm folded) and wikitext_demo (lstm_lm counted likewise per token, on-line, on the
-#: first 256 test tokens: the adaptive input's cost depends on the tokens); tests re-count both from the registry.
-BASELINES: Mapping[str, Baseline] = MappingProxyType({
-    "imagenet": Baseline("MobileNetV2 width 1.4", 6_900_000, 1_170_000_000),
-    "cifar100": Baseline("WideResNet-28-10", 36_500_000, 10_490_000_000),
-    "wikitext103": Baseline("1-layer LSTM, 2048 units, tied 512-d embedding", 159_000_000, 318_000_000),
-    "digits": Baseline("digits_cnn (dense, 32-bit, batch norm folded)", 93_962, 4_771_328),
-    "wikitext_demo": Baseline("lstm_lm at the demo's 13,329 words (dense, 32-bit, per token of the first 256 test "
-                              "tokens, fed on-line)", 472_923, 974_021),
-})
-
-
-def baseline(task: str) -> Baseline:
-    """The baseline of ``task``; :class:`UnknownTaskError` names the known tasks."""
-    try:
-        return BASELINES[task]
-    except KeyError:
-        raise UnknownTaskError(f"no baseline for task {task!r}; known tasks: {', '.join(BASELINES)}") from None
+def freebie_setting(setting: Any) -> bool | None:
+    """The counter's ``freebie`` argument for a ``score.freebie`` setting: None for ``auto`` (on unless a tensor is
+    quantized below 16 bits), else the bool; ValueError for anything but auto, true or false."""
+    if setting == "auto":
+        return None
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"score.freebie={setting!r} must be auto, true or false")
 
 
 def score_terms(task: str, params: int | float | Fraction, ops: int | float | Fraction) -> tuple[Fraction, Fraction]:

@@ -23,6 +23,7 @@ from compress.stages import ALLOCATE
 from scoring.entry.boundary import USER_ERRORS
 from scoring.errors import fail
 from scoring.report import format_summary
+from scoring.rules import freebie_setting
 from train import distributed
 from train.search.stage import allocation_summary
 from train.build import build_model, load_init
@@ -161,8 +162,9 @@ def reprint(report: dict[str, Any], cfg: DictConfig, run_dir: Path) -> None:
         print(allocation_summary(report["allocation"]))
     log.info("run already finished in %s: its summary above is reprinted; nothing was written", run_dir)
     asked = {"examples": cfg.score.examples, "accumulator_bits": cfg.score.accumulator_bits}
-    if cfg.score.freebie != "auto":
-        asked["freebie"] = bool(cfg.score.freebie)
+    freebie = freebie_setting(cfg.score.freebie)
+    if freebie is not None:
+        asked["freebie"] = freebie
     differ = [f"score.{key}={value} (the report has {report.get(key)})" for key, value in asked.items()
               if report.get(key) != value]
     if differ:

@@ -174,8 +174,7 @@ def finished_report(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | N
     """The report of the finished run in ``run_dir``, None when it has not finished. A run has finished when
     ``entry/entry.json`` (what it writes last) and ``report.json`` exist. :class:`ConfigError` when the finished
     run was trained by a configuration that differs from ``config`` in what defines a run."""
-    from scoring.entry import ENTRY_JSON, read_report
-    from scoring.report import REPORT_JSON
+    from scoring.entry import ENTRY_JSON, REPORT_JSON, read_report
 
     entry = run_dir / "entry" / ENTRY_JSON
     if not (entry.is_file() and (run_dir / REPORT_JSON).is_file()):

@@ -14,9 +14,8 @@ from torch.utils.tensorboard import SummaryWriter
 from compress import Stage
 from data import Loaders
 from data.tasks import Evaluation
-from scoring import count_inputs
-from scoring.entry import save_entry
-from scoring.report import format_summary, log_report, write_report
+from scoring.entry import recount, save_entry, write_report
+from scoring.report import format_summary, log_report
 from train import distributed
 from train.build import data_options, load_teacher, task_of
 from train.config import reported_as_config_error, to_container
@@ -113,17 +112,15 @@ class Session:
         return True, built
 
     def finish(self, model: nn.Module, result: Evaluation, validation: Evaluation | None) -> dict[str, Any]:
-        """Score, gate verdict (decided by write_report), report and entry for the final model (rank 0); returns
-        the report. The entry is written last: a run dir with ``entry/entry.json`` has finished."""
+        """Score, gate verdict and report of the final model (:func:`scoring.entry.recount`, as verify recounts it),
+        then its entry (rank 0); returns the report. The entry is written last: a run dir with ``entry/entry.json``
+        has finished."""
         cfg = self.cfg
-        inputs = self.task.score_inputs(self.loaders.test, cfg.score.examples, self.ctx.device, model)
-        count = count_inputs(model.eval(), inputs, accumulator_bits=cfg.score.accumulator_bits,
-                             freebie=None if cfg.score.freebie == "auto" else bool(cfg.score.freebie))
-        report = write_report(self.run_dir, task=cfg.task.name, count=count, evaluation=result.to_dict(),
-                              validation=validation.to_dict() if validation is not None else None,
-                              example=self.task.example,
-                              extra={"model": cfg.model.name, "compress": cfg.compress.name, "seed": cfg.seed,
-                                     **({"allocation": self.allocation} if self.allocation else {})})
+        report = recount(model, self.task, self.loaders.test, self.ctx.device, self.config["score"],
+                         evaluation=result, validation=validation,
+                         extra={"model": cfg.model.name, "compress": cfg.compress.name, "seed": cfg.seed,
+                                **({"allocation": self.allocation} if self.allocation else {})})
+        report = write_report(self.run_dir, report)
         if self.writer is not None:
             log_report(self.writer, report, step=0)
         print(format_summary(report))

@@ -3,9 +3,9 @@ bundle (also one per session, to copy), and a pickle that creates a marker file 
 unpickles it."""
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -14,10 +14,8 @@ from hydra import compose, initialize_config_dir
 
 from compress import build_stages
 from models import create_model
-from scoring import export
-from scoring.entry import load_entry, save_entry
-from scoring.report import REPORT_JSON, REPORT_MD, markdown
-from scoring.verify import recount
+from scoring.entry import export, load_entry, save_entry, write_report
+from scoring.entry.verify import recount_entry
 from train.config import to_container
 from tests.conftest import CONF_DIR
 
@@ -66,12 +64,18 @@ def compressed_model() -> torch.nn.Module:
     return make_compressed_model()
 
 
+def exit_status(command: Callable[[list[str]], int], argv: list[str]) -> int:
+    """The exit status of a command's ``main(argv)``: what it returns, or what its error boundary exits with."""
+    try:
+        return command(argv)
+    except SystemExit as stopped:
+        return stopped.code
+
+
 def finish_run(directory: Path, model: torch.nn.Module, config: dict) -> Path:
     """Write a finished run dir as train/run.py leaves it: entry/, report.json, report.md."""
     save_entry(directory / "entry", model, config=config)
-    report = recount(load_entry(directory), device="cpu")
-    (directory / REPORT_JSON).write_text(json.dumps(report, indent=2))
-    (directory / REPORT_MD).write_text(markdown(report))
+    write_report(directory, recount_entry(load_entry(directory), device="cpu"))
     return directory
 
 

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from scoring import export, verify
-from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, load_entry, write_manifest
+from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, export, load_entry, verify, write_manifest
 from tests.conftest import HANG
 
-from .conftest import plant_pickle
+from .conftest import exit_status, plant_pickle
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,7 +63,7 @@ def test_train_command_comes_from_hydra_overrides(run_dir, tmp_path):
 
 def test_existing_bundle_needs_force(bundle, run_dir, capsys):
     (bundle / "WRITEUP.md").write_text("old")
-    assert export.main([str(run_dir), "--out", str(bundle), "--allow-gate-failure"]) == 2
+    assert exit_status(export.main, [str(run_dir), "--out", str(bundle), "--allow-gate-failure"]) == 2
     assert "already exists; choose another --out or pass --force" in capsys.readouterr().err
     assert (bundle / "WRITEUP.md").read_text() == "old"
     assert export.main([str(run_dir), "--out", str(bundle), "--force", "--allow-gate-failure"]) == 0
@@ -93,7 +92,7 @@ def test_unfinished_run_dir_says_what_to_run(run_dir, tmp_path, capsys, remove, 
         target.rmdir()
     else:
         target.unlink()
-    assert export.main([str(run_dir), "--out", str(tmp_path / "b"), "--allow-gate-failure"]) == 2
+    assert exit_status(export.main, [str(run_dir), "--out", str(tmp_path / "b"), "--allow-gate-failure"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert re.search(expected, err)
@@ -103,7 +102,7 @@ def test_unfinished_run_dir_says_what_to_run(run_dir, tmp_path, capsys, remove, 
 def test_a_run_that_fails_its_gate_is_not_exported_unless_asked_and_its_writeup_says_so(run_dir, tmp_path, capsys):
     summary = json.loads((run_dir / "report.json").read_text())["gate"]["summary"]
     assert summary.startswith("gate FAILED")
-    assert export.main([str(run_dir), "--out", str(tmp_path / "b")]) == 2
+    assert exit_status(export.main, [str(run_dir), "--out", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err == (f"error: {run_dir} does not qualify ({summary}); an entry must pass its gate: "
                                        "train further, or pass --allow-gate-failure to export it anyway for "
                                        "inspection\n")
@@ -152,7 +151,7 @@ def test_verify_refuses_a_planted_pickle_and_runs_no_code(bundle, tmp_path, caps
     assert verify.main([str(bundle), "--device", "cpu"]) == 1  # the manifest catches the swap first
     assert f"entry/{WEIGHTS_FILE}" in capsys.readouterr().out
     write_manifest(bundle)  # an attacker who rewrites SHA256SUMS too: the loader refuses the pickle itself
-    assert verify.main([str(bundle), "--device", "cpu"]) == 2
+    assert exit_status(verify.main, [str(bundle), "--device", "cpu"]) == 2
     assert "is not a safetensors file" in capsys.readouterr().err
     assert not marker.exists()
 

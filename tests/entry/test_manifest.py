@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from scoring import verify
-from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, EntryError, check_manifest, write_manifest
+from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, EntryError, check_manifest, verify, write_manifest
 from tests.conftest import HANG
+
+from .conftest import exit_status
 
 
 def sha256sum_check(bundle: Path) -> subprocess.CompletedProcess:
@@ -34,7 +35,7 @@ def never_recounted(monkeypatch):
     """verify must stop at the manifest: recounting an altered bundle would prove nothing."""
     def recount(*args, **kwargs):
         raise AssertionError("recount ran on a bundle that does not match its manifest")
-    monkeypatch.setattr(verify, "recount", recount)
+    monkeypatch.setattr(verify, "recount_entry", recount)
 
 
 def test_manifest_lists_every_file_and_sha256sum_accepts_it(bundle):
@@ -108,16 +109,16 @@ def test_several_problems_are_all_listed(bundle, capsys, never_recounted):
 def test_malformed_manifest_cannot_be_checked_exit_2(bundle, capsys, never_recounted, line):
     with open(bundle / MANIFEST_FILE, "a") as manifest:
         manifest.write(line + "\n")
-    assert verify.main([str(bundle), "--device", "cpu"]) == 2
+    assert exit_status(verify.main, [str(bundle), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
-    assert f"{MANIFEST_FILE} line 6 is not '<sha256>  <relative path>'" in err
+    assert f"{MANIFEST_FILE} line 6 is not '<sha256> <relative path>'" in err  # one line: spaces collapsed
 
 
 def test_bundle_without_manifest_is_refused_unless_allowed(bundle, capsys):
     (bundle / MANIFEST_FILE).unlink()  # a bundle exported before manifests existed
     assert check_manifest(bundle) is None
-    assert verify.main([str(bundle), "--device", "cpu"]) == 2
+    assert exit_status(verify.main, [str(bundle), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"has no {MANIFEST_FILE}" in err and "--force" in err and "--allow-no-manifest" in err
@@ -136,7 +137,7 @@ def test_a_present_manifest_is_checked_even_when_its_absence_is_allowed(bundle, 
 
 
 def test_verify_of_a_missing_folder_says_so(tmp_path, capsys):
-    assert verify.main([str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    assert exit_status(verify.main, [str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'} does not exist\n"
 
 

@@ -14,6 +14,13 @@ from scoring import count_model
 from scoring.__main__ import main
 
 
+def refused(argv: list[str]) -> int:
+    """The exit status of a command line the scorer refuses (the error boundary exits)."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    return stopped.value.code
+
+
 def test_architecture_mode_prints_table_and_totals_and_writes_json(tmp_path, capsys):
     assert main(["--model", "digits_cnn", "--task", "digits", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
@@ -47,7 +54,7 @@ def test_a_language_model_is_counted_per_token_on_zipf_tokens_after_its_memory(t
     assert (report["params"], report["ops"], report["example"], report["examples"]) == (
         fresh.params, fresh.ops, "token", 64)
     assert "per token" in report["project_rules"]
-    assert main(["--model", "lstm_lm", "--task", "wikitext_demo", "--input-size", "8"]) == 2
+    assert refused(["--model", "lstm_lm", "--task", "wikitext_demo", "--input-size", "8"]) == 2
     assert "--input-size does not apply" in capsys.readouterr().err
 
 
@@ -57,19 +64,19 @@ def test_unknown_model_is_one_line_and_exit_2():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "python -m scoring: error: unknown model 'nope'; choose one of: " + ", ".join(__import__("models").list_models())]
+        "error: unknown model 'nope'; choose one of: " + ", ".join(__import__("models").list_models())]
 
 
 def test_unknown_task_is_one_line_and_exit_2(capsys):
-    assert main(["--model", "digits_cnn", "--task", "mnist"]) == 2
-    assert capsys.readouterr().err == "python -m scoring: error: unknown task 'mnist'; choose one of: cifar100, digits, imagenet, wikitext103, wikitext_demo\n"
+    assert refused(["--model", "digits_cnn", "--task", "mnist"]) == 2
+    assert capsys.readouterr().err == "error: unknown task 'mnist'; choose one of: cifar100, digits, imagenet, wikitext103, wikitext_demo\n"
 
 
 def test_verify_and_paths_dispatch_to_the_verifier(monkeypatch, tmp_path):
     calls = []
     fake = types.SimpleNamespace(main=lambda argv: calls.append(("verify", argv)) or 0,
                                  score_main=lambda argv: calls.append(("score", argv)) or 0)
-    monkeypatch.setitem(sys.modules, "scoring.verify", fake)
+    monkeypatch.setitem(sys.modules, "scoring.entry.verify", fake)
     assert main(["verify", "bundle", "--data-root", "d"]) == 0
     assert main([str(tmp_path), "--data-root", "d"]) == 0
     assert calls == [("verify", ["bundle", "--data-root", "d"]), ("score", [str(tmp_path), "--data-root", "d"])]
@@ -79,5 +86,5 @@ def test_verify_and_paths_dispatch_to_the_verifier(monkeypatch, tmp_path):
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_a_size_that_is_not_positive_is_one_line_and_exit_2(capsys, flag, value):
     """`--input-size 0` used to count at the task's size (8) without a word."""
-    assert main(["--model", "digits_cnn", "--task", "digits", flag, value]) == 2
-    assert capsys.readouterr().err == f"python -m scoring: error: {flag} {value} must be > 0 (omit it for the task's own)\n"
+    assert refused(["--model", "digits_cnn", "--task", "digits", flag, value]) == 2
+    assert capsys.readouterr().err == f"error: {flag} {value} must be > 0 ; fix: omit it for the task's own\n"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from scoring import check_gate
-from scoring.rules import UnknownTaskError
+from scoring.challenge import UnknownTaskError
 
 
 @pytest.mark.parametrize("task, total, needed", [("imagenet", 50_000, 37_500), ("cifar100", 10_000, 8_000),

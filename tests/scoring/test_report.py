@@ -11,7 +11,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from models import create_model
 from scoring import count_model
-from scoring.report import format_summary, log_report, write_report
+from scoring.entry import write_report
+from scoring.report import build_report, format_summary, log_report
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def _test(correct: int, total: int) -> dict:
 
 
 def test_report_json_has_the_design_schema_and_consistent_numbers(tmp_path, digits_count):
-    report = write_report(tmp_path, task="digits", count=digits_count, evaluation=_test(342, 360), extra={"model": "digits_cnn"})
+    report = write_report(tmp_path, build_report(task="digits", count=digits_count, evaluation=_test(342, 360),
+                                                  extra={"model": "digits_cnn"}))
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == report
     for key in ("task", "correct", "total", "top1", "gate_passed", "params", "ops", "mults", "adds", "param_bits",
@@ -51,8 +53,9 @@ def test_a_language_model_report_is_gated_on_the_nll_sum_and_names_its_splits(tm
     validation = {"split": "val", "total": 217_645, "loss_sum": 700_000.0, "loss": 700_000 / 217_645,
                   "perplexity": 24.92}
     for nll, passed in ((873_079.0, True), (873_080.0, False)):
-        report = write_report(tmp_path, task="wikitext103", count=digits_count, validation=validation,
-                              evaluation={"split": "test", "total": 245_568, "loss_sum": nll, "loss": nll / 245_568})
+        evaluation = {"split": "test", "total": 245_568, "loss_sum": nll, "loss": nll / 245_568}
+        report = write_report(tmp_path, build_report(task="wikitext103", count=digits_count, validation=validation,
+                                                      evaluation=evaluation))
         assert report["gate_passed"] is passed and report["nll_sum"] == nll and report["total"] == 245_568
         assert report["perplexity"] == pytest.approx(math.exp(nll / 245_568)) and report["correct"] is None
         assert report["split"] == "test" and report["validation"]["split"] == "val"
@@ -61,7 +64,7 @@ def test_a_language_model_report_is_gated_on_the_nll_sum_and_names_its_splits(tm
 
 
 def test_report_md_has_totals_score_terms_layer_table_and_rules(tmp_path, digits_count):
-    write_report(tmp_path, task="digits", count=digits_count, evaluation=_test(300, 360))
+    write_report(tmp_path, build_report(task="digits", count=digits_count, evaluation=_test(300, 360)))
     text = (tmp_path / "report.md").read_text()
     assert "gate FAILED: top-1 300/360" in text
     assert "| conv2.0 | Conv2d | 9,216 | 1,179,648 | 1,175,552 |" in text
@@ -71,19 +74,19 @@ def test_report_md_has_totals_score_terms_layer_table_and_rules(tmp_path, digits
 
 
 def test_summary_shows_the_verdict_with_exact_counts(digits_count, tmp_path):
-    report = write_report(tmp_path, task="digits", count=digits_count, evaluation=_test(343, 361))
+    report = write_report(tmp_path, build_report(task="digits", count=digits_count, evaluation=_test(343, 361)))
     summary = format_summary(report)
     assert summary.splitlines()[0] == "[digits] gate PASSED: top-1 343/361 = 95.0139% (needs >= 95.00%: at least 343 correct)"
     assert "score  1.249504" in summary
 
 
-def test_extra_fields_cannot_overwrite_computed_ones(tmp_path, digits_count):
+def test_extra_fields_cannot_overwrite_computed_ones(digits_count):
     with pytest.raises(ValueError, match="'score' would overwrite"):
-        write_report(tmp_path, task="digits", count=digits_count, evaluation=_test(1, 2), extra={"score": 0})
+        build_report(task="digits", count=digits_count, evaluation=_test(1, 2), extra={"score": 0})
 
 
 def test_log_report_writes_scalars_and_text(tmp_path, digits_count):
-    report = write_report(tmp_path, task="digits", count=digits_count, evaluation=_test(350, 360))
+    report = write_report(tmp_path, build_report(task="digits", count=digits_count, evaluation=_test(350, 360)))
     with SummaryWriter(tmp_path / "tb") as writer:
         log_report(writer, report, step=7)
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0}).Reload()
@@ -94,7 +97,8 @@ def test_log_report_writes_scalars_and_text(tmp_path, digits_count):
 
 
 def test_reports_written_atomically_leave_no_temporary_file_and_older_ones_still_print(tmp_path, digits_count):
-    report = write_report(tmp_path, task="digits", count=digits_count, evaluation=_test(343, 361), example="image")
+    report = write_report(tmp_path, build_report(task="digits", count=digits_count, evaluation=_test(343, 361),
+                                                  example="image"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
     older = {key: value for key, value in report.items() if key != "example"}  # before reports named the example
     assert format_summary(older) == format_summary(report).replace("per image", "per example").replace(

@@ -15,7 +15,7 @@ from compress.quantization import ActivationQuantizer, least_error_scale
 from data import Loaders
 from data.tasks import ClassificationTask
 from scoring.entry import save_entry
-from scoring.rules import baseline
+from scoring.challenge import baseline
 from train.build import build_model
 from train.config import ConfigError, to_container
 from train.search.formats import read_sensitivity

@@ -14,9 +14,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from scoring.entry import ENTRY_JSON, atomic_write, read_report
-from scoring.gate import gate_for
-from scoring.report import REPORT_JSON
+from scoring.challenge import gate_for
+from scoring.entry import ENTRY_JSON, REPORT_JSON, atomic_write, read_report
 from train.config import ConfigError, check_same_run, run_settings
 
 #: The folder of a run dir the search writes into (the sensitivity command's default ``--out``, and an allocate

@@ -10,13 +10,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scoring.gate import PERPLEXITY, TOP1
-
 #: Grid defaults: bit widths (None = unquantized, written ``float``) and sparsities.
 DEFAULT_BITS: tuple[int | None, ...] = (None, 8, 6, 4, 3, 2)
 DEFAULT_SPARSITY: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
-#: Whether a larger value of each gate metric is better.
-HIGHER_IS_BETTER: Mapping[str, bool] = {TOP1: True, PERPLEXITY: False}
 #: The count modes a cost is given in (keys of each setting's ``cost``): the freebie (16-bit counting) is lost for
 #: the whole model once any tensor is quantized below 16 bits, so only unquantized settings have a freebie-on cost.
 FREEBIE_OFF, FREEBIE_ON = "freebie_off", "freebie_on"

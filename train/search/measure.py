@@ -56,13 +56,14 @@ from compress.quantization import ActivationQuantizer
 from data import Loaders
 from data.tasks import Evaluation, Task
 from scoring import Count, count_inputs
+from scoring.challenge import HIGHER_IS_BETTER
 from scoring.rules import score_terms
 from train.build import data_options, restore_model, task_of
 from train.config import ConfigError
 from train.distributed import Context, resolve_device
 from train.objectives import OBJECTIVES
 from train.search.formats import SENSITIVITY_FORMAT
-from train.search.grid import DEFAULT_BITS, DEFAULT_SPARSITY, FREEBIE_OFF, FREEBIE_ON, HIGHER_IS_BETTER, REFERENCE, \
+from train.search.grid import DEFAULT_BITS, DEFAULT_SPARSITY, FREEBIE_OFF, FREEBIE_ON, REFERENCE, \
     Setting, grid, layer_pattern
 from train.search.solve import Allocation
 

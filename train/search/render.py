@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from scoring.entry import atomic_write
-from scoring.gate import gate_for
+from scoring.challenge import HIGHER_IS_BETTER, gate_for
 from train.config import ConfigError
 from train.search.formats import SENSITIVITY_JSON, Run, write_json
-from train.search.grid import FREEBIE_OFF, HIGHER_IS_BETTER, settings_text
+from train.search.grid import FREEBIE_OFF, settings_text
 from train.search.solve import Allocation, Group, front
 
 

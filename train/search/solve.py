@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from scoring.gate import PERPLEXITY
+from scoring.challenge import HIGHER_IS_BETTER, PERPLEXITY
 from train.search.formats import Run
-from train.search.grid import FREEBIE_OFF, FREEBIE_ON, HIGHER_IS_BETTER, Setting
+from train.search.grid import FREEBIE_OFF, FREEBIE_ON, Setting
 
 #: A loss budget larger than any loss increase (nats per example): every layer takes its cheapest setting. Finite,
 #: since the run's config is stored as strict JSON in its entry.

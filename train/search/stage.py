@@ -32,7 +32,7 @@ from compress.base import Settings, select_layers
 from compress.stages import ALLOCATE, stage_kind
 from data import Loaders
 from data.tasks import Task
-from scoring.gate import PERPLEXITY, TOP1
+from scoring.challenge import PERPLEXITY, TOP1
 from train.config import ConfigError
 from train.search.configs import check_template, fill_stages, write_config
 from train.search.formats import ALLOCATION_FORMAT, ALLOCATION_JSON, SENSITIVITY_DIR, read_allocation, write_json

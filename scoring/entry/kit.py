@@ -4,24 +4,26 @@ A bundle records the config of the run that made it, but the task and the rules 
 kit's, never the bundle's:
 
 * the task: :func:`task_definition` reads ``conf/task/<name>.yaml`` of this repository, the one definition
-  training composes too (dataset, classes, input, gate). ``verify`` evaluates on that definition alone, and
+  training composes too (dataset, classes, input, evaluation). ``verify`` evaluates on that definition alone, and
   refuses an entry whose recorded task differs from it at any key the file defines but those that shape training
   batches only (the task kind's ``data.tasks.Task.training_keys``: the augmentation but ``eval_resize``, the
-  language models' training windows ``stream.bptt`` / ``stream.variable``): those are the entrant's recipe. Keys the file does not define
-  (defaults a run's typed schema adds) are not compared, since nothing reads them. A recorded ``task.name: cifar100`` on a digits entry is refused, not scored against the CIFAR-100
-  baseline;
+  language models' training windows ``stream.bptt`` / ``stream.variable``): those are the entrant's recipe.
+  Keys the file does not define (defaults a run's typed schema adds, the gate older runs recorded) are not
+  compared, since nothing reads them. A recorded ``task.name: cifar100`` on a digits entry is refused, not scored
+  against the CIFAR-100 baseline;
 * the score settings: :func:`official_score_settings` reads ``score`` of ``conf/config.yaml`` (examples 256,
   accumulator_bits 32, freebie auto). An entry recorded with other settings is refused, unless the organizer
   passes ``--allow-score-settings``; then it is compared under its own settings and every line that would say
   "verified" says instead that the score is not an official one, naming the settings;
-* the baseline and gate: the report must name the task, with the kit's baseline and gate for it
-  (``scoring.rules.baseline``, ``scoring.gate.gate_for``);
+* the baseline and gate: the report must name the task, with the kit's baseline and gate for it (the judge's
+  table, :mod:`scoring.challenge`);
 * the data: the recorded ``data.root`` (a folder on the entrant's machine; CIFAR-100's files are pickles) and the
   other machine settings are never used: verify loads from ``--data-root`` only, downloads nothing, loads
   in-process (:data:`VERIFY_DATA`);
 * the recorded seed and evaluation batch size, which the evaluation reads, are range-checked.
 
-Every refusal is an :class:`~scoring.entry.EntryError`: one line naming the field, the kit's value and the fix.
+Every refusal is an :class:`~scoring.entry.files.EntryError`: one line naming the field, the kit's value and the fix.
+This module may import data/, conf and scoring core, never train/.
 """
 from __future__ import annotations
 
@@ -32,9 +34,10 @@ from typing import Any, Mapping
 from omegaconf import OmegaConf
 
 from conf import CONF_DIR
-from scoring.entry import Entry, EntryError
-from scoring.gate import gate_for
-from scoring.rules import UnknownTaskError, baseline
+from scoring.challenge import UnknownTaskError, challenge_task
+from scoring.entry.bundle import Entry
+from scoring.entry.files import EntryError
+from scoring.rules import freebie_setting
 
 #: data.* settings that describe a machine, not a run: verify uses these, whatever the entry recorded
 #: (``root`` is replaced by ``--data-root``).
@@ -53,7 +56,7 @@ def task_names() -> list[str]:
 def task_definition(name: str) -> dict[str, Any]:
     """The kit's definition of task ``name`` (``conf/task/<name>.yaml``) as plain data.
 
-    :class:`~scoring.rules.UnknownTaskError` for a name the kit does not define; the name is matched against the
+    :class:`~scoring.challenge.UnknownTaskError` for a name the kit does not define; the name is matched against the
     files there, never joined into a path.
     """
     known = task_names()
@@ -84,7 +87,7 @@ def judge(entry: Entry, report: Mapping[str, Any], *, allow_score_settings: bool
     name = config["task"]["name"]
     try:
         task = task_definition(name)
-        base, gate = baseline(name), gate_for(name)
+        judged = challenge_task(name)
     except UnknownTaskError as err:
         raise EntryError(f"entry.json's task: {err}; verify entries of this kit's tasks only") from None
     _check_task(config["task"], task)
@@ -92,6 +95,7 @@ def judge(entry: Entry, report: Mapping[str, Any], *, allow_score_settings: bool
         raise EntryError(f"entry.json's model has {entry.meta['model']['num_classes']} classes, task {name} has "
                          f"{task['num_classes']}; re-export a run of task={name}")
     gate_found = report.get("gate") if isinstance(report.get("gate"), dict) else {}
+    base, gate = judged.baseline, judged.gate
     kits_baseline = {"model": base.model, "params": base.params, "ops": base.ops}
     for key, found, value in (
             ("task", report.get("task", _ABSENT), name),
@@ -109,9 +113,9 @@ def judge(entry: Entry, report: Mapping[str, Any], *, allow_score_settings: bool
 
 def _check_task(recorded: Mapping[str, Any], task: Mapping[str, Any]) -> None:
     """The recorded task has the kit's value at every key the kit's file defines, but its kind's training-only
-    ones (``data.tasks.Task.training_keys``; a recorded augmentation must still be valid). Keys the file does not define (the defaults a run's typed
-    schema adds, e.g. ``stream: null`` for an image task) are not compared either: the evaluation is built from
-    the kit's definition alone, so no recorded task value reaches it."""
+    ones (``data.tasks.Task.training_keys``; a recorded augmentation must still be valid). Keys the file does not
+    define (the defaults a run's typed schema adds, e.g. ``stream: null`` for an image task) are not compared
+    either: the evaluation is built from the kit's definition alone, so no recorded task value reaches it."""
     from data import AugmentOptions
 
     name = task["name"]
@@ -142,7 +146,7 @@ def _check_task(recorded: Mapping[str, Any], task: Mapping[str, Any]) -> None:
 _SCORE_CHECKS = {
     "examples": (lambda v: _is_int(v) and 1 <= v <= MAX_BATCH, f"an integer in 1..{MAX_BATCH}"),
     "accumulator_bits": (lambda v: _is_int(v) and 1 <= v <= 32, "an integer in 1..32"),
-    "freebie": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
+    "freebie": (lambda v: _is_freebie_setting(v), "auto, true or false"),
 }
 
 
@@ -175,6 +179,14 @@ def _check_evaluation(config: Mapping[str, Any]) -> None:
     if not (_is_int(batch) and 1 <= batch <= MAX_BATCH):
         raise EntryError(f"entry.json's train.eval_batch_size={reprlib.repr(batch)} must be an integer in "
                          f"1..{MAX_BATCH}; re-export the run with a smaller train.eval_batch_size")
+
+
+def _is_freebie_setting(value: Any) -> bool:
+    try:
+        freebie_setting(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_int(value: Any) -> bool:

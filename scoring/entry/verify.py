@@ -2,7 +2,7 @@
 
 ``verify`` is what an organizer runs on a contestant's bundle: it rebuilds the model from
 ``entry/entry.json`` (registry architecture + compression structure), loads ``entry/model.safetensors``
-(never unpickled; see :mod:`scoring.entry`), evaluates it on the test set of the kit's own definition of the
+(never unpickled; see :mod:`scoring.entry.bundle`), evaluates it on the test set of the kit's own definition of the
 task, recounts it with the official score settings, and compares with the bundle's ``report.json``:
 
 * correct, total, gate verdict, freebie, parameter bits: exactly;
@@ -14,11 +14,11 @@ or unlisted file stops verification with a table of file / manifest / on disk / 
 manifest (a run dir, a bundle exported before manifests existed) is refused unless ``--allow-no-manifest``
 is given; then a warning, and the final line, say that the files' integrity is unchecked.
 
-Then, before any data is loaded, the entry is checked against the kit (:mod:`scoring.kit`) and rebuilt once
+Then, before any data is loaded, the entry is checked against the kit (:mod:`scoring.entry.kit`) and rebuilt once
 (:func:`scoring.entry.build_model_from_entry`). Refused, each with one line on stderr and exit status 2:
 
 * a bundle whose files are not what the kit writes: a link, FIFO or device anywhere it is read, a file over its
-  size cap, a safetensors header over 4 MiB, folders nested too deep or too many files (:mod:`scoring.entry`);
+  size cap, a safetensors header over 4 MiB, folders nested too deep or too many files (:mod:`scoring.entry.files`);
 * entry data that is not plain data: not strict JSON, or a string a config reader would interpolate (``${...}``);
 * an entry of another task: its recorded task differs from ``conf/task/<name>.yaml`` at a key that file defines
   (but the training-only ones: augmentation, training windows), or report.json names another task, baseline or
@@ -38,7 +38,9 @@ field: a table of field / reported / recounted / status is printed either way), 
 cannot be loaded.
 
 ``python -m scoring PATH`` (a run dir, a bundle or an entry folder) evaluates and scores the entry with its own
-recorded config and prints the summary, without comparing.
+recorded config and prints the summary, without comparing. Both recount through
+:func:`scoring.entry.model_report.recount`, as the run did. This module may import data/, models/, compress/, conf and
+scoring core, never train/.
 """
 from __future__ import annotations
 
@@ -49,9 +51,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from scoring.entry import MANIFEST_FILE, Entry, EntryError, FileCheck, build_model_from_entry, check_manifest, \
-    load_entry, read_report
-from scoring.kit import judge
+from scoring.entry.boundary import USER_ERRORS, command
+from scoring.entry.bundle import Entry, build_model_from_entry, load_entry
+from scoring.entry.files import EntryError
+from scoring.entry.kit import Judged, judge
+from scoring.entry.manifest import MANIFEST_FILE, FileCheck, check_manifest
+from scoring.entry.runfiles import REPORT_JSON, read_report
+from scoring.errors import UserError
 
 #: Relative tolerance for counts that go through floating point (params, ops, score, ...).
 REL_TOL = 1e-9
@@ -90,8 +96,8 @@ class Row:
         return type(a) is type(b) and a == b
 
 
-def recount(entry: Entry, *, data_root: str | None = None, examples: int | None = None,
-            device: str = "auto") -> dict[str, Any]:
+def recount_entry(entry: Entry, *, data_root: str | None = None, examples: int | None = None,
+                  device: str = "auto") -> dict[str, Any]:
     """Evaluate and count ``entry`` as ``train/run.py`` did at the end of its run; return the report dict.
 
     The task (its data, test split and evaluation) is built from the entry's task config through
@@ -102,8 +108,7 @@ def recount(entry: Entry, *, data_root: str | None = None, examples: int | None 
     import torch
 
     from data.tasks import DataOptions, build_task
-    from scoring import count_inputs
-    from scoring.report import build_report
+    from scoring.entry.model_report import recount
 
     config = entry.config
     resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -114,12 +119,8 @@ def recount(entry: Entry, *, data_root: str | None = None, examples: int | None 
     test_loader = task.loaders(options, batch_size=1, eval_batch_size=config["train"]["eval_batch_size"],
                                seed=config["seed"], device=resolved).test
     model = build_model_from_entry(entry).to(resolved)
-    result = task.evaluate(model, test_loader, resolved, "test")
-    score = config["score"]
-    count = count_inputs(model, task.score_inputs(test_loader, examples or score["examples"], resolved, model),
-                         accumulator_bits=score["accumulator_bits"],
-                         freebie=None if score["freebie"] == "auto" else bool(score["freebie"]))
-    return build_report(task=task.name, count=count, evaluation=result.to_dict(), example=task.example)
+    score = {**config["score"], "examples": examples or config["score"]["examples"]}
+    return recount(model, task, test_loader, resolved, score)
 
 
 def compare(reported: dict[str, Any], recounted: dict[str, Any]) -> list[Row]:
@@ -172,23 +173,20 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
 
 
-def _recount_or_fail(source: Path | Entry, args: argparse.Namespace) -> tuple[Entry, dict[str, Any]] | None:
-    """Load (unless given an entry) and recount; print one line and return None for the problems a user can fix."""
-    from data import DatasetError
-
+def _load_and_recount(source: Path | Entry, args: argparse.Namespace) -> tuple[Entry, dict[str, Any]]:
+    """Load (unless given an entry) and recount; what only running the entry shows (e.g. a model that does not
+    take the task's inputs) is an :class:`EntryError` too."""
     if args.examples is not None and args.examples <= 0:
-        print(f"error: --examples {args.examples} must be > 0", file=sys.stderr)
-        return None
+        raise UserError(f"--examples {args.examples} must be > 0", "omit it to count score.examples")
     try:
         entry = source if isinstance(source, Entry) else load_entry(source)
-        return entry, recount(entry, data_root=args.data_root, examples=args.examples, device=args.device)
-    except (EntryError, DatasetError) as err:  # missing, damaged or inconsistent dataset files
-        print(f"error: {err}", file=sys.stderr)
-    except (ValueError, RuntimeError) as err:  # what only running it shows: e.g. a model that does not take the
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""  # task's inputs (shapes)
-        print(f"error: the entry cannot be evaluated on its task ({type(err).__name__}: {reason[:300]}); re-export "
-              "the entry of a finished run of this kit", file=sys.stderr)
-    return None
+        return entry, recount_entry(entry, data_root=args.data_root, examples=args.examples, device=args.device)
+    except USER_ERRORS:  # a damaged entry, a missing or damaged dataset: their own one line
+        raise
+    except (ValueError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise EntryError(f"the entry cannot be evaluated on its task ({type(err).__name__}: {reason[:300]}); "
+                         "re-export the entry of a finished run of this kit") from None
 
 
 def _report_integrity(manifest: Path, checks: Sequence[FileCheck]) -> bool:
@@ -216,25 +214,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "own; the output then says, first and last, that the score is not official")
     _common_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        checks = check_manifest(args.bundle)
-        if checks is None and not args.allow_no_manifest:
-            raise EntryError(f"{args.bundle} has no {MANIFEST_FILE}, so its files cannot be checked against the "
-                             "export; re-export it with `python -m scoring.export RUN_DIR --out BUNDLE --force`, or "
-                             "pass --allow-no-manifest to verify a run dir or an older bundle without that check")
-        if checks is not None and not _report_integrity(args.bundle / MANIFEST_FILE, checks):
-            return DIFFER  # a bundle altered after export is not recounted: its numbers would prove nothing
-        reported = read_report(args.bundle)
-        judged = judge(load_entry(args.bundle), reported, allow_score_settings=args.allow_score_settings)
-        build_model_from_entry(judged.entry)  # every failure to rebuild shows here, before any data is loaded
-    except EntryError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return CANNOT_LOAD
-    outcome = _recount_or_fail(judged.entry, args)
-    if outcome is None:
-        return CANNOT_LOAD
-    recounted = outcome[1]
-    # The verdict's first line: whether the entry qualifies, as recounted (an unofficial comparison never does).
+    with command(CANNOT_LOAD):
+        return _verify(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """The manifest, the kit's checks, the rebuild, then the recount compared with report.json; the exit status."""
+    checks = check_manifest(args.bundle)
+    if checks is None and not args.allow_no_manifest:
+        raise EntryError(f"{args.bundle} has no {MANIFEST_FILE}, so its files cannot be checked against the "
+                         "export; re-export it with `python -m scoring.export RUN_DIR --out BUNDLE --force`, or "
+                         "pass --allow-no-manifest to verify a run dir or an older bundle without that check")
+    if checks is not None and not _report_integrity(args.bundle / MANIFEST_FILE, checks):
+        return DIFFER  # a bundle altered after export is not recounted: its numbers would prove nothing
+    reported = read_report(args.bundle)
+    judged = judge(load_entry(args.bundle), reported, allow_score_settings=args.allow_score_settings)
+    build_model_from_entry(judged.entry)  # every failure to rebuild shows here, before any data is loaded
+    recounted = _load_and_recount(judged.entry, args)[1]
+    caveat = _print_verdict(judged, recounted, checks, args.bundle)
+    rows = compare(reported, recounted)
+    differing = [row for row in rows if not row.close]
+    print(format_table(rows))
+    if differing:
+        print(f"NOT VERIFIED: {len(differing)} of {len(rows)} fields differ from {args.bundle / REPORT_JSON}{caveat}")
+        return DIFFER
+    verdict = "agrees" if judged.unofficial else "verified"  # only an official comparison is called verified
+    print(f"{verdict}: all {len(rows)} fields agree with {args.bundle / REPORT_JSON}{caveat}")
+    return AGREE
+
+
+def _print_verdict(judged: Judged, recounted: dict[str, Any], checks: Sequence[FileCheck] | None,
+                   bundle: Path) -> str:
+    """The verdict's first line: whether the entry qualifies, as recounted (an unofficial comparison never does),
+    then the integrity of its files; returns the caveat the last line repeats."""
     caveat = ""
     if judged.unofficial:
         caveat = f" under the entry's own score settings {', '.join(judged.unofficial)}: NOT AN OFFICIAL SCORE"
@@ -244,19 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'QUALIFIES' if recounted['gate_passed'] else 'DOES NOT QUALIFY'}: {recounted['gate']['summary']}")
     if checks is None:
         caveat += f" (file integrity unchecked: no {MANIFEST_FILE})"
-        print(f"warning: {args.bundle} has no {MANIFEST_FILE}; the integrity of its files is unchecked",
-              file=sys.stderr)
+        print(f"warning: {bundle} has no {MANIFEST_FILE}; the integrity of its files is unchecked", file=sys.stderr)
     else:
-        print(f"integrity: all {len(checks)} files match {args.bundle / MANIFEST_FILE}")
-    rows = compare(reported, recounted)
-    differing = [row for row in rows if not row.close]
-    print(format_table(rows))
-    if differing:
-        print(f"NOT VERIFIED: {len(differing)} of {len(rows)} fields differ from {args.bundle / 'report.json'}{caveat}")
-        return DIFFER
-    verdict = "agrees" if judged.unofficial else "verified"  # only an official comparison is called verified
-    print(f"{verdict}: all {len(rows)} fields agree with {args.bundle / 'report.json'}{caveat}")
-    return AGREE
+        print(f"integrity: all {len(checks)} files match {bundle / MANIFEST_FILE}")
+    return caveat
 
 
 def score_main(argv: Sequence[str]) -> int:
@@ -268,10 +271,8 @@ def score_main(argv: Sequence[str]) -> int:
     parser.add_argument("path", type=Path, help="run dir, bundle or entry folder")
     _common_arguments(parser)
     args = parser.parse_args(argv)
-    outcome = _recount_or_fail(args.path, args)
-    if outcome is None:
-        return CANNOT_LOAD
-    entry, report = outcome
+    with command(CANNOT_LOAD):
+        entry, report = _load_and_recount(args.path, args)
     print(f"{entry.meta['model']['name']} on {entry.task} (compress={entry.config['compress']['name']})")
     print(format_summary(report))
     return 0
