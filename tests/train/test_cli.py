@@ -11,8 +11,9 @@ from tests.conftest import HANG, RUN_PY
 
 #: What the error path must not import: the training pipeline's libraries take seconds (benchmarks/config_error.py).
 HEAVY = ("torch", "torchvision", "timm", "sklearn", "scipy", "tensorboard", "models", "compress", "data", "scoring")
-#: What a refused command line may import of the heavy packages: the error type and its printer (no torch).
-CHEAP = {"scoring", "scoring.errors"}
+#: What a refused command line may import of the heavy packages: the judge's pure-Python tables and its error type
+#: (the config schema reads the freebie setting and the tasks' gates there; none of them imports torch).
+CHEAP = {"scoring", "scoring.errors", "scoring.rules", "scoring.challenge"}
 
 
 @pytest.mark.parametrize("override, message", [
