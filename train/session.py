@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from compress import Stage
 from data import Loaders
 from data.tasks import Evaluation
-from scoring.entry import recount, save_entry, write_report
+from scoring.entry import recount, run_record, save_entry, write_report
 from scoring.report import format_summary, log_report
 from train import distributed
 from train.build import data_options, load_teacher, task_of
@@ -115,10 +115,9 @@ class Session:
         """Score, gate verdict and report of the final model (:func:`scoring.entry.recount`, as verify recounts it),
         then its entry (rank 0); returns the report. The entry is written last: a run dir with ``entry/entry.json``
         has finished."""
-        cfg = self.cfg
         report = recount(model, self.task, self.loaders.test, self.ctx.device, self.config["score"],
                          evaluation=result, validation=validation,
-                         extra={"model": cfg.model.name, "compress": cfg.compress.name, "seed": cfg.seed,
+                         extra={**run_record(self.config),
                                 **({"allocation": self.allocation} if self.allocation else {})})
         report = write_report(self.run_dir, report)
         if self.writer is not None:

@@ -26,7 +26,7 @@ _API = {
     "ENTRY_JSON": "bundle", "WEIGHTS_FILE": "bundle", "Entry": "bundle", "build_model_from_entry": "bundle",
     "find_entry_dir": "bundle", "load_entry": "bundle", "model_spec": "bundle", "save_entry": "bundle",
     "REPORT_JSON": "runfiles", "REPORT_MD": "runfiles", "read_report": "runfiles", "write_report": "runfiles",
-    "count_report": "model_report", "recount": "model_report",
+    "count_report": "model_report", "recount": "model_report", "run_record": "model_report",
 }
 
 __all__ = sorted(_API)

@@ -10,16 +10,17 @@ An entry is a folder with two files:
 
 Nothing here unpickles. :func:`load_entry` checks that the weights file *is* safetensors before any parser
 touches it, so a planted pickle is refused with one line, reads its safetensors header only up to
-:data:`~scoring.entry.files.MAX_HEADER_BYTES` (from its 8-byte length, before any parser runs), and checks the
-recorded sha256. entry.json is plain data (:mod:`scoring.entry.files`), and no string in it holds ``${`` or
+:data:`~scoring.entry.files.MAX_HEADER_BYTES` (from its 8-byte length, before any parser runs) and as plain JSON
+(a tensor named twice is refused), and checks the recorded sha256. entry.json is plain data (:mod:`scoring.entry.files`), and no string in it holds ``${`` or
 equals ``???`` (what OmegaConf would interpolate, e.g. ``${oc.env:HOME}``, or read as missing): a resolved
 config has none.
 
 :func:`build_model_from_entry` is the one place that composes models and compress to rebuild an entry; the
 exporter, the verifier and the scoring CLI all go through it. It checks the model's keyword arguments
 (``models.check_model_kwargs``: no argument that reads files), builds the architecture first on the ``meta``
-device (no memory) with at most :data:`~scoring.entry.files.MAX_MODULES` modules and compares its tensor shapes
-with the weights file, so no tensor is allocated that the file does not hold; the compression state is
+device (no memory) with at most :data:`~scoring.entry.files.MAX_MODULES` modules, compares its tensor shapes
+with the weights file, so no tensor is allocated that the file does not hold, and measures there what running it
+costs (:mod:`scoring.entry.cost`: memory, activations, operations per example); the compression state is
 range-checked before anything is built (``compress.check_compression_state``) and input quantizers must have
 been calibrated. Each refusal is an :class:`~scoring.entry.files.EntryError`.
 
@@ -44,6 +45,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
+from scoring.entry.cost import check_cost
 from scoring.entry.files import MAX_BUNDLE_BYTES, MAX_HEADER_BYTES, MAX_JSON_BYTES, MAX_MODULES, EntryError, \
     atomic_write, open_regular, plain_json, read_regular, sha256_file
 
@@ -209,7 +211,9 @@ def _read_safetensors(path: Path, within: Path) -> bytes:
         if header_len > MAX_HEADER_BYTES:
             raise EntryError(f"{path} has a safetensors header of {header_len:,} bytes, over the limit of "
                              f"{MAX_HEADER_BYTES:,} (a real entry's is under 200 kB); re-export the run")
-        return head + f.read(MAX_BUNDLE_BYTES)
+        data = head + f.read(MAX_BUNDLE_BYTES)
+    plain_json(data[8:8 + header_len], path)  # a key given twice: the parser would keep one tensor of the two
+    return data
 
 
 def _is_count(value: Any) -> bool:
@@ -285,7 +289,9 @@ def build_model_from_entry(entry: Entry) -> nn.Module:
     Refused with :class:`EntryError` before any tensor of the model's size is allocated: keyword arguments the
     model does not take or that read files (``models.check_model_kwargs``), an architecture that does not
     build or has more than :data:`MAX_MODULES` modules, a compression state out of range or naming other layers
-    (``compress.check_compression_state``), and a tensor the weights file lacks or holds in another shape.
+    (``compress.check_compression_state``), a tensor the weights file lacks or holds in another shape, and a model
+    that would cost more to run than an entry may (:func:`scoring.entry.cost.check_cost`, measured on the meta
+    device).
     Then, after loading: keys the model does not have, and input quantizers never calibrated.
     """
     from compress import apply_compression_state, check_restored
@@ -297,7 +303,9 @@ def build_model_from_entry(entry: Entry) -> nn.Module:
         check_model_kwargs(name, kwargs, num_classes)
     except (UnknownModelError, ModelArgumentError) as err:
         raise EntryError(f"entry.json's model: {err}; re-export the run") from None
-    _check_architecture(_skeleton(name, num_classes, kwargs), entry)
+    skeleton = _skeleton(name, num_classes, kwargs)
+    _check_architecture(skeleton, entry)
+    check_cost(skeleton, entry.config, f"model {name} with entry.json's arguments {reprlib.repr(kwargs)}")
     model = create_model(name, num_classes=num_classes, **kwargs)
     apply_compression_state(model, entry.compression_state)  # checked on the skeleton already
     try:

@@ -1,39 +1,50 @@
 """Export a finished run as an entry bundle: ``python -m scoring.export RUN_DIR --out BUNDLE``.
 
-A bundle has the layout of a run dir, reduced to what an organizer needs::
+A bundle has the layout of a run dir, reduced to what an organizer needs, and holds these files and nothing else
+(:data:`BUNDLE_FILES`: verify refuses any other file or folder, since a ``*.py`` or a package folder in it could be
+run by a Python started inside the bundle)::
 
     BUNDLE/entry/model.safetensors   weights (masks applied, quantization parameters included)
     BUNDLE/entry/entry.json          resolved config, compression state, sha256 of the weights
-    BUNDLE/report.json, report.md    the run's evaluation and count
+    BUNDLE/report.json, report.md    the run's evaluation and count (without the run's own records:
+                                     ``runfiles.RUN_ONLY_FIELDS``), and its markdown
     BUNDLE/WRITEUP.md                the write-up skeleton: metric calculation in full, how to reproduce
     BUNDLE/SHA256SUMS                sha256 of every other file (``sha256sum -c SHA256SUMS`` checks it), written last
 
 The manifest records the bundle as exported, so damage or edits on the way to the organizer show:
 ``python -m scoring verify`` checks it before anything else and refuses a bundle with a changed, missing
 or unlisted file. (It is a checksum list, not a signature: whoever edits a bundle can rewrite it too, which
-is why verify also re-evaluates and recounts everything.)
+is why verify also re-evaluates and recounts everything, and rebuilds report.md and WRITEUP.md.)
 
 The bundle is assembled in a temporary folder next to ``--out`` and renamed into place, so a failure
-leaves nothing half-written; an existing bundle is replaced only with ``--force``. This module may import data/,
-models/, compress/, conf and scoring core, never train/.
+leaves nothing half-written; an existing bundle is replaced only with ``--force``. Files and folders get the modes
+the umask gives, so a bundle copied to a shared folder is readable as any other file there. This module may
+import data/, models/, compress/, conf and scoring core, never train/.
 """
 from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from scoring.challenge import PERPLEXITY, challenge_task
 from scoring.entry.boundary import command
 from scoring.entry.bundle import ENTRY_JSON, WEIGHTS_FILE, Entry, find_entry_dir, load_entry
-from scoring.entry.files import EntryError
-from scoring.entry.manifest import write_manifest
-from scoring.entry.runfiles import REPORT_JSON, REPORT_MD, read_report
+from scoring.entry.files import EntryError, new_folder_beside
+from scoring.entry.manifest import MANIFEST_FILE, write_manifest
+from scoring.entry.runfiles import REPORT_JSON, REPORT_MD, RUN_ONLY_FIELDS, read_report, write_report
 from scoring.report import layer_table, rules_text, totals_text
 
 WRITEUP_FILE = "WRITEUP.md"
+#: Every file of a bundle, by relative path: a bundle holds these and nothing else.
+BUNDLE_FILES = (f"entry/{WEIGHTS_FILE}", f"entry/{ENTRY_JSON}", REPORT_JSON, REPORT_MD, WRITEUP_FILE, MANIFEST_FILE)
+#: How an organizer runs verify: never ``python -m scoring`` inside the bundle, which would put the bundle's folder
+#: first on the import path (``-P``, Python 3.11+, leaves it off; so does the console script).
+VERIFY_COMMAND = "micronet-score verify BUNDLE"
+#: WRITEUP.md's reproduction section up to the training command, the one line verify cannot rebuild (it comes from
+#: the run's .hydra/overrides.yaml, which a bundle does not hold).
+_REPRODUCE = "## How to reproduce\n\n    pip install -e .\n    "
 
 
 def _train_command(run_dir: Path, config: dict[str, Any]) -> str:
@@ -94,17 +105,29 @@ def writeup(entry: Entry, report: dict[str, Any], train_command: str) -> str:
         "## Rules used\n\nThe official rules of the challenge's scoring page and reference calculator, as tabulated "
         "in `scoring/rules.py`, and these project rules for ops the official page does not cover:\n\n"
         + rules_text(report),
-        f"## How to reproduce\n\n    pip install -e .\n    {train_command}\n\n"
+        f"{_REPRODUCE}{train_command}\n\n"
         "The resolved config of the run (every value, defaults included) is in `entry/entry.json`.",
-        f"## How to verify\n\n    python -m scoring verify BUNDLE{data_flag}\n\n"
-        "first checks every file against `SHA256SUMS` (a changed, missing or unlisted file fails; "
+        f"## How to verify\n\n    {VERIFY_COMMAND}{data_flag}\n\n"
+        "(or `python -P -m scoring verify BUNDLE`, Python 3.11+; never plain `python -m scoring` inside the bundle, "
+        "which would import from the bundle's folder) first checks that the bundle holds its files and nothing "
+        "else, and every file against `SHA256SUMS` (a changed, missing or unlisted file fails; "
         "`sha256sum -c SHA256SUMS` inside the bundle checks the same), then checks the entry against the kit "
         "(its task as the kit defines it, the official score settings), "
         "rebuilds the model from `entry/entry.json`, loads `entry/model.safetensors` (never unpickled), evaluates "
-        "it on the test set, recounts it and compares with `report.json`: exact correct/total and gate verdict; "
-        "params, ops and score to 1e-9 relative; every layer's counts. Exit status 0 when all agree.",
+        "it on the test and validation sets, recounts it and compares every field of `report.json`: counts, "
+        "verdict and text exactly; params, ops and score to 1e-9 relative; every layer's counts; then `report.md` "
+        "and this file, rebuilt from it. Exit status 0 when all agree.",
     ]
     return "\n\n".join(sections) + "\n"
+
+
+def train_command_in(writeup_text: str) -> str | None:
+    """The training command a WRITEUP.md gives (the one line of it that verify cannot rebuild), or None."""
+    start = writeup_text.find(_REPRODUCE)
+    if start < 0:
+        return None
+    line = writeup_text[start + len(_REPRODUCE):].split("\n", 1)[0]
+    return line if line.startswith("python train/run.py") else None
 
 
 def export(run_dir: Path, out: Path, *, force: bool = False, allow_gate_failure: bool = False) -> Path:
@@ -125,15 +148,14 @@ def export(run_dir: Path, out: Path, *, force: bool = False, allow_gate_failure:
     if out.exists() and not force:
         raise EntryError(f"{out} already exists; choose another --out or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = new_folder_beside(out)
     replaced = staging.with_name(staging.name + ".old")
     try:
         (staging / "entry").mkdir()
         for name in (WEIGHTS_FILE, ENTRY_JSON):
-            shutil.copy2(source / name, staging / "entry" / name)
-        for name in (REPORT_JSON, REPORT_MD):
-            if (run_dir / name).is_file():
-                shutil.copy2(run_dir / name, staging / name)
+            shutil.copyfile(source / name, staging / "entry" / name)  # contents only: the umask gives the mode
+        write_report(staging, {key: value for key, value in report.items()
+                               if key not in RUN_ONLY_FIELDS and key != "format_version"})
         (staging / WRITEUP_FILE).write_text(writeup(entry, report, _train_command(run_dir, entry.config)))
         load_entry(staging)  # the copy must load as the source did
         write_manifest(staging)  # last: it covers every file above
@@ -157,5 +179,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with command():
         bundle = export(args.run_dir, args.out, force=args.force, allow_gate_failure=args.allow_gate_failure)
-    print(f"bundle written to {bundle}; check it with: python -m scoring verify {bundle}")
+    print(f"bundle written to {bundle}; check it with: {VERIFY_COMMAND.replace('BUNDLE', str(bundle))} (or python -P "
+          f"-m scoring verify {bundle}; never python -m scoring inside the bundle)")
     return 0

@@ -1,6 +1,8 @@
 """Files of entries, bundles and runs: written durably, and read from anyone within bounds.
 
-Writing: :func:`atomic_write` replaces a file in one step that survives a crash or a power loss.
+Writing: :func:`atomic_write` replaces a file in one step that survives a crash or a power loss, and
+:func:`new_folder_beside` makes the folder a bundle is assembled in; both give what they create the mode any new
+file or folder gets (the umask decides), so a bundle copied to a shared folder stays readable by others.
 
 Reading: an entry or bundle may come from anyone, so reading one is bounded and reads nothing else:
 
@@ -10,9 +12,9 @@ Reading: an entry or bundle may come from anyone, so reading one is bounded and 
   (:func:`open_regular`, :func:`read_regular`);
 * every file has a size cap, checked before reading: :data:`MAX_JSON_BYTES` for entry.json and report.json,
   :data:`MAX_MANIFEST_BYTES` for the manifest, :data:`MAX_BUNDLE_BYTES` for any file and for a bundle in all,
-  and the safetensors header :data:`MAX_HEADER_BYTES`; folder walks are at most :data:`MAX_DEPTH` folders deep
+  the bundle's markdown files :data:`MAX_MARKDOWN_BYTES`, and the safetensors header :data:`MAX_HEADER_BYTES`; folder walks are at most :data:`MAX_DEPTH` folders deep
   and :data:`MAX_FILES` entries; a rebuilt architecture has at most :data:`MAX_MODULES` modules;
-* JSON is plain data: NaN / Infinity are refused (:func:`plain_json`).
+* JSON is plain data: NaN / Infinity and a key given twice in one object are refused (:func:`plain_json`).
 
 Each refusal is an :class:`EntryError`: one line that names the file or value and the limit, and what to do.
 This module imports nothing of ours but :mod:`scoring.errors`.
@@ -22,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
+import secrets
 import stat
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +42,8 @@ from scoring.errors import UserError
 MAX_BUNDLE_BYTES = 1 << 30
 #: Bytes of entry.json and report.json.
 MAX_JSON_BYTES = 4 << 20
+#: Bytes of report.md and WRITEUP.md (a real one is under 100 kB: a line per layer).
+MAX_MARKDOWN_BYTES = 4 << 20
 #: Bytes of SHA256SUMS (about 1,000 lines).
 MAX_MANIFEST_BYTES = 1 << 20
 #: Bytes of the weights file's safetensors header (about 38,000 tensors).
@@ -58,10 +63,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
     A crash, a power loss or a full disk leaves either the old file or the new one, never a torn one:
     the data is synced before the rename, and the folder after it (POSIX makes a rename durable only then).
+    The file gets the mode of any new file (0666 less the umask), not ``tempfile``'s private 0600.
     """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _create_beside(path, ".tmp", lambda name: os.close(
+        os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)))
     try:
         write(tmp)
         _fsync(tmp)
@@ -69,6 +74,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync(path.parent)
+
+
+def new_folder_beside(path: Path) -> Path:
+    """A new empty folder next to ``path`` (``.NAME.<random>.tmp``), with the mode of any new folder (0777 less the
+    umask), not ``tempfile.mkdtemp``'s private 0700: a bundle assembled in it and renamed to ``path`` keeps it."""
+    return _create_beside(path, ".tmp", lambda name: os.mkdir(name, 0o777))
+
+
+def _create_beside(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
+    """``create`` a new name next to ``path`` that nothing else holds (the creation must fail if it exists), as
+    ``tempfile`` does, but with the caller's mode, which the umask reduces as usual."""
+    for _ in range(100):
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free temporary name next to {path}")
 
 
 def _fsync(path: Path) -> None:
@@ -94,8 +118,8 @@ def sha256_stream(f: BinaryIO) -> str:
     return digest.hexdigest()
 
 
-def _kind(mode: int) -> str:
-    """What a non-regular file is, for a refusal."""
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is (from its ``st_mode``), in words for a refusal."""
     for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISSOCK, "a socket")):
@@ -105,7 +129,7 @@ def _kind(mode: int) -> str:
 
 
 def _not_regular(path: Path, mode: int, expected: str = "a regular file") -> EntryError:
-    return EntryError(f"{path} is {_kind(mode)}, not {expected}; a bundle holds regular files in folders only — "
+    return EntryError(f"{path} is {file_kind(mode)}, not {expected}; a bundle holds regular files in folders only — "
                       "get an intact copy of the bundle or re-export it")
 
 
@@ -161,14 +185,25 @@ def read_regular(path: Path, *, within: Path, limit: int) -> bytes:
 
 
 def plain_json(data: bytes, path: Path) -> Any:
-    """``data`` parsed as strict JSON (no NaN / Infinity); :class:`EntryError` otherwise."""
+    """``data`` parsed as strict JSON: no NaN / Infinity, and no key twice in one object (a reader would see only
+    one of the two values, and not every reader the same one); :class:`EntryError` otherwise."""
     def refuse_constant(name: str) -> Any:
         raise ValueError(f"{name} is not a JSON number")
 
+    def refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        document: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in document:
+                raise EntryError(f"{path} holds the key {reprlib.repr(key)} twice in one object; JSON this kit "
+                                 "writes has each key once — get an intact copy of the bundle or re-export it")
+            document[key] = value
+        return document
+
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=refuse_constant)
+        return json.loads(data.decode("utf-8"), parse_constant=refuse_constant, object_pairs_hook=refuse_repeated_keys)
+    except EntryError:
+        raise
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: nesting deeper than the parser's
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise EntryError(f"{path} is not valid JSON ({reason}); get an intact copy of the bundle or re-export it") \
             from None
-

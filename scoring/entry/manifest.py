@@ -4,7 +4,8 @@
 :func:`write_manifest` writes it, last, over every other file of a folder; :func:`check_manifest` compares a
 folder with it, file by file, never following a link or opening anything but a regular file, and walks the folder
 within :data:`~scoring.entry.files.MAX_DEPTH` folders, :data:`~scoring.entry.files.MAX_FILES` entries and
-:data:`~scoring.entry.files.MAX_BUNDLE_BYTES`. An entry folder inside a run dir has no manifest of its own:
+:data:`~scoring.entry.files.MAX_BUNDLE_BYTES`, and, given the layout of the folder (the files it may hold), refuses
+any other file or folder. An entry folder inside a run dir has no manifest of its own:
 entry.json already pins the weights, and the bundle's manifest covers entry.json.
 """
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from scoring.entry.files import MAX_BUNDLE_BYTES, MAX_DEPTH, MAX_FILES, MAX_MANIFEST_BYTES, EntryError, \
+from scoring.entry.files import MAX_BUNDLE_BYTES, MAX_DEPTH, MAX_FILES, MAX_MANIFEST_BYTES, EntryError, file_kind, \
     atomic_write, open_regular, read_regular, sha256_file, sha256_stream
 
 #: The bundle's manifest: sha256 of every other file of the bundle, in ``sha256sum`` format.
@@ -43,14 +45,23 @@ class FileCheck:
         return self.status == "ok"
 
 
-def _folder_files(folder: Path) -> dict[str, tuple[Path, os.stat_result]]:
-    """Every file under ``folder`` but its top-level manifest, by relative POSIX path, with its ``lstat``.
+@dataclass(frozen=True)
+class _Tree:
+    """What a folder holds: its files (links and other non-folders too, never followed) by relative POSIX path with
+    their ``lstat``, and its folders' relative paths."""
 
-    Links (to files or folders) and other non-folders are listed, never followed, so that a check can refuse
-    them. Iterative, and bounded: :class:`EntryError` for more than :data:`MAX_FILES` files and folders, a folder
-    more than :data:`MAX_DEPTH` deep, or more than :data:`MAX_BUNDLE_BYTES` in all.
+    files: dict[str, tuple[Path, os.stat_result]]
+    folders: list[str]
+
+
+def _folder_tree(folder: Path) -> _Tree:
+    """Every file and folder under ``folder`` but its top-level manifest.
+
+    Links (to files or folders) and other non-folders are listed as files, never followed, so that a check can
+    refuse them. Iterative, and bounded: :class:`EntryError` for more than :data:`MAX_FILES` files and folders, a
+    folder more than :data:`MAX_DEPTH` deep, or more than :data:`MAX_BUNDLE_BYTES` in all.
     """
-    found: dict[str, tuple[Path, os.stat_result]] = {}
+    tree = _Tree({}, [])
     pending, entries, total = [(folder, 0)], 0, 0
     while pending:
         directory, depth = pending.pop()
@@ -72,14 +83,32 @@ def _folder_files(folder: Path) -> dict[str, tuple[Path, os.stat_result]]:
                     raise EntryError(f"{path} is {depth + 1} folders deep, over the limit of {MAX_DEPTH} for a "
                                      "bundle; send the bundle as `python -m scoring.export` writes it")
                 pending.append((path, depth + 1))
+                tree.folders.append(path.relative_to(folder).as_posix())
                 continue
             total += info.st_size if stat.S_ISREG(info.st_mode) else 0
             if total > MAX_BUNDLE_BYTES:
                 raise EntryError(f"{folder} holds more than {MAX_BUNDLE_BYTES:,} bytes, the limit for a bundle; "
                                  "send the bundle as `python -m scoring.export` writes it")
-            found[path.relative_to(folder).as_posix()] = (path, info)
-    found.pop(MANIFEST_FILE, None)
-    return found
+            tree.files[path.relative_to(folder).as_posix()] = (path, info)
+    tree.files.pop(MANIFEST_FILE, None)
+    return tree
+
+
+def _check_layout(folder: Path, tree: _Tree, layout: Collection[str]) -> None:
+    """Every file under ``folder`` is one of ``layout`` (relative POSIX paths), every folder one that holds them."""
+    folders = {parent.as_posix() for name in layout for parent in PurePosixPath(name).parents} - {"."}
+    for name in sorted(tree.folders) + sorted(tree.files):
+        path, expected = folder / name, "a folder" if name in folders else "a file"
+        if name not in folders and name not in layout:
+            shown = name if name.isprintable() else ascii(name)
+            raise EntryError(f"{folder} holds {shown}, which is not part of an entry bundle (it holds "
+                             f"{', '.join(sorted(layout))} and nothing else; an extra file or folder, e.g. a *.py, "
+                             "could be run by a Python started in the bundle); send the bundle as "
+                             "`python -m scoring.export` writes it")
+        if (name in folders) != (name in tree.folders):
+            mode = tree.files[name][1].st_mode if name in tree.files else stat.S_IFDIR
+            raise EntryError(f"{path} is {file_kind(mode)}, not {expected}; send the bundle as `python -m scoring.export` "
+                             "writes it")
 
 
 def write_manifest(folder: Path) -> Path:
@@ -88,7 +117,7 @@ def write_manifest(folder: Path) -> Path:
     Call it last: a file written after it is reported as not listed.
     """
     lines = []
-    for name, (path, info) in sorted(_folder_files(folder).items()):
+    for name, (path, info) in sorted(_folder_tree(folder).files.items()):
         if not stat.S_ISREG(info.st_mode):
             raise EntryError(f"{path} is not a plain file; a bundle holds plain files only — remove it")
         if "\\" in name or "\n" in name:  # sha256sum would escape such names; nothing we write has them
@@ -119,11 +148,13 @@ def _read_manifest(manifest: Path) -> dict[str, str]:
     return listed
 
 
-def check_manifest(folder: Path) -> list[FileCheck] | None:
+def check_manifest(folder: Path, *, layout: Collection[str] | None = None) -> list[FileCheck] | None:
     """Compare every file under ``folder`` with ``folder/SHA256SUMS``, sorted by path; None without a manifest.
 
     Each listed file must be on disk, a plain file, with the listed sha256; each file on disk must be listed.
-    Raises :class:`EntryError` when ``folder`` is not a folder or the manifest is malformed.
+    Raises :class:`EntryError` when ``folder`` is not a folder or the manifest is malformed, and, given a
+    ``layout`` (the relative paths of the files ``folder`` may hold, its manifest among them), for any other file
+    or folder under it.
     """
     if not folder.is_dir():
         raise EntryError(f"{folder} is not a folder" if folder.exists() else f"{folder} does not exist")
@@ -131,7 +162,10 @@ def check_manifest(folder: Path) -> list[FileCheck] | None:
     if not os.path.lexists(manifest):
         return None
     listed = _read_manifest(manifest)
-    on_disk = _folder_files(folder)
+    tree = _folder_tree(folder)
+    if layout is not None:
+        _check_layout(folder, tree, layout)
+    on_disk = tree.files
     checks = []
     for name in sorted(listed.keys() | on_disk.keys()):
         (path, info), recorded = on_disk.get(name, (None, None)), listed.get(name)

@@ -22,6 +22,12 @@ from scoring.report import build_report
 from scoring.rules import freebie_setting
 
 
+def run_record(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields a run's report records about the run itself, from its resolved config: the model's and the
+    compression's names and the seed (verify recounts them from entry.json's config the same way)."""
+    return {"model": config["model"]["name"], "compress": config["compress"]["name"], "seed": config["seed"]}
+
+
 def count_report(model: nn.Module, task: Task, inputs: ScoreInputs, score: Mapping[str, Any], *,
                  evaluation: Evaluation | None = None, validation: Evaluation | None = None,
                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

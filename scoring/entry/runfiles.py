@@ -3,8 +3,9 @@
 ``report.json`` is the report dict of :func:`scoring.report.build_report` with a ``format_version`` first;
 a report written before that field existed reads as version 1 (the same layout), so existing runs still
 reprint, export and verify. ``report.md`` is its markdown (:func:`scoring.report.markdown`). Each file is
-written atomically; report.json is read within :data:`~scoring.entry.files.MAX_JSON_BYTES` as plain JSON,
-since a bundle's may come from anyone.
+written atomically; report.json is read within :data:`~scoring.entry.files.MAX_JSON_BYTES` as plain JSON and the
+markdown files within :data:`~scoring.entry.files.MAX_MARKDOWN_BYTES` as UTF-8, since a bundle's may come from
+anyone.
 """
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ import reprlib
 from pathlib import Path
 from typing import Any, Mapping
 
-from scoring.entry.files import MAX_JSON_BYTES, EntryError, atomic_write, plain_json, read_regular
+from scoring.entry.files import MAX_JSON_BYTES, MAX_MARKDOWN_BYTES, EntryError, atomic_write, plain_json, \
+    read_regular
 from scoring.report import markdown
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 #: Version of the report.json layout; bumped when a reader could misread an older report.
 REPORT_FORMAT_VERSION = 1
+#: Fields of a run's report.json that only the run can make, never a recount: the allocate stage's record (the
+#: per-layer settings it chose, and what it predicted, on the validation split). A bundle's report.json leaves them
+#: out, so that verify can compare every field it holds.
+RUN_ONLY_FIELDS = ("allocation",)
 
 
 def write_report_json(path: Path, report: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,3 +65,17 @@ def read_report(directory: str | os.PathLike) -> dict[str, Any]:
         raise EntryError(f"{path} has format_version {reprlib.repr(version)}; this micronet-kit reads version "
                          f"{REPORT_FORMAT_VERSION} — use the micronet-kit version that wrote it")
     return report
+
+
+def read_markdown(directory: str | os.PathLike, name: str) -> str | None:
+    """The text of the markdown file ``name`` of a run dir or bundle (report.md, WRITEUP.md), or None when it is
+    absent; :class:`EntryError` for anything but a regular UTF-8 file within the size cap."""
+    directory = Path(directory)
+    path = directory / name
+    if not os.path.lexists(path):
+        return None
+    try:
+        return read_regular(path, within=directory, limit=MAX_MARKDOWN_BYTES).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise EntryError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); get an intact copy of the "
+                         "bundle or re-export it") from None

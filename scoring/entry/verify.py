@@ -1,25 +1,39 @@
-"""Reproduce an entry's numbers: ``python -m scoring verify BUNDLE`` and ``python -m scoring PATH``.
+"""Reproduce an entry's numbers: ``micronet-score verify BUNDLE`` and ``python -m scoring PATH``.
 
-``verify`` is what an organizer runs on a contestant's bundle: it rebuilds the model from
-``entry/entry.json`` (registry architecture + compression structure), loads ``entry/model.safetensors``
-(never unpickled; see :mod:`scoring.entry.bundle`), evaluates it on the test set of the kit's own definition of the
-task, recounts it with the official score settings, and compares with the bundle's ``report.json``:
+``verify`` is what an organizer runs on a contestant's bundle, as the console script or ``python -P -m scoring
+verify BUNDLE`` (Python 3.11+): never plain ``python -m scoring`` with the bundle as working folder, which puts that
+folder first on the import path, so that a planted ``argparse.py`` would run before any of this code. It rebuilds
+the model from ``entry/entry.json`` (registry architecture + compression structure), loads
+``entry/model.safetensors`` (never unpickled; see :mod:`scoring.entry.bundle`), evaluates it on the test set (and
+the validation split, when the run held one out) of the kit's own definition of the task, recounts it with the
+official score settings, and compares every field of the bundle's ``report.json`` with its recount
+(:mod:`scoring.entry.comparison`):
 
-* correct, total, gate verdict, freebie, parameter bits: exactly;
-* params, ops, mults, adds, score: to 1e-9 relative;
-* the per-layer table (params, mults, adds, sparsity, bit widths), layer by layer.
+* counts, verdicts, settings, names and texts (the gate's summary, the project rules): exactly;
+* params, ops, mults, adds, score and its terms, top-1: to 1e-9 relative; the NLL sums and mean losses of a
+  float32 evaluation to 1e-6 (a perplexity to what that makes of it);
+* the per-layer table, every field of every layer, the layers by name and in order;
+* a field the recount lacks differs; a run's own record that no recount can check (``runfiles.RUN_ONLY_FIELDS``:
+  the allocate stage's) is refused — the exporter leaves it out of a bundle.
 
-Before any of that it checks the bundle's ``SHA256SUMS`` (written last by the exporter): a changed, missing
-or unlisted file stops verification with a table of file / manifest / on disk / status. A folder without a
-manifest (a run dir, a bundle exported before manifests existed) is refused unless ``--allow-no-manifest``
-is given; then a warning, and the final line, say that the files' integrity is unchecked.
+When all agree, ``report.md`` and ``WRITEUP.md`` are rebuilt from the report and must be the bundle's (WRITEUP.md's
+training command, which comes from the run's .hydra/overrides.yaml, is taken as written).
+
+Before any of that it checks that the bundle holds the files of its layout and nothing else
+(:data:`~scoring.entry.export.BUNDLE_FILES`: any other file or folder is refused), then its ``SHA256SUMS``
+(written last by the exporter): a changed, missing or unlisted file stops verification with a table of file /
+manifest / on disk / status. A folder without a manifest (a run dir, a bundle exported before manifests existed)
+is refused unless ``--allow-no-manifest`` is given; then a warning, and the final line, say that the files'
+integrity is unchecked. A ``--device`` this machine lacks is refused first, and ``--examples`` beyond the test
+split before anything runs.
 
 Then, before any data is loaded, the entry is checked against the kit (:mod:`scoring.entry.kit`) and rebuilt once
 (:func:`scoring.entry.build_model_from_entry`). Refused, each with one line on stderr and exit status 2:
 
 * a bundle whose files are not what the kit writes: a link, FIFO or device anywhere it is read, a file over its
   size cap, a safetensors header over 4 MiB, folders nested too deep or too many files (:mod:`scoring.entry.files`);
-* entry data that is not plain data: not strict JSON, or a string a config reader would interpolate (``${...}``);
+* entry data that is not plain data: not strict JSON (a key twice in one object included), or a string a config
+  reader would interpolate (``${...}``);
 * an entry of another task: its recorded task differs from ``conf/task/<name>.yaml`` at a key that file defines
   (but the training-only ones: augmentation, training windows), or report.json names another task, baseline or
   gate;
@@ -29,8 +43,9 @@ Then, before any data is loaded, the entry is checked against the kit (:mod:`sco
   never reads "verified";
 * a model that cannot be rebuilt: an unknown model, a keyword argument the model does not take or one that reads
   files (``checkpoint_path``, ``pretrained*``, ...), a compression state out of range or naming other layers,
-  weights that do not fit, quantizers never calibrated; and an entry whose evaluation fails (a missing or damaged
-  dataset, a model that does not run on the task's inputs).
+  weights that do not fit, quantizers never calibrated, a model that would cost more to run than an entry may
+  (:mod:`scoring.entry.cost`); and an entry whose evaluation fails (a missing or damaged dataset, a model that does
+  not run on the task's inputs).
 
 The recorded ``data.root`` is never used (it names a folder on the entrant's machine): the dataset comes from
 ``--data-root``. Exit status 0 when everything agrees, 1 when something differs (a file from the manifest, or a
@@ -45,123 +60,103 @@ scoring core, never train/.
 from __future__ import annotations
 
 import argparse
-import math
+import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from scoring.entry.boundary import USER_ERRORS, command
 from scoring.entry.bundle import Entry, build_model_from_entry, load_entry
+from scoring.entry.comparison import Row, aligned, compare, document_row, format_table
+from scoring.entry.cost import evaluation_failure
+from scoring.entry.export import BUNDLE_FILES, VERIFY_COMMAND, WRITEUP_FILE, train_command_in, writeup
 from scoring.entry.files import EntryError
 from scoring.entry.kit import Judged, judge
 from scoring.entry.manifest import MANIFEST_FILE, FileCheck, check_manifest
-from scoring.entry.runfiles import REPORT_JSON, read_report
+from scoring.entry.runfiles import REPORT_JSON, REPORT_MD, RUN_ONLY_FIELDS, read_markdown, read_report
 from scoring.errors import UserError
 
-#: Relative tolerance for counts that go through floating point (params, ops, score, ...).
-REL_TOL = 1e-9
-#: A language model's NLL sum is float32 arithmetic over ~10⁵ tokens, summed in float64: another processor's
-#: kernels change it in the 7th digit, never the verdict's margin that matters (the gate is compared exactly).
-NLL_REL_TOL = 1e-6
-#: Report totals compared exactly, and to REL_TOL (``nll_sum``: to NLL_REL_TOL; None for classification).
-EXACT_FIELDS = ("task", "correct", "total", "gate_passed", "freebie", "param_bits", "accumulator_bits", "examples")
-CLOSE_FIELDS = ("params", "ops", "mults", "adds", "score", "nll_sum")
-_TOLERANCES = {"nll_sum": NLL_REL_TOL}
-#: Per-layer counts compared (not the module type: removing a mask parametrization at export renames it).
-LAYER_EXACT = ("param_bits", "weight_bits", "input_bits")
-LAYER_CLOSE = ("params", "mults", "adds", "sparsity")
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+    from data.tasks import Task
+
 #: Exit statuses.
 AGREE, DIFFER, CANNOT_LOAD = 0, 1, 2
 
 
-@dataclass
-class Row:
-    """One line of the comparison table."""
+def resolve_device(name: str) -> torch.device:
+    """The device ``--device`` names: auto (cuda if available), cpu, cuda or cuda:N; :class:`UserError` for any
+    other name, and for a CUDA device this machine does not have."""
+    import torch
 
-    field: str
-    reported: Any
-    recounted: Any
-
-    @property
-    def close(self) -> bool:
-        """Whether the two values agree (exactly, or to REL_TOL for floats)."""
-        a, b = self.reported, self.recounted
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
-        if numbers and (isinstance(a, float) or isinstance(b, float)):
-            try:
-                return math.isclose(a, b, rel_tol=_TOLERANCES.get(self.field, REL_TOL), abs_tol=0.0)
-            except OverflowError:  # a reported integer beyond any float differs from every recount
-                return False
-        return type(a) is type(b) and a == b
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", name)
+    if not match:
+        raise UserError(f"--device {name!r} is not a device", "pass auto, cpu, cuda or cuda:N")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(match.group(1) or 0) >= count:
+            has = f"{count} CUDA device(s): cuda:0..cuda:{count - 1}" if count else "no CUDA device"
+            raise UserError(f"--device {name} is not available: this machine has {has}", "pass --device cpu")
+    return torch.device(name)
 
 
-def recount_entry(entry: Entry, *, data_root: str | None = None, examples: int | None = None,
-                  device: str = "auto") -> dict[str, Any]:
-    """Evaluate and count ``entry`` as ``train/run.py`` did at the end of its run; return the report dict.
+def recount_entry(entry: Entry, *, data_root: str | None = None, examples: int | None = None, device: str = "auto",
+                  model: nn.Module | None = None, with_validation: bool = False) -> dict[str, Any]:
+    """Evaluate and count ``entry`` (``model``, when it is built already) as ``train/run.py`` did at the end of its
+    run; return the report dict, with the run's record of itself (:func:`scoring.entry.model_report.run_record`).
 
     The task (its data, test split and evaluation) is built from the entry's task config through
     :func:`data.tasks.build_task`, the one definition training uses. ``data_root`` replaces the config's
-    ``data.root`` (datasets live elsewhere on the organizer's machine); ``examples`` replaces ``score.examples``.
-    Nothing is downloaded; the validation hold-out of the run is rebuilt only so the test split is the same.
+    ``data.root`` (datasets live elsewhere on the organizer's machine); ``examples`` replaces ``score.examples``,
+    and must not exceed what the test split holds. Nothing is downloaded; the validation hold-out of the run is
+    rebuilt so the test split is the same, and evaluated with ``with_validation``, as the run did.
     """
-    import torch
-
     from data.tasks import DataOptions, build_task
-    from scoring.entry.model_report import recount
+    from scoring.entry.model_report import recount, run_record
 
     config = entry.config
-    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                            "cpu" if device == "auto" else device)
+    resolved = resolve_device(device)
     task = build_task(config["task"])
     options = DataOptions(root=config["data"].get("root") if data_root is None else data_root,
                           val_split=config["data"].get("val_split", 0))
-    test_loader = task.loaders(options, batch_size=1, eval_batch_size=config["train"]["eval_batch_size"],
-                               seed=config["seed"], device=resolved).test
-    model = build_model_from_entry(entry).to(resolved)
+    loaders = task.loaders(options, batch_size=1, eval_batch_size=config["train"]["eval_batch_size"],
+                           seed=config["seed"], device=resolved)
+    model = (build_model_from_entry(entry) if model is None else model).to(resolved)
     score = {**config["score"], "examples": examples or config["score"]["examples"]}
-    return recount(model, task, test_loader, resolved, score)
+    _check_examples(task, loaders.test, score["examples"], model, given=examples is not None)
+    validation = task.evaluate(model, loaders.val, resolved, "val") \
+        if with_validation and loaders.val is not None else None
+    return recount(model, task, loaders.test, resolved, score, validation=validation, extra=run_record(config))
 
 
-def compare(reported: dict[str, Any], recounted: dict[str, Any]) -> list[Row]:
-    """Rows for every compared field: totals, then each layer's counts."""
-    rows = [Row(key, reported.get(key), recounted[key]) for key in EXACT_FIELDS + CLOSE_FIELDS]
-    layers = reported.get("layers") if isinstance(reported.get("layers"), list) else []
-    reported_layers = {layer["name"]: layer for layer in layers if isinstance(layer, dict) and isinstance(
-        layer.get("name"), str)}  # anything else in the list is no layer of the model: it matches none
-    for layer in recounted["layers"]:
-        mine = reported_layers.pop(layer["name"], {})
-        rows += [Row(f"layers[{layer['name']}].{key}", mine.get(key), layer[key]) for key in LAYER_EXACT + LAYER_CLOSE]
-    rows += [Row(f"layers[{name}]", "present", None) for name in reported_layers]  # layers the model lacks
-    return rows
+def _check_examples(task: Task, test: Any, examples: int, model: nn.Module, *, given: bool) -> None:
+    """The test split holds the ``examples`` the scorer is to count (it would otherwise count fewer)."""
+    import torch
 
-
-def format_table(rows: Sequence[Row]) -> str:
-    """The comparison as an aligned text table: every total, and the layer fields that differ."""
-    shown = [row for row in rows if not (row.field.startswith("layers[") and row.close)]
-    return _aligned([("field", "reported", "recounted", "status")] + [
-        (_clip(row.field), _clip(repr(row.reported)), _clip(repr(row.recounted)), "ok" if row.close else "DIFFERS")
-        for row in shown])
-
-
-def _clip(text: str, limit: int = 80) -> str:
-    """A table cell of at most ``limit`` characters: a report can hold anything, the table stays readable."""
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    available = task.score_examples_available(test)
+    if available is not None and examples > available:
+        asked = f"--examples {examples:,}" if given else f"the entry's score.examples={examples:,}"
+        raise UserError(f"{asked} asks for more examples than the {available:,} of the test split of task "
+                        f"{task.name}", f"pass --examples {available} or fewer")
+    if available is None:  # only the model tells (a language model's warm-up): its scorer inputs, taken now, say
+        try:
+            task.score_inputs(test, examples, torch.device("cpu"), model)
+        except ValueError as err:
+            raise UserError(str(err) + (f" (--examples {examples:,} sets score.examples)" if given else "")) \
+                from None
 
 
 def format_manifest_table(checks: Sequence[FileCheck]) -> str:
     """Every file of the bundle as an aligned text table: path, listed and actual sha256 (16 hex digits), status."""
     def short(digest: str | None) -> str:
         return digest[:16] if digest else "-"
-    return _aligned([("file", "manifest", "on disk", "status")] + [
+    return aligned([("file", "manifest", "on disk", "status")] + [
         (check.path if check.path.isprintable() else ascii(check.path), short(check.listed), short(check.found),
          check.status) for check in checks])
-
-
-def _aligned(cells: Sequence[tuple[str, ...]]) -> str:
-    """Rows of cells as left-aligned columns two spaces apart."""
-    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells)
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,20 +168,20 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
 
 
-def _load_and_recount(source: Path | Entry, args: argparse.Namespace) -> tuple[Entry, dict[str, Any]]:
+def _load_and_recount(source: Path | Entry, args: argparse.Namespace, *, model: nn.Module | None = None,
+                      with_validation: bool = False) -> tuple[Entry, dict[str, Any]]:
     """Load (unless given an entry) and recount; what only running the entry shows (e.g. a model that does not
     take the task's inputs) is an :class:`EntryError` too."""
     if args.examples is not None and args.examples <= 0:
         raise UserError(f"--examples {args.examples} must be > 0", "omit it to count score.examples")
     try:
         entry = source if isinstance(source, Entry) else load_entry(source)
-        return entry, recount_entry(entry, data_root=args.data_root, examples=args.examples, device=args.device)
+        return entry, recount_entry(entry, data_root=args.data_root, examples=args.examples, device=args.device,
+                                    model=model, with_validation=with_validation)
     except USER_ERRORS:  # a damaged entry, a missing or damaged dataset: their own one line
         raise
     except (ValueError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise EntryError(f"the entry cannot be evaluated on its task ({type(err).__name__}: {reason[:300]}); "
-                         "re-export the entry of a finished run of this kit") from None
+        raise evaluation_failure(err) from None
 
 
 def _report_integrity(manifest: Path, checks: Sequence[FileCheck]) -> bool:
@@ -203,8 +198,11 @@ def _report_integrity(manifest: Path, checks: Sequence[FileCheck]) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """``verify BUNDLE [--allow-no-manifest] [--allow-score-settings] [--data-root PATH] [--examples N] [--device D]``;
     exit 0 when all agree."""
-    parser = argparse.ArgumentParser(prog="python -m scoring verify",
-                                     description="Re-evaluate and recount an entry bundle; compare with its report.")
+    parser = argparse.ArgumentParser(
+        prog="python -m scoring verify",
+        description="Re-evaluate and recount an entry bundle; compare every field of its report with the recount. "
+                    f"Run it as `{VERIFY_COMMAND}` or `python -P -m scoring verify BUNDLE` (Python 3.11+), never as "
+                    "plain `python -m scoring` inside the bundle: that imports from the bundle's folder first.")
     parser.add_argument("bundle", type=Path, help="bundle folder (python -m scoring.export) or finished run dir")
     parser.add_argument("--allow-no-manifest", action="store_true",
                         help=f"verify a folder without {MANIFEST_FILE} (a run dir, a bundle exported before "
@@ -219,8 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    """The manifest, the kit's checks, the rebuild, then the recount compared with report.json; the exit status."""
-    checks = check_manifest(args.bundle)
+    """The device, the bundle's layout and manifest, the kit's checks, the rebuild, then the recount compared with
+    report.json and the documents rebuilt; the exit status."""
+    resolve_device(args.device)  # before anything is read
+    checks = check_manifest(args.bundle, layout=BUNDLE_FILES)
     if checks is None and not args.allow_no_manifest:
         raise EntryError(f"{args.bundle} has no {MANIFEST_FILE}, so its files cannot be checked against the "
                          "export; re-export it with `python -m scoring.export RUN_DIR --out BUNDLE --force`, or "
@@ -228,11 +228,19 @@ def _verify(args: argparse.Namespace) -> int:
     if checks is not None and not _report_integrity(args.bundle / MANIFEST_FILE, checks):
         return DIFFER  # a bundle altered after export is not recounted: its numbers would prove nothing
     reported = read_report(args.bundle)
-    judged = judge(load_entry(args.bundle), reported, allow_score_settings=args.allow_score_settings)
-    build_model_from_entry(judged.entry)  # every failure to rebuild shows here, before any data is loaded
-    recounted = _load_and_recount(judged.entry, args)[1]
+    run_only = [key for key in RUN_ONLY_FIELDS if key in reported]
+    if run_only:
+        raise EntryError(f"{args.bundle / REPORT_JSON} holds {', '.join(run_only)}, the run's own record, which no "
+                         "recount can check; verify the bundle `python -m scoring.export RUN_DIR --out BUNDLE` makes "
+                         "of the run, which leaves it out")
+    entry = load_entry(args.bundle)
+    judged = judge(entry, reported, allow_score_settings=args.allow_score_settings)
+    model = build_model_from_entry(judged.entry)  # every failure to rebuild shows here, before any data is loaded
+    recounted = _load_and_recount(judged.entry, args, model=model, with_validation=True)[1]
     caveat = _print_verdict(judged, recounted, checks, args.bundle)
     rows = compare(reported, recounted)
+    if all(row.close for row in rows):  # the documents are rebuilt from a report that agrees, and only then
+        rows += _document_rows(args.bundle, entry, reported)
     differing = [row for row in rows if not row.close]
     print(format_table(rows))
     if differing:
@@ -241,6 +249,20 @@ def _verify(args: argparse.Namespace) -> int:
     verdict = "agrees" if judged.unofficial else "verified"  # only an official comparison is called verified
     print(f"{verdict}: all {len(rows)} fields agree with {args.bundle / REPORT_JSON}{caveat}")
     return AGREE
+
+
+def _document_rows(bundle: Path, entry: Entry, report: dict[str, Any]) -> list[Row]:
+    """report.md and WRITEUP.md, where present, each compared with its rebuild from ``report``."""
+    from scoring.report import markdown
+
+    rows = []
+    text = read_markdown(bundle, REPORT_MD)
+    if text is not None:
+        rows.append(document_row(REPORT_MD, text, markdown(report)))
+    text = read_markdown(bundle, WRITEUP_FILE)
+    if text is not None:
+        rows.append(document_row(WRITEUP_FILE, text, writeup(entry, report, train_command_in(text) or "")))
+    return rows
 
 
 def _print_verdict(judged: Judged, recounted: dict[str, Any], checks: Sequence[FileCheck] | None,
@@ -272,6 +294,7 @@ def score_main(argv: Sequence[str]) -> int:
     _common_arguments(parser)
     args = parser.parse_args(argv)
     with command(CANNOT_LOAD):
+        resolve_device(args.device)
         entry, report = _load_and_recount(args.path, args)
     print(f"{entry.meta['model']['name']} on {entry.task} (compress={entry.config['compress']['name']})")
     print(format_summary(report))

@@ -48,7 +48,8 @@ def test_bundle_holds_entry_reports_and_writeup(bundle, run_dir):
         assert f"`{rule}`" in writeup
     # No .hydra/overrides.yaml in this run dir: the command is rebuilt from the config's choices.
     assert "python train/run.py task=digits model=digits_cnn compress=prune_q4_test seed=0" in writeup
-    assert "python -m scoring verify BUNDLE" in writeup and "`sha256sum -c SHA256SUMS`" in writeup
+    assert "    micronet-score verify BUNDLE\n" in writeup and "`python -P -m scoring verify BUNDLE`" in writeup
+    assert "`sha256sum -c SHA256SUMS`" in writeup
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".bundle")]  # no staging left
 
 
@@ -123,8 +124,10 @@ def test_verify_accepts_an_untouched_bundle(bundle, capsys):
     assert rows["correct"] == [str(report["correct"]), str(report["correct"]), "ok"]
     assert rows["ops"] == [repr(report["ops"]), repr(report["ops"]), "ok"]
     assert not [name for name in rows if name.startswith("layers[")]  # agreeing layer fields are not listed
-    assert out.splitlines()[-1] == (f"verified: all {7 * len(report['layers']) + 14} fields agree with "
-                                    f"{bundle / 'report.json'}")
+    # Every field: 25 plain top-level ones, the gate's 3, the baseline's 3, each project rule, the layers' names and
+    # their 11 fields each; then report.md and WRITEUP.md.
+    fields = 25 + 3 + 3 + len(report["project_rules"]) + 1 + 11 * len(report["layers"]) + 2
+    assert out.splitlines()[-1] == f"verified: all {fields} fields agree with {bundle / 'report.json'}"
 
 
 @pytest.mark.parametrize("field, edit", [
