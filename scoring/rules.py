@@ -282,12 +282,17 @@ PROJECT_CONVENTIONS: Mapping[str, str] = MappingProxyType({
                       "block), the values it keeps × bits + those mask bits",
     "batch norm folding": "a batch norm folds into the conv/linear that produced its input (directly, through "
                           "reshapes, or through a channel concatenation of such outputs) when that layer's weight is "
-                          "stored (not computed at run time) and every use of that weight suits the folded scale: a "
-                          "weight shared by several conv/linear calls holds one scale, so the same batch norm after "
+                          "stored (not computed at run time) and nothing else needs its output or its weight "
+                          "unscaled. Its output: every other reader of it unchanged (through reshapes that keep each "
+                          "element in its channel and channel concatenations; the model's outputs are read too) must "
+                          "be a batch norm counted unfolded, whose affine absorbs the fold's inverse affine at no "
+                          "cost (DenseNet's stem, concatenated and read by the dense layers' batch norms); any other "
+                          "reader (an add, a conv, a slice, another view) keeps the batch norm unfolded. Its weight: "
+                          "a weight shared by several conv/linear calls holds one scale, so the same batch norm after "
                           "every use folds (its bias stored once); a second, different batch norm after it is counted "
                           "unfolded (its affine absorbs the first one's scale); and if any use's output is not read "
                           "by a batch norm (used raw), the batch norm is counted unfolded, whatever the order of the "
-                          "uses. A conv's own output read both by its batch norm and raw still folds",
+                          "uses",
     "empty dot product": "an output with no nonzero weight costs no additions: with a bias (its own or a folded batch "
                          "norm's) it is that constant, as the official (L-1)·N + N = 0 gives; without one the official "
                          "(L-1)·N would go negative",
