@@ -391,6 +391,17 @@ INDEX_ARITHMETIC = "(index arithmetic)"
 REORDERING_VIEW = "(reordering view)"
 
 _POOL_VALID = "valid = the window's in-bounds elements (padding and ceil_mode overhang excluded)"
+_NEAREST = ("nearest upsampling (F.interpolate / nn.Upsample mode 'nearest' or 'nearest-exact'): every output element "
+            "is a copy of one input element, data movement like repeat: free; a bit tag passes through")
+
+
+def _interpolation(name: str, taps: int) -> Rule:
+    return _project(ELEMENTWISE, f"{name} interpolation (F.interpolate / nn.Upsample, any scale, align_corners or "
+                                 f"not): each output element is a weighted sum of its {taps} neighbouring inputs, "
+                                 f"the weights constants of the sizes (not stored), a dot product over L = {taps}: "
+                                 f"{taps} mults + {taps - 1} adds by the official L·N and (L-1)·N, every tap "
+                                 f"counted (a weight of 0 or 1 too)", mults=taps, adds=taps - 1)
+
 
 #: The table. Keys are aten overload-packet names without the in-place underscore.
 RULES: Mapping[str, Rule] = MappingProxyType({
@@ -477,6 +488,14 @@ RULES: Mapping[str, Rule] = MappingProxyType({
                             "followed", merge_mults=1, keeps_bits=True)
        for name in ("max_pool2d_with_indices", "max_pool3d_with_indices")},
     "adaptive_max_pool2d": _project(ADAPTIVE_POOL, "adaptive max pool: (window-1) comparisons (multiplies) per output", merge_mults=1, keeps_bits=True),
+    # resampling; antialiased downsampling (_upsample_*_aa), whose taps grow with the scale, has no rule
+    **{name: _project(FREE, _NEAREST) for name in (
+        "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+        "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d")},
+    "upsample_linear1d": _interpolation("linear", 2),
+    "upsample_bilinear2d": _interpolation("bilinear", 4),
+    "upsample_trilinear3d": _interpolation("trilinear", 8),
+    "upsample_bicubic2d": _interpolation("bicubic", 16),
     # Composite ops (reshape, flatten, contiguous, linear, matmul, chunk, narrow) arrive decomposed into
     # the ops below; dropout in eval mode executes no op at all.
     # free: reshapes and copies (batch norm folds through them)

@@ -120,8 +120,8 @@ class Tracer(TorchDispatchMode):
 
     def _move(self, op: Op) -> None:
         """FREE and VIEW ops: data movement, free; static inputs stored dense; index arithmetic keeps the index."""
+        self.rules_used.add(op.key)  # listed in the report if it is a project rule (index arithmetic, nearest)
         if op.key == INDEX_ARITHMETIC:
-            self.rules_used.add(op.key)
             self.facts.propagate(op.out, op.known, op.rule, static=False, index=True)
             return
         self.storage.store_dense(op.layer, op.inputs, op.known)

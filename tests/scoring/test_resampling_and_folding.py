@@ -1,10 +1,12 @@
-"""Counted by hand: batch-norm folding when a conv's raw output has other readers.
+"""Counted by hand: batch-norm folding when a conv's raw output has other readers, and resampling (nearest and
+linear interpolation, the project rules of docs/rules.md).
 
 All counts are at 32 bits (``freebie=False``) unless a quantizer says otherwise, one example per count, so
 params = bits / 32 and ops = mults · (width / 32) + adds.
 """
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Callable
 
 import pytest
@@ -12,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scoring import count_model
-from tests.scoring.helpers import layer_rows, trained_bn
+from scoring import UnsupportedOpError, count_model
+from tests.scoring.helpers import FakeQuant, layer_rows, quantize_weight, set_grid_weights, trained_bn
 
 #: A 1×1 conv 2→3 without bias on a 1×2×2×2 input: 12 outputs over L = 2 weights, 6 weights stored.
 CONV = (192, 24, 12, "")
@@ -160,3 +162,83 @@ def test_a_concatenation_read_by_a_conv_keeps_the_batch_norm_unfolded():
     assert layer_rows(count) == {"stem": CONV, "bn1": (192, 12, 12, "not folded"), "relu": (0, 12, 0, ""),
                                  "conv": (192, 24, 16, ""), "reader": (160, 20, 16, "")}
 
+
+# --- resampling -----------------------------------------------------------------------------------
+class Resample(nn.Module):
+    """``F.interpolate(x, **options)``."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, x):
+        return F.interpolate(x, **self.options)
+
+
+@pytest.mark.parametrize("shape, options, rule, outputs, taps", [
+    ((1, 2, 3, 4), {"scale_factor": 2}, "upsample_nearest2d", 96, 0),
+    ((1, 2, 3, 4), {"size": (5, 7)}, "upsample_nearest2d", 70, 0),
+    ((1, 2, 3, 4), {"scale_factor": 2, "mode": "nearest-exact"}, "_upsample_nearest_exact2d", 96, 0),
+    ((1, 2, 5), {"scale_factor": 2}, "upsample_nearest1d", 20, 0),
+    ((1, 1, 2, 2, 2), {"scale_factor": 2}, "upsample_nearest3d", 64, 0),
+    ((1, 2, 5), {"scale_factor": 2, "mode": "linear"}, "upsample_linear1d", 20, 2),
+    ((1, 2, 3, 4), {"scale_factor": 2, "mode": "bilinear"}, "upsample_bilinear2d", 96, 4),
+    ((1, 2, 3, 4), {"size": (5, 7), "mode": "bilinear", "align_corners": True}, "upsample_bilinear2d", 70, 4),
+    ((1, 2, 4, 4), {"scale_factor": 0.5, "mode": "bilinear"}, "upsample_bilinear2d", 8, 4),
+    ((1, 1, 2, 2, 2), {"scale_factor": 2, "mode": "trilinear"}, "upsample_trilinear3d", 64, 8),
+    ((1, 2, 3, 4), {"scale_factor": 2, "mode": "bicubic"}, "upsample_bicubic2d", 96, 16),
+], ids=["nearest", "nearest to a size", "nearest-exact", "nearest 1d", "nearest 3d", "linear", "bilinear",
+        "bilinear to a size, align_corners", "bilinear down", "trilinear", "bicubic"])
+def test_resampling_costs_its_taps_per_output_element(shape, options, rule, outputs, taps):
+    count = count_model(Resample(**options), torch.randn(*shape), freebie=False)
+    out = F.interpolate(torch.zeros(shape), **options)
+    assert out.numel() == outputs
+    # nearest: a copy per output element, free. Interpolation: a dot product over its taps per output element
+    # (L = 2, 4, 8, 16), L mults and L - 1 adds: e.g. bilinear ×2 of 2×3×4 -> 2×6×8 = 96 outputs: 384, 288.
+    assert (count.mults, count.adds) == (taps * outputs, max(taps - 1, 0) * outputs)
+    assert rule in count.project_rules
+
+
+@pytest.mark.parametrize("upsample", [nn.Upsample(scale_factor=2, mode="bilinear"),
+                                      nn.UpsamplingBilinear2d(scale_factor=2), nn.Upsample(scale_factor=2),
+                                      nn.UpsamplingNearest2d(scale_factor=2)],
+                         ids=["Upsample bilinear", "UpsamplingBilinear2d", "Upsample nearest", "UpsamplingNearest2d"])
+def test_upsampling_modules_count_as_their_op(upsample):
+    count = count_model(nn.Sequential(upsample), torch.randn(1, 2, 3, 4), freebie=False)
+    bilinear = upsample.mode == "bilinear"
+    # 2×6×8 = 96 outputs: bilinear 4 mults + 3 adds each; nearest free (no row)
+    assert layer_rows(count) == ({"0": (0, 384, 288, "")} if bilinear else {})
+
+
+def test_antialiased_downsampling_has_no_rule():
+    with pytest.raises(UnsupportedOpError, match="_upsample_bilinear2d_aa"):
+        count_model(Resample(scale_factor=0.5, mode="bilinear", antialias=True), torch.randn(1, 2, 4, 4))
+
+
+class QuantizedUpsample(nn.Module):
+    """A 4-bit input, upsampled ×2, into a 1×1 conv 2→2 with 4-bit weights."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.quant = FakeQuant(4)
+        self.up = nn.Upsample(scale_factor=2, mode=mode)
+        self.conv = nn.Conv2d(2, 2, 1, bias=False)
+        set_grid_weights(self.conv.weight, 4, Fraction(0))
+        quantize_weight(self.conv, 4)
+
+    def forward(self, x):
+        return self.conv(self.up(self.quant(x)))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_nearest_upsampling_keeps_the_bit_width_and_interpolation_does_not(mode):
+    count = count_model(QuantizedUpsample(mode), torch.randn(1, 2, 3, 4), freebie=False)
+    rows = {row["name"]: row for row in count.layers}
+    # conv: 96 outputs × L = 2: 192 mults, 96 adds; 4 weights at 4 bits. Nearest copies 4-bit values: the conv's
+    # mults are 4-bit (192·4/32 + 96 = 120 ops). Interpolated values are off the grid: 32-bit (192 + 96 = 288);
+    # the interpolation itself multiplies 4-bit inputs by constants: 384·4/32 + 288 = 336 ops.
+    assert (rows["conv"]["input_bits"], rows["conv"]["ops"]) == ((4, 120) if mode == "nearest" else (32, 288))
+    if mode == "bilinear":
+        assert (rows["up"]["input_bits"], rows["up"]["ops"]) == (4, 336)
+    else:
+        assert "up" not in rows
