@@ -27,16 +27,18 @@ from scoring.rules import freebie_setting
 from train import distributed
 from train.search.stage import allocation_summary
 from train.build import build_model, load_init
-from train.config import compress_fix, reported_as_config_error, to_container, validate
+from train.config import check_added_keys, compress_fix, reported_as_config_error, to_container, validate
 from train.distributed import Context
 from train.loop import make_deterministic
 from train.objectives import Objective
 from train.preflight import preflight
-from train.rundir import finished_report, prepare_run_dir, quiet_thread_write_errors, write_problem
+from train.rundir import discard_unaccepted, finished_report, prepare_run_dir, quiet_thread_write_errors, \
+    write_problem
 from train.session import Session
 from train.signals import StopRequest, stop_signals
 from train.smoke import smoke_config
 from train.stages import run_stage
+from train.upfront import check_without_data
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ def run_job(cfg: DictConfig) -> None:
     try:
         code = run(cfg)
     except USER_ERRORS as err:
+        discard_unaccepted(Path(HydraConfig.get().runtime.output_dir))  # a refused run leaves nothing behind
         fail(str(err))
     except KeyboardInterrupt:  # a second Ctrl-C (the first one asks for a checkpoint, see stop_signals)
         fail("stopped at once by a second Ctrl-C, without a new checkpoint; the last saved one is intact ; fix: "
@@ -97,6 +100,9 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Context, Path]:
     """Validate ``cfg``, join the processes of a torchrun job, and lock the run folder (rank 0). Returns the config
     to run (shortened when ``smoke``), the process context and the run folder."""
     validate(cfg, models.list_models())
+    check_added_keys(HydraConfig.get().overrides.task)
+    shortened = smoke_config(cfg) if cfg.smoke else cfg
+    check_without_data(shortened)  # train/cli.py checked a command line; a --multirun's jobs are checked here
     ctx = distributed.setup(cfg.device)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -104,7 +110,7 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Context, Path]:
     if ctx.is_main:
         prepare_run_dir(run_dir)  # held until this process ends; train/cli.py took it, but not for multirun jobs
         log.info("run folder: %s", run_dir)
-    return (smoke_config(cfg) if cfg.smoke else cfg), ctx, run_dir
+    return shortened, ctx, run_dir
 
 
 def build(session: Session) -> tuple[nn.Module, list[Stage]]:
