@@ -56,7 +56,8 @@ LEADERBOARD: Mapping[str, tuple[Placing, ...]] = MappingProxyType({
     ),
     "cifar100": (
         Placing(1, 0.0044, "RIAIR", "DenseNet-BC-100 (k=12), 75% pruned, 4-bit weights and activations, FC 50% at "
-                                    "6 bits, per-tensor scales, distilled, adder tree", 0.0085),
+                                    "6 bits, batch norm / ReLU / pooling in real fp16, per-tensor scales, distilled, "
+                                    "adder tree", 0.0085),
         Placing(2, 0.0054, "KAIST"),
         Placing(3, 0.0058, "OSI-AI"),
     ),
@@ -93,6 +94,15 @@ def compare(task: str, score: float, accumulator_bits: int) -> dict[str, Any] | 
                       "compared_with": p.compared_score(accumulator_bits)} for p in placings],
         "sources": list(SOURCES),
     }
+
+
+def comparison_note(comparison: Mapping[str, Any]) -> str:
+    """One sentence: which of the leaderboard's figures :func:`compare` compared the score with, and why."""
+    bits = comparison["accumulator_bits"]
+    if bits == FULL_ACCUMULATOR_BITS:
+        return ("Additions counted at 32 bits: compared with the winners' scores under 32-bit accumulation where "
+                "their authors give them, else with the verified scores.")
+    return f"Additions counted at {bits} bits: compared with the verified scores as they are."
 
 
 def _ordinal(place: int) -> str:

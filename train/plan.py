@@ -10,13 +10,14 @@ not. A distillation teacher changes the weights a run trains, never what the sco
 settings the allocation will replace), unless the run folder holds the allocation an earlier start of the run chose
 (``RUN/sensitivity/allocation.json``), which then replaces them as in the run (:func:`planned_stages`).
 
-The model is finalized as for an entry and counted as the run's finish counts it (:meth:`Session.count`): on the
-test split's first ``score.examples`` where the data is on disk, else on the task's synthetic inputs (an image
-model's count depends on bit widths and shapes, not on values; a language model's adaptive input and softmax
-depend on the test tokens' frequencies, so there the count is an estimate, and says so). The score is the one the
-entry would get IF it reaches its gate: only what the trained weights decide differs (masks ranked globally over
-layers, weights a quantizer rounds to zero). It is printed with the per-layer table and the task's 2019
-leaderboard (scoring/leaderboard.py), and written as ``plan.json`` and ``plan.md`` into the run folder.
+The model is finalized as for an entry and counted as the run's finish counts it (:func:`scoring.entry.count_report`
+under ``score.*``): on the test split's first ``score.examples`` where the data is on disk, else on the task's
+synthetic inputs (an image model's count depends on bit widths and shapes, not on values; a language model's
+adaptive input and softmax depend on the test tokens' frequencies, so there the count is an estimate, and says so).
+The score is the one the entry would get IF it reaches its gate: only what the trained weights decide differs
+(masks ranked globally over layers, weights a quantizer rounds to zero). It is printed with the per-layer table and
+the task's 2019 leaderboard (scoring/leaderboard.py), and written as ``plan.json`` and ``plan.md`` into the run
+folder.
 
 ``plan`` does not define a run: a plan writes into the folder of the real run and nothing else there (no record,
 log, checkpoint or entry), so the real run, started afterwards, trains as if the plan had not been. What the real
@@ -29,6 +30,7 @@ search.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -43,14 +45,14 @@ from compress.quantization import ActivationQuantizer
 from compress.stages import ALLOCATE
 from data import DatasetNotFoundError, Loaders
 from data.tasks import ScoreInputs
-from scoring.entry import atomic_write
-from scoring.gate import TOP1, gate_for
-from scoring.leaderboard import compare, comparison_table
-from scoring.report import build_report, layer_table, rules_text, totals_text
+from scoring.challenge import TOP1, gate_for
+from scoring.entry import atomic_write, count_report
+from scoring.leaderboard import compare, comparison_note, comparison_table
+from scoring.report import layer_table, rules_text, totals_text
 from train.config import ConfigError, compress_fix, reported_as_config_error
 from train.objectives import OBJECTIVES
-from train.preflight import check_allocation, check_score_examples, check_teachers, stage_recipes
-from train.search.stage import allocation_summary, read_back_allocation
+from train.preflight import check_score_examples, check_teachers, stage_recipes
+from train.search.stage import allocation_summary, check_allocation, read_back_allocation
 from train.session import Session
 
 log = logging.getLogger(__name__)
@@ -158,8 +160,8 @@ def plan_inputs(session: Session, model: nn.Module) -> PlanInputs:
             missing = str(err).split(" ; fix:")[0]
     if loaders is not None:
         score = task.score_inputs(loaders.test, cfg.score.examples, session.ctx.device, model)
-        batches = [inputs[:CALIBRATION_EXAMPLES] for inputs, _ in _first(loaders.train, CALIBRATION_BATCHES)]
-        counted = (f"the first {cfg.score.examples} {task.example}s of the test split" +
+        batches = [inputs[:CALIBRATION_EXAMPLES] for inputs, _ in itertools.islice(loaders.train, CALIBRATION_BATCHES)]
+        counted = (f"the first {_examples(score)} {task.example}s of the test split" +
                    (f", after {score.warmup} that fill the model's memory" if score.warmup else "") +
                    ", as the run's finish counts them")
         return PlanInputs(batches, score, len(loaders.train), loaders, counted,
@@ -168,7 +170,7 @@ def plan_inputs(session: Session, model: nn.Module) -> PlanInputs:
     batches = [task.synthetic_inputs(model, seed=seed).inputs for seed in range(CALIBRATION_BATCHES)]
     why = f"the data is not on disk: {missing}"
     if score.stream:
-        counted = (f"{score.inputs.shape[1] - score.warmup} synthetic tokens drawn by Zipf's law over the "
+        counted = (f"{_examples(score)} synthetic tokens drawn by Zipf's law over the "
                    f"{task.num_classes:,}-word vocabulary, after {score.warmup} that fill the model's memory ({why}); "
                    "an estimate: the adaptive input and softmax costs depend on the test tokens' frequencies")
     else:
@@ -178,14 +180,9 @@ def plan_inputs(session: Session, model: nn.Module) -> PlanInputs:
                       estimate=score.stream)
 
 
-def _first(loader: Any, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``batches`` batches of ``loader``."""
-    taken = []
-    for batch in loader:
-        taken.append(batch)
-        if len(taken) == batches:
-            break
-    return taken
+def _examples(inputs: ScoreInputs) -> int:
+    """The examples the scorer counts in ``inputs``: images of a batch, or the tokens of a stream after its warm-up."""
+    return inputs.inputs.shape[1] - inputs.warmup if inputs.stream else len(inputs.inputs)
 
 
 def run_refusals(session: Session, model: nn.Module, stages: list[Stage], loaders: Loaders | None) -> list[str]:
@@ -226,8 +223,7 @@ def make_plan(session: Session, model: nn.Module, stages: list[Stage], unset: li
         attached = attach_final(model, final, steps_per_epoch=inputs.steps_per_epoch)
     calibrate(model, inputs.calibration, OBJECTIVES[session.task.kind].predict, device)
     finalize_for_export(model)
-    count = session.count(model, inputs.score)
-    plan = plan_record(session, build_report(task=cfg.task.name, count=count, example=session.task.example),
+    plan = plan_record(session, count_report(model, session.task, inputs.score, session.config["score"]),
                        inputs=inputs, stages=attached, allocation=allocation, refusals=refusals,
                        allocates=any(stage.kind == ALLOCATE for stage in stages))
     write_plan(session, plan)
@@ -299,9 +295,7 @@ def _leaderboard_text(plan: dict[str, Any]) -> str:
     comparison = plan["leaderboard"]
     if comparison is None:
         return f"No 2019 leaderboard: {plan['task']} was not a challenge task."
-    return (f"The 2019 verified leaderboard ({plan['task']}); compared: the winners' figures with 32-bit accumulation "
-            f"where their authors give them, as this plan is counted at {plan['accumulator']} "
-            f"(else their verified scores):\n\n"
+    return (f"The 2019 verified leaderboard ({plan['task']}). {comparison_note(comparison)}\n\n"
             + comparison_table(comparison, "this plan") + "\n\nSources: " + "; ".join(comparison["sources"]) + ".")
 
 
