@@ -81,6 +81,8 @@ class PlanInputs:
     calibrated_on: str
     #: The count is an estimate (a language model counted on synthetic tokens).
     estimate: bool = False
+    #: Where the data is not on disk: what the real run would say about it (one line with its fix).
+    no_data: str | None = None
 
 
 def unset_teachers(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
@@ -152,14 +154,16 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor], predict: Callable[.
 def plan_inputs(session: Session, model: nn.Module) -> PlanInputs:
     """The calibration batches and scorer inputs of the run's data where it is on disk, else synthetic ones."""
     cfg, task = session.cfg, session.task
-    loaders, missing = None, "data.root is not set"
+    loaders, no_data = None, ConfigError(f"task={cfg.task.name} needs data.root (the {cfg.task.dataset} folder)",
+                                         f"pass data.root=/path/to/{cfg.task.dataset}")
     if not (cfg.task.needs_root and not cfg.data.root):
         try:
             loaders = session.loaders
         except DatasetNotFoundError as err:
-            missing = str(err).split(" ; fix:")[0]
+            no_data = err
     if loaders is not None:
-        score = task.score_inputs(loaders.test, cfg.score.examples, session.ctx.device, model)
+        with reported_as_config_error("lower score.examples"):
+            score = task.score_inputs(loaders.test, cfg.score.examples, session.ctx.device, model)
         batches = [inputs[:CALIBRATION_EXAMPLES] for inputs, _ in itertools.islice(loaders.train, CALIBRATION_BATCHES)]
         counted = (f"the first {_examples(score)} {task.example}s of the test split" +
                    (f", after {score.warmup} that fill the model's memory" if score.warmup else "") +
@@ -168,7 +172,7 @@ def plan_inputs(session: Session, model: nn.Module) -> PlanInputs:
                           f"{len(batches)} training batches ({CALIBRATION_EXAMPLES} rows each)")
     score = task.synthetic_inputs(model)
     batches = [task.synthetic_inputs(model, seed=seed).inputs for seed in range(CALIBRATION_BATCHES)]
-    why = f"the data is not on disk: {missing}"
+    why = f"the data is not on disk: {str(no_data).split(' ; fix:')[0]}"
     if score.stream:
         counted = (f"{_examples(score)} synthetic tokens drawn by Zipf's law over the "
                    f"{task.num_classes:,}-word vocabulary, after {score.warmup} that fill the model's memory ({why}); "
@@ -177,7 +181,7 @@ def plan_inputs(session: Session, model: nn.Module) -> PlanInputs:
         counted = (f"a synthetic image of {'x'.join(map(str, score.inputs.shape[1:]))} ({why}); bit widths and "
                    "shapes, not values, decide an image model's count")
     return PlanInputs(batches, score, STEPS_WITHOUT_DATA, None, counted, f"{len(batches)} synthetic batches",
-                      estimate=score.stream)
+                      estimate=score.stream, no_data=str(no_data))
 
 
 def _examples(inputs: ScoreInputs) -> int:
@@ -185,10 +189,10 @@ def _examples(inputs: ScoreInputs) -> int:
     return inputs.inputs.shape[1] - inputs.warmup if inputs.stream else len(inputs.inputs)
 
 
-def run_refusals(session: Session, model: nn.Module, stages: list[Stage], loaders: Loaders | None) -> list[str]:
+def run_refusals(session: Session, model: nn.Module, stages: list[Stage], inputs: PlanInputs) -> list[str]:
     """What the real run would refuse at its start (train/preflight.py's checks) that a plan does not need, one line
     each: teachers, the stages' recipes, an allocate stage's validation split, the scorer's examples, the data."""
-    cfg = session.cfg
+    cfg, loaders = session.cfg, inputs.loaders
     checks: list[Callable[[], Any]] = [
         lambda: check_teachers(stages, session.stage_dirs),
         lambda: stage_recipes(session, stages),
@@ -205,9 +209,7 @@ def run_refusals(session: Session, model: nn.Module, stages: list[Stage], loader
                 check()
         except ConfigError as err:
             refusals.append(str(err))
-    if loaders is None:
-        refusals.append(f"task={cfg.task.name} needs its data ; fix: pass data.root=/path/to/{cfg.task.dataset}")
-    return refusals
+    return refusals + ([inputs.no_data] if inputs.no_data else [])
 
 
 def make_plan(session: Session, model: nn.Module, stages: list[Stage], unset: list[str]) -> dict[str, Any]:
@@ -217,7 +219,7 @@ def make_plan(session: Session, model: nn.Module, stages: list[Stage], unset: li
     cfg, device = session.cfg, session.ctx.device
     model.to(device)
     inputs = plan_inputs(session, model)
-    refusals = unset + run_refusals(session, model, stages, inputs.loaders)
+    refusals = unset + run_refusals(session, model, stages, inputs)
     final, allocation = planned_stages(session, stages)
     with reported_as_config_error(compress_fix(cfg)):
         attached = attach_final(model, final, steps_per_epoch=inputs.steps_per_epoch)

@@ -105,6 +105,15 @@ def test_a_language_model_is_counted_on_its_test_stream_where_the_data_is_presen
     assert {bits for _, bits, _ in _layers(plan).values()} == {8}
 
 
+def test_without_the_data_an_image_model_is_counted_on_a_synthetic_image(tmp_path: Path):
+    plan = _plan(tmp_path / "run", "task=cifar100", "model=resnet18_cifar", "compress=prune_q4",
+                 f"data.root={tmp_path / 'nothing'}")
+    assert plan["counted_on"].startswith("a synthetic image of 3x32x32 (the data is not on disk: CIFAR-100 not found")
+    assert plan["examples"] == 1 and not plan["estimate"] and plan["calibrated_on"] == "2 synthetic batches"
+    assert plan["run_would_refuse"][-1].startswith("CIFAR-100 not found: ")
+    assert plan["leaderboard"]["place"] == 4 and _layers(plan)["layer1.0.conv1"] == (0.9, 4, 4)
+
+
 def test_plan_is_a_bool_that_does_not_define_the_run(tmp_path: Path, monkeypatch, capsys):
     assert run_dir_for("compress=prune_q4", "plan=true") == run_dir_for("compress=prune_q4")
     monkeypatch.chdir(tmp_path)
@@ -148,7 +157,7 @@ def test_every_experiment_plans_at_full_size_on_synthetic_inputs(tmp_path: Path,
     assert plan["examples"] == (64 if plan["example"] == "token" else 1)
     assert "synthetic" in plan["counted_on"] and "the data is not on disk" in plan["counted_on"]
     assert plan["estimate"] == (plan["example"] == "token")
-    assert any(line.startswith(f"task={plan['task']} needs its data") for line in plan["run_would_refuse"])
+    assert f"task={plan['task']} needs data.root" in plan["run_would_refuse"][-1]
     leaderboard = plan["leaderboard"]
     assert [p["place"] for p in leaderboard["placings"]] == [1, 2, 3] and leaderboard["accumulator_bits"] == 32
     assert 1 <= leaderboard["place"] <= 4 and all(stage["skipped"] == ["distill"] for stage in plan["stages"])
