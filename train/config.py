@@ -165,6 +165,7 @@ class RunConfig:
     device: str = "auto"
     init: Optional[str] = None
     smoke: bool = False  # shrink every stage to try a recipe end to end (train/smoke.py)
+    plan: bool = False  # build and count the recipe's final model without training it (train/plan.py)
 
 
 # Hydra's convention: register at import, so any composer of conf/ (run.py, tests) gets the schema.
@@ -255,7 +256,7 @@ def validate(cfg: DictConfig, known_models: list[str]) -> None:
     if cfg.model.name not in known_models:
         raise ConfigError(f"unknown model '{cfg.model.name}'",
                           f"use model=<name> with one of: {', '.join(sorted(known_models))}")
-    if cfg.task.needs_root and not cfg.data.root:
+    if cfg.task.needs_root and not cfg.data.root and not cfg.plan:  # a plan counts on synthetic inputs
         raise ConfigError(f"task={cfg.task.name} needs data.root (the {cfg.task.dataset} folder)",
                           f"pass data.root=/path/to/{cfg.task.dataset}"
                           + (" (add data.download=true to fetch it)" if cfg.task.downloadable else ""))

@@ -10,7 +10,8 @@ template) anew with the chosen per-layer settings (:func:`run_allocate_stage`). 
 ``RUN/sensitivity/`` as the two commands write them, with ``allocation.json`` last: a run restarted after it reads
 the allocation back instead of measuring again. While it measures, it keeps the layers measured so far there
 (``sensitivity.partial.json``) and reads the stop request between layers: a run stopped or killed during the stage
-resumes the measurement where it was. A smoke run shortens it through :func:`smoke_stages`.
+resumes the measurement where it was. A smoke run shortens it through :func:`smoke_stages`; a plan (train/plan.py)
+reads a chosen allocation back without measuring anything (:func:`read_back_allocation`).
 
 Imports compress, data, train.config and the rest of the search; never train/run.py.
 """
@@ -190,10 +191,30 @@ def run_allocate_stage(name: str, model: nn.Module, *, config: Mapping[str, Any]
         if record is None:
             return None
         log.info("stage '%s' finished in %.0f s: %s", name, record["seconds"], out)
-    later = build_stages({"stages": fill_stages(stages[index + 1:], Allocation.from_dict(record))},
-                         load_teacher=load_teacher)
     log.info("%s", allocation_summary(record))
-    return {key: value for key, value in record.items() if key not in ("config", "format")}, later
+    return _allocated(record, stages[index + 1:], load_teacher)
+
+
+def read_back_allocation(name: str, *, config: Mapping[str, Any], run_dir: Path,
+                         load_teacher: Callable[[str], nn.Module]) -> tuple[dict[str, Any], list[Stage]] | None:
+    """What :func:`run_allocate_stage` returns for the allocate stage ``name`` of the run in ``run_dir`` (resolved
+    ``config``) once an earlier start of it chose the allocation (``RUN/sensitivity/allocation.json``), without
+    a model or data; None while there is none. ConfigError when the file cannot be read or a run of another
+    configuration wrote it."""
+    record = read_allocation(run_dir / SENSITIVITY_DIR, config)
+    if record is None:
+        return None
+    stages = config["compress"]["stages"]
+    index = [stage["name"] for stage in stages].index(name)
+    return _allocated(record, stages[index + 1:], load_teacher)
+
+
+def _allocated(record: dict[str, Any], later: Sequence[Mapping[str, Any]], load_teacher: Callable[[str], nn.Module]
+               ) -> tuple[dict[str, Any], list[Stage]]:
+    """The allocation's record for the report (allocation.json without the run's config) and the stages ``later``
+    (the template, as written) built anew with its per-layer settings."""
+    built = build_stages({"stages": fill_stages(later, Allocation.from_dict(record))}, load_teacher=load_teacher)
+    return {key: value for key, value in record.items() if key not in ("config", "format")}, built
 
 
 def measure_and_allocate(spec: AllocateStage, probe: Probe, *, where: str, later: Sequence[Mapping[str, Any]],
