@@ -154,9 +154,9 @@ def export(run_dir: Path, out: Path, *, force: bool = False, allow_gate_failure:
         (staging / "entry").mkdir()
         for name in (WEIGHTS_FILE, ENTRY_JSON):
             shutil.copyfile(source / name, staging / "entry" / name)  # contents only: the umask gives the mode
-        write_report(staging, {key: value for key, value in report.items()
-                               if key not in RUN_ONLY_FIELDS and key != "format_version"})
-        (staging / WRITEUP_FILE).write_text(writeup(entry, report, _train_command(run_dir, entry.config)))
+        bundled = {key: value for key, value in report.items() if key not in RUN_ONLY_FIELDS + ("format_version",)}
+        write_report(staging, bundled)
+        (staging / WRITEUP_FILE).write_text(writeup(entry, bundled, _train_command(run_dir, entry.config)))
         load_entry(staging)  # the copy must load as the source did
         write_manifest(staging)  # last: it covers every file above
         if out.exists():

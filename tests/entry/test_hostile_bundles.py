@@ -28,8 +28,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scoring.entry import ENTRY_JSON, MANIFEST_FILE, MAX_MODULES, REPORT_JSON, WEIGHTS_FILE, EntryError, load_entry, \
-    sha256_file, verify, write_manifest
+    sha256_file, verify, write_manifest, write_report
 from scoring.entry.bundle import _skeleton
+from scoring.entry.export import WRITEUP_FILE, train_command_in, writeup
 from scoring.entry.kit import judge, official_score_settings, task_definition
 
 from tests.conftest import HANG
@@ -146,8 +147,12 @@ def edit_weights(bundle: Path, edit: Callable[[dict], object]) -> None:
 
 
 def rewrite_report(bundle: Path) -> None:
-    """report.json recounted from the edited entry with its own recorded config: what a consistent forgery needs."""
-    (bundle / REPORT_JSON).write_text(json.dumps(verify.recount_entry(load_entry(bundle), device="cpu")))
+    """report.json recounted from the edited entry with its own recorded config, and report.md and WRITEUP.md
+    rebuilt from it: what a consistent forgery needs."""
+    entry = load_entry(bundle)
+    report = write_report(bundle, verify.recount_entry(entry, device="cpu", with_validation=True))
+    command = train_command_in((bundle / WRITEUP_FILE).read_text())
+    (bundle / WRITEUP_FILE).write_text(writeup(entry, report, command))
 
 
 def config(**changes) -> Callable[[dict], None]:
@@ -347,7 +352,7 @@ PROBES = [
                  r"conv1\.0\.parametrizations\.weight\.original is \[32, 1, 3, 3\] in model\.safetensors, "
                  r"\[32, 4096, 3, 3\] in the model", id="in-chans-4096"),
     pytest.param(wider_first_layer, "reseal", (), 2,
-                 r"the entry cannot be evaluated on its task \(RuntimeError: .*channels", id="model-not-for-task"),
+                 r"the entry cannot be evaluated on its task \(RuntimeError: .*channel", id="model-not-for-task"),
     pytest.param(_entry(lambda d: d["model"].update(num_classes=5)), "reseal", (), 2,
                  r"model has 5 classes, task digits has 10", id="num-classes"),
     pytest.param(_entry(lambda d: d["config"].update(seed=10**30)), "reseal", (), 2,
@@ -542,12 +547,9 @@ def test_hostile_bundle_in_a_fresh_process(hostile, tmp_path, edit, how, flags, 
     assert not (away / "marker").exists()
 
 
-def test_a_stray_file_with_an_odd_name_is_one_escaped_row(hostile, capsys):
+def test_a_stray_file_with_an_odd_name_is_refused_in_one_escaped_line(hostile, capsys):
     bundle, _ = hostile
-    (bundle / os.fsdecode(b"\xff\nreport.json")).write_text("x")  # not UTF-8, and a newline: one row, escaped
+    (bundle / os.fsdecode(b"\xff\nreport.json")).write_text("x")  # not UTF-8, and a newline: escaped
     verdict = run_verify(bundle, capsys)
-    assert verdict.status == 1 and verdict.err == ""
-    rows = [re.split(r" {2,}", line) for line in verdict.out.splitlines()[1:-1]]
-    assert len(rows) == 6 and ["'\\udcff\\nreport.json'", "-"] in [row[:2] for row in rows]
-    assert rows[[row[0] for row in rows].index("'\\udcff\\nreport.json'")][-1] == "NOT LISTED"
-    assert_bounded(verdict, bundle)
+    assert_refused(verdict, bundle, 2, re.escape(f"{bundle} holds '\\udcff\\nreport.json', which is not part of "
+                                                 "an entry bundle"))
