@@ -11,9 +11,9 @@ An entry is a folder with two files:
 Nothing here unpickles. :func:`load_entry` checks that the weights file *is* safetensors before any parser
 touches it, so a planted pickle is refused with one line, reads its safetensors header only up to
 :data:`~scoring.entry.files.MAX_HEADER_BYTES` (from its 8-byte length, before any parser runs) and as plain JSON
-(a tensor named twice is refused), and checks the recorded sha256. entry.json is plain data (:mod:`scoring.entry.files`), and no string in it holds ``${`` or
-equals ``???`` (what OmegaConf would interpolate, e.g. ``${oc.env:HOME}``, or read as missing): a resolved
-config has none.
+(a tensor named twice, or of a dtype outside :data:`ENTRY_DTYPES`, is refused), and checks the recorded sha256.
+entry.json is plain data (:mod:`scoring.entry.files`), and no string in it holds ``${`` or equals ``???`` (what
+OmegaConf would interpolate, e.g. ``${oc.env:HOME}``, or read as missing): a resolved config has none.
 
 :func:`build_model_from_entry` is the one place that composes models and compress to rebuild an entry; the
 exporter, the verifier and the scoring CLI all go through it. It checks the model's keyword arguments
@@ -53,6 +53,9 @@ ENTRY_JSON = "entry.json"
 WEIGHTS_FILE = "model.safetensors"
 #: Version of the entry.json layout; bumped when a reader could misread an older entry.
 FORMAT_VERSION = 1
+#: The safetensors dtypes a model's state holds (floats, integers, masks); no 4-, 6- or 8-bit float, which the
+#: safetensors reader may not know and a model's tensors never are.
+ENTRY_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
 @dataclass
@@ -212,8 +215,18 @@ def _read_safetensors(path: Path, within: Path) -> bytes:
             raise EntryError(f"{path} has a safetensors header of {header_len:,} bytes, over the limit of "
                              f"{MAX_HEADER_BYTES:,} (a real entry's is under 200 kB); re-export the run")
         data = head + f.read(MAX_BUNDLE_BYTES)
-    plain_json(data[8:8 + header_len], path)  # a key given twice: the parser would keep one tensor of the two
+    header = plain_json(data[8:8 + header_len], path)  # a key given twice: the parser would keep one of the two
+    _check_dtypes(header, path)
     return data
+
+
+def _check_dtypes(header: Any, path: Path) -> None:
+    """Every tensor of a safetensors ``header`` has one of :data:`ENTRY_DTYPES` (the parser checks the rest)."""
+    for name, info in header.items() if isinstance(header, dict) else ():
+        dtype = info.get("dtype") if isinstance(info, dict) and name != "__metadata__" else None
+        if isinstance(dtype, str) and dtype not in ENTRY_DTYPES:
+            raise EntryError(f"{path} holds tensor {name[:120]!r} of dtype {dtype[:40]!r}, which no entry "
+                             f"holds (an entry's tensors are {', '.join(ENTRY_DTYPES)}); re-export the run")
 
 
 def _is_count(value: Any) -> bool:

@@ -20,7 +20,8 @@ kit's, never the bundle's:
 * the data: the recorded ``data.root`` (a folder on the entrant's machine; CIFAR-100's files are pickles) and the
   other machine settings are never used: verify loads from ``--data-root`` only, downloads nothing, loads
   in-process (:data:`VERIFY_DATA`);
-* the recorded seed and evaluation batch size, which the evaluation reads, are range-checked.
+* the recorded seed, evaluation batch size and validation hold-out (``data.val_split``), which the evaluation
+  reads, are range-checked (:func:`check_evaluation`; the scoring CLI checks them too).
 
 Every refusal is an :class:`~scoring.entry.files.EntryError`: one line naming the field, the kit's value and the fix.
 This module may import data/, conf and scoring core, never train/.
@@ -106,7 +107,7 @@ def judge(entry: Entry, report: Mapping[str, Any], *, allow_score_settings: bool
             raise EntryError(f"report.json's {key} is {_show(found)}, the kit's for task {name} is {value!r}; the "
                              "report was not written for this entry's task — re-export the run")
     score, unofficial = _score_settings(config["score"], allow_score_settings)
-    _check_evaluation(config)
+    check_evaluation(config)
     data = {**config["data"], **VERIFY_DATA}
     return Judged(replace(entry, config={**config, "task": task, "score": score, "data": data}), unofficial)
 
@@ -171,14 +172,18 @@ def _score_settings(recorded: Mapping[str, Any], allow: bool) -> tuple[dict[str,
     return dict(recorded), unofficial
 
 
-def _check_evaluation(config: Mapping[str, Any]) -> None:
-    """The recorded values the evaluation reads: seed and evaluation batch size, in range."""
-    seed, batch = config.get("seed"), config["train"].get("eval_batch_size")
+def check_evaluation(config: Mapping[str, Any]) -> None:
+    """The recorded values the evaluation reads: seed, evaluation batch size and validation hold-out, in range
+    (a run's own checks, made again on what an entry recorded)."""
+    seed, batch, split = config.get("seed"), config["train"].get("eval_batch_size"), config["data"].get("val_split", 0)
     if not (_is_int(seed) and 0 <= seed < 2**32):
         raise EntryError(f"entry.json's seed={reprlib.repr(seed)} must be an integer in [0, 2**32); re-export the run")
     if not (_is_int(batch) and 1 <= batch <= MAX_BATCH):
         raise EntryError(f"entry.json's train.eval_batch_size={reprlib.repr(batch)} must be an integer in "
                          f"1..{MAX_BATCH}; re-export the run with a smaller train.eval_batch_size")
+    if not (_is_int(split) and split >= 0 or isinstance(split, float) and 0 <= split < 1):
+        raise EntryError(f"entry.json's data.val_split={reprlib.repr(split)} must be a fraction in [0, 1) or a count "
+                         ">= 0 of training examples; re-export the run")
 
 
 def _is_freebie_setting(value: Any) -> bool:

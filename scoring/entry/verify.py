@@ -71,7 +71,7 @@ from scoring.entry.comparison import Row, aligned, compare, document_row, format
 from scoring.entry.cost import evaluation_failure
 from scoring.entry.export import BUNDLE_FILES, VERIFY_COMMAND, WRITEUP_FILE, train_command_in, writeup
 from scoring.entry.files import EntryError
-from scoring.entry.kit import Judged, judge
+from scoring.entry.kit import Judged, check_evaluation, judge
 from scoring.entry.manifest import MANIFEST_FILE, FileCheck, check_manifest
 from scoring.entry.runfiles import REPORT_JSON, REPORT_MD, RUN_ONLY_FIELDS, read_markdown, read_report
 from scoring.errors import UserError
@@ -119,6 +119,7 @@ def recount_entry(entry: Entry, *, data_root: str | None = None, examples: int |
     from scoring.entry.model_report import recount, run_record
 
     config = entry.config
+    check_evaluation(config)
     resolved = resolve_device(device)
     task = build_task(config["task"])
     options = DataOptions(root=config["data"].get("root") if data_root is None else data_root,
