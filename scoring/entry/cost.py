@@ -114,10 +114,14 @@ def check_cost(skeleton: nn.Module, config: Mapping[str, Any], described: str) -
 
 
 def _stream_steps(skeleton: nn.Module, window: int) -> Iterator[Step]:
-    """Steps of ``window`` tokens, the state carried, until the state stops growing (a language model's memory
-    fills in at most ``MAX_MEMORY_TOKENS / window + 1`` windows)."""
+    """Steps of ``window`` tokens from the model's initial state, the state carried, until the state stops growing:
+    one step for a recurrent state of fixed size, and a language model's memory fills in at most
+    ``MAX_MEMORY_TOKENS / window + 1`` windows."""
     tokens = torch.zeros(1, window, dtype=torch.long, device="meta")
-    state = None
+    try:
+        state = skeleton.initial_state(1, device="meta")
+    except Exception as err:  # the model's own code
+        raise evaluation_failure(err) from None
     for _ in range(MAX_MEMORY_TOKENS // window + 2):
         carried: list[Any] = []
         yield _measure(lambda state=state: carried.append(skeleton(tokens, state, tokens)[1]), window)
