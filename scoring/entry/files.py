@@ -63,12 +63,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
     A crash, a power loss or a full disk leaves either the old file or the new one, never a torn one:
     the data is synced before the rename, and the folder after it (POSIX makes a rename durable only then).
-    The file gets the mode of any new file (0666 less the umask), not ``tempfile``'s private 0600.
+    The file gets the mode of any new file (0666 less the umask), not ``tempfile``'s private 0600, whatever
+    ``write`` does (safetensors' writer makes its file 0600).
     """
     tmp = _create_beside(path, ".tmp", lambda name: os.close(
         os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)))
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask gives a new file, read without changing the umask
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         _fsync(tmp)
         os.replace(tmp, path)
     finally:

@@ -121,12 +121,12 @@ def recount_entry(entry: Entry, *, data_root: str | None = None, examples: int |
     config = entry.config
     check_evaluation(config)
     resolved = resolve_device(device)
+    model = (build_model_from_entry(entry) if model is None else model).to(resolved)  # refusals before any data
     task = build_task(config["task"])
     options = DataOptions(root=config["data"].get("root") if data_root is None else data_root,
                           val_split=config["data"].get("val_split", 0))
     loaders = task.loaders(options, batch_size=1, eval_batch_size=config["train"]["eval_batch_size"],
                            seed=config["seed"], device=resolved)
-    model = (build_model_from_entry(entry) if model is None else model).to(resolved)
     score = {**config["score"], "examples": examples or config["score"]["examples"]}
     _check_examples(task, loaders.test, score["examples"], model, given=examples is not None)
     validation = task.evaluate(model, loaders.val, resolved, "val") \

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, export, load_entry, verify, write_manifest
 from tests.conftest import HANG
 
-from .conftest import exit_status, plant_pickle
+from .conftest import exit_status, finish_run, plant_pickle
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -186,3 +188,27 @@ def test_verify_reads_the_entry_of_a_run_dir_too(run_dir, capsys):
     out, err = capsys.readouterr()
     assert out.splitlines()[-1].endswith("(file integrity unchecked: no SHA256SUMS)")
     assert err == f"warning: {run_dir} has no SHA256SUMS; the integrity of its files is unchecked\n"
+
+
+@pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_every_file_and_folder_written_has_the_mode_the_umask_gives(tmp_path, run_config, compressed_model, capsys,
+                                                                    umask, file_mode, folder_mode):
+    """Not tempfile's private 0600 / 0700 (nor safetensors' 0600): a bundle copied to a shared folder, or a run
+    dir on a shared disk, is readable as any other file there."""
+    from scoring.entry import architecture
+
+    previous = os.umask(umask)
+    try:
+        run = finish_run(tmp_path / "run", compressed_model, run_config)
+        export.export(run, tmp_path / "bundle", allow_gate_failure=True)
+        assert architecture.main(["--model", "digits_cnn", "--task", "digits", "--json", str(tmp_path / "a.json")]) \
+            == 0
+    finally:
+        os.umask(previous)
+    modes = {str(path.relative_to(tmp_path)): stat.S_IMODE(path.stat().st_mode) for path in tmp_path.rglob("*")}
+    assert {name for name in modes if name.startswith("bundle")} == {
+        "bundle", "bundle/entry", f"bundle/entry/{ENTRY_JSON}", f"bundle/entry/{WEIGHTS_FILE}", "bundle/report.json",
+        "bundle/report.md", "bundle/WRITEUP.md", f"bundle/{MANIFEST_FILE}"}
+    assert {"run", "run/entry", f"run/entry/{WEIGHTS_FILE}", "run/report.json", "a.json"} <= modes.keys()
+    assert {name: oct(mode) for name, mode in modes.items()
+            if mode != (folder_mode if (tmp_path / name).is_dir() else file_mode)} == {}
