@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -171,6 +172,26 @@ def test_scoring_cli_refuses_a_planted_pickle_in_a_fresh_process(bundle, tmp_pat
     assert done.stderr.startswith("error: ") and "is not a safetensors file" in done.stderr
     assert "Traceback" not in done.stderr
     assert not marker.exists()
+
+
+@pytest.mark.slow  # a fresh Python (what -P changes is its start), ~6 s of CPU importing torch and timm
+def test_verify_inside_a_bundle_with_planted_modules_runs_none_of_them(exported_bundle, tmp_path):
+    """`cd BUNDLE && python -P -m scoring verify .`, as README and verify's own output say to run it: the bundle's
+    folder is not on the import path, so modules named like the ones verify imports never run; the bundle is
+    refused for holding them, in one line."""
+    bundle, marker = tmp_path / "bundle", tmp_path / "ran"
+    shutil.copytree(exported_bundle, bundle)
+    plant = f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+    for name in ("argparse.py", "typing_extensions.py", "safetensors/__init__.py", "entry/json.py"):
+        (bundle / name).parent.mkdir(exist_ok=True)
+        (bundle / name).write_text(plant)
+    write_manifest(bundle)  # listed, as a forger would
+    done = subprocess.run([sys.executable, "-P", "-m", "scoring", "verify", ".", "--device", "cpu"], cwd=bundle,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=HANG)
+    assert not marker.exists(), marker.read_text()
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.startswith("error: . holds safetensors, which is not part of an entry bundle")
+    assert done.stderr.count("\n") == 1
 
 
 def test_score_main_prints_the_summary(bundle, capsys):
