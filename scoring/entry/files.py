@@ -12,8 +12,9 @@ Reading: an entry or bundle may come from anyone, so reading one is bounded and 
   (:func:`open_regular`, :func:`read_regular`);
 * every file has a size cap, checked before reading: :data:`MAX_JSON_BYTES` for entry.json and report.json,
   :data:`MAX_MANIFEST_BYTES` for the manifest, :data:`MAX_BUNDLE_BYTES` for any file and for a bundle in all,
-  the bundle's markdown files :data:`MAX_MARKDOWN_BYTES`, and the safetensors header :data:`MAX_HEADER_BYTES`; folder walks are at most :data:`MAX_DEPTH` folders deep
-  and :data:`MAX_FILES` entries; a rebuilt architecture has at most :data:`MAX_MODULES` modules;
+  :data:`MAX_MARKDOWN_BYTES` for the bundle's markdown files, and the safetensors header
+  :data:`MAX_HEADER_BYTES`; folder walks are at most :data:`MAX_DEPTH` folders deep and :data:`MAX_FILES`
+  entries; a rebuilt architecture has at most :data:`MAX_MODULES` modules;
 * JSON is plain data: NaN / Infinity and a key given twice in one object are refused (:func:`plain_json`).
 
 Each refusal is an :class:`EntryError`: one line that names the file or value and the limit, and what to do.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import reprlib
 import secrets
 import stat
 from collections.abc import Iterator
@@ -197,7 +197,7 @@ def plain_json(data: bytes, path: Path) -> Any:
         document: dict[str, Any] = {}
         for key, value in pairs:
             if key in document:
-                raise EntryError(f"{path} holds the key {reprlib.repr(key)} twice in one object; JSON this kit "
+                raise EntryError(f"{path} holds the key {key[:120]!r} twice in one object; JSON this kit "
                                  "writes has each key once — get an intact copy of the bundle or re-export it")
             document[key] = value
         return document

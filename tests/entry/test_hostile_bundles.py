@@ -288,6 +288,56 @@ def _padded_entry_json(bundle: Path, _: Path) -> None:
     path.write_text(path.read_text() + " " * (5 << 20))
 
 
+def _key_twice(name: str) -> Callable[[Path, Path], None]:
+    """The JSON file ``name`` with its first key given again, first: a reader keeps one of the two values."""
+    def edit(bundle: Path, _: Path) -> None:
+        path = bundle / name
+        text = path.read_text().lstrip()
+        key_end = text.index(",") + 1  # '{"format_version": 1,' in both JSON files of a bundle
+        path.write_text(text[:key_end] + text[1:])
+    return edit
+
+
+def _rewrite_header(bundle: Path, edit: Callable[[dict, bytes], tuple[str, bytes]]) -> None:
+    """The weights file with its safetensors header (and data) as ``edit(header, data)`` makes them, resealed."""
+    path = bundle / "entry" / WEIGHTS_FILE
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    text, data = edit(json.loads(raw[8:8 + size]), raw[8 + size:])
+    header = text.encode() + b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    set_sha256(bundle)
+
+
+def _tensor_twice(bundle: Path, _: Path) -> None:
+    """A tensor named twice in the header (both entries valid): the parser would keep one of the two."""
+    def edit(header: dict, data: bytes) -> tuple[str, bytes]:
+        text = json.dumps(header)
+        name = next(key for key in header if key != "__metadata__")
+        entry = f"{json.dumps(name)}: {json.dumps(header[name])}"
+        return "{" + entry + ", " + text[1:], data
+    _rewrite_header(bundle, edit)
+
+
+def _dtype(dtype: str, bits: int) -> Callable[[Path, Path], None]:
+    """conv1's weight stored as ``dtype`` (``bits`` per element), the file otherwise consistent: offsets, sizes."""
+    def edit(bundle: Path, _: Path) -> None:
+        def recast(header: dict, data: bytes) -> tuple[str, bytes]:
+            out, body = {}, b""
+            for name, info in header.items():
+                if name == "__metadata__":
+                    out[name] = info
+                    continue
+                chunk = data[info["data_offsets"][0]:info["data_offsets"][1]]
+                if name == "conv1.0.parametrizations.weight.original":
+                    info, chunk = {**info, "dtype": dtype}, bytes(32 * 1 * 3 * 3 * bits // 8)
+                out[name] = {**info, "data_offsets": [len(body), len(body) + len(chunk)]}
+                body += chunk
+            return json.dumps(out), body
+        _rewrite_header(bundle, recast)
+    return edit
+
+
 def _chain(chain: list) -> Callable[[dict], None]:
     return lambda d: d["compression_state"]["weights"].update({"conv2.0": chain})
 
@@ -378,6 +428,22 @@ PROBES = [
                  r"at task\.kind: absent in the entry, 'classification' in the kit", id="task-key-missing"),
     pytest.param(lambda b, _: edit_json(b / REPORT_JSON, lambda r: r["baseline"].update(params=1)), "reseal", (), 2,
                  r"report\.json's baseline is .*, the kit's for task digits is", id="report-baseline"),
+    # Issue 23.
+    pytest.param(_key_twice(f"entry/{ENTRY_JSON}"), "reseal", (), 2,
+                 rf"entry/{ENTRY_JSON} holds the key 'format_version' twice in one object", id="entry-json-key-twice"),
+    pytest.param(_key_twice(REPORT_JSON), "reseal", (), 2,
+                 rf"{REPORT_JSON} holds the key 'format_version' twice in one object", id="report-json-key-twice"),
+    pytest.param(_tensor_twice, "reseal", (), 2,
+                 rf"{WEIGHTS_FILE} holds the key 'conv1\.1\.num_batches_tracked' twice in one object", id="tensor-twice"),
+    pytest.param(_dtype("F4", 4), "reseal", (), 2,
+                 rf"{WEIGHTS_FILE} holds tensor 'conv1\.0\.parametrizations\.weight\.original' of dtype 'F4', "
+                 r"which no entry holds \(an entry's tensors are F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL\)",
+                 id="dtype-F4"),
+    pytest.param(_dtype("F8_E8M0", 8), "reseal", (), 2, r"of dtype 'F8_E8M0', which no entry holds",
+                 id="dtype-F8_E8M0"),
+    pytest.param(_entry(config(data__val_split=[1, 2])), "reseal", (), 2,
+                 r"entry\.json's data\.val_split=\[1, 2\] must be a fraction in \[0, 1\) or a count >= 0 of training "
+                 r"examples", id="val-split-list"),
     # Without a manifest (a run dir, --allow-no-manifest): the readers themselves refuse.
     pytest.param(replace_with("/etc/passwd", f"entry/{ENTRY_JSON}"), "remove", ("--allow-no-manifest",), 2,
                  rf"entry/{ENTRY_JSON} is a symbolic link, not a regular file", id="entry-json-symlink-etc-passwd"),

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from data.wikitext import user_cache_dir
 from tests.conftest import HANG, REPO, run_train
+from tests.data.conftest import edit_token_cache
 from tests.fixtures import make_wikitext103
 
 pytestmark = pytest.mark.slow
@@ -51,10 +54,20 @@ def test_the_demo_trains_compresses_gates_scores_exports_and_verifies(tmp_path: 
                                *([] if report["gate_passed"] else ["--allow-gate-failure"])],
                               capture_output=True, text=True, timeout=HANG, env=env, cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
-    verified = subprocess.run([sys.executable, "-m", "scoring", "verify", str(bundle), "--device", "cpu"],
-                              capture_output=True, text=True, timeout=HANG, env=env, cwd=tmp_path)
+    # verify reads the demo's tokens from the cache the run left: one damaged (a test token changed) with its
+    # recorded sha256 rewritten to match is not trusted, but rebuilt from its source; the recount then agrees.
+    cache = tmp_path / "xdg" / "micronet-kit"
+    cache.mkdir(parents=True)
+    for path in user_cache_dir().glob("wikitext_demo-*"):
+        shutil.copy(path, cache)
+    edit_token_cache(next(cache.glob("wikitext_demo-*.npy")),
+                     lambda vocab, ids: ids.__setitem__(-10, (ids[-10] + 1) % len(vocab)))
+    verified = subprocess.run([sys.executable, "-P", "-m", "scoring", "verify", str(bundle), "--device", "cpu"],
+                              capture_output=True, text=True, timeout=HANG, cwd=tmp_path,
+                              env={**env, "XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "nll_sum" in verified.stdout and "verified: all" in verified.stdout.splitlines()[-1]
+    assert "is damaged" in verified.stderr and "rebuilding it" in verified.stderr
 
 
 def test_wikitext103_on_a_fixture_in_the_real_format_runs_end_to_end(tmp_path: Path):
