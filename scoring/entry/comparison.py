@@ -135,9 +135,11 @@ def _gate_words(reported: Mapping[str, Any], recounted: Mapping[str, Any]) -> An
     return {**gate, "summary": worded}
 
 
-def document_row(name: str, text: str, rebuilt: str) -> Row:
-    """The row of a document (report.md, WRITEUP.md) compared with its rebuild: their sha256 when they agree, else
-    the first line where they differ."""
+def document_row(name: str, text: str | None, rebuilt: str) -> Row:
+    """The row of a document (report.md, WRITEUP.md; None: absent) compared with its rebuild: their sha256 when
+    they agree, else the first line where they differ."""
+    if text is None:
+        return Row(name, ABSENT, f"sha256 {hashlib.sha256(rebuilt.encode()).hexdigest()[:16]}")
     if text == rebuilt:
         digest = f"sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}"
         return Row(name, digest, digest)

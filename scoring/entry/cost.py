@@ -10,15 +10,17 @@ beyond any of these limits:
 * :data:`MAX_MODEL_BYTES` of parameters and buffers (the table of positions too);
 * :data:`MAX_MEMORY_TOKENS` of a language model's memory (``mem_len``): the tokens the scorer feeds before it counts,
   and that every token attends to;
-* :data:`MAX_STEP_BYTES` of activations alive at once during one evaluation step;
+* activations alive at once during one evaluation step: :data:`MAX_BYTES_PER_EXAMPLE` per example (image or
+  token of the step), and :data:`MAX_STEP_BYTES` in all (the recorded ``train.eval_batch_size`` images);
 * floating-point operations per example (per image or token; matrix products and convolutions, as
   ``torch.utils.flop_counter`` counts them): :data:`COMPUTE_FACTOR` times the task's baseline ops, and
   :data:`MAX_FLOPS_PER_EXAMPLE` whatever the task.
 
-The registry's models at the kit's settings are well inside each: the largest, lstm_lm_baseline, has 0.64 GB of
+The registry's models at the kit's settings are inside each: the largest, lstm_lm_baseline, has 0.64 GB of
 parameters and 3.2·10⁸ operations per token (its task's baseline: 1×); txl_teacher 150 tokens of memory;
-mobilenetv2_140 holds 4.6 GB of activations in an ImageNet batch of 256; wrn28_10 needs 1.05·10¹⁰ operations per
-CIFAR image. An operation the meta device cannot size (``nonzero``: an adaptive softmax's clusters) is given its
+mobilenetv2_140 holds 18.7 MB of activations per ImageNet image (4.8 GB in a batch of 256); DenseNet-BC 190/40
+(conf/model/densenet_bc.yaml) 13.9 GB in a CIFAR batch of 1,000; wrn28_10 needs 1.05·10¹⁰ operations per CIFAR
+image. Transformer-XL's 13,329 heads of width 1 would hold 83 MB per token. An operation the meta device cannot size (``nonzero``: an adaptive softmax's clusters) is given its
 largest output, so each measure is an upper bound. Each refusal is an :class:`~scoring.entry.files.EntryError`.
 
 This module may import data/, models/ and scoring core.
@@ -43,8 +45,8 @@ from scoring.entry.files import EntryError
 MAX_MODEL_BYTES = 2 << 30
 #: Tokens of a language model's memory (``mem_len``; Transformer-XL evaluated WikiText-103 with 1,600).
 MAX_MEMORY_TOKENS = 2048
-#: Bytes of activations alive at once in one evaluation step.
-MAX_STEP_BYTES = 8 << 30
+#: Bytes of activations alive at once in one evaluation step, per example of the step and in all.
+MAX_BYTES_PER_EXAMPLE, MAX_STEP_BYTES = 32 << 20, 32 << 30
 #: Operations per example, relative to the task's baseline ops (such an entry would score above it), and in all.
 COMPUTE_FACTOR, MAX_FLOPS_PER_EXAMPLE = 100, 10**11
 
@@ -57,6 +59,8 @@ class Step:
     flops_per_example: float
     #: Largest number of activation bytes alive at once.
     peak_bytes: int
+    #: Examples (images or tokens) of the step.
+    examples: int
 
 
 class _Activations(TorchDispatchMode):
@@ -109,6 +113,8 @@ def check_cost(skeleton: nn.Module, config: Mapping[str, Any], described: str) -
                          "re-export the run")
     limit = _flops_limit(task.name)
     for step in steps:  # each checked as measured: a model over a limit stops at its first step over it
+        _within(described, f"activations per {task.example} of an evaluation step", step.peak_bytes // step.examples,
+                MAX_BYTES_PER_EXAMPLE, " bytes")
         _within(described, "activations of one evaluation step", step.peak_bytes, MAX_STEP_BYTES, " bytes")
         _within(described, f"operations per {task.example}", round(step.flops_per_example), limit, "")
 
@@ -146,7 +152,7 @@ def _measure(run: Callable[[], Any], examples: int) -> Step:
         raise
     except Exception as err:  # the model's own code, on the task's input shapes
         raise evaluation_failure(err) from None
-    return Step(flops.get_total_flops() / examples, activations.peak)
+    return Step(flops.get_total_flops() / examples, activations.peak, examples)
 
 
 def _flops_limit(task: str) -> int:

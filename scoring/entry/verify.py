@@ -229,11 +229,7 @@ def _verify(args: argparse.Namespace) -> int:
     if checks is not None and not _report_integrity(args.bundle / MANIFEST_FILE, checks):
         return DIFFER  # a bundle altered after export is not recounted: its numbers would prove nothing
     reported = read_report(args.bundle)
-    run_only = [key for key in RUN_ONLY_FIELDS if key in reported]
-    if run_only:
-        raise EntryError(f"{args.bundle / REPORT_JSON} holds {', '.join(run_only)}, the run's own record, which no "
-                         "recount can check; verify the bundle `python -m scoring.export RUN_DIR --out BUNDLE` makes "
-                         "of the run, which leaves it out")
+    _refuse_run_records(args.bundle, reported)
     entry = load_entry(args.bundle)
     judged = judge(entry, reported, allow_score_settings=args.allow_score_settings)
     model = build_model_from_entry(judged.entry)  # every failure to rebuild shows here, before any data is loaded
@@ -241,7 +237,7 @@ def _verify(args: argparse.Namespace) -> int:
     caveat = _print_verdict(judged, recounted, checks, args.bundle)
     rows = compare(reported, recounted)
     if all(row.close for row in rows):  # the documents are rebuilt from a report that agrees, and only then
-        rows += _document_rows(args.bundle, entry, reported)
+        rows += _document_rows(args.bundle, entry, reported, required=checks is not None)
     differing = [row for row in rows if not row.close]
     print(format_table(rows))
     if differing:
@@ -252,17 +248,26 @@ def _verify(args: argparse.Namespace) -> int:
     return AGREE
 
 
-def _document_rows(bundle: Path, entry: Entry, report: dict[str, Any]) -> list[Row]:
-    """report.md and WRITEUP.md, where present, each compared with its rebuild from ``report``."""
+def _refuse_run_records(bundle: Path, reported: dict[str, Any]) -> None:
+    """A report holding what only the run can make (``runfiles.RUN_ONLY_FIELDS``) is no bundle's report."""
+    run_only = [key for key in RUN_ONLY_FIELDS if key in reported]
+    if run_only:
+        raise EntryError(f"{bundle / REPORT_JSON} holds {', '.join(run_only)}, the run's own record, which no "
+                         "recount can check; verify the bundle `python -m scoring.export RUN_DIR --out BUNDLE` makes "
+                         "of the run, which leaves it out")
+
+
+def _document_rows(bundle: Path, entry: Entry, report: dict[str, Any], *, required: bool) -> list[Row]:
+    """report.md and WRITEUP.md each compared with its rebuild from ``report``; one that is absent differs when
+    ``required`` (a bundle holds both; a run dir has no WRITEUP.md)."""
     from scoring.report import markdown
 
     rows = []
-    text = read_markdown(bundle, REPORT_MD)
-    if text is not None:
-        rows.append(document_row(REPORT_MD, text, markdown(report)))
-    text = read_markdown(bundle, WRITEUP_FILE)
-    if text is not None:
-        rows.append(document_row(WRITEUP_FILE, text, writeup(entry, report, train_command_in(text) or "")))
+    for name, rebuild in ((REPORT_MD, lambda text: markdown(report)),
+                          (WRITEUP_FILE, lambda text: writeup(entry, report, train_command_in(text) or ""))):
+        text = read_markdown(bundle, name)
+        if text is not None or required:
+            rows.append(document_row(name, text, rebuild(text or "")))
     return rows
 
 

@@ -97,10 +97,14 @@ def copied(exported_bundle: Path, tmp_path: Path) -> Path:
     (REPORT_JSON, lambda text: text.replace('"seed": 0', '"seed": 0, "reviewed": true'), "reviewed"),
     ("report.md", lambda text: text.replace("params", "parameters", 1), "report.md"),
     ("WRITEUP.md", lambda text: text.replace("_To write:", "Trained on the test set.", 1), "WRITEUP.md"),
-], ids=["unknown-field", "report-md", "writeup-md"])
+    ("WRITEUP.md", None, "WRITEUP.md"),  # removed
+], ids=["unknown-field", "report-md", "writeup-md", "writeup-removed"])
 def test_verify_does_not_verify_a_forged_field_or_document(copied, capsys, name, edit, field):
     path = copied / name
-    path.write_text(edit(path.read_text()))
+    if edit is None:
+        path.unlink()
+    else:
+        path.write_text(edit(path.read_text()))
     write_manifest(copied)  # resealed, as a forger would
     assert verify.main([str(copied), "--device", "cpu"]) == 1
     out = capsys.readouterr().out

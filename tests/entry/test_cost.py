@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from models import create_model
 from scoring.entry import EntryError, build_model_from_entry, load_entry, save_entry, verify
 from scoring.entry.bundle import _skeleton
-from scoring.entry.cost import MAX_MEMORY_TOKENS, MAX_STEP_BYTES, check_cost
+from scoring.entry.cost import MAX_BYTES_PER_EXAMPLE, MAX_MEMORY_TOKENS, check_cost
 from train.config import to_container
 from tests.conftest import CONF_DIR
 
@@ -32,10 +32,10 @@ def kit_config(task: str, model: str, **kwargs) -> dict:
 
 
 @pytest.mark.parametrize("kwargs, refusal", [
-    # 13,329 heads of width 1 (each number within the registry's bound, the vocabulary size): 13,329 × 256 × 272
-    # attention scores of 4 bytes per tensor, several alive at once, for a model of 1.3 M parameters.
-    (dict(n_head=13_329, d_head=1), rf"activations of one evaluation step [\d,]+ bytes, over the limit of "
-                                    rf"{MAX_STEP_BYTES:,} bytes"),
+    # 13,329 heads of width 1 (each number within the registry's bound, the vocabulary size): 13,329 × 272
+    # attention scores of 4 bytes per token and tensor, several alive at once, for a model of 1.3 M parameters.
+    (dict(n_head=13_329, d_head=1), rf"activations per token of an evaluation step [\d,]+ bytes, over the limit "
+                                    rf"of {MAX_BYTES_PER_EXAMPLE:,} bytes"),
     # A memory of 13,329 tokens: every token of the stream would attend to 13,330 positions.
     (dict(mem_len=13_329), rf"memory \(mem_len\) 13,329 tokens, over the limit of {MAX_MEMORY_TOKENS:,} tokens"),
 ], ids=["13329-heads", "mem-len-13329"])
@@ -56,11 +56,12 @@ def test_a_small_entry_that_asks_for_a_costly_model_is_refused_before_any_data(t
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: no gigabytes
 
 
-@pytest.mark.parametrize("task, model", [
-    ("wikitext103", "txl_micronet"),  # a memory of 96 tokens, fed in windows of 512
-    ("cifar100", "wrn28_10"),         # 1.05e10 operations per image, the most of the registry's models
-    ("imagenet", "mobilenetv2_140"),  # 4.8 GB of activations in an evaluation batch of 256, the most
+@pytest.mark.parametrize("task, model, kwargs", [
+    ("wikitext103", "txl_micronet", {}),  # a memory of 96 tokens, fed in windows of 512
+    ("cifar100", "wrn28_10", {}),         # 1.05e10 operations per image, the most of the registry's models
+    ("imagenet", "mobilenetv2_140", {}),  # 18.7 MB of activations per image, the most
+    ("cifar100", "densenet_bc", dict(depth=190, growth_rate=40)),  # 13.9 GB in an evaluation batch of 1,000
 ])
-def test_the_kits_models_at_the_kits_settings_are_within_the_limits(task, model):
-    config = kit_config(task, model)
+def test_the_kits_models_at_the_kits_settings_are_within_the_limits(task, model, kwargs):
+    config = kit_config(task, model, **kwargs)
     check_cost(_skeleton(model, config["task"]["num_classes"], config["model"]["kwargs"]), config, model)
