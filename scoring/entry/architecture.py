@@ -19,7 +19,7 @@ from scoring.entry.runfiles import write_report_json
 from scoring.errors import UserError
 from scoring.report import layer_table, rules_text, totals_text
 
-PROG = "python -m scoring"
+PROG = "micronet-score"
 
 
 def main(argv: Sequence[str]) -> int:

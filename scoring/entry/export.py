@@ -12,7 +12,7 @@ run by a Python started inside the bundle)::
     BUNDLE/SHA256SUMS                sha256 of every other file (``sha256sum -c SHA256SUMS`` checks it), written last
 
 The manifest records the bundle as exported, so damage or edits on the way to the organizer show:
-``python -m scoring verify`` checks it before anything else and refuses a bundle with a changed, missing
+``micronet-score verify`` checks it before anything else and refuses a bundle with a changed, missing
 or unlisted file. (It is a checksum list, not a signature: whoever edits a bundle can rewrite it too, which
 is why verify also re-evaluates and recounts everything, and rebuilds report.md and WRITEUP.md.)
 

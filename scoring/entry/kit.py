@@ -1,4 +1,4 @@
-"""What the kit itself defines, and the check that an entry is judged by it (``python -m scoring verify``).
+"""What the kit itself defines, and the check that an entry is judged by it (``micronet-score verify``).
 
 A bundle records the config of the run that made it, but the task and the rules an entry is judged by are the
 kit's, never the bundle's:

@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``verify BUNDLE [--allow-no-manifest] [--allow-score-settings] [--data-root PATH] [--examples N] [--device D]``;
     exit 0 when all agree."""
     parser = argparse.ArgumentParser(
-        prog="python -m scoring verify",
+        prog="micronet-score verify",
         description="Re-evaluate and recount an entry bundle; compare every field of its report with the recount. "
                     f"Run it as `{VERIFY_COMMAND}` or `python -P -m scoring verify BUNDLE` (Python 3.11+), never as "
                     "plain `python -m scoring` inside the bundle: that imports from the bundle's folder first.")
@@ -221,6 +221,7 @@ def _verify(args: argparse.Namespace) -> int:
     """The device, the bundle's layout and manifest, the kit's checks, the rebuild, then the recount compared with
     report.json and the documents rebuilt; the exit status."""
     resolve_device(args.device)  # before anything is read
+    _warn_if_importing_from(args.bundle)
     checks = check_manifest(args.bundle, layout=BUNDLE_FILES)
     if checks is None and not args.allow_no_manifest:
         raise EntryError(f"{args.bundle} has no {MANIFEST_FILE}, so its files cannot be checked against the "
@@ -246,6 +247,17 @@ def _verify(args: argparse.Namespace) -> int:
     verdict = "agrees" if judged.unofficial else "verified"  # only an official comparison is called verified
     print(f"{verdict}: all {len(rows)} fields agree with {args.bundle / REPORT_JSON}{caveat}")
     return AGREE
+
+
+def _warn_if_importing_from(bundle: Path) -> None:
+    """Say so when Python imports from inside ``bundle`` (``python -m scoring`` started in it puts it first on the
+    import path): too late to stop what ran, but the layout check refuses any module there, and the next run
+    should not do it again."""
+    inside = [entry for entry in sys.path if Path(entry or ".").resolve().is_relative_to(bundle.resolve())]
+    if inside and not sys.flags.safe_path:
+        print(f"warning: Python imports from {inside[0] or '.'}, inside the bundle; run verify as "
+              f"`{VERIFY_COMMAND}` or `python -P -m scoring verify BUNDLE` (Python 3.11+), so that no module a "
+              "bundle holds can run", file=sys.stderr)
 
 
 def _refuse_run_records(bundle: Path, reported: dict[str, Any]) -> None:
@@ -294,7 +306,7 @@ def score_main(argv: Sequence[str]) -> int:
     """``python -m scoring PATH [--data-root PATH] [--examples N] [--device D]``: evaluate, score, print."""
     from scoring.report import format_summary
 
-    parser = argparse.ArgumentParser(prog="python -m scoring",
+    parser = argparse.ArgumentParser(prog="micronet-score",
                                      description="Evaluate and score a finished run dir, bundle or entry.")
     parser.add_argument("path", type=Path, help="run dir, bundle or entry folder")
     _common_arguments(parser)

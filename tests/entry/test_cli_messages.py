@@ -59,3 +59,12 @@ def test_more_examples_than_the_test_split_holds_are_refused(exported_bundle, ca
     assert "verified" not in out.lower()
     assert err == ("error: --examples 1,000,000,000 asks for more examples than the 360 of the test split of task "
                    "digits ; fix: pass --examples 360 or fewer\n")
+
+
+def test_verify_started_with_the_bundle_on_the_import_path_says_how_to_run_it(exported_bundle, capsys, monkeypatch):
+    """What `cd BUNDLE && python -m scoring verify .` does: the bundle's folder first on sys.path."""
+    monkeypatch.syspath_prepend(str(exported_bundle))
+    assert verify.main([str(exported_bundle), "--device", "cpu"]) == 0
+    assert capsys.readouterr().err == (f"warning: Python imports from {exported_bundle}, inside the bundle; run "
+                                       "verify as `micronet-score verify BUNDLE` or `python -P -m scoring verify "
+                                       "BUNDLE` (Python 3.11+), so that no module a bundle holds can run\n")
