@@ -146,6 +146,8 @@ def _check_task(recorded: Mapping[str, Any], task: Mapping[str, Any]) -> None:
 _SCORE_CHECKS = {
     "examples": (lambda v: _is_int(v) and 1 <= v <= MAX_BATCH, f"an integer in 1..{MAX_BATCH}"),
     "accumulator_bits": (lambda v: _is_int(v) and 1 <= v <= 32, "an integer in 1..32"),
+    # What the integer execution does when the declared accumulator overflows (scoring/entry/integer.py; absent: wrap).
+    "accumulator_overflow": (lambda v: v in ("wrap", "saturate"), "wrap or saturate"),
     "freebie": (lambda v: _is_freebie_setting(v), "auto, true or false"),
 }
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, export, load_entry, verify, write_manifest
+from scoring.entry.packed import PACKED_FILE
 from tests.conftest import HANG
 
 from .conftest import exit_status, plant_pickle
@@ -33,7 +34,7 @@ def edit_report(bundle: Path, edit) -> None:
 
 def test_bundle_holds_entry_reports_and_writeup(bundle, run_dir):
     assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*")) == [
-        MANIFEST_FILE, "WRITEUP.md", "entry", f"entry/{ENTRY_JSON}", f"entry/{WEIGHTS_FILE}", "report.json",
+        MANIFEST_FILE, "WRITEUP.md", "entry", f"entry/{ENTRY_JSON}", f"entry/{PACKED_FILE}", "report.json",
         "report.md"]
     assert (bundle / "report.json").read_text() == (run_dir / "report.json").read_text()
     report = json.loads((bundle / "report.json").read_text())
