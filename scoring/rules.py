@@ -279,12 +279,17 @@ PROJECT_CONVENTIONS: Mapping[str, str] = MappingProxyType({
                       "block), the values it keeps × bits + those mask bits",
     "batch norm folding": "a batch norm folds into the conv/linear that produced its input (directly, through "
                           "reshapes, or through a channel concatenation of such outputs) when that layer's weight is "
-                          "stored (not computed at run time) and every use of that weight suits the folded scale: a "
-                          "weight shared by several conv/linear calls holds one scale, so the same batch norm after "
+                          "stored (not computed at run time) and nothing else needs its output or its weight "
+                          "unscaled. Its output: every other reader of it unchanged (through reshapes that keep each "
+                          "element in its channel and channel concatenations; the model's outputs are read too) must "
+                          "be a batch norm counted unfolded, whose affine absorbs the fold's inverse affine at no "
+                          "cost (DenseNet's stem, concatenated and read by the dense layers' batch norms); any other "
+                          "reader (an add, a conv, a slice, another view) keeps the batch norm unfolded. Its weight: "
+                          "a weight shared by several conv/linear calls holds one scale, so the same batch norm after "
                           "every use folds (its bias stored once); a second, different batch norm after it is counted "
                           "unfolded (its affine absorbs the first one's scale); and if any use's output is not read "
                           "by a batch norm (used raw), the batch norm is counted unfolded, whatever the order of the "
-                          "uses. A conv's own output read both by its batch norm and raw still folds",
+                          "uses",
     "empty dot product": "an output with no nonzero weight costs no additions: with a bias (its own or a folded batch "
                          "norm's) it is that constant, as the official (L-1)·N + N = 0 gives; without one the official "
                          "(L-1)·N would go negative",
@@ -383,6 +388,17 @@ INDEX_ARITHMETIC = "(index arithmetic)"
 REORDERING_VIEW = "(reordering view)"
 
 _POOL_VALID = "valid = the window's in-bounds elements (padding and ceil_mode overhang excluded)"
+_NEAREST = ("nearest upsampling (F.interpolate / nn.Upsample mode 'nearest' or 'nearest-exact'): every output element "
+            "is a copy of one input element, data movement like repeat: free; a bit tag passes through")
+
+
+def _interpolation(name: str, taps: int) -> Rule:
+    return _project(ELEMENTWISE, f"{name} interpolation (F.interpolate / nn.Upsample, any scale, align_corners or "
+                                 f"not): each output element is a weighted sum of its {taps} neighbouring inputs, "
+                                 f"the weights constants of the sizes (not stored), a dot product over L = {taps}: "
+                                 f"{taps} mults + {taps - 1} adds by the official L·N and (L-1)·N, every tap "
+                                 f"counted (a weight of 0 or 1 too)", mults=taps, adds=taps - 1)
+
 
 #: The table. Keys are aten overload-packet names without the in-place underscore.
 RULES: Mapping[str, Rule] = MappingProxyType({
@@ -469,6 +485,14 @@ RULES: Mapping[str, Rule] = MappingProxyType({
                             "followed", merge_mults=1, keeps_bits=True)
        for name in ("max_pool2d_with_indices", "max_pool3d_with_indices")},
     "adaptive_max_pool2d": _project(ADAPTIVE_POOL, "adaptive max pool: (window-1) comparisons (multiplies) per output", merge_mults=1, keeps_bits=True),
+    # resampling; antialiased downsampling (_upsample_*_aa), whose taps grow with the scale, has no rule
+    **{name: _project(FREE, _NEAREST) for name in (
+        "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+        "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d")},
+    "upsample_linear1d": _interpolation("linear", 2),
+    "upsample_bilinear2d": _interpolation("bilinear", 4),
+    "upsample_trilinear3d": _interpolation("trilinear", 8),
+    "upsample_bicubic2d": _interpolation("bicubic", 16),
     # Composite ops (reshape, flatten, contiguous, linear, matmul, chunk, narrow) arrive decomposed into
     # the ops below; dropout in eval mode executes no op at all.
     # free: reshapes and copies (batch norm folds through them)

@@ -11,9 +11,10 @@ tracks (:mod:`~scoring.counter.facts`):
 * its bit tag, set by quantizer modules (:mod:`scoring.protocol`) and kept through data movement;
 * the mask a module declared on it (``micronet_mask_bits``), kept through static ops of the same size
   (a weight quantizer, views) up to the conv/linear that stores it;
-* the op that produced it, so that a batch norm whose input comes from a conv/linear folds into it (decided
-  after tracing: a fold stands only if no other use of that stored weight needs it unscaled;
-  :mod:`~scoring.counter.folding`);
+* the op that produced it, so that a batch norm whose input comes from a conv/linear folds into it, and the
+  conv/linear outputs it holds unchanged, so that every other op reading them is seen (decided after tracing: a
+  fold stands only if no other reader of that output, bar an unfolded batch norm, and no other use of that stored
+  weight needs it unscaled; :mod:`~scoring.counter.folding`);
 * the parameters it derives from, so each stored value is counted once over all batches;
 * whether it is an *index* tensor (integer token ids and what is computed from them alone): address
   arithmetic on index tensors is free.

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 import torch
 
-from scoring.counter.producers import Producer
+from scoring.counter.producers import Lineage, Producer
 from scoring.rules import FREE, LOOKUP, PERMUTATION, VIEW, Rule
 
 
@@ -60,13 +60,15 @@ class Facts:
 
     ``static``: derived only from parameters, buffers and constants (ops on it are precomputed at export);
     ``bits``: its bit tag, set by a quantizer and kept through data movement; ``producer``: the conv/linear that
-    computed it, for folding a batch norm; ``roots``: the parameters it derives from, so each stored value is
-    counted once; ``mask``: the mask a module declared on it.
+    computed it, for folding a batch norm; ``raw``: the conv/linear outputs it holds unchanged, so that every op
+    reading them is known to folding; ``roots``: the parameters it derives from, so each stored value is counted
+    once; ``mask``: the mask a module declared on it.
     """
 
     static: bool
     bits: int | None = None
     producer: Producer | None = None
+    raw: Lineage = ()
     roots: frozenset[int] = frozenset()
     mask: Mask | None = None
     #: An index tensor: integer input (token ids), or computed from index tensors alone.
@@ -161,8 +163,10 @@ class FactMap:
                 self[base] = DYNAMIC
 
     def propagate(self, out: Any, known: list[Facts], rule: Rule | None, *, static: bool,
-                  producer: Producer | None = None, index: bool = False, parts: tuple | None = None) -> None:
-        """Set the facts of an op's outputs ``out`` from those of its inputs (``known``)."""
+                  producer: Producer | None = None, raw: Lineage = (), index: bool = False,
+                  parts: tuple | None = None) -> None:
+        """Set the facts of an op's outputs ``out`` from those of its inputs (``known``); ``raw`` is their lineage
+        (an activation's only: a static tensor is no conv/linear output)."""
         bits = None
         if rule is not None and (rule.kind in (FREE, VIEW, LOOKUP, PERMUTATION) or rule.keeps_bits):
             # the tags of the values moved: neither constants nor indices (which move data, they are not values)
@@ -173,8 +177,8 @@ class FactMap:
                 producer = known[0].producer
         outputs = [out] if isinstance(out, torch.Tensor) else tensors([out])
         if not static:  # an activation: no roots, no mask
-            facts = (DYNAMIC if bits is None and producer is None and not index and parts is None
-                     else Facts(static=False, bits=bits, producer=producer, index=index, parts=parts))
+            facts = (DYNAMIC if bits is None and producer is None and not raw and not index and parts is None
+                     else Facts(static=False, bits=bits, producer=producer, raw=raw, index=index, parts=parts))
             for tensor in outputs:
                 self[tensor] = facts
             return

@@ -1,11 +1,13 @@
 """Batch norm folding: a batch norm whose input a conv/linear produced folds into it (a bias for its unbiased
-channels), decided once the trace is complete: a fold stands only if no other use of that stored weight needs it
-unscaled; otherwise the batch norm counts as a per-channel affine.
+channels), decided once the trace is complete: a fold stands only if nothing else needs that output or that stored
+weight unscaled (another op reading the output raw, another use of the weight); otherwise the batch norm counts as a
+per-channel affine.
 
 Imports torch, :mod:`scoring.rules` and the counter's facts, layers, producers and storage."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -88,14 +90,24 @@ class Folding:
             self.folds.update(dict.fromkeys(producer.weights(), params.roots))
             call.producer = producer
             call.unbiased, call.empty = producer.unbiased_channels()
-        elif producer is not None and producer.channels == channels:
-            producer.absorb()
+        else:  # its affine can absorb the inverse of a fold into any output it reads unchanged
+            for read in self.facts.get(x).raw:
+                read.absorbed = True
         self.norm_calls.append(call)
+
+    @staticmethod
+    def read_raw(known: Iterable[Facts]) -> None:
+        """An op other than a counted batch norm reads tensors with the facts ``known``: the conv/linear outputs
+        they hold unchanged are read raw, so no batch norm folds into them."""
+        for facts in known:
+            for read in facts.raw:
+                read.read_raw = True
 
     def _keeps_fold(self, call: NormCall, verdicts: dict[tuple[frozenset[int], frozenset[int]], bool]) -> bool:
         """Whether a tentative fold stands: every use of its weights was folded with the same batch norm, or is
-        read by an unfolded batch norm (which absorbs the inverse scale). A weight also used raw must be stored
-        unscaled for that use, so the batch norm is counted unfolded. ``verdicts`` caches (weight, batch norm)."""
+        read by an unfolded batch norm (which absorbs the inverse affine), and no use's output is read raw by any
+        other op. A weight whose output some op needs raw must be stored unscaled, so the batch norm is counted
+        unfolded. ``verdicts`` caches (weight, batch norm)."""
         for weight in call.producer.weights():
             key = (weight, call.params.roots)
             if key not in verdicts:

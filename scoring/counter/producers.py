@@ -1,9 +1,13 @@
-"""The conv/linear outputs a batch norm can fold into: which layer produced a tensor, with what weight and bias.
-A tensor's facts (:mod:`scoring.counter.facts`) carry its producer; :mod:`scoring.counter.folding` folds batch norms
-into producers. Imports nothing of ours."""
+"""The conv/linear outputs a batch norm can fold into: which layer produced a tensor, with what weight and bias,
+and which ops read that output raw. A tensor's facts (:mod:`scoring.counter.facts`) carry its producer and its
+lineage (the conv/linear outputs it holds unchanged); :mod:`scoring.counter.folding` folds batch norms into
+producers. Imports torch only."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
+
+import torch
 
 
 @dataclass
@@ -22,6 +26,9 @@ class Producer:
     batch_norm: frozenset[int] | None = None
     #: Read by a batch norm counted unfolded over the same channels: its affine can absorb a scale.
     absorbed: bool = False
+    #: Read unchanged (through reshapes and channel concatenations) by an op other than a batch norm: that op
+    #: needs the output unscaled, so no batch norm folds into it.
+    read_raw: bool = False
 
     @property
     def folded(self) -> bool:
@@ -48,16 +55,11 @@ class Producer:
         for part in self.parts:
             part.fold(batch_norm)
 
-    def absorb(self) -> None:
-        """Mark this output and its parts as read by an unfolded batch norm over the same channels."""
-        self.absorbed = True
-        for part in self.parts:
-            part.absorb()
-
     def holds(self, batch_norm: frozenset[int]) -> bool:
-        """Whether this output can use a weight that absorbed ``batch_norm``'s scale: it was folded with that
-        batch norm, or an unfolded batch norm after it absorbs the inverse scale in its own affine."""
-        return self.batch_norm == batch_norm or self.absorbed
+        """Whether this output can use a weight that absorbed ``batch_norm``'s affine: it was folded with that
+        batch norm, or an unfolded batch norm after it absorbs the inverse affine in its own; and no other op
+        reads it raw."""
+        return (self.batch_norm == batch_norm or self.absorbed) and not self.read_raw
 
 
 def concat_producer(tensors: list, dim: int, producers: list[Producer | None]) -> Producer | None:
@@ -67,3 +69,23 @@ def concat_producer(tensors: list, dim: int, producers: list[Producer | None]) -
         return None
     return Producer("+".join(p.layer for p in producers), sum(p.channels for p in producers),
                     all(p.has_bias for p in producers), parts=tuple(producers))
+
+
+#: The conv/linear outputs a tensor holds unchanged, each on channels (dim 1) of its own.
+Lineage = tuple[Producer, ...]
+
+
+def view_lineage(lineage: Lineage, source: torch.Tensor, view: torch.Tensor) -> Lineage | None:
+    """The lineage of ``view``, a reshape or copy of ``source``: kept when it keeps the first two dims (every
+    element stays in its channel); None when it may move elements across channels."""
+    if view.dim() >= 2 and source.dim() >= 2 and view.shape[:2] == source.shape[:2]:
+        return lineage
+    return None
+
+
+def concat_lineage(tensors: Sequence[torch.Tensor], dim: int, lineages: Sequence[Lineage]) -> Lineage | None:
+    """The lineage of a concatenation of ``tensors`` (with ``lineages``) along ``dim``: every part's when ``dim`` is
+    the channel dim (each part keeps its channels, shifted); None for any other dim."""
+    if not tensors or tensors[0].dim() < 2 or dim % tensors[0].dim() != 1:
+        return None
+    return tuple(producer for lineage in lineages for producer in lineage)

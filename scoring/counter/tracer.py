@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scoring.counter.arguments import bind
@@ -23,9 +24,9 @@ from scoring.counter.folding import Folding
 from scoring.counter.kinds import Handler, Op, OpCosts
 from scoring.counter.modules import ModuleStack
 from scoring.counter.permutations import Permutations
-from scoring.counter.producers import concat_producer
+from scoring.counter.producers import Lineage, concat_lineage, concat_producer, view_lineage
 from scoring.counter.storage import Storage
-from scoring.rules import FREE, INDEX_ARITHMETIC, VIEW, Rule, UnsupportedOpError, rule_key
+from scoring.rules import BATCH_NORM, FREE, INDEX_ARITHMETIC, VIEW, Rule, UnsupportedOpError, rule_key
 
 
 class Tracer(TorchDispatchMode):
@@ -56,7 +57,10 @@ class Tracer(TorchDispatchMode):
         """Run ``model(*args)`` with every op recorded."""
         self.modules.stack.clear()
         with self, Composites(self):
-            return model(*args)
+            out = model(*args)
+        # whoever calls the model reads its outputs as they are: a conv/linear output among them is read raw
+        self.folding.read_raw(self.facts.get(leaf) for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor))
+        return out
 
     def attach(self, model: nn.Module) -> list[Any]:
         """Hook every module of ``model`` (see :class:`~scoring.counter.modules.ModuleStack`); the hooks' handles."""
@@ -87,6 +91,7 @@ class Tracer(TorchDispatchMode):
         inputs = tensors(kwargs.values(), tensors(args)) if kwargs else tensors(args)
         known = list(map(self.facts.get, inputs))
         if self.opaque:  # inside a recurrent composite, counted by its rule: its values are activations
+            self.folding.read_raw(known)
             self.facts.propagate(out, known, None, static=False)
             return
         dynamic = any(not facts.static for facts in known)
@@ -94,7 +99,8 @@ class Tracer(TorchDispatchMode):
         rule = self.rules.get(key)
         if not dynamic or self.modules.quantizer_depth:
             # Precomputed at export (static), or a format conversion inside a quantizer: free.
-            self.facts.propagate(out, known, rule, static=not dynamic)
+            self.facts.propagate(out, known, rule, static=not dynamic,
+                                 raw=self._lineage(key, rule, args, inputs, known, out))
             return
         if any(facts.index for facts in known) and self._index_only(inputs, known, out):
             key, rule = INDEX_ARITHMETIC, self.rules.get(INDEX_ARITHMETIC)
@@ -114,8 +120,8 @@ class Tracer(TorchDispatchMode):
 
     def _move(self, op: Op) -> None:
         """FREE and VIEW ops: data movement, free; static inputs stored dense; index arithmetic keeps the index."""
+        self.rules_used.add(op.key)  # listed in the report if it is a project rule (index arithmetic, nearest)
         if op.key == INDEX_ARITHMETIC:
-            self.rules_used.add(op.key)
             self.facts.propagate(op.out, op.known, op.rule, static=False, index=True)
             return
         self.storage.store_dense(op.layer, op.inputs, op.known)
@@ -124,15 +130,37 @@ class Tracer(TorchDispatchMode):
                                     [facts.producer for facts in op.known]) if op.key == "cat" else None)
         parts = (self.permutations.view_parts(op.layer, op.key, op.args, op.out)
                  if isinstance(op.out, torch.Tensor) and op.inputs else None)
-        self.facts.propagate(op.out, op.known, op.rule, static=False, producer=producer, parts=parts)
+        raw = self._lineage(op.key, op.rule, op.args, op.inputs, op.known, op.out)
+        self.facts.propagate(op.out, op.known, op.rule, static=False, producer=producer, raw=raw, parts=parts)
         self.facts.mark_written_base(op.func, op.args)
 
+    def _lineage(self, key: str, rule: Rule | None, args: tuple, inputs: list[torch.Tensor], known: list[Facts],
+                 out: Any) -> Lineage:
+        """The conv/linear outputs that ``out`` holds unchanged: its input's through a reshape or copy that keeps
+        every element in its channel, its inputs' through a channel concatenation. Any other op on them reads them
+        raw (:meth:`~scoring.counter.folding.Folding.read_raw`), and its output holds none."""
+        if not any(facts.raw for facts in known):
+            return ()
+        lineage = None
+        if key == "cat":
+            lineage = concat_lineage(args[0], args[1] if len(args) > 1 else 0, [facts.raw for facts in known])
+        elif rule is not None and rule.kind == VIEW and len(inputs) == 1 and isinstance(out, torch.Tensor):
+            lineage = view_lineage(known[0].raw, inputs[0], out)
+        if lineage is None:
+            self.folding.read_raw(known)
+            return ()
+        return lineage
+
     def _costed(self, count: Handler) -> Callable[[Op], None]:
-        """The handler of a kind that costs something: ``count`` it, its rule listed as used, its outputs dynamic."""
+        """The handler of a kind that costs something: ``count`` it, its rule listed as used, its outputs dynamic.
+        It reads its inputs raw (a batch norm's folding sees its own); a conv/linear output holds itself."""
         def handle(op: Op) -> None:
             self.rules_used.add(op.key)
             producer = count(op)
-            self.facts.propagate(op.out, op.known, op.rule, static=False, producer=producer)
+            if op.rule.kind != BATCH_NORM:
+                self.folding.read_raw(op.known)
+            self.facts.propagate(op.out, op.known, op.rule, static=False, producer=producer,
+                                 raw=(producer,) if producer is not None else ())
             self.facts.mark_written_base(op.func, op.args)
         return handle
 

@@ -1,7 +1,9 @@
-"""Test helpers: a tiny quantizer implementing scoring.protocol, and exact weight pruning."""
+"""Test helpers: a tiny quantizer implementing scoring.protocol, exact weight pruning, batch norms with non-trivial
+statistics, and a count's layers as rows."""
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -44,3 +46,18 @@ def set_grid_weights(weight: torch.Tensor, bits: int, sparsity: Fraction, seed: 
     with torch.no_grad():
         flat.copy_(values * 0.01)
     return flat.numel() - zeros
+
+
+def trained_bn(bn: nn.modules.batchnorm._BatchNorm) -> nn.modules.batchnorm._BatchNorm:
+    """A batch norm with non-trivial statistics and affine parameters (nothing folds by accident)."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for tensor, low, high in ((bn.running_mean, -1, 1), (bn.running_var, 0.5, 2),
+                                  (bn.weight, 0.5, 2), (bn.bias, -1, 1)):
+            tensor.copy_(torch.rand(tensor.shape, generator=gen) * (high - low) + low)
+    return bn
+
+
+def layer_rows(count: Any) -> dict[str, tuple]:
+    """{layer: (param_bits, mults, adds, note)} of a count."""
+    return {row["name"]: (row["param_bits"], row["mults"], row["adds"], row["note"]) for row in count.layers}

@@ -14,22 +14,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from scoring import UnsupportedOpError, count_model
-from tests.scoring.helpers import FakeQuant, quantize_weight, set_grid_weights
-
-
-def _trained_bn(bn: nn.modules.batchnorm._BatchNorm) -> nn.modules.batchnorm._BatchNorm:
-    """A batch norm with non-trivial statistics and affine parameters (nothing folds by accident)."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for tensor, low, high in ((bn.running_mean, -1, 1), (bn.running_var, 0.5, 2),
-                                  (bn.weight, 0.5, 2), (bn.bias, -1, 1)):
-            tensor.copy_(torch.rand(tensor.shape, generator=gen) * (high - low) + low)
-    return bn
-
-
-def _rows(count) -> dict[str, tuple]:
-    """{layer: (param_bits, mults, adds, note)} of a count."""
-    return {row["name"]: (row["param_bits"], row["mults"], row["adds"], row["note"]) for row in count.layers}
+from tests.scoring.helpers import FakeQuant, layer_rows, quantize_weight, set_grid_weights, trained_bn
 
 
 # --- shared weights ---------------------------------------------------------------------------------
@@ -67,7 +52,7 @@ def test_a_conv_used_twice_is_stored_once_and_executed_twice():
 def test_a_weight_shared_by_two_layers_is_stored_once_and_counted_in_both():
     count = count_model(SharedLinear(), torch.randn(1, 4), freebie=False)
     # 16 weights stored once (in the first layer that uses them); each layer: 4 outputs × L = 4 → 16 mults, 12 adds
-    assert _rows(count) == {"a": (512, 16, 12, ""), "b": (0, 16, 12, "")}
+    assert layer_rows(count) == {"a": (512, 16, 12, ""), "b": (0, 16, 12, "")}
 
 
 def test_a_quantized_pruned_weight_used_twice_is_stored_once():
@@ -101,10 +86,10 @@ def test_a_pruned_grouped_conv_counts_each_output_channel_over_its_own_nonzeros(
 
 # --- batch norm folding -------------------------------------------------------------------------------
 def test_linear_without_bias_then_batch_norm_1d_folds_into_a_bias():
-    model = nn.Sequential(nn.Linear(5, 3, bias=False), _trained_bn(nn.BatchNorm1d(3)))
+    model = nn.Sequential(nn.Linear(5, 3, bias=False), trained_bn(nn.BatchNorm1d(3)))
     count = count_model(model, torch.randn(2, 5), freebie=False)
     # linear: 15 weights, 3 outputs × (L = 5): 15 mults, 12 adds; the folded BN: 3 biases, 3 bias adds.
-    assert _rows(count) == {"0": (480, 15, 12, ""), "1": (96, 0, 3, "folded into 0")}
+    assert layer_rows(count) == {"0": (480, 15, 12, ""), "1": (96, 0, 3, "folded into 0")}
 
 
 class ConcatBN(nn.Module):
@@ -114,7 +99,7 @@ class ConcatBN(nn.Module):
         super().__init__()
         self.a = nn.Conv2d(2, 3, 1, bias=False)
         self.b = nn.Conv2d(2, 2, 1)
-        self.bn = _trained_bn(nn.BatchNorm2d(5))
+        self.bn = trained_bn(nn.BatchNorm2d(5))
 
     def forward(self, x):
         return self.bn(torch.cat([self.a(x), self.b(x)], 1))
@@ -124,7 +109,7 @@ def test_batch_norm_after_a_concat_gives_a_bias_only_to_the_channels_without_one
     count = count_model(ConcatBN(), torch.randn(1, 2, 2, 2), freebie=False)
     # a: 6 weights, 12 outputs × L = 2: 24 mults, 12 adds. b: 4 weights + 2 biases, 8 outputs: 16 mults,
     # 8 + 8 bias adds. BN: a's 3 channels get a bias (3 params, 12 adds); b's merge into its own bias.
-    assert _rows(count) == {"a": (192, 24, 12, ""), "b": (192, 16, 16, ""), "bn": (96, 0, 12, "folded into a+b")}
+    assert layer_rows(count) == {"a": (192, 24, 12, ""), "b": (192, 16, 16, ""), "bn": (96, 0, 12, "folded into a+b")}
 
 
 class ResidualBN(nn.Module):
@@ -133,20 +118,20 @@ class ResidualBN(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(2, 2, 1, bias=False)
-        self.bn = _trained_bn(nn.BatchNorm2d(2))
+        self.bn = trained_bn(nn.BatchNorm2d(2))
 
     def forward(self, x):
         return self.bn(self.conv(x) + x)
 
 
 @pytest.mark.parametrize("model, layer", [
-    (nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU(), _trained_bn(nn.BatchNorm2d(2))), "2"),
+    (nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU(), trained_bn(nn.BatchNorm2d(2))), "2"),
     (ResidualBN(), "bn"),
 ])
 def test_batch_norm_after_relu_or_add_is_counted_unfolded(model, layer):
     count = count_model(model, torch.randn(1, 2, 2, 2), freebie=False)
     # 2 params per channel (64 bits each channel), 1 mult + 1 add per element (8 elements)
-    assert _rows(count)[layer] == (4 * 32, 8, 8, "not folded")
+    assert layer_rows(count)[layer] == (4 * 32, 8, 8, "not folded")
 
 
 class SharedConvTwoNorms(nn.Module):
@@ -155,8 +140,8 @@ class SharedConvTwoNorms(nn.Module):
     def __init__(self, same: bool):
         super().__init__()
         self.conv = nn.Conv2d(2, 2, 1, bias=False)
-        self.bn1 = _trained_bn(nn.BatchNorm2d(2))
-        self.bn2 = self.bn1 if same else _trained_bn(nn.BatchNorm2d(2))
+        self.bn1 = trained_bn(nn.BatchNorm2d(2))
+        self.bn2 = self.bn1 if same else trained_bn(nn.BatchNorm2d(2))
 
     def forward(self, x):
         return self.bn2(self.conv(self.bn1(self.conv(x))))
@@ -166,11 +151,11 @@ def test_a_shared_weight_absorbs_the_scale_of_one_batch_norm_only():
     count = count_model(SharedConvTwoNorms(same=False), torch.randn(1, 2, 2, 2), freebie=False)
     # conv: 4 weights stored once, 2 uses × (8 outputs × L = 2): 32 mults, 16 adds. bn1 folds: 2 biases,
     # 8 adds. bn2's scale cannot also go into that weight: unfolded, 4 params, 8 mults + 8 adds.
-    assert _rows(count) == {"conv": (128, 32, 16, ""), "bn1": (64, 0, 8, "folded into conv"),
+    assert layer_rows(count) == {"conv": (128, 32, 16, ""), "bn1": (64, 0, 8, "folded into conv"),
                             "bn2": (128, 8, 8, "not folded")}
     # The same BN after both uses folds both times into the one weight: its 2 biases stored once.
     count = count_model(SharedConvTwoNorms(same=True), torch.randn(1, 2, 2, 2), freebie=False)
-    assert _rows(count) == {"conv": (128, 32, 16, ""), "bn1": (64, 0, 16, "folded into conv")}
+    assert layer_rows(count) == {"conv": (128, 32, 16, ""), "bn1": (64, 0, 16, "folded into conv")}
 
 
 class SharedConvOneNorm(nn.Module):
@@ -180,7 +165,7 @@ class SharedConvOneNorm(nn.Module):
         super().__init__()
         self.norm_first = norm_first
         self.conv = nn.Conv2d(2, 2, 1, bias=False)
-        self.bn = _trained_bn(nn.BatchNorm2d(2))
+        self.bn = trained_bn(nn.BatchNorm2d(2))
 
     def forward(self, x):
         if self.norm_first:
@@ -194,7 +179,7 @@ def test_a_shared_weight_also_used_raw_keeps_the_batch_norm_unfolded(norm_first)
     # The raw use needs W, the normalised use W·γ/σ: one stored tensor cannot be both, so the BN is unfolded,
     # in either order. conv: 4 weights stored once (128 bits), 2 uses × (8 outputs × L = 2): 32 mults, 16 adds.
     # bn: 2 params per channel = 4 × 32 = 128 bits, 1 mult + 1 add per element of its 1×2×2×2 input: 8, 8.
-    assert _rows(count) == {"conv": (128, 32, 16, ""), "bn": (128, 8, 8, "not folded")}
+    assert layer_rows(count) == {"conv": (128, 32, 16, ""), "bn": (128, 8, 8, "not folded")}
     # totals: 256 bits, 40 mults, 24 adds (a fold would have given 192 bits, 32 mults, 24 adds)
     assert (count.param_bits, count.mults, count.adds) == (256, 40, 24)
 
@@ -204,7 +189,7 @@ class SharedLinearSameNorm(SharedLinear):
 
     def __init__(self):
         super().__init__()
-        self.bn = _trained_bn(nn.BatchNorm1d(4))
+        self.bn = trained_bn(nn.BatchNorm1d(4))
 
     def forward(self, x):
         return self.bn(self.b(self.bn(self.a(x))))
@@ -214,7 +199,7 @@ def test_the_same_batch_norm_after_every_use_of_a_shared_weight_still_folds():
     count = count_model(SharedLinearSameNorm(), torch.randn(1, 4), freebie=False)
     # Both uses want W·γ/σ: the BN folds into both. a: 16 weights (512 bits), 4 outputs × L = 4: 16 mults,
     # 12 adds; b: the same ops, nothing stored. bn: 4 biases stored once (128 bits), 4 bias adds per use: 8.
-    assert _rows(count) == {"a": (512, 16, 12, ""), "b": (0, 16, 12, ""),
+    assert layer_rows(count) == {"a": (512, 16, 12, ""), "b": (0, 16, 12, ""),
                             "bn": (128, 0, 8, "folded into a; folded into b")}
     assert (count.param_bits, count.mults, count.adds) == (640, 32, 32)
 
@@ -223,7 +208,7 @@ def test_batch_norm_after_a_weight_computed_at_run_time_is_counted_unfolded():
     class DynamicConv(nn.Module):
         def __init__(self):
             super().__init__()
-            self.bn = _trained_bn(nn.BatchNorm2d(2))
+            self.bn = trained_bn(nn.BatchNorm2d(2))
 
         def forward(self, x):
             weight = x[0, :, 0, 0].reshape(2, 1, 1, 1).expand(2, 2, 1, 1)  # from the input: no stored weight
@@ -231,7 +216,7 @@ def test_batch_norm_after_a_weight_computed_at_run_time_is_counted_unfolded():
 
     count = count_model(DynamicConv(), torch.randn(1, 2, 2, 2), freebie=False)
     # no stored weight can absorb the scale: 2 params per channel, 1 mult + 1 add per element (8)
-    assert _rows(count)["bn"] == (128, 8, 8, "not folded")
+    assert layer_rows(count)["bn"] == (128, 8, 8, "not folded")
 
 
 @pytest.mark.parametrize("norm", [nn.BatchNorm2d(2, track_running_stats=False), nn.InstanceNorm2d(2, affine=True)])
