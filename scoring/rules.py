@@ -549,6 +549,12 @@ def project_rules_note(rules: Mapping[str, Rule], keys: set[str] | list[str]) ->
 
 
 # --- the score ------------------------------------------------------------------------------------
+#: What a declared accumulator does with a sum past its width (``score.accumulator_overflow``): keep it modulo
+#: 2^bits (two's complement), or clamp every partial sum. The count does not depend on it; verify's integer
+#: execution applies it (scoring/entry/integer.py).
+ACCUMULATOR_OVERFLOWS = ("wrap", "saturate")
+
+
 def freebie_setting(setting: Any) -> bool | None:
     """The counter's ``freebie`` argument for a ``score.freebie`` setting: None for ``auto`` (on unless a tensor is
     quantized below 16 bits), else the bool; ValueError for anything but auto, true or false."""

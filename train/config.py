@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from conf import CONF_DIR
 from scoring.errors import UserError
-from scoring.rules import freebie_setting
+from scoring.rules import ACCUMULATOR_OVERFLOWS, freebie_setting
 
 
 class ConfigError(UserError, ValueError):
@@ -149,6 +149,7 @@ class DataConfig:
 class ScoreConfig:
     examples: int = 256
     accumulator_bits: int = 32
+    accumulator_overflow: str = "wrap"  # wrap | saturate (scoring/entry/integer.py)
     freebie: Any = "auto"  # auto | true | false
 
 
@@ -287,6 +288,9 @@ def validate(cfg: DictConfig, known_models: list[str]) -> None:
     if not 1 <= cfg.score.accumulator_bits <= 32:
         raise ConfigError(f"score.accumulator_bits={cfg.score.accumulator_bits} must be in 1..32",
                           "use 32 unless the entry really accumulates narrower")
+    if cfg.score.accumulator_overflow not in ACCUMULATOR_OVERFLOWS:
+        raise ConfigError(f"score.accumulator_overflow={cfg.score.accumulator_overflow} must be one of "
+                          f"{', '.join(ACCUMULATOR_OVERFLOWS)}", "use wrap (two's complement) or saturate (clamped partial sums)")
     try:
         freebie_setting(cfg.score.freebie)
     except ValueError:

@@ -10,10 +10,11 @@ An entry is a folder with two files:
   quantizers add to the registry model), the model name and class count, the sha256 of the weights file
   (and a packed file's layout) and the versions that wrote it.
 
-Nothing here unpickles. :func:`load_entry` checks that the weights file *is* safetensors before any parser
-touches it, so a planted pickle is refused with one line, reads its safetensors header only up to
+Nothing here unpickles. :func:`load_entry` checks that the weights file *is* safetensors (or packed: its magic)
+before any parser touches it, so a planted pickle is refused with one line, reads its safetensors header only up to
 :data:`~scoring.entry.files.MAX_HEADER_BYTES` (from its 8-byte length, before any parser runs), and checks the
-recorded sha256. entry.json is plain data (:mod:`scoring.entry.files`), and no string in it holds ``${`` or
+recorded sha256; a packed file is read whole (at most :data:`~scoring.entry.files.MAX_BUNDLE_BYTES`), its layout
+and streams checked before anything is decoded (:mod:`scoring.entry.packed`). entry.json is plain data (:mod:`scoring.entry.files`), and no string in it holds ``${`` or
 equals ``???`` (what OmegaConf would interpolate, e.g. ``${oc.env:HOME}``, or read as missing): a resolved
 config has none.
 
@@ -48,7 +49,8 @@ from safetensors.torch import load, save_file
 
 from scoring.entry.files import MAX_BUNDLE_BYTES, MAX_HEADER_BYTES, MAX_JSON_BYTES, MAX_MODULES, EntryError, \
     atomic_write, open_regular, plain_json, read_regular, sha256_file
-from scoring.entry.packed import PACKED_FILE, pack_state, unpack_state
+from scoring.entry.packed import PACKED_FILE, check_declared_widths, check_magic, pack_state, unpack_state, \
+    weights_storage
 
 ENTRY_JSON = "entry.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -193,6 +195,14 @@ def save_entry(directory: str | os.PathLike, model: nn.Module, *, config: dict[s
     return directory
 
 
+def entry_storage(path: str | os.PathLike, entry: Entry, model: nn.Module, counted_bits: int) -> dict[str, Any]:
+    """The parameter bytes ``entry`` (loaded from ``path``, ``model`` rebuilt from it) is counted at, beside the bytes
+    of its weights file and, for a packed entry, what makes the difference (:func:`scoring.entry.packed.weights_storage`)."""
+    weights = entry.meta["weights"]
+    size = (find_entry_dir(path) / weights["file"]).stat().st_size
+    return weights_storage(model, weights, size, counted_bits)
+
+
 def find_entry_dir(path: str | os.PathLike) -> Path:
     """The entry folder for ``path``: an entry itself, or a run dir / bundle holding ``entry/``."""
     path = Path(path)
@@ -224,6 +234,13 @@ def _read_safetensors(path: Path, within: Path) -> bytes:
             raise EntryError(f"{path} has a safetensors header of {header_len:,} bytes, over the limit of "
                              f"{MAX_HEADER_BYTES:,} (a real entry's is under 200 kB); re-export the run")
         return head + f.read(MAX_BUNDLE_BYTES)
+
+
+def _read_packed(path: Path, within: Path) -> bytes:
+    """The bytes of a packed weights file (at most :data:`MAX_BUNDLE_BYTES`), refused unless it starts as one."""
+    data = read_regular(path, within=within, limit=MAX_BUNDLE_BYTES)
+    check_magic(data, path)
+    return data
 
 
 def _is_count(value: Any) -> bool:
@@ -279,13 +296,13 @@ def load_entry(path: str | os.PathLike) -> Entry:
     weights = directory / _WEIGHTS_FILES[version]
     if not os.path.lexists(weights):
         raise EntryError(f"{weights} is missing; the entry is incomplete — re-export the run")
-    data = read_regular(weights, within=top, limit=MAX_BUNDLE_BYTES) if packed else _read_safetensors(weights, top)
+    data = _read_packed(weights, top) if packed else _read_safetensors(weights, top)
     actual, recorded = hashlib.sha256(data).hexdigest(), document["weights"]["sha256"]
     if actual != recorded:
         raise EntryError(f"{weights} has sha256 {actual[:16]}…, entry.json records {recorded[:16]}…: "
                          "the weights were changed after export")
     if packed:
-        state_dict = unpack_state(data, document["weights"].get("tensors"), document["compression_state"], weights)
+        state_dict = unpack_state(data, document["weights"].get("tensors"), weights)
     else:
         try:
             state_dict = load(data)
@@ -316,6 +333,8 @@ def build_model_from_entry(entry: Entry) -> nn.Module:
     except (UnknownModelError, ModelArgumentError) as err:
         raise EntryError(f"entry.json's model: {err}; re-export the run") from None
     _check_architecture(_skeleton(name, num_classes, kwargs), entry)
+    if entry.meta["weights"]["file"] == PACKED_FILE:
+        check_declared_widths(entry.meta["weights"]["tensors"], entry.compression_state)
     model = create_model(name, num_classes=num_classes, **kwargs)
     apply_compression_state(model, entry.compression_state)  # checked on the skeleton already
     try:

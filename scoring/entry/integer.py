@@ -8,10 +8,11 @@ the declared width. This module runs that arithmetic, on a copy of the model:
   quantizer (``compress.quantization``) gets an integer forward: the input's codes ``q_x`` (the quantizer's output
   divided by its step, checked to be exact integers in range), the weight's codes ``q_w`` (likewise, once), the
   accumulator ``Σ q_x·q_w`` computed exactly, then the declared accumulator applied to it (below), then
-  requantized in **floating point**: ``acc · (s_w[c] · s_x)`` with the two stored float32 scales multiplied exactly
-  (in float64) and the result rounded once to float32; the float32 bias (the scorer counts biases as 32-bit values)
-  is added after. Stored scales are float32 in every entry of this kit, so no fixed-point multiplier + shift is
-  derived: the requantization is the exact product rounded once.
+  requantized in **floating point**, not by a fixed-point multiplier and shift: ``acc · (s_w[c] · s_x)``, the two
+  stored scales at their stored precision (float32 in every entry of this kit) multiplied exactly in float64 (24 +
+  24 significant bits), times the accumulator in float64 (one rounding, relative error at most 2^-53), then rounded
+  to float32, the precision of what follows; the stored bias (float32: the scorer counts biases at 32 bits) is
+  added after, in float32.
 * **Exactness.** The integer products and sums are computed in float64, which is exact while every partial sum is
   below 2^53: each layer checks ``K · max|q_x| · max|q_w| < 2^53`` (K = products per output) once when it is
   set up and refuses to run otherwise; the convolutions run with cuDNN off (im2col + matrix product, or the direct
@@ -30,10 +31,18 @@ the declared width. This module runs that arithmetic, on a copy of the model:
   adaptive input multiplies a table row by a projection's transposed weight, whose per-channel scales lie along the
   sum) stay float too: they are listed as such in each layer's ``mode``.
 
-:func:`run_integer` evaluates the integer copy on the task's test split (exact correct/total, or the exact NLL sum)
+What that covers, by model: the image models entirely (conv, grouped and depthwise conv and linear layers run in
+integers; pooling, residual additions, batch norm, activations in float32, as declared); the LSTM language model's
+gate matrices, projections and adaptive-softmax clusters in integers, its cell nonlinearities, state and softmax in
+float32; Transformer-XL's quantized linears (attention projections, feed-forward, softmax clusters) in integers, its
+attention products of two activations (QKᵀ, attention·V, the relative-position terms), layer norms and softmax in
+float32, since the entry declares no quantizer on those operands.
+
+:func:`integer_check` is verify's call: the integer run of an entry on its test split, or None for an entry
+without integer layers. :func:`run_integer` evaluates the integer copy on the task's test split (exact correct/total, or the exact NLL sum)
 next to the fake-quantized float model, and reports how many predictions differ (each one with the float model's
 top-2 margin: the float rounding that decided it), the NLL difference, and per layer its outputs, overflows and
-largest accumulator. This module may import data/, compress/ and scoring core.
+largest accumulator. This module may import data/, compress/, scoring core and the entry format.
 """
 from __future__ import annotations
 
@@ -47,11 +56,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.tasks import Evaluation, Task
+from data.tasks import DataOptions, Evaluation, Task, build_task
+from scoring.entry.bundle import Entry
+from scoring.entry.files import EntryError
 from scoring.gate import GateResult, check_gate
+from scoring.rules import ACCUMULATOR_OVERFLOWS
 
-#: Overflow behaviours of a declared accumulator.
-OVERFLOWS = ("wrap", "saturate")
 #: float64 holds every integer below this exactly.
 EXACT_LIMIT = 2 ** 53
 #: Outputs summed term by term at once under ``saturate`` (bounds the memory of the products).
@@ -66,9 +76,9 @@ class Accumulator:
     overflow: str = "wrap"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.bits, int) and 1 <= self.bits <= 52) or self.overflow not in OVERFLOWS:
+        if not (isinstance(self.bits, int) and 1 <= self.bits <= 52) or self.overflow not in ACCUMULATOR_OVERFLOWS:
             raise ValueError(f"accumulator of {self.bits!r} bits, overflow {self.overflow!r}: expected 1..52 bits and "
-                             f"one of {', '.join(OVERFLOWS)}")
+                             f"one of {', '.join(ACCUMULATOR_OVERFLOWS)}")
 
     @classmethod
     def from_score(cls, score: Mapping[str, Any]) -> Accumulator:
@@ -377,3 +387,25 @@ def run_integer(model: nn.Module, task: Task, loader: Iterable, device: torch.de
     evaluation = task.evaluate(paired, loader, device, "test")
     return IntegerRun(task.name, accumulator, evaluation, task.evaluate(model, loader, device, "test"), layers,
                       differing=paired.differing)
+
+
+def integer_check(entry: Entry, model: nn.Module, *, data_root: str | None = None,
+                  device: str = "auto") -> IntegerRun | None:
+    """Verify's integer execution of ``entry`` (``model``, as rebuilt from it) on the test split of its task, under
+    the accumulator its score settings declare; None when no layer of it is integer. The data are read as verify's
+    recount reads them (``data_root`` replaces the recorded ``data.root``). A failure to run is one
+    :class:`~scoring.entry.files.EntryError` line."""
+    config = entry.config
+    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                            "cpu" if device == "auto" else device)
+    task = build_task(config["task"])
+    options = DataOptions(root=config["data"].get("root") if data_root is None else data_root,
+                          val_split=config["data"].get("val_split", 0))
+    test = task.loaders(options, batch_size=1, eval_batch_size=config["train"]["eval_batch_size"],
+                        seed=config["seed"], device=resolved).test
+    try:
+        return run_integer(model.to(resolved), task, test, resolved, Accumulator.from_score(config["score"]))
+    except (ValueError, RuntimeError) as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        raise EntryError(f"the integer execution of the entry failed ({type(err).__name__}: {reason}); re-export the "
+                         "entry of a finished run of this kit") from None

@@ -37,7 +37,7 @@ from conf import CONF_DIR
 from scoring.challenge import UnknownTaskError, challenge_task
 from scoring.entry.bundle import Entry
 from scoring.entry.files import EntryError
-from scoring.rules import freebie_setting
+from scoring.rules import ACCUMULATOR_OVERFLOWS, freebie_setting
 
 #: data.* settings that describe a machine, not a run: verify uses these, whatever the entry recorded
 #: (``root`` is replaced by ``--data-root``).
@@ -146,15 +146,19 @@ def _check_task(recorded: Mapping[str, Any], task: Mapping[str, Any]) -> None:
 _SCORE_CHECKS = {
     "examples": (lambda v: _is_int(v) and 1 <= v <= MAX_BATCH, f"an integer in 1..{MAX_BATCH}"),
     "accumulator_bits": (lambda v: _is_int(v) and 1 <= v <= 32, "an integer in 1..32"),
-    # What the integer execution does when the declared accumulator overflows (scoring/entry/integer.py; absent: wrap).
-    "accumulator_overflow": (lambda v: v in ("wrap", "saturate"), "wrap or saturate"),
+    "accumulator_overflow": (lambda v: v in ACCUMULATOR_OVERFLOWS, " or ".join(ACCUMULATOR_OVERFLOWS)),
     "freebie": (lambda v: _is_freebie_setting(v), "auto, true or false"),
 }
+
+
+#: Score settings that entries written before them lack, with what such an entry did: its accumulator wrapped.
+_LATER_SETTINGS = {"accumulator_overflow": "wrap"}
 
 
 def _score_settings(recorded: Mapping[str, Any], allow: bool) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The score settings to count with, and those of the entry that differ from the official ones."""
     official = official_score_settings()
+    recorded = {**_LATER_SETTINGS, **recorded}
     unofficial = tuple(f"{key}={_show(recorded.get(key, _ABSENT))} (official {_show(official.get(key, _ABSENT))})"
                        for key in sorted(official.keys() | recorded.keys(), key=str)
                        if not _same(recorded.get(key, _ABSENT), official.get(key, _ABSENT)))

@@ -226,17 +226,12 @@ def check_round_trip(before: nn.Module, after: nn.Module) -> None:
 # Reading
 # ------------------------------------------------------------------------------------------------------------------
 
-def unpack_state(data: bytes, layout: Any, compression_state: Any, path: Path) -> dict[str, torch.Tensor]:
+def unpack_state(data: bytes, layout: Any, path: Path) -> dict[str, torch.Tensor]:
     """The state dict that ``data`` (the bytes of ``path``, a ``model.packed``) holds under ``layout`` (entry.json's
-    ``weights.tensors``), every check of the module docstring passed; the codes of each quantized weight are checked
-    against the width ``compression_state`` declares for its layer."""
-    if data[:len(MAGIC)] != MAGIC:
-        raise EntryError(f"{path} is not a packed weights file (it starts with {data[:8]!r}, not {MAGIC!r}); "
-                         "entries are never unpickled — re-export the run with `python -m scoring.export`")
+    ``weights.tensors``), every check of the module docstring passed (the widths against the compression state are
+    checked once that is: :func:`check_declared_widths`)."""
+    check_magic(data, path)
     records = check_layout(layout, len(data), path)
-    for record in records:
-        if record["encoding"] == CODES:
-            _check_declared_width(record, compression_state, path)
     state: dict[str, torch.Tensor] = {}
     for record in sorted(records, key=lambda r: r["encoding"] == CODES):  # scales before the codes that use them
         try:
@@ -245,6 +240,14 @@ def unpack_state(data: bytes, layout: Any, compression_state: Any, path: Path) -
             raise EntryError(f"{path}: tensor {record['name']}: {err}; the file is damaged or was not written by "
                              "`python -m scoring.export` — re-export the run") from None
     return {record["name"]: state[record["name"]] for record in records}
+
+
+def check_magic(data: bytes, path: Path) -> None:
+    """``data`` (the bytes of ``path``) starts as a packed weights file does: anything else (a pickle, a safetensors
+    file) is refused before it is parsed."""
+    if data[:len(MAGIC)] != MAGIC:
+        raise EntryError(f"{path} is not a packed weights file (it starts with {data[:8]!r}, not {MAGIC!r}); "
+                         "entries are never unpickled — re-export the run with `python -m scoring.export`")
 
 
 def check_layout(layout: Any, size: int, path: Path) -> list[dict[str, Any]]:
@@ -329,6 +332,15 @@ def _describe_stream(record: Mapping[str, Any], numel: int) -> str:
     count = record["nonzeros"] if record["sparse"] else numel
     bitmap = f"a bitmap of {numel:,} bits and " if record["sparse"] else ""
     return f"{bitmap}{count:,} values of {_value_bits(record)} bits"
+
+
+def check_declared_widths(layout: Sequence[Mapping[str, Any]], compression_state: Mapping[str, Any]) -> None:
+    """The codes of every quantized weight of a checked ``layout`` are at the width the (checked) compression state
+    declares for its layer's weight quantizer, with that quantizer's scales: the file stores what the scorer
+    counts."""
+    for record in layout:
+        if record["encoding"] == CODES:
+            _check_declared_width(record, compression_state, Path(PACKED_FILE))
 
 
 def _check_declared_width(record: Mapping[str, Any], compression_state: Any, path: Path) -> None:

@@ -48,19 +48,13 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from scoring.entry.boundary import USER_ERRORS, command
-from scoring.entry.bundle import Entry, build_model_from_entry, find_entry_dir, load_entry
+from scoring.entry.bundle import Entry, build_model_from_entry, entry_storage, load_entry
 from scoring.entry.files import EntryError, atomic_write
-from scoring.entry.packed import weights_storage
-
-if TYPE_CHECKING:
-    from scoring.entry.integer import IntegerRun
 from scoring.entry.kit import Judged, judge
 from scoring.entry.manifest import MANIFEST_FILE, FileCheck, check_manifest
 from scoring.entry.runfiles import REPORT_JSON, read_report
@@ -112,18 +106,10 @@ def recount_entry(entry: Entry, *, data_root: str | None = None, examples: int |
     ``data.root`` (datasets live elsewhere on the organizer's machine); ``examples`` replaces ``score.examples``.
     Nothing is downloaded; the validation hold-out of the run is rebuilt only so the test split is the same.
     """
-    from scoring.entry.model_report import recount
-
-    task, test_loader, model, resolved = _test_setup(entry, data_root, device)
-    score = {**entry.config["score"], "examples": examples or entry.config["score"]["examples"]}
-    return recount(model, task, test_loader, resolved, score)
-
-
-def _test_setup(entry: Entry, data_root: str | None, device: str) -> tuple[Any, Any, Any, Any]:
-    """(task, test loader, model, device) of ``entry``, as :func:`recount_entry` describes."""
     import torch
 
     from data.tasks import DataOptions, build_task
+    from scoring.entry.model_report import recount
 
     config = entry.config
     resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -133,16 +119,9 @@ def _test_setup(entry: Entry, data_root: str | None, device: str) -> tuple[Any, 
                           val_split=config["data"].get("val_split", 0))
     test_loader = task.loaders(options, batch_size=1, eval_batch_size=config["train"]["eval_batch_size"],
                                seed=config["seed"], device=resolved).test
-    return task, test_loader, build_model_from_entry(entry).to(resolved), resolved
-
-
-def integer_entry(entry: Entry, *, data_root: str | None = None, device: str = "auto") -> IntegerRun | None:
-    """The integer execution of ``entry`` on its test split under its score settings' accumulator
-    (:mod:`scoring.entry.integer`); None when no layer of it is integer."""
-    from scoring.entry.integer import Accumulator, run_integer
-
-    task, test_loader, model, resolved = _test_setup(entry, data_root, device)
-    return run_integer(model, task, test_loader, resolved, Accumulator.from_score(entry.config["score"]))
+    model = build_model_from_entry(entry).to(resolved)
+    score = {**config["score"], "examples": examples or config["score"]["examples"]}
+    return recount(model, task, test_loader, resolved, score)
 
 
 def compare(reported: dict[str, Any], recounted: dict[str, Any]) -> list[Row]:
@@ -200,16 +179,9 @@ def _load_and_recount(source: Path | Entry, args: argparse.Namespace) -> tuple[E
     take the task's inputs) is an :class:`EntryError` too."""
     if args.examples is not None and args.examples <= 0:
         raise UserError(f"--examples {args.examples} must be > 0", "omit it to count score.examples")
-    with _evaluation_errors():
+    try:
         entry = source if isinstance(source, Entry) else load_entry(source)
         return entry, recount_entry(entry, data_root=args.data_root, examples=args.examples, device=args.device)
-
-
-@contextmanager
-def _evaluation_errors() -> Iterator[None]:
-    """What only running the entry shows, as one :class:`EntryError` line; user errors keep their own line."""
-    try:
-        yield
     except USER_ERRORS:  # a damaged entry, a missing or damaged dataset: their own one line
         raise
     except (ValueError, RuntimeError) as err:
@@ -257,68 +229,54 @@ def _verify(args: argparse.Namespace) -> int:
                          "export; re-export it with `python -m scoring.export RUN_DIR --out BUNDLE --force`, or "
                          "pass --allow-no-manifest to verify a run dir or an older bundle without that check")
     if checks is not None and not _report_integrity(args.bundle / MANIFEST_FILE, checks):
-        _write_json(args.json, {"status": DIFFER, "verified": False, "integrity": False})
+        _write_json(args.json, {"status": DIFFER, "integrity": False})
         return DIFFER  # a bundle altered after export is not recounted: its numbers would prove nothing
     reported = read_report(args.bundle)
     judged = judge(load_entry(args.bundle), reported, allow_score_settings=args.allow_score_settings)
+    from scoring.entry.integer import integer_check
+
     model = build_model_from_entry(judged.entry)  # every failure to rebuild shows here, before any data is loaded
     recounted = _load_and_recount(judged.entry, args)[1]
-    with _evaluation_errors():
-        integer = integer_entry(judged.entry, data_root=args.data_root, device=args.device)
-    caveat = _print_verdict(judged, recounted, checks, args.bundle, integer)
-    rows = compare(reported, recounted) + integer_rows(reported, integer)
+    integer = integer_check(judged.entry, model, data_root=args.data_root, device=args.device)
+    qualifies = recounted["gate_passed"] and (integer is None or integer.gate.passed) and not judged.unofficial
+    caveat = _print_verdict(judged, recounted, checks, args.bundle, qualifies)
+    # The entry's report says it passes its gate: so must its integer execution.
+    rows = compare(reported, recounted) + ([] if integer is None else [
+        Row("integer.gate_passed", reported.get("gate_passed"), integer.gate.passed)])
     differing = [row for row in rows if not row.close]
     print(format_table(rows))
-    status = DIFFER if differing else AGREE
+    if integer is not None:
+        print(integer.describe())
+    _write_json(args.json, {"status": DIFFER if differing else AGREE, "integrity": checks is not None,
+                            "qualifies": qualifies, "differing_fields": [row.field for row in differing],
+                            "integer": None if integer is None else integer.to_dict(),
+                            "storage": entry_storage(args.bundle, judged.entry, model, recounted["param_bits"])})
     if differing:
         print(f"NOT VERIFIED: {len(differing)} of {len(rows)} fields differ from {args.bundle / REPORT_JSON}{caveat}")
-    else:
-        verdict = "agrees" if judged.unofficial else "verified"  # only an official comparison is called verified
-        print(f"{verdict}: all {len(rows)} fields agree with {args.bundle / REPORT_JSON}{caveat}")
-    weights = judged.entry.meta["weights"]
-    size = (find_entry_dir(args.bundle) / weights["file"]).stat().st_size
-    _write_json(args.json, {
-        "status": status, "verified": not differing and not judged.unofficial, "integrity": checks is not None,
-        "qualifies": _qualifies(recounted, integer) and not judged.unofficial, "gate": recounted["gate"]["summary"],
-        "differing_fields": [row.field for row in differing],
-        "integer": None if integer is None else integer.to_dict(),
-        "storage": weights_storage(model, weights, size, recounted["param_bits"])})
-    return status
-
-
-def integer_rows(reported: dict[str, Any], integer: IntegerRun | None) -> list[Row]:
-    """The integer execution's row of the comparison: an entry that reports passing its gate passes it in integers
-    too (none for an entry without integer layers)."""
-    return [] if integer is None else [Row("integer.gate_passed", reported.get("gate_passed"), integer.gate.passed)]
-
-
-def _qualifies(recounted: dict[str, Any], integer: IntegerRun | None) -> bool:
-    """The recount passes the gate, and so does the integer execution when there is one."""
-    return bool(recounted["gate_passed"]) and (integer is None or integer.gate.passed)
+        return DIFFER
+    verdict = "agrees" if judged.unofficial else "verified"  # only an official comparison is called verified
+    print(f"{verdict}: all {len(rows)} fields agree with {args.bundle / REPORT_JSON}{caveat}")
+    return AGREE
 
 
 def _write_json(path: Path | None, result: dict[str, Any]) -> None:
-    """``--json``: the verdict as plain JSON, written atomically."""
+    """``--json``: the verdict as strict JSON, written atomically."""
     if path is not None:
         text = json.dumps(result, indent=2, allow_nan=False) + "\n"
         atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _print_verdict(judged: Judged, recounted: dict[str, Any], checks: Sequence[FileCheck] | None,
-                   bundle: Path, integer: IntegerRun | None = None) -> str:
-    """The verdict's first line: whether the entry qualifies, as recounted and as run in integers (an unofficial
-    comparison never does), the integer execution, then the integrity of its files; returns the caveat the last
-    line repeats."""
+                   bundle: Path, qualifies: bool) -> str:
+    """The verdict's first line: whether the entry ``qualifies`` (as recounted and as run in integers; an unofficial
+    comparison never does), then the integrity of its files; returns the caveat the last line repeats."""
     caveat = ""
     if judged.unofficial:
         caveat = f" under the entry's own score settings {', '.join(judged.unofficial)}: NOT AN OFFICIAL SCORE"
         print(f"NOT AN OFFICIAL SCORE: compared under the entry's own score settings {', '.join(judged.unofficial)} "
               f"(--allow-score-settings); {recounted['gate']['summary']}")
     else:
-        print(f"{'QUALIFIES' if _qualifies(recounted, integer) else 'DOES NOT QUALIFY'}: "
-              f"{recounted['gate']['summary']}")
-    if integer is not None:
-        print(integer.describe())
+        print(f"{'QUALIFIES' if qualifies else 'DOES NOT QUALIFY'}: {recounted['gate']['summary']}")
     if checks is None:
         caveat += f" (file integrity unchecked: no {MANIFEST_FILE})"
         print(f"warning: {bundle} has no {MANIFEST_FILE}; the integrity of its files is unchecked", file=sys.stderr)
