@@ -6,10 +6,12 @@ accelerator would load instead:
 * a quantized weight (a conv / linear / embedding weight under a ``WeightQuantizer``) as its integer codes, packed
   densely at the quantizer's width: code ``q`` in ``[-(2^(b-1)-1), 2^(b-1)-1]`` is stored as the b-bit unsigned
   ``q + 2^(b-1)-1`` in a little-endian bit stream (value i in bits ``[i·b, (i+1)·b)``, least significant bit
-  first). Its per-channel scales are a float32 tensor of their own (the scorer counts them at 32 bits);
+  first). Its per-channel scales are a tensor of their own;
 * a sparse tensor (quantized or float) as the scorer counts it: a bitmap of one bit per element (1 = nonzero), then
   its nonzeros only, whenever that is smaller than storing it dense (:func:`scoring.rules.weight_storage_bits`);
-* float tensors (unquantized weights, biases, scales, batch-norm statistics) as little-endian float32. Under the
+* every quantizer's scales at the width it declares to the scorer (:func:`scoring.protocol.quantizer_scales`, the
+  one place widths are read): 32 bits as float32, 16 bits as IEEE half (which must hold them exactly);
+* other float tensors (unquantized weights, biases, batch-norm statistics) as little-endian float32. Under the
   freebie the scorer counts them at 16 bits; they stay float32 anyway, since rounding them to float16 would change
   the model, so a freebie entry's file is larger than its count;
 * bool tensors (quantizer flags) at 1 bit per element, integer tensors (counters) at their own width.
@@ -157,10 +159,10 @@ def quantized_weights(model: nn.Module) -> dict[str, _Code]:
 
 def pack_state(model: nn.Module) -> tuple[list[dict[str, Any]], bytes]:
     """The layout (for entry.json) and the bytes of ``model.packed`` for ``model``'s state dict."""
-    codes = quantized_weights(model)
+    codes, widths = quantized_weights(model), scale_widths(model)
     layout, chunks, offset = [], [MAGIC], len(MAGIC)
     for name, tensor in model.state_dict().items():
-        record, data = _encode(name, tensor.detach().cpu(), codes.get(name))
+        record, data = _encode(name, tensor.detach().cpu(), codes.get(name), widths.get(name))
         record.update(offset=offset, bytes=len(data))
         layout.append(record)
         chunks.append(data)
@@ -168,8 +170,32 @@ def pack_state(model: nn.Module) -> tuple[list[dict[str, Any]], bytes]:
     return layout, b"".join(chunks)
 
 
-def _encode(name: str, tensor: torch.Tensor, code: _Code | None) -> tuple[dict[str, Any], bytes]:
-    """One tensor's layout record (without offset and length) and its streams."""
+def scale_widths(model: nn.Module) -> dict[str, int]:
+    """The declared width of every quantizer's stored scales, by state-dict key, as the scorer counts them
+    (:func:`scoring.protocol.quantizer_scales`, the one place widths are declared)."""
+    from scoring.protocol import is_quantizer, quantizer_scales
+
+    return {f"{name}.scale" if name else "scale": quantizer_scales(module)[1]
+            for name, module in model.named_modules() if is_quantizer(module) and hasattr(module, "scale")}
+
+
+def _narrowed(name: str, tensor: torch.Tensor, width: int | None) -> tuple[torch.Tensor, int | None]:
+    """A float32 scale declared ``width`` bits wide as stored: float32 (32), or IEEE half (16), which must hold it
+    exactly (a quantizer that declares 16-bit scales computes with them rounded so); ``(values, stored bits)``."""
+    if width is None or width == 32 or tensor.dtype != torch.float32:
+        return tensor, None
+    half = tensor.half()
+    if width != 16 or not torch.equal(half.float(), tensor):
+        raise EntryError(f"tensor {name} holds scales declared {width} bits wide that are not IEEE half values; the "
+                         "packed format stores scales as float32 or, declared 16 bits wide, exact float16 — export "
+                         "with --format float meanwhile")
+    return half, 16
+
+
+def _encode(name: str, tensor: torch.Tensor, code: _Code | None, width: int | None = None
+            ) -> tuple[dict[str, Any], bytes]:
+    """One tensor's layout record (without offset and length) and its streams; ``width``: the declared width of a
+    quantizer's scales."""
     dtype = dtype_name(tensor.dtype)
     record: dict[str, Any] = {"name": name, "dtype": dtype, "shape": list(tensor.shape), "bits": None,
                               "sparse": False, "nonzeros": None}
@@ -186,8 +212,9 @@ def _encode(name: str, tensor: torch.Tensor, code: _Code | None) -> tuple[dict[s
         record.update(encoding=CODES, bits=code.bits, scale=code.scale)
         values, bits = code.codes.reshape(-1), code.bits
     else:
-        record["encoding"] = FLOAT
-        values, bits = tensor.reshape(-1), tensor.element_size() * 8
+        values, narrowed = _narrowed(name, tensor.reshape(-1), width)
+        record.update(encoding=FLOAT, bits=narrowed)
+        bits = values.element_size() * 8
     nonzero = values != 0
     nonzeros = int(nonzero.sum())
     bitmap = b""
@@ -199,7 +226,7 @@ def _encode(name: str, tensor: torch.Tensor, code: _Code | None) -> tuple[dict[s
         return record, bitmap + pack_bits((values + (2 ** (bits - 1) - 1)).numpy(), bits)
     if dtype == "bfloat16":
         values = values.view(torch.int16)
-    return record, bitmap + values.numpy().astype(_NUMPY[dtype]).tobytes()
+    return record, bitmap + values.numpy().astype(_NUMPY[dtype_name(values.dtype)]).tobytes()
 
 
 def check_round_trip(before: nn.Module, after: nn.Module) -> None:
@@ -305,18 +332,19 @@ def _check_record(record: Any, path: Path) -> int:
         raise EntryError(f"{where}: encoding {reprlib.repr(encoding)} of dtype {reprlib.repr(dtype)} is not one the "
                          f"packed format writes ({CODES} of float32, {FLOAT}, {BOOL}, {INT}); re-export the run")
     bits_ok = _is_int(record["bits"], 2, 16) and isinstance(record.get("scale"), str) if encoding == CODES \
-        else record["bits"] is None
+        else record["bits"] is None or encoding == FLOAT and dtype == "float32" and record["bits"] == 16
     sparse_ok = record["sparse"] is False and record["nonzeros"] is None or (
         record["sparse"] is True and encoding in (CODES, FLOAT) and _is_int(record["nonzeros"], 0, numel))
     if not (bits_ok and sparse_ok and _is_int(record["offset"], 0, 2**62) and _is_int(record["bytes"], 0, 2**62)):
         raise EntryError(f"{where}: bits {reprlib.repr(record['bits'])}, sparse {reprlib.repr(record['sparse'])}, "
                          f"nonzeros {reprlib.repr(record['nonzeros'])}, offset or bytes out of range for encoding "
-                         f"{encoding} (codes: bits 2..16 and a scale; sparse: 0 <= nonzeros <= {numel:,}); re-export")
+                         f"{encoding} (codes: bits 2..16 and a scale; float32: none or 16; sparse: 0 <= nonzeros <= {numel:,}); "
+                         "re-export")
     return numel
 
 
 def _value_bits(record: Mapping[str, Any]) -> int:
-    if record["encoding"] == CODES:
+    if record["encoding"] in (CODES, FLOAT) and record["bits"] is not None:
         return record["bits"]
     return 1 if record["encoding"] == BOOL else _DTYPES[record["dtype"]].itemsize * 8
 
@@ -377,7 +405,8 @@ def _decode(data: bytes, record: Mapping[str, Any], decoded: Mapping[str, torch.
     if record["encoding"] == CODES:
         values = _codes(data, offset, count, record["bits"])
     else:
-        values = np.frombuffer(data, _NUMPY[dtype], count, offset).copy()
+        stored = _NUMPY[dtype] if record["bits"] is None else "<f2"  # a scale declared 16 bits wide
+        values = np.frombuffer(data, stored, count, offset).astype(_NUMPY[dtype])
         finite = torch.from_numpy(values).view(_DTYPES[dtype]).isfinite()
         if not bool(finite.all()):
             raise ValueError("it holds NaN or infinite values, which a finished run never stores")
@@ -420,7 +449,7 @@ ROLES = {
     "quantized": "quantized weights: codes at their widths, bitmaps of the sparse ones",
     "float_weights": "float weights (unquantized conv / linear / embedding weights)",
     "biases": "biases",
-    "scales": "quantization scales (float32)",
+    "scales": "quantization scales, at their declared widths",
     "batch_norm": "batch norm, unfolded: weight, bias, running mean and variance (the scorer folds it into the "
                   "layer before: one bias per channel)",
     "other_floats": "other float tensors (normalization weights, tables)",

@@ -2,6 +2,7 @@
 rebuild, the counted bytes beside the bytes on disk, and hostile packed files refused in one line each."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from compress.base import weight_layers
+from compress import WeightQuantizer
+from compress.base import find_parametrization, weight_layers
 from scoring.entry import ENTRY_JSON, EntryError, build_model_from_entry, load_entry, save_entry, sha256_file
 from scoring.entry.packed import MAGIC, PACKED_FILE, pack_bits, storage_summary, unpack_bits
 from scoring.entry.verify import recount_entry
@@ -84,6 +86,24 @@ def test_the_bytes_on_disk_differ_from_the_count_by_what_the_summary_names(packe
         channels * 4 * (4 - 1) + summary.roles["state"] + len(MAGIC) + codes_padding, abs=1e-9)
     assert size <= 1.02 * summary.counted_bytes + 4096
     assert "bytes on disk" in summary.describe() and "batch norm, unfolded" in summary.describe()
+
+
+def test_scales_declared_16_bits_wide_are_stored_as_half(compressed_model, run_config, tmp_path):
+    """A weight quantizer declaring 16-bit scales (scoring.protocol's micronet_scale_bits) gets them stored in 2 bytes
+    each, read back exactly; scales a half cannot hold are refused, naming the fix."""
+    model = copy.deepcopy(compressed_model)
+    quantizer = find_parametrization(model.conv2[0], WeightQuantizer)  # after the pruning mask, during training
+    quantizer.micronet_scale_bits = 16
+    with torch.no_grad():
+        quantizer.scale.copy_(quantizer.scale.half().float())
+    entry = save_entry(tmp_path / "half", model, config=run_config, packed=True)
+    scales = record(entry, "conv2.0.parametrizations.weight.0.scale")
+    assert (scales["bits"], scales["bytes"]) == (16, 64 * 2)  # 64 channels, 2 bytes each
+    assert torch.equal(load_entry(entry).state_dict["conv2.0.parametrizations.weight.0.scale"], quantizer.scale)
+    with torch.no_grad():
+        quantizer.scale[0] = 1 / 3  # not a half
+    with pytest.raises(EntryError, match="declared 16 bits wide that are not IEEE half values"):
+        save_entry(tmp_path / "third", model, config=run_config, packed=True)
 
 
 # --- hostile packed files: each edit is resealed (entry.json records the new sha256), and refused in one line ---
