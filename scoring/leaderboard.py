@@ -110,17 +110,16 @@ def _ordinal(place: int) -> str:
 
 
 def comparison_table(comparison: Mapping[str, Any], label: str) -> str:
-    """The markdown table of :func:`compare`'s result, with ``score`` as a row named ``label`` at its place."""
-    rows = ["| place | entry | verified score | with 32-bit accumulation | compared |",
+    """The markdown table of :func:`compare`'s result, ordered by the compared figure, with ``score`` as a row named
+    ``label`` where it would place (behind the entries it ties with)."""
+    rows = ["| 2019 place | entry | verified score | with 32-bit accumulation | compared |",
             "|---|---|---:|---:|---:|"]
     ours = f"| **would be {_ordinal(comparison['place'])}** | **{label}** | – | – | **{comparison['score']:.4f}** |"
-    for placing in comparison["placings"]:
-        if placing["place"] == comparison["place"]:
-            rows.append(ours)
+    placings = sorted(comparison["placings"], key=lambda placing: placing["compared_with"])
+    for placing in placings:
         name = ": ".join(part for part in (placing["team"], placing["entry"]) if part) or "–"
         full = placing["score_32bit_accumulation"]
         rows.append(f"| {_ordinal(placing['place'])} | {name} | {placing['score']:.4f} | "
                     f"{'–' if full is None else f'{full:.4f}'} | {placing['compared_with']:.4f} |")
-    if comparison["place"] > len(comparison["placings"]):
-        rows.append(ours)
+    rows.insert(2 + comparison["place"] - 1, ours)
     return "\n".join(rows)
