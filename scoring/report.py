@@ -4,7 +4,8 @@ The report (what ``report.json`` holds; :mod:`scoring.entry.runfiles` writes and
 schema of docs/design.md (task, correct, total, top1 or perplexity, gate_passed, params, ops, mults, adds,
 param_bits, freebie, score, baseline, layers) plus the split the metric comes from, the exact sums behind it (a
 language model's nll_sum over ``total`` predicted tokens), the validation metrics, the score split into its two
-terms, the project rules used, the accumulator width and the number of examples counted. Which metric a task is
+terms, the project rules used, the accumulation (``accumulator_bits``: the setting, a width or ``adder_tree``;
+``accumulator``: its name, "32-bit" or "adder tree") and the number of examples counted. Which metric a task is
 judged on comes from :mod:`scoring.challenge`. Pure builders of the judge: this module imports nothing of ours
 outside scoring/ core.
 """
@@ -16,6 +17,7 @@ from typing import Any, Mapping
 from scoring.challenge import PERPLEXITY, TOP1, challenge_task
 from scoring.counter import Count
 from scoring.gate import check_gate
+from scoring.rules import ADDER_TREE, accumulator_name
 
 
 def build_report(*, task: str, count: Count, evaluation: Mapping[str, Any] | None = None,
@@ -43,7 +45,7 @@ def build_report(*, task: str, count: Count, evaluation: Mapping[str, Any] | Non
         "gate_passed": None, "gate": None,
         "params": count.params, "ops": count.ops, "mults": count.mults, "adds": count.adds,
         "param_bits": count.param_bits, "freebie": count.freebie, "accumulator_bits": count.accumulator_bits,
-        "examples": count.examples, "example": example,
+        "accumulator": accumulator_name(count.accumulator_bits), "examples": count.examples, "example": example,
         "score": count.score(task), "score_params_term": params_term, "score_ops_term": ops_term,
         "baseline": {"model": base.model, "params": base.params, "ops": base.ops},
         "project_rules": dict(count.project_rules),
@@ -88,11 +90,17 @@ def totals_text(report: Mapping[str, Any]) -> str:
     return "\n".join([
         f"params {_num(report['params'])} (32-bit equivalents; {report['param_bits']:,} bits)",
         f"ops    {_num(report['ops'])} (32-bit equivalents; {_num(report['mults'])} mults + {_num(report['adds'])} adds "
-        f"per {example}, additions at {report['accumulator_bits']} bits, freebie "
+        f"per {example}, {_additions(report['accumulator_bits'])}, freebie "
         f"{'on' if report['freebie'] else 'off'}, {report['examples']} {example}s)",
         f"score  {report['score']:.6f} = params {report['score_params_term']:.6f} ({_num(report['params'])} / "
         f"{base['params']:,}) + ops {report['score_ops_term']:.6f} ({_num(report['ops'])} / {base['ops']:,})",
     ])
+
+
+def _additions(accumulator_bits: int | str) -> str:
+    if accumulator_bits == ADDER_TREE:
+        return "dot products summed in adder trees"
+    return f"additions at {accumulator_bits} bits"
 
 
 def rules_text(report: Mapping[str, Any]) -> str:

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping
 
 from scoring.counter.facts import NO_INPUT
 from scoring.counter.layers import Layer
-from scoring.rules import score, score_terms
+from scoring.rules import ADDER_TREE, score, score_terms
 
 #: Width of an unquantized tensor with and without the freebie.
 FULL_BITS = 32
@@ -30,7 +30,7 @@ class Count:
     params: float
     ops: float
     freebie: bool
-    accumulator_bits: int
+    accumulator_bits: int | str  # the setting: a width, or ADDER_TREE
     examples: int
     layers: list[dict[str, Any]]
     project_rules: dict[str, str]
@@ -82,23 +82,37 @@ def _row(layer: Layer, mults: int, param_bits: int, ops: Fraction, examples: int
     }
 
 
-def build_count(layers: Iterable[Layer], narrowest_tag: tuple[int, str] | None, examples: int, accumulator_bits: int,
-                freebie: bool | None, project_rules: Mapping[str, str]) -> Count:
-    """The :class:`Count` of traced ``layers`` over ``examples``, the freebie decided from the narrowest tag."""
+def _op_bits(layer: Layer, accumulator_bits: int, default: int) -> tuple[int, int]:
+    """(bits of ``layer``'s multiplies, bits of its additions): additions not counted at a width of their own count
+    at ``accumulator_bits``."""
+    mult_bits = sum(count * width.bits(default) for width, count in layer.mults.items())
+    at_own_width = sum(layer.adds_at.values())
+    add_bits = ((layer.adds - at_own_width) * accumulator_bits
+                + sum(count * width.bits(default) for width, count in layer.adds_at.items()))
+    return mult_bits, add_bits
+
+
+def build_count(layers: Iterable[Layer], narrowest_tag: tuple[int, str] | None, examples: int,
+                accumulator_bits: int | str, freebie: bool | None, project_rules: Mapping[str, str]) -> Count:
+    """The :class:`Count` of traced ``layers`` over ``examples``, the freebie decided from the narrowest tag.
+
+    Additions without a width of their own count at ``accumulator_bits``; with an adder tree (whose dot products
+    gave every addition its width) the others are the float additions outside dot products: 32 bits."""
     freebie = _freebie(narrowest_tag, freebie)
     default = FREEBIE_BITS if freebie else FULL_BITS
-    rows, total_mults, total_adds, total_mult_bits, total_param_bits = [], 0, 0, 0, 0
+    accumulator = FULL_BITS if accumulator_bits == ADDER_TREE else accumulator_bits
+    rows, total_mults, total_adds, total_op_bits, total_param_bits = [], 0, 0, 0, 0
     for layer in layers:
         mults = sum(layer.mults.values())
-        mult_bits = sum(count * width.bits(default) for width, count in layer.mults.items())
+        mult_bits, add_bits = _op_bits(layer, accumulator, default)
         param_bits = sum(s.total_bits(default) for s in layer.stored)
         if not (mults or layer.adds or param_bits or layer.notes):
             continue  # a container or data movement only
         total_mults, total_adds = total_mults + mults, total_adds + layer.adds
-        total_mult_bits, total_param_bits = total_mult_bits + mult_bits, total_param_bits + param_bits
-        ops = Fraction(mult_bits + layer.adds * accumulator_bits, 32 * examples)
+        total_op_bits, total_param_bits = total_op_bits + mult_bits + add_bits, total_param_bits + param_bits
+        ops = Fraction(mult_bits + add_bits, 32 * examples)
         rows.append(_row(layer, mults, param_bits, ops, examples, default))
-    ops = Fraction(total_mult_bits + total_adds * accumulator_bits, 32 * examples)
+    ops = Fraction(total_op_bits, 32 * examples)
     return Count(mults=_number(Fraction(total_mults, examples)), adds=_number(Fraction(total_adds, examples)),
                  param_bits=total_param_bits, params=total_param_bits / 32, ops=float(ops), freebie=freebie,
                  accumulator_bits=accumulator_bits, examples=examples, layers=rows,
