@@ -16,7 +16,7 @@ from data import gpu_resident_by_default
 from data.tasks import DataOptions, Task, build_task
 from models import create_model
 from scoring.entry import ENTRY_JSON, build_model_from_entry, load_entry, model_spec
-from train.checkpoint import load_latest, read_checkpoint
+from train.checkpoint import RUN_STATE, is_checkpoint_file, load_latest, read_checkpoint
 from train.config import ConfigError, auto_switch
 from train.distributed import Context
 
@@ -50,6 +50,19 @@ def data_options(cfg: DictConfig, ctx: Context) -> DataOptions:
                        gpu_resident=auto_switch(cfg.data.gpu_resident, resident_auto), val_split=cfg.data.val_split)
 
 
+def is_entry(path: Path) -> bool:
+    """Whether ``path`` is an entry: a folder with entry.json, or a run dir / bundle holding ``entry/``."""
+    return (path / ENTRY_JSON).is_file() or (path / "entry" / ENTRY_JSON).is_file()
+
+
+def not_a_saved_model(path: Path) -> ConfigError:
+    """The error for a ``path`` (``init=``, a teacher, a run to measure) that holds no model to restore."""
+    what = "does not exist" if not path.exists() else "is neither an entry nor a training checkpoint" \
+        if path.is_file() else "holds no entry and no training checkpoint"
+    return ConfigError(f"{path} {what}", "point to a finished run dir, an entry bundle, a checkpoints/<i>_<stage> "
+                                         "folder or a step*.pt file")
+
+
 def restore_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """A trained model and its resolved run config, from any of:
 
@@ -58,14 +71,13 @@ def restore_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     Nothing is unpickled: entries are safetensors, checkpoints load with ``weights_only=True``.
     """
     path = Path(path)
-    if (path / ENTRY_JSON).is_file() or (path / "entry" / ENTRY_JSON).is_file():
+    if is_entry(path):
         entry = load_entry(path)
         return build_model_from_entry(entry), entry.config
-    state = read_checkpoint(path) if path.is_file() else load_latest(path) if path.is_dir() else None
+    state = read_checkpoint(path, RUN_STATE) if is_checkpoint_file(path) else \
+        load_latest(path, RUN_STATE) if path.is_dir() else None
     if state is None:
-        raise ConfigError(f"{path} holds no entry and no training checkpoint",
-                          "point to a finished run dir, an entry bundle, a checkpoints/<i>_<stage> folder "
-                          "or a step*.pt file")
+        raise not_a_saved_model(path)
     model = model_from_config(state["config"])
     apply_compression_state(model, state["compression"])
     model.load_state_dict(state["model"])

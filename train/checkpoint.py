@@ -31,7 +31,7 @@ import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -48,6 +48,14 @@ KEEP = 2
 #: misread a checkpoint of the previous layout.
 FORMAT_VERSION = 1
 _PATTERN = "step*.pt"
+#: The keys a checkpoint must hold, each with the type (or types) of its value.
+Layout = Mapping[str, type | tuple[type, ...]]
+#: What a run's checkpoint holds (train/stages.py writes it: the trainer's state, whether the stage finished, the
+#: run's config and the model's compression structure), by key: the type of its value. A committed file without
+#: them is damage, whatever its checksum says.
+RUN_STATE: Layout = {
+    "model": dict, "optimizer": dict, "scheduler": dict, "epoch": int, "batches_done": int, "global_step": int,
+    "sums": torch.Tensor, "rng": (dict, list), "finished": bool, "config": dict, "compression": dict}
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -143,17 +151,29 @@ def _sha256_on_disk(path: Path) -> str:
     return sha256_file(path)
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load one checkpoint after checking its size and sha256; :class:`CheckpointError` if unusable."""
+def is_checkpoint_file(path: Path) -> bool:
+    """Whether ``path`` is named as a checkpoint (``step*.pt``) or has a checkpoint's sidecar beside it."""
+    return path.is_file() and (path.match(_PATTERN) or _sidecar(path).is_file())
+
+
+def holds_checkpoints(directory: Path) -> bool:
+    """Whether ``directory`` holds checkpoint files (committed or not: :func:`latest_checkpoint` tells which)."""
+    return any(directory.glob(_PATTERN))
+
+
+def read_checkpoint(path: Path, layout: Layout | None = None) -> dict[str, Any]:
+    """Load one checkpoint after checking its size and sha256 and, given a ``layout`` (e.g. :data:`RUN_STATE`),
+    the keys and types it must hold; :class:`CheckpointError` if unusable."""
     sidecar = _sidecar(path)
     if not sidecar.is_file():
         raise CheckpointError(f"{path} has no {sidecar.name} (its write was interrupted)")
     try:
         digest, size = sidecar.read_text().split()
+        size = int(size)
         data = path.read_bytes()
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} or its checksum cannot be read ({err})") from None
-    if len(data) != int(size):
+    if len(data) != size:
         raise CheckpointError(f"{path} is truncated ({len(data)} of {size} bytes)")
     if hashlib.sha256(data).hexdigest() != digest:
         raise CheckpointError(f"{path} is corrupted (sha256 differs from {sidecar.name})")
@@ -166,12 +186,17 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise CheckpointVersionError(f"{path} has format_version {version!r}; this micronet-kit reads version "
                                      f"{FORMAT_VERSION}", "resume it with the micronet-kit version that wrote it")
+    wrong = [key for key, kind in (layout or {}).items() if not isinstance(state.get(key), kind)]
+    if wrong:
+        raise CheckpointError(f"{path} is not a run's training state: it lacks or mistypes {', '.join(wrong)}")
     return state
 
 
-def latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest usable checkpoint in ``directory`` and its path, falling back past damaged ones; None when the
-    folder holds no committed checkpoint (uncommitted files, see the module docstring, are skipped).
+def latest_checkpoint(directory: Path, layout: Layout | None = None
+                      ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest usable checkpoint in ``directory`` and its path, falling back past damaged ones (a ``layout`` it
+    lacks included: :func:`read_checkpoint`); None when the folder holds no committed checkpoint (uncommitted
+    files, see the module docstring, are skipped).
 
     Raises :class:`CheckpointError` when committed checkpoints exist but every one of them is damaged.
     """
@@ -184,7 +209,7 @@ def latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
                         "counted as a checkpoint)", path, _sidecar(path).name)
     for path in committed:
         try:
-            return path, read_checkpoint(path)
+            return path, read_checkpoint(path, layout)
         except CheckpointVersionError:
             raise
         except CheckpointError as err:
@@ -195,9 +220,10 @@ def latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def load_latest(directory: Path) -> dict[str, Any] | None:
+def load_latest(directory: Path, layout: Layout | None = None
+                ) -> dict[str, Any] | None:
     """The state of :func:`latest_checkpoint` (None when there is none)."""
-    found = latest_checkpoint(directory)
+    found = latest_checkpoint(directory, layout)
     return None if found is None else found[1]
 
 

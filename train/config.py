@@ -11,16 +11,21 @@ before the pipeline's imports, so that a typo is reported in about a second.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterable, Iterator, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from conf import CONF_DIR
 from scoring.errors import UserError
 from scoring.rules import ADDER_TREE, accumulator_setting, freebie_setting
 
@@ -39,8 +44,9 @@ def reported_as_config_error(fix: str) -> Iterator[None]:
         yield
     except ConfigError:  # has its own fix
         raise
-    except ValueError as err:
-        raise ConfigError(str(err), fix) from None
+    except ValueError as err:  # a library's message may carry its own fix ("... ; fix: ..."), which is the better one
+        problem, _, own_fix = str(err).partition(" ; fix: ")
+        raise ConfigError(problem, own_fix or fix) from None
 
 
 def compress_fix(cfg: DictConfig) -> str:
@@ -159,10 +165,51 @@ class RunConfig:
     device: str = "auto"
     init: Optional[str] = None
     smoke: bool = False  # shrink every stage to try a recipe end to end (train/smoke.py)
+    plan: bool = False  # build and count the recipe's final model without training it (train/plan.py)
 
 
 # Hydra's convention: register at import, so any composer of conf/ (run.py, tests) gets the schema.
 ConfigStore.instance().store(name="micronet_schema", node=RunConfig)
+
+
+def closest_key(key: str) -> str | None:
+    """None when the dotted ``key`` is a key of the schema, or lies in one of its open dictionaries (``dict`` typed:
+    ``model.kwargs``, ``compress``, whose owners check what they hold); otherwise the nearest schema key (the first
+    unknown part replaced by its closest sibling), or "" when none is close."""
+    node: Any = RunConfig
+    parts = key.split(".")
+    for index, part in enumerate(parts):
+        if typing.get_origin(node) is dict:
+            return None
+        fields = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            match = difflib.get_close_matches(part, fields, n=1)
+            return ".".join([*parts[:index], match[0], *parts[index + 1:]]) if match else ""
+        node = fields[part]
+        if typing.get_origin(node) is typing.Union:  # Optional[X]
+            node = next(arg for arg in typing.get_args(node) if arg is not type(None))
+    return None
+
+
+def check_added_keys(overrides: list[str]) -> None:
+    """Refuse a ``+key=value`` (or ``++``) override whose key the schema does not have, outside its open
+    dictionaries (:func:`closest_key`): the composed config would carry it, and nothing would read it. Config groups
+    (``+experiment=...``) and Hydra's own keys are Hydra's."""
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if not (override.is_add() or override.is_force_add()) or key.split(".")[0] == "hydra" \
+                or (CONF_DIR / key).is_dir():
+            continue
+        near = closest_key(key)
+        if near is not None:
+            raise ConfigError(f"{override.input_line}: {key} is not a key of the config, so nothing would read it",
+                              unknown_key_fix(near, override.input_line.partition("=")[2]))
+
+
+def unknown_key_fix(near: str, value: str) -> str:
+    """The fix for a key the schema lacks whose closest key is ``near`` (:func:`closest_key`), set to ``value``."""
+    where = "conf/config.yaml and conf/<group>/*.yaml document every key"
+    return f"did you mean {near}={value}? ({where})" if near else f"correct the key ({where})"
 
 
 _AUTO_SWITCH = ("auto", True, False)
@@ -209,10 +256,11 @@ def validate(cfg: DictConfig, known_models: list[str]) -> None:
     if cfg.model.name not in known_models:
         raise ConfigError(f"unknown model '{cfg.model.name}'",
                           f"use model=<name> with one of: {', '.join(sorted(known_models))}")
-    if cfg.task.needs_root and not cfg.data.root:
+    if cfg.task.needs_root and not cfg.data.root and not cfg.plan:  # a plan counts on synthetic inputs
         raise ConfigError(f"task={cfg.task.name} needs data.root (the {cfg.task.dataset} folder)",
                           f"pass data.root=/path/to/{cfg.task.dataset}"
                           + (" (add data.download=true to fetch it)" if cfg.task.downloadable else ""))
+    validate_task(cfg.task)
     if not _DEVICE.match(cfg.device):
         raise ConfigError(f"device={cfg.device} is not a device", "use auto, cpu, cuda or cuda:N")
     if cfg.device.startswith("cuda"):
@@ -247,6 +295,28 @@ def validate(cfg: DictConfig, known_models: list[str]) -> None:
     except ValueError:
         raise ConfigError(f"score.freebie={cfg.score.freebie} must be auto, true or false",
                           "use one of auto|true|false") from None
+
+
+#: Keys of a task that describe its data (the classes and the input's shape): the dataset fixes them, and the
+#: model is built from them, so a value other than the task's definition fails at the first step.
+_DATA_KEYS = ("kind", "dataset", "num_classes", "in_chans", "input_size")
+
+
+def validate_task(task: DictConfig) -> None:
+    """What the schema cannot check of a task: the keys describing its data are those of its definition
+    (``conf/task/<name>.yaml``, where there is one), and a language model's windows hold at least one token."""
+    path = CONF_DIR / "task" / f"{task.name}.yaml"
+    definition = OmegaConf.load(path) if path.is_file() else OmegaConf.create()
+    for key in _DATA_KEYS:
+        if key in definition and task[key] != definition[key]:
+            raise ConfigError(f"task.{key}={task[key]} but the {task.name} data has {key}={definition[key]} "
+                              f"(conf/task/{task.name}.yaml)", f"remove the task.{key} override: the dataset fixes "
+                              "it, and the model is built from it")
+    for key, use in (("bptt", "the training window"), ("eval_window", "tokens fed per evaluation step")):
+        value = OmegaConf.select(task, f"stream.{key}")
+        if value is not None and value < 1:
+            raise ConfigError(f"task.stream.{key}={value} must be >= 1 ({use})",
+                              f"use e.g. task.stream.{key}={definition.get('stream', {}).get(key, 256)}")
 
 
 def to_container(cfg: DictConfig) -> dict:

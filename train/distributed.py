@@ -59,8 +59,27 @@ def setup(device_spec: str) -> Context:
 
 def teardown() -> None:
     """Leave the process group (no-op for a single process)."""
+    global _host_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
+
+
+#: A gloo group over every process, for :func:`any_process` when the default group is NCCL's (made on first use).
+_host_group: dist.ProcessGroup | None = None
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (``flag`` itself for a single process). A collective call, over gloo
+    on the host: it never waits for the device, so the training loop can agree on a stop request at every step."""
+    global _host_group
+    if not dist.is_initialized():
+        return flag
+    if dist.get_backend() != "gloo" and _host_group is None:
+        _host_group = dist.new_group(backend="gloo")
+    votes = torch.tensor([float(flag)])
+    dist.all_reduce(votes, group=None if dist.get_backend() == "gloo" else _host_group)
+    return votes.item() > 0
 
 
 def wrap(model: nn.Module, ctx: Context) -> nn.Module:

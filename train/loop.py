@@ -4,9 +4,11 @@ A :class:`Trainer` runs the epochs of one stage: optimizer (SGD with Nesterov mo
 per-step schedule (linear warmup, then cosine or step decay), the task's objective (:mod:`train.objectives`:
 label smoothing and mixup/CutMix for classification), optional weight EMA and gradient clipping, and the
 compression :class:`~compress.base.Technique` hooks in the order ``compress/base.py`` documents. Evaluation
-belongs to the task (:meth:`data.tasks.Task.evaluate`). Every ``log_every`` steps the objective's metrics, the
-learning rate and the throughput go to the progress bar when the run is watched on a terminal, else to the log
-as one plain line of ``key=value`` pairs (also when ``TQDM_DISABLE=1``), and to TensorBoard. On CUDA it takes the fast path: bf16 autocast,
+belongs to the task (:meth:`data.tasks.Task.evaluate`). Every ``log_every`` steps the objective's metrics (of the
+task's loss: a technique's term, such as distillation's, is in its own scalars), the learning rate and the
+throughput go to the progress bar when the run is watched on a terminal, else to the log as one plain line of
+``key=value`` pairs (also when ``TQDM_DISABLE=1``), and to TensorBoard. A stop request (:mod:`train.signals`) is
+read after every step, all processes agreeing on it. On CUDA it takes the fast path: bf16 autocast,
 channels_last, fused optimizers, optional ``torch.compile``, non-blocking copies, and metrics accumulated
 on the device so that the host synchronises only every ``log_every`` steps. On CPU it is seeded and
 deterministic: given the same checkpoint, the same steps produce bit-identical weights.
@@ -210,8 +212,9 @@ class Trainer:
             self.batches_done += 1
             progress.update()
             at_end = self.batches_done == len(self.loader)
-            if self.global_step % self.train_cfg.log_every == 0 or at_end:
-                stop = self._sync(progress, time.perf_counter() - start, start_seen, should_stop())
+            stop = distributed.any_process(should_stop())  # every step: a stop never waits for the next log line
+            if stop or self.global_step % self.train_cfg.log_every == 0 or at_end:
+                self._sync(progress, time.perf_counter() - start, start_seen)
                 if stop and not at_end:
                     progress.close()
                     return False
@@ -225,8 +228,9 @@ class Trainer:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
 
-    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> Forward:
-        """One batch through the objective, gradients left in ``.grad``; compiled while compilation works."""
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[Forward, torch.Tensor]:
+        """One batch through the objective, gradients left in ``.grad``; compiled while compilation works.
+        Returns the objective's result (its ``loss``: the task's) and the loss optimised (with the techniques')."""
         if self.compiled is not None and not self.eager_step_done:
             # The first step runs eagerly: quantizers calibrate on it, and that one-off, data-dependent code
             # would split the compiled graph into pieces and use up the recompilations.
@@ -245,14 +249,16 @@ class Trainer:
                 self.compiled = None
         return self._loss_and_grad(self.step_model if self.compiled is None else self.compiled, inputs, targets)
 
-    def _loss_and_grad(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Forward:
+    def _loss_and_grad(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+                       ) -> tuple[Forward, torch.Tensor]:
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             result = self.objective.forward(model, inputs, targets, need_outputs=self.need_outputs)
+            loss = result.loss
             for technique in self.techniques:
-                result.loss = technique.loss(result.loss, result.outputs, inputs, targets)
+                loss = technique.loss(loss, result.outputs, inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        return result
+        loss.backward()
+        return result, loss
 
     def _step(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         device = self.ctx.device
@@ -261,7 +267,7 @@ class Trainer:
         if self.channels_last and inputs.dim() == 4:  # images (NCHW); token batches have no memory format
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         inputs, targets = self.objective.prepare(inputs, labels)
-        result = self._forward_backward(inputs, targets)
+        result, loss = self._forward_backward(inputs, targets)
         if self.train_cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
         self.optimizer.step()
@@ -274,13 +280,12 @@ class Trainer:
         self.objective.commit(result.carry)
         with torch.no_grad():
             self.sums[:3] += self.objective.sums(result, labels)
-            self.sums[3] += (~torch.isfinite(result.loss.detach())).double()
+            self.sums[3] += (~torch.isfinite(loss.detach())).double()
 
-    def _sync(self, progress: tqdm, elapsed: float, start_seen: float, stop_requested: bool) -> bool:
-        """The one host synchronisation every ``log_every`` steps: check, log, agree on stopping."""
+    def _sync(self, progress: tqdm, elapsed: float, start_seen: float) -> None:
+        """The one host synchronisation every ``log_every`` steps (and at a stop): check, then log."""
         # Agreed over all processes first, so that a NaN on any rank stops every rank together.
-        nonfinite, stop = distributed.all_reduce_sum(
-            torch.stack([self.sums[3], self.sums.new_full((), float(stop_requested))])).tolist()
+        nonfinite = distributed.all_reduce_sum(self.sums[3:4].clone()).item()
         loss_sum, correct, seen, _ = self.sums.tolist()
         if nonfinite:
             raise NonFiniteLossError(
@@ -301,4 +306,3 @@ class Trainer:
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(f"{self.tag}/train/{key}", value, self.global_step)
-        return stop > 0

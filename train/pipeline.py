@@ -1,6 +1,7 @@
 """The pipeline of ``python train/run.py``, one Hydra job, as named steps (docs/design.md, "A run"):
 prepare the run folder → build the model and its stages → preflight checks → accept (record the command) →
-train the stages → evaluate on the test split, once → finish (score, gate, report, entry).
+train the stages → evaluate on the test split, once → finish (score, gate, report, entry). With ``plan=true`` it is
+prepare → build → plan (train/plan.py): the final model counted untrained, nothing else written.
 
 :func:`run_job` is the job's error boundary: a problem a user can fix is one line and exit status 2; the other
 exit statuses are below and in train/run.py. Its imports (torch, the models, TensorBoard) take seconds, which is
@@ -27,16 +28,19 @@ from scoring.rules import freebie_setting
 from train import distributed
 from train.search.stage import allocation_summary
 from train.build import build_model, load_init
-from train.config import compress_fix, reported_as_config_error, to_container, validate
+from train.config import check_added_keys, compress_fix, reported_as_config_error, to_container, validate
 from train.distributed import Context
 from train.loop import make_deterministic
 from train.objectives import Objective
+from train.plan import make_plan, unset_teachers
 from train.preflight import preflight
-from train.rundir import finished_report, prepare_run_dir, quiet_thread_write_errors, write_problem
+from train.rundir import discard_unaccepted, finished_report, prepare_run_dir, quiet_thread_write_errors, \
+    write_problem
 from train.session import Session
 from train.signals import StopRequest, stop_signals
 from train.smoke import smoke_config
 from train.stages import run_stage
+from train.upfront import check_without_data
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ def run_job(cfg: DictConfig) -> None:
     try:
         code = run(cfg)
     except USER_ERRORS as err:
+        discard_unaccepted(Path(HydraConfig.get().runtime.output_dir))  # a refused run leaves nothing behind
         fail(str(err))
     except KeyboardInterrupt:  # a second Ctrl-C (the first one asks for a checkpoint, see stop_signals)
         fail("stopped at once by a second Ctrl-C, without a new checkpoint; the last saved one is intact ; fix: "
@@ -69,6 +74,9 @@ def run_job(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> int:
     """The whole pipeline for one composed config; returns the exit status. From the start, SIGTERM and SIGINT
     ask it to stop at the next checkpoint (:func:`train.signals.stop_signals`)."""
+    if cfg.plan:
+        cfg, unset = unset_teachers(cfg)
+        return plan(*prepare(cfg), unset)
     with stop_signals() as stop:
         cfg, ctx, run_dir = prepare(cfg)
         report = finished_report(run_dir, to_container(cfg))
@@ -97,6 +105,9 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Context, Path]:
     """Validate ``cfg``, join the processes of a torchrun job, and lock the run folder (rank 0). Returns the config
     to run (shortened when ``smoke``), the process context and the run folder."""
     validate(cfg, models.list_models())
+    check_added_keys(HydraConfig.get().overrides.task)
+    shortened = smoke_config(cfg) if cfg.smoke else cfg
+    check_without_data(shortened)  # train/cli.py checked a command line; a --multirun's jobs are checked here
     ctx = distributed.setup(cfg.device)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -104,7 +115,19 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig, Context, Path]:
     if ctx.is_main:
         prepare_run_dir(run_dir)  # held until this process ends; train/cli.py took it, but not for multirun jobs
         log.info("run folder: %s", run_dir)
-    return (smoke_config(cfg) if cfg.smoke else cfg), ctx, run_dir
+    return shortened, ctx, run_dir
+
+
+def plan(cfg: DictConfig, ctx: Context, run_dir: Path, unset: list[str]) -> int:
+    """``plan=true``: the recipe's final model built from the run's starting model and counted, untrained
+    (train/plan.py; ``unset``: the teachers the recipe leaves unset). Rank 0 plans, and writes only plan.json and
+    plan.md into the run folder."""
+    make_deterministic(cfg.seed + ctx.rank, ctx.device)  # the initial weights of the real run
+    session = Session(cfg, ctx, run_dir)
+    model, stages = build(session)
+    if ctx.is_main:
+        make_plan(session, model, stages, unset)
+    return 0
 
 
 def build(session: Session) -> tuple[nn.Module, list[Stage]]:

@@ -27,9 +27,7 @@ def preflight(session: Session, model: nn.Module, stages: list[Stage]) -> tuple[
     check_teachers(stages, session.stage_dirs)
     with reported_as_config_error(compress_fix(cfg)):
         check_allocate_stage(session, model)
-    recipes = [stage_train_config(cfg.train, stage.name, stage.epochs, stage.overrides) for stage in stages]
-    with reported_as_config_error("correct task.augment (conf/task/*.yaml documents its keys)"):
-        objectives = [build_objective(recipe, session.config["task"]) for recipe in recipes]
+    recipes, objectives = stage_recipes(session, stages)
     with reported_as_config_error(compress_fix(cfg)):
         rehearse_attach(model, stages, steps_per_epoch=len(session.loaders.train))
     check_score_examples(session.task, session.loaders.test, cfg.score.examples, session.ctx)
@@ -41,6 +39,15 @@ def check_allocate_stage(session: Session, model: nn.Module) -> None:
     loader is built only for a config with such a stage."""
     check_allocation(session.config["compress"], model, session.task.metric, validation=lambda: session.loaders.val,
                      distributed=session.ctx.distributed)
+
+
+def stage_recipes(session: Session, stages: list[Stage]) -> tuple[list[DictConfig], list[Objective]]:
+    """Each stage's training recipe (``train.*`` with the stage's overrides, checked) and objective; ConfigError
+    names the first problem."""
+    recipes = [stage_train_config(session.cfg.train, stage.name, stage.epochs, stage.overrides) for stage in stages]
+    with reported_as_config_error("correct task.augment (conf/task/*.yaml documents its keys)"):
+        objectives = [build_objective(recipe, session.config["task"]) for recipe in recipes]
+    return recipes, objectives
 
 
 def check_teachers(stages: list[Stage], stage_dirs: Mapping[str, Path]) -> None:

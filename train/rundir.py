@@ -7,7 +7,11 @@ defines the run (``init=``, ``train.*``, ``compress.*``, ``smoke=true``, ...: :d
 
 **Lock.** A run holds an exclusive ``flock`` on ``<run dir>/.lock`` while it may write there
 (:func:`lock_run_dir`). The kernel drops the lock when the process ends, however it ends (kill -9 included), so a
-crashed run never leaves a stale lock; a second run into a busy folder is refused before it writes anything.
+crashed run never leaves a stale lock; a second run into a busy folder is refused before it writes anything. A run
+refused before it was accepted removes the lock file and the folders it created (:func:`discard_unaccepted`). A
+folder deleted while its run uses it takes the lock file with it: the run notices at its next checkpoint (the file
+it locked is not the folder's lock any more, :func:`check_run_dir`) and stops, instead of sharing the folder with a
+run started there since.
 
 **Record.** Once a run is accepted (every check passed, the folder locked) it writes ``.hydra/overrides.yaml``
 (the command-line overrides, Hydra's format) and ``.hydra/config.yaml`` (the resolved config), once: a later
@@ -51,7 +55,10 @@ _FORBIDDEN = {errno.EROFS, errno.EACCES, errno.EPERM}
 #: The OS error inside the message of a SafetensorError: "I/O error: File too large (os error 27)".
 _RUST_IO_CODE = re.compile(r"\(os error (\d+)\)")
 
+#: The run dirs this process holds the lock of (resolved), with the lock file's descriptor.
 _held: dict[Path, int] = {}
+#: For each of them, the folders :func:`prepare_run_dir` created (deepest first) and whether it created the lock file.
+_created: dict[Path, tuple[list[Path], bool]] = {}
 
 
 def _key(override: str) -> str:
@@ -78,9 +85,13 @@ class RunDirError(ConfigError):
 
 
 def write_problem(err: BaseException) -> tuple[str, str] | None:
-    """``(problem, fix)`` for a write that failed because the disk is full or the place is read-only or
-    forbidden; None for any other error (a bug, not the user's to fix)."""
+    """``(problem, fix)`` for a write that failed because the disk is full, the place is read-only or forbidden,
+    or the run folder was deleted under the run; None for any other error (a bug, not the user's to fix)."""
     code = err.errno if isinstance(err, OSError) else None
+    deleted = next((run_dir for run_dir, fd in _held.items() if not _is_lock_of(fd, run_dir)), None) \
+        if code == errno.ENOENT else None
+    if deleted is not None:  # TensorBoard's writer, which opens its file for each write, tells first
+        return _deleted_problem(deleted)
     if code is None and type(err).__name__ == "SafetensorError":  # safetensors' writer wraps the OS error
         match = _RUST_IO_CODE.search(str(err))
         code = int(match.group(1)) if match else None
@@ -110,9 +121,18 @@ def quiet_thread_write_errors() -> None:
 
 def prepare_run_dir(run_dir: Path) -> None:
     """Create ``run_dir`` (and its parents) and take its lock; :class:`RunDirError` when that is impossible."""
+    missing = []  # the folders mkdir creates, deepest first: a refused run removes them again
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing.append(folder)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock_run_dir(run_dir)
+        lock_run_dir(run_dir, created=missing)
+    except (FileExistsError, NotADirectoryError):
+        in_the_way = next(folder for folder in (run_dir, *run_dir.parents) if folder.exists())
+        raise RunDirError(f"run folder {run_dir} cannot be made: {in_the_way} is not a folder",
+                          "pass hydra.run.dir=<a folder path>") from None
     except OSError as err:
         problem = write_problem(err)
         if problem is None:
@@ -120,24 +140,76 @@ def prepare_run_dir(run_dir: Path) -> None:
         raise RunDirError(f"run folder {run_dir}: {problem[0]}", problem[1]) from None
 
 
-def lock_run_dir(run_dir: Path) -> None:
-    """Hold ``run_dir``'s lock until this process ends (a no-op when this process holds it already).
+def lock_run_dir(run_dir: Path, created: list[Path] | None = None) -> None:
+    """Hold ``run_dir``'s lock until this process ends (when this process holds it already, only check that it is
+    still its lock: :func:`check_run_dir`). ``created``: the folders this process just made for it (deepest first),
+    which :func:`discard_unaccepted` may remove again.
 
-    Raises :class:`RunDirError` when another process holds it. The lock file is created once and never
-    written or removed (removing it would let two runs lock two different files)."""
+    Raises :class:`RunDirError` when another process holds it. The lock file is never written, and removed only
+    by :func:`discard_unaccepted`; a run that locked a file removed meanwhile finds it is not the path's any more
+    and refuses, so two runs never hold two different locks of one folder."""
     key = run_dir.resolve()
     if key in _held:
+        check_run_dir(run_dir)
         return
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+    lock = run_dir / LOCK_FILE
+    lock_created = not lock.exists()
+    fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        holder = _lock_holder(run_dir / LOCK_FILE)
+        holder = _lock_holder(lock)
         raise RunDirError(f"{run_dir} is in use by another run{f' (pid {holder})' if holder else ''}; nothing was "
                           "written", "wait for that run to end, or pass hydra.run.dir=<another folder> for a "
                           "separate run") from None
+    if not _is_lock_of(fd, run_dir):
+        os.close(fd)
+        raise RunDirError(f"{run_dir} was removed while this run was locking it", "re-run the same command")
     _held[key] = fd
+    _created[key] = (created or [], lock_created)
+
+
+def _is_lock_of(fd: int, run_dir: Path) -> bool:
+    """Whether the open file ``fd`` is ``run_dir``'s lock file (and not one deleted since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(run_dir / LOCK_FILE))
+    except OSError:
+        return False
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Raise :class:`RunDirError` when the lock this process holds on ``run_dir`` is no longer the folder's lock
+    file: the folder was deleted (or replaced) while the run used it, and another run may use it now, so this one
+    must not write there again. A no-op for a folder this process does not hold (the other ranks under torchrun)."""
+    fd = _held.get(run_dir.resolve())
+    if fd is not None and not _is_lock_of(fd, run_dir):
+        raise RunDirError(*_deleted_problem(run_dir))
+
+
+def _deleted_problem(run_dir: Path) -> tuple[str, str]:
+    return (f"run folder {run_dir} was deleted or replaced while this run was using it; the run stopped without "
+            "writing there again", "re-run the same command to start the run again (its checkpoints went with the "
+            "folder)")
+
+
+def discard_unaccepted(run_dir: Path) -> None:
+    """Remove what :func:`prepare_run_dir` created for ``run_dir`` (its lock file, and the folders it made) when the
+    run was refused before it was accepted, so that the folder holds nothing else: a refused command leaves
+    nothing behind. What existed before it is kept; a folder something else was written into is kept."""
+    key = run_dir.resolve()
+    fd, (created, lock_created) = _held.get(key), _created.get(key, ([], False))
+    if fd is None or not lock_created or not _is_lock_of(fd, run_dir) \
+            or [path.name for path in run_dir.iterdir()] != [LOCK_FILE]:
+        return
+    (run_dir / LOCK_FILE).unlink()  # while still locked: a run that opened it meanwhile finds it removed
+    os.close(fd)
+    del _held[key], _created[key]
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: another run's, or made by someone else meanwhile
+            break
 
 
 def _lock_holder(path: Path) -> str:

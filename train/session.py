@@ -19,7 +19,7 @@ from scoring.report import format_summary, log_report
 from train import distributed
 from train.build import data_options, load_teacher, task_of
 from train.config import reported_as_config_error, to_container
-from train.rundir import RunLogHandler, write_record
+from train.rundir import RunLogHandler, check_run_dir, write_record
 from train.search.stage import allocation_summary, run_allocate_stage
 from train.smoke import smoke_loaders
 
@@ -99,8 +99,8 @@ class Session:
         """An allocate stage (train/search/stage.py): the stages ``later`` built anew with per-layer settings chosen
         on the validation split, or read back from the run folder when an earlier start chose them.
 
-        Returns (False, ``later``) when a stop was asked before it started (it runs to its end once started: a stop
-        during it stops the run before the next stage; a kill during it measures again on the next start)."""
+        Returns (False, ``later``) when a stop was asked before it started or between two layers it measures (the
+        layers measured so far are kept in the run folder: the next start measures the others)."""
         allocated = run_allocate_stage(stage.name, model, config=self.config, task=self.task, loaders=self.loaders,
                                        device=self.ctx.device, run_dir=self.run_dir,
                                        baseline=self.cfg.init or str(self.stage_dirs["train"]),
@@ -115,6 +115,7 @@ class Session:
         """Score, gate verdict and report of the final model (:func:`scoring.entry.recount`, as verify recounts it),
         then its entry (rank 0); returns the report. The entry is written last: a run dir with ``entry/entry.json``
         has finished."""
+        check_run_dir(self.run_dir)
         cfg = self.cfg
         report = recount(model, self.task, self.loaders.test, self.ctx.device, self.config["score"],
                          evaluation=result, validation=validation,

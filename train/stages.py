@@ -4,18 +4,20 @@ the validation split, and checkpoint each (train/checkpoint.py). The stages' sha
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch.nn as nn
 from omegaconf import DictConfig
 
 from compress import Stage, apply_compression_state, compression_state
 from train import distributed
-from train.checkpoint import latest_checkpoint, save_checkpoint
+from train.checkpoint import RUN_STATE, CheckpointError, latest_checkpoint, save_checkpoint
 from train.config import check_same_run
 from train.loop import Trainer
 from train.objectives import Objective
+from train.rundir import check_run_dir
 from train.session import Session
 
 log = logging.getLogger(__name__)
@@ -27,13 +29,15 @@ def run_stage(session: Session, stage: Stage, train_cfg: DictConfig, objective: 
 
     Returns False when stopped by SIGTERM (after saving a checkpoint)."""
     directory = session.stage_dirs[stage.name]
-    found = latest_checkpoint(directory)
+    found = latest_checkpoint(directory, RUN_STATE)
     saved = None if found is None else found[1]
     if saved is not None:
         check_same_run(saved["config"], session.config, directory)
-        apply_compression_state(model, saved["compression"])
+        with restoring(found[0]):
+            apply_compression_state(model, saved["compression"])
+            if saved["finished"]:
+                model.load_state_dict(saved["model"])
         if saved["finished"]:
-            model.load_state_dict(saved["model"])
             log.info("stage '%s' already finished (%s)", stage.name, directory)
             return True
     if should_stop():  # asked before this stage trained a step: its last checkpoint (if any) is current
@@ -46,7 +50,8 @@ def run_stage(session: Session, stage: Stage, train_cfg: DictConfig, objective: 
     trainer = Trainer(model, train_cfg, techniques=stage.techniques, loader=session.loaders.train, ctx=session.ctx,
                       objective=objective, writer=session.writer, tag=stage.name)
     if saved is not None:
-        trainer.load_state_dict(saved)
+        with restoring(found[0]):
+            trainer.load_state_dict(saved)
     while trainer.epoch < train_cfg.epochs:
         if not trainer.train_epoch(should_stop):
             save(session, directory, trainer, finished=False)
@@ -58,6 +63,20 @@ def run_stage(session: Session, stage: Stage, train_cfg: DictConfig, objective: 
         if should_stop() and trainer.epoch < train_cfg.epochs:  # asked during the epoch's evaluation
             return False
     return True
+
+
+@contextmanager
+def restoring(path: Path) -> Iterator[None]:
+    """Restoring the checkpoint ``path``: a state that does not fit the run's model or trainer (its checksum and
+    layout are right, its tensors are not this model's) is one line with the fix, the same on every re-run."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        text = str(err).strip()
+        raise CheckpointError(f"{path} does not fit this run's model and trainer "
+                              f"({text.splitlines()[0] if text else type(err).__name__})",
+                              f"delete {path} and its {path.with_suffix('.sha256').name} to resume from the "
+                              f"checkpoint before it, or delete {path.parent} to restart the stage") from None
 
 
 def validate_epoch(session: Session, stage: Stage, trainer: Trainer, *, epochs: int) -> None:
@@ -77,6 +96,7 @@ def save(session: Session, directory: Path, trainer: Trainer, *, finished: bool)
     """One checkpoint dict: trainer state + resolved config + compression structure (rank 0 writes)."""
     state = trainer.state_dict()  # on every rank: it gathers their RNG states
     if session.ctx.is_main:
+        check_run_dir(session.run_dir)  # a deleted run folder is not made again by the checkpoint's write
         state.update(finished=finished, config=session.config, compression=compression_state(trainer.model))
         save_checkpoint(directory, trainer.global_step, state)
     distributed.barrier()

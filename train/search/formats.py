@@ -24,6 +24,9 @@ SENSITIVITY_DIR = "sensitivity"
 SENSITIVITY_JSON = "sensitivity.json"
 #: Version of sensitivity.json.
 SENSITIVITY_FORMAT = 1
+#: What an allocate stage keeps of its measurement while it measures (the layers measured so far): a stage stopped
+#: (SIGTERM, Ctrl-C) or killed resumes from it; removed once the stage has finished.
+PARTIAL_SENSITIVITY_JSON = "sensitivity.partial.json"
 #: What an allocate stage writes last into ``RUN/sensitivity/``: its presence means the stage has finished.
 ALLOCATION_JSON = "allocation.json"
 #: Version of allocation.json.
@@ -56,6 +59,16 @@ def read_sensitivity(path: str | Path) -> dict[str, Any]:
                           "re-run `python -m train.search.sensitivity` with this version")
     result["path"] = str(found)
     return result
+
+
+def read_partial_sensitivity(out: Path) -> dict[str, Any] | None:
+    """The partial measurement an allocate stage kept in ``out`` (``RUN/sensitivity``), or None when there is none
+    or it cannot be read (the stage then measures every layer again)."""
+    try:
+        partial = json.loads((out / PARTIAL_SENSITIVITY_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    return partial if isinstance(partial, dict) and partial.get("format") == SENSITIVITY_FORMAT else None
 
 
 # --- allocation.json ---------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -223,22 +224,45 @@ class Probe:
 
 
 def measure(probe: Probe, *, layers: Sequence[str] | None = None, settings: Sequence[Setting] | None = None,
-            progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+            progress: Callable[[str], None] = log.info, partial: Mapping[str, Any] | None = None,
+            after_layer: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
     """Measure every layer of ``layers`` (default: all weight layers) at every setting of ``settings`` (default: the
-    default grid); returns the content of sensitivity.json (see the module docstring)."""
+    default grid); returns the content of sensitivity.json (see the module docstring).
+
+    ``partial``: what an interrupted measurement had (sensitivity.json's content, with the layers measured so far);
+    its layers are kept when everything else of it is this measurement's (the reference's evaluation included: the
+    same trained model). ``after_layer(result so far)`` is called after each layer measured; when it returns True
+    before the last one, the measurement stops there and returns None."""
     all_layers = weight_layers(probe.model)
     layers = list(all_layers) if layers is None else list(layers)
     settings = grid(DEFAULT_BITS, DEFAULT_SPARSITY) if settings is None else list(settings)
     if REFERENCE not in settings:
         settings = [REFERENCE, *settings]
     result, ref_counts = _reference(probe, layers, settings)
+    before = _measured_before(result, partial)
     for layer in layers:
+        if layer in before:
+            result["layers"].append(before[layer])
+            continue
         start = time.perf_counter()
         module = all_layers[layer]
         result["layers"].append({"name": layer, "type": type(module).__name__, "weights": module.weight.numel(),
                                  "settings": _measure_layer(probe, layer, settings, result["reference"], ref_counts)})
         progress(f"{layer}: {len(settings)} settings in {time.perf_counter() - start:.1f} s")
+        if after_layer is not None and after_layer(result) and len(result["layers"]) < len(layers):
+            return None
     return result
+
+
+def _measured_before(result: Mapping[str, Any], partial: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The layers of ``partial`` by name, when it is the measurement ``result`` (no layer yet) was begun anew;
+    else none. Compared as JSON, which is how a partial measurement is kept."""
+    if not partial:
+        return {}
+    head = json.loads(json.dumps({key: value for key, value in result.items() if key != "layers"}))
+    if head != {key: value for key, value in partial.items() if key != "layers"}:
+        return {}
+    return {entry["name"]: entry for entry in partial.get("layers") or []}
 
 
 def _reference(probe: Probe, layers: Sequence[str], settings: Sequence[Setting]

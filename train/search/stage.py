@@ -8,7 +8,10 @@ here, :class:`AllocateStage`) measures the model trained so far on the run's val
 :func:`train.search.solve.allocate` as ``python -m train.search.allocate``, and builds the stages after it (the
 template) anew with the chosen per-layer settings (:func:`run_allocate_stage`). Its outputs go to
 ``RUN/sensitivity/`` as the two commands write them, with ``allocation.json`` last: a run restarted after it reads
-the allocation back instead of measuring again. A smoke run shortens it through :func:`smoke_stages`.
+the allocation back instead of measuring again. While it measures, it keeps the layers measured so far there
+(``sensitivity.partial.json``) and reads the stop request between layers: a run stopped or killed during the stage
+resumes the measurement where it was. A smoke run shortens it through :func:`smoke_stages`; a plan (train/plan.py)
+reads a chosen allocation back without measuring anything (:func:`read_back_allocation`).
 
 Imports compress, data, train.config and the rest of the search; never train/run.py.
 """
@@ -35,7 +38,8 @@ from data.tasks import Task
 from scoring.challenge import PERPLEXITY, TOP1
 from train.config import ConfigError
 from train.search.configs import check_template, fill_stages, write_config
-from train.search.formats import ALLOCATION_FORMAT, ALLOCATION_JSON, SENSITIVITY_DIR, read_allocation, write_json
+from train.search.formats import ALLOCATION_FORMAT, ALLOCATION_JSON, PARTIAL_SENSITIVITY_JSON, SENSITIVITY_DIR, \
+    read_allocation, read_partial_sensitivity, write_json
 from train.search.grid import DEFAULT_BITS, DEFAULT_SPARSITY, grid, grid_bits, grid_sparsity, settings_text
 from train.search.measure import Probe, check, measure
 from train.search.render import write_sensitivity
@@ -166,8 +170,8 @@ def run_allocate_stage(name: str, model: nn.Module, *, config: Mapping[str, Any]
     the measured model is saved, ``command`` the run's command line (both written into the outputs).
 
     Returns the allocation's record for the report (allocation.json without the run's config) and the stages after
-    this one built anew with the settings; None when ``should_stop()`` asked for a stop before it started (it runs
-    to its end once started: a kill during it measures again on the next start)."""
+    this one built anew with the settings; None when ``should_stop()`` asked for a stop, before the stage or between
+    two layers it measures (the layers measured so far are kept: the next start measures the others)."""
     stages = config["compress"]["stages"]
     index = [stage["name"] for stage in stages].index(name)
     out = run_dir / SENSITIVITY_DIR
@@ -182,25 +186,62 @@ def run_allocate_stage(name: str, model: nn.Module, *, config: Mapping[str, Any]
         probe = Probe(model, config, task, loaders, device=device, calibration_batches=spec.calibration_batches,
                       score_examples=config["score"]["examples"], val_split=config["data"]["val_split"])
         record = measure_and_allocate(spec, probe, where=f"compress.stages[{index}]", later=stages[index + 1:],
-                                      out=out, config=config, baseline=baseline, command=command)
+                                      out=out, config=config, baseline=baseline, command=command,
+                                      should_stop=should_stop)
+        if record is None:
+            return None
         log.info("stage '%s' finished in %.0f s: %s", name, record["seconds"], out)
-    later = build_stages({"stages": fill_stages(stages[index + 1:], Allocation.from_dict(record))},
-                         load_teacher=load_teacher)
     log.info("%s", allocation_summary(record))
-    return {key: value for key, value in record.items() if key not in ("config", "format")}, later
+    return _allocated(record, stages[index + 1:], load_teacher)
+
+
+def read_back_allocation(name: str, *, config: Mapping[str, Any], run_dir: Path,
+                         load_teacher: Callable[[str], nn.Module]) -> tuple[dict[str, Any], list[Stage]] | None:
+    """What :func:`run_allocate_stage` returns for the allocate stage ``name`` of the run in ``run_dir`` (resolved
+    ``config``) once an earlier start of it chose the allocation (``RUN/sensitivity/allocation.json``), without
+    a model or data; None while there is none. ConfigError when the file cannot be read or a run of another
+    configuration wrote it."""
+    record = read_allocation(run_dir / SENSITIVITY_DIR, config)
+    if record is None:
+        return None
+    stages = config["compress"]["stages"]
+    index = [stage["name"] for stage in stages].index(name)
+    return _allocated(record, stages[index + 1:], load_teacher)
+
+
+def _allocated(record: dict[str, Any], later: Sequence[Mapping[str, Any]], load_teacher: Callable[[str], nn.Module]
+               ) -> tuple[dict[str, Any], list[Stage]]:
+    """The allocation's record for the report (allocation.json without the run's config) and the stages ``later``
+    (the template, as written) built anew with its per-layer settings."""
+    built = build_stages({"stages": fill_stages(later, Allocation.from_dict(record))}, load_teacher=load_teacher)
+    return {key: value for key, value in record.items() if key not in ("config", "format")}, built
 
 
 def measure_and_allocate(spec: AllocateStage, probe: Probe, *, where: str, later: Sequence[Mapping[str, Any]],
                          out: Path, config: Mapping[str, Any], baseline: str, command: str,
-                         progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+                         progress: Callable[[str], None] = log.info,
+                         should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
     """The allocate stage's work on ``probe`` (the model trained so far, on the run's validation split): measure,
     allocate, check, and write into ``out`` sensitivity.json / .md / .png, the stages ``later`` with the allocation
     as a compress config (``conf/compress/<name>_allocated.yaml``, as the command writes one) and, last,
     allocation.json: the record returned, which :func:`train.search.formats.read_allocation` reads back.
-    ``baseline`` is where the measured model is saved (for ``python -m train.search.allocate RUN`` sweeps)."""
+    ``baseline`` is where the measured model is saved (for ``python -m train.search.allocate RUN`` sweeps).
+
+    After each layer the measurement so far is kept in ``out`` (:data:`PARTIAL_SENSITIVITY_JSON`), and it resumes
+    from there; returns None when ``should_stop()`` asks for a stop between two layers."""
     start = time.perf_counter()
+    partial = out / PARTIAL_SENSITIVITY_JSON
+    out.mkdir(parents=True, exist_ok=True)
+
+    def keep(measured: dict[str, Any]) -> bool:
+        write_json(partial, measured)
+        return should_stop()
+
     result = measure(probe, layers=spec.measured_layers(probe.model, where), settings=grid(spec.bits, spec.sparsity),
-                     progress=progress)
+                     progress=progress, partial=read_partial_sensitivity(out), after_layer=keep)
+    if result is None:
+        log.warning("allocate: stopped between two layers; the layers measured so far are kept in %s", partial)
+        return None
     result["run"] = baseline
     result["path"] = str(write_sensitivity(result, out)["json"])
     allocation = allocate(result, loss_budget=spec.budget, target_metric=spec.target_metric)
@@ -221,6 +262,7 @@ def measure_and_allocate(spec: AllocateStage, probe: Probe, *, where: str, later
               "compress_config": str(path.relative_to(out.parent)),
               "seconds": round(time.perf_counter() - start, 1), "config": dict(config)}
     write_json(out / ALLOCATION_JSON, record)
+    partial.unlink(missing_ok=True)
     return record
 
 
