@@ -35,10 +35,6 @@ class UnsupportedOpError(UserError, NotImplementedError):
     """An executed op has no counting rule; the scorer refuses to count it as zero."""
 
 
-class AccumulatorError(UserError):
-    """The accumulation asked for does not hold for a layer (an adder tree over a product of unquantized values)."""
-
-
 # --- rule kinds: how the counter measures "elements" and "merges" for an op -----------------------
 #: Data movement or format conversion: no ops; a bit tag passes through.
 FREE = "free"
@@ -350,9 +346,11 @@ CONDITIONAL_CONVENTIONS: Mapping[str, str] = MappingProxyType({
                   "b-bit integers is counted w = a + b bits wide, the n // 2 additions of level l (n values left) at "
                   "their widest input, w + l - 1 bits, the final sum w + ceil(log2 L) bits for L terms; the bias add "
                   "at the wider of the final sum and the bias (a folded batch norm's shift: the widest final sum of "
-                  "the layer it folds into); a dot product with an unquantized operand (a float input, a recurrent "
-                  "state, a fused attention's softmax) is refused; additions outside dot products stay at 32 bits "
-                  "unless a module declares its other ops narrower",
+                  "the layer it folds into); a dot product with a float operand (an unquantized input or weight, a "
+                  "recurrent state, a fused attention's softmax) sums in a 32-bit accumulator, as the 2019 winners "
+                  "counted their float-input first and last layers, and is listed (float_dot_products): the score is "
+                  "official only where none is; additions outside dot products stay at 32 bits unless a module "
+                  "declares its other ops narrower",
     "other ops precision": "a module declaring micronet_other_ops_bits runs the ops outside dot products (activations, "
                            "element-wise arithmetic, pooling, softmax, normalisation, an unfolded batch norm) at that "
                            "width: they count at the wider of it and their quantized inputs, their additions too (the "

@@ -65,7 +65,7 @@ def _result(tracer: Tracer, examples: int, accumulator_bits: int | str, freebie:
     tracer.finish()
     project_rules = {**project_rules_note(tracer.rules, tracer.rules_used, tracer.conventions), **(conventions or {})}
     return build_count(tracer.modules.layers.values(), tracer.modules.narrowest_tag, examples, accumulator_bits,
-                       freebie, project_rules)
+                       freebie, project_rules, tracer.float_dots or {})
 
 
 def count_model(model: nn.Module, inputs: torch.Tensor | Iterable[Any], *, accumulator_bits: int | str = 32,
@@ -76,8 +76,8 @@ def count_model(model: nn.Module, inputs: torch.Tensor | Iterable[Any], *, accum
     per example over all of them, and each stored value is counted once. ``freebie`` None decides it
     automatically (on only when no tensor is quantized below 16 bits); ``accumulator_bits`` is the width
     at which additions count, or ``"adder_tree"`` (:func:`~scoring.rules.adder_tree_levels`: every dot product
-    summed pairwise, which :class:`~scoring.rules.AccumulatorError` refuses unless its operands are
-    integer-quantized). Raises :class:`~scoring.rules.UnsupportedOpError` for an op without a rule.
+    of integer-quantized operands summed pairwise; one with a float operand in a 32-bit accumulator, listed in
+    the count's ``float_dot_products``). Raises :class:`~scoring.rules.UnsupportedOpError` for an op without a rule.
     """
     device = _device(model)
     examples = 0

@@ -17,7 +17,7 @@ from scoring.counter.arguments import arguments
 from scoring.counter.elements import elements
 from scoring.counter.facts import NO_INPUT, UNTAGGED, FactMap, Facts, Width
 from scoring.counter.folding import Folding
-from scoring.counter.layers import Layer, adder_tree_refusal
+from scoring.counter.layers import Layer
 from scoring.counter.permutations import Permutations
 from scoring.counter.producers import Producer
 from scoring.counter.recurrent import RecurrentCounter
@@ -59,9 +59,12 @@ class OpCosts:
                  other_ops: Callable[[], Width | None] = lambda: None):
         self.rules, self.rules_used = rules, rules_used
         self.facts, self.storage, self.folding, self.permutations = facts, storage, folding, permutations
-        #: Whether dot products sum in adder trees; the width declared for the ops outside them running now.
-        self.adder_tree, self.other_ops = adder_tree, other_ops
-        self.recurrent = RecurrentCounter(rules, rules_used, facts, storage, self.dot, adder_tree=adder_tree)
+        #: The width declared for the ops outside dot products running now (None: none).
+        self.other_ops = other_ops
+        #: With an adder tree: the layers whose dot products multiply a float operand, summed at 32 bits instead,
+        #: and that operand (None: no adder tree).
+        self.float_dots: dict[str, str] | None = {} if adder_tree else None
+        self.recurrent = RecurrentCounter(rules, rules_used, facts, storage, self.dot, self.float_dot)
 
     def handlers(self) -> dict[str, Handler]:
         """The handler of each kind that costs something (all but FREE and VIEW)."""
@@ -71,33 +74,41 @@ class OpCosts:
                                                            self.element_based)}
 
     def dot(self, layer: Layer, operands: Sequence[torch.Tensor], weight: torch.Tensor, rows: Rows, reuse: int,
-            bias: Width | bool = False, extra: Width = NO_INPUT) -> int | None:
+            bias: Width | None = None, extra: Width = NO_INPUT) -> int | None:
         """Count dot products over ``weight`` (nonzeros per output ``rows``), each output used ``reuse`` times and
-        plus a bias when ``bias`` (its width, or True: unquantized), at the width of ``operands`` (and ``extra``); a
-        static weight is stored. With an adder tree, the widest final sum in bits (else None)."""
+        plus a bias of width ``bias`` (None: no bias), at the width of ``operands`` (and ``extra``); a static weight
+        is stored. With an adder tree, the widest final sum in bits (else None)."""
         width = self.facts.product_width(operands, extra)
+        facts = [self.facts.get(operand) for operand in operands]
+        floats = [f for f in facts if f.bits is None]
         final = None
-        if self.adder_tree:
-            final = self._adder_tree(layer, operands, rows, reuse, width, UNTAGGED if bias is True else bias or None)
+        if self.float_dots is not None and not floats and not extra.untagged:
+            final = self._adder_tree(layer, sum(f.bits for f in facts), rows, reuse, width, bias)
         else:
+            if floats or extra.untagged:
+                self.float_dot(layer, "a stored weight" if floats and floats[0].static else "its input")
             mults = adds = 0
             for length, outputs in rows.histogram:
-                m, a = dot_counts(length, reuse * outputs, bool(bias))
+                m, a = dot_counts(length, reuse * outputs, bias is not None)
                 mults, adds = mults + m, adds + a
             layer.add_ops(width, mults, adds)
         if self.facts.get(weight).static:
             self.storage.store_weight(layer, weight)
         return final
 
-    def _adder_tree(self, layer: Layer, operands: Sequence[torch.Tensor], rows: Rows, reuse: int, width: Width,
+    def float_dot(self, layer: Layer, operand: str) -> None:
+        """With an adder tree: ``layer`` multiplies ``operand``, a float, so its dot products sum in a 32-bit
+        accumulator (as the 2019 winners counted their float-input first and last layers)."""
+        if self.float_dots is not None:
+            self.float_dots.setdefault(layer.name, operand)
+            layer.note(f"{operand} is a float: additions at 32 bits, not in an adder tree")
+
+    def _adder_tree(self, layer: Layer, product: int, rows: Rows, reuse: int, width: Width,
                     bias: Width | None) -> int:
-        """Count dot products summed in adder trees (:func:`~scoring.rules.adder_tree_levels`): the multiplies at
-        ``width``, each level's additions at its width, the bias add (``bias``: its width) at the wider of the final
-        sum and the bias. Refused unless every operand is integer-quantized. The widest final sum in bits."""
-        tags = [self.facts.get(operand).bits for operand in operands]
-        if None in tags:
-            raise adder_tree_refusal(layer, "an unquantized operand (a float input, a run-time weight or a constant)")
-        product = widest = sum(tags)
+        """Count dot products of integers summed in adder trees (:func:`~scoring.rules.adder_tree_levels`): the
+        multiplies at ``width``, each level's additions at its width from ``product`` (the product's width in bits)
+        up, the bias add (``bias``: its width) at the wider of the final sum and the bias. The widest final sum."""
+        widest = product
         for length, outputs in rows.histogram:
             count = reuse * outputs
             levels, final = adder_tree_levels(length, product)
@@ -124,9 +135,9 @@ class OpCosts:
         return self.folding.use(Producer(layer.name, weight.shape[0], bias is not None, self.facts.get(weight).roots,
                                          empty=rows.empty, bias=self._bias_roots(bias), final=final))
 
-    def _bias(self, bias: torch.Tensor | None) -> Width | bool:
-        """A dot product's bias argument: its width, or False when there is none."""
-        return False if bias is None else self.facts.get(bias).width()
+    def _bias(self, bias: torch.Tensor | None) -> Width | None:
+        """A dot product's bias argument: its width (None: no bias)."""
+        return None if bias is None else self.facts.get(bias).width()
 
     def _bias_roots(self, bias: torch.Tensor | None) -> frozenset[int]:
         """The parameters a stored bias derives from (empty: none, or a bias computed at run time)."""
@@ -189,8 +200,7 @@ class OpCosts:
         """A fused scaled dot-product attention (any backend's kernel)."""
         bound, layer = op.arguments(), op.layer
         q, k, v = bound["query"], bound["key"], bound["value"]
-        if self.adder_tree:
-            raise adder_tree_refusal(layer, f"the softmax output of a fused attention (aten.{op.key})")
+        self.float_dot(layer, f"the softmax output of a fused attention (aten.{op.key})")
         if bound.get("dropout_p"):
             raise UnsupportedOpError(
                 f"aten.{op.key} (in layer '{layer.name}', {layer.type}) runs with dropout_p={bound['dropout_p']}: "

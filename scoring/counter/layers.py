@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from scoring.counter.facts import Width
-from scoring.rules import ADDER_TREE, AccumulatorError, weight_storage_bits
+from scoring.rules import weight_storage_bits
 
 #: Name of the model's own module in the per-layer table.
 MODEL_LAYER = "(model)"
@@ -67,12 +67,3 @@ class Layer:
         if note not in self.notes:
             self.notes.append(note)
 
-
-def adder_tree_refusal(layer: Layer, operand: str) -> AccumulatorError:
-    """The one-line error of a dot product in ``layer`` that an adder tree cannot count: ``operand`` is not an
-    integer (no quantizer declares its bits)."""
-    return AccumulatorError(
-        f"score.accumulator_bits={ADDER_TREE} counts dot products of integer-quantized operands only, but layer "
-        f"'{layer.name}' ({layer.type}) multiplies {operand}, which no quantizer declares",
-        f"quantize that layer's weight and input (compress quantize: weight_bits, activation_bits, attention_bits), "
-        f"or count with score.accumulator_bits=32")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from scoring.counter.facts import NO_INPUT, UNTAGGED, FactMap
-from scoring.counter.layers import Layer, adder_tree_refusal
+from scoring.counter.layers import Layer
 from scoring.counter.storage import Rows, Storage, histogram
 from scoring.rules import (CELLS, COMPOSITE_LAYOUTS, KERNEL_MODES, RECURRENT, Cell, Rule, UnsupportedOpError,
                            cell_counts, recurrent_counts)
@@ -104,22 +104,25 @@ def recurrences(key: str, rule: Rule, bound: Mapping[str, Any]) -> list[Recurren
 Dot = Callable[..., Any]
 
 
+#: Notes that a layer multiplies a float operand (layer, operand); see OpCosts.float_dot.
+FloatDot = Callable[[Layer, str], None]
+
+
 class RecurrentCounter:
-    """Counts recurrent ops by their cells' rules; ``dot`` counts the dot products of an LSTM's projection. With an
-    adder tree (``adder_tree``) a recurrent op is refused: its state is unquantized inside the kernel."""
+    """Counts recurrent ops by their cells' rules; ``dot`` counts the dot products of an LSTM's projection, and
+    ``float_dot`` notes that the gates multiply the recurrent state, a float inside the kernel."""
 
     def __init__(self, rules: Mapping[str, Rule], rules_used: set[str], facts: FactMap, storage: Storage, dot: Dot,
-                 *, adder_tree: bool = False):
+                 float_dot: FloatDot):
         self.rules, self.rules_used = rules, rules_used
-        self.facts, self.storage, self.dot, self.adder_tree = facts, storage, dot, adder_tree
+        self.facts, self.storage, self.dot, self.float_dot = facts, storage, dot, float_dot
         #: torch's composite recurrent functions (torch.lstm, ...) -> their rule key.
         self.composites = {getattr(torch, key): key for key, rule in rules.items()
                            if rule.kind == RECURRENT and rule.layout in COMPOSITE_LAYOUTS and hasattr(torch, key)}
 
     def count(self, layer: Layer, key: str, rule: Rule, bound: Mapping[str, Any]) -> None:
         """A recurrent op: per layer and direction the gate dot products, biases, pointwise ops and projection."""
-        if self.adder_tree:
-            raise adder_tree_refusal(layer, f"the recurrent state inside aten.{key}")
+        self.float_dot(layer, f"the recurrent state inside aten.{key}")
         for rec in recurrences(key, rule, bound):
             cell, hidden = rec.cell, rec.hidden
             merged = cell.merged * hidden

@@ -35,6 +35,9 @@ class Count:
     layers: list[dict[str, Any]]
     project_rules: dict[str, str]
     ops_exact: Fraction = field(repr=False, compare=False, default=Fraction(0))
+    #: With an adder tree: the layers whose dot products multiply a float (not integer-quantized) operand, summed in
+    #: a 32-bit accumulator instead, with that operand. An adder tree is official only where this is empty.
+    float_dot_products: dict[str, str] = field(default_factory=dict)
 
     def score_terms(self, task: str) -> tuple[float, float]:
         """(params term, ops term) of the score on ``task``."""
@@ -46,9 +49,11 @@ class Count:
         return score(task, Fraction(self.param_bits, 32), self.ops_exact)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict of every field."""
+        """A JSON-able dict of every field (``float_dot_products`` only with an adder tree)."""
+        tree = self.accumulator_bits == ADDER_TREE
+        adder_tree = {"float_dot_products": dict(self.float_dot_products)} if tree else {}
         return {"mults": self.mults, "adds": self.adds, "param_bits": self.param_bits, "params": self.params,
-                "ops": self.ops, "freebie": self.freebie, "accumulator_bits": self.accumulator_bits,
+                "ops": self.ops, "freebie": self.freebie, "accumulator_bits": self.accumulator_bits, **adder_tree,
                 "examples": self.examples, "project_rules": dict(self.project_rules),
                 "layers": [dict(layer) for layer in self.layers]}
 
@@ -93,11 +98,13 @@ def _op_bits(layer: Layer, accumulator_bits: int, default: int) -> tuple[int, in
 
 
 def build_count(layers: Iterable[Layer], narrowest_tag: tuple[int, str] | None, examples: int,
-                accumulator_bits: int | str, freebie: bool | None, project_rules: Mapping[str, str]) -> Count:
+                accumulator_bits: int | str, freebie: bool | None, project_rules: Mapping[str, str],
+                float_dot_products: Mapping[str, str] | None = None) -> Count:
     """The :class:`Count` of traced ``layers`` over ``examples``, the freebie decided from the narrowest tag.
 
-    Additions without a width of their own count at ``accumulator_bits``; with an adder tree (whose dot products
-    gave every addition its width) the others are the float additions outside dot products: 32 bits."""
+    Additions without a width of their own count at ``accumulator_bits``; with an adder tree (whose dot products of
+    integers gave their additions a width each) the others (dot products of ``float_dot_products``, the float
+    additions outside dot products) at 32 bits."""
     freebie = _freebie(narrowest_tag, freebie)
     default = FREEBIE_BITS if freebie else FULL_BITS
     accumulator = FULL_BITS if accumulator_bits == ADDER_TREE else accumulator_bits
@@ -116,4 +123,4 @@ def build_count(layers: Iterable[Layer], narrowest_tag: tuple[int, str] | None, 
     return Count(mults=_number(Fraction(total_mults, examples)), adds=_number(Fraction(total_adds, examples)),
                  param_bits=total_param_bits, params=total_param_bits / 32, ops=float(ops), freebie=freebie,
                  accumulator_bits=accumulator_bits, examples=examples, layers=rows,
-                 project_rules=dict(project_rules), ops_exact=ops)
+                 project_rules=dict(project_rules), ops_exact=ops, float_dot_products=dict(float_dot_products or {}))

@@ -48,6 +48,8 @@ class Tracer(TorchDispatchMode):
         costs = OpCosts(rules, self.rules_used, self.facts, self.storage, self.folding, self.permutations,
                         adder_tree=accumulator_bits == ADDER_TREE, other_ops=lambda: self.modules.other_ops_width)
         self.recurrent = costs.recurrent
+        #: With an adder tree, the layers whose dot products have a float operand (see OpCosts.float_dot).
+        self.float_dots = costs.float_dots
         #: Depth of recurrent composites being run: their inner ops are counted by the composite's rule.
         self.opaque = 0
         self.keys: dict[Any, str] = {}

@@ -178,6 +178,25 @@ def _score_settings(recorded: Mapping[str, Any], allow: bool) -> tuple[dict[str,
     return dict(recorded), unofficial
 
 
+def accept_accumulator(judged: Judged, recounted: Mapping[str, Any], allow_score_settings: bool) -> Judged:
+    """``judged`` once the recount shows its accumulation holds: an adder tree is official only where both inputs
+    of every dot product are integer-quantized (the recounted report's ``float_dot_products`` is empty). Else
+    :class:`EntryError`, or with ``allow_score_settings`` ``judged`` compared as not official."""
+    floats = recounted.get("float_dot_products") or {}
+    if recounted.get("accumulator_bits") != ADDER_TREE or not floats:
+        return judged
+    if allow_score_settings:
+        return replace(judged, unofficial=(*judged.unofficial, f"accumulator_bits={ADDER_TREE} over float operands "
+                                                               f"in {len(floats)} layer(s)"))
+    named = ", ".join(f"{name!r} ({operand})" for name, operand in list(floats.items())[:3])
+    raise EntryError(f"score.accumulator_bits={ADDER_TREE} is official only where both inputs of every dot product "
+                     f"are integer-quantized, but {len(floats)} layer(s) multiply a float: {named}"
+                     f"{', ...' if len(floats) > 3 else ''}",
+                     "quantize their inputs and weights (compress quantize: activation_bits, attention_bits), "
+                     "re-export a run counted with score.accumulator_bits=32, or pass --allow-score-settings to "
+                     "compare it as not official")
+
+
 def _check_evaluation(config: Mapping[str, Any]) -> None:
     """The recorded values the evaluation reads: seed and evaluation batch size, in range."""
     seed, batch = config.get("seed"), config["train"].get("eval_batch_size")
