@@ -17,7 +17,7 @@ from scoring import count_model
 from scoring.entry.files import EntryError
 from scoring.entry.kit import Judged, accept_accumulator
 from scoring.report import build_report, totals_text
-from scoring.rules import ADDER_TREE, adder_tree_levels
+from scoring.rules import ADDER_TREE, accumulator_setting, adder_tree_levels
 from tests.scoring.helpers import FakeQuant, layer_rows, quantize_weight, trained_bn
 
 
@@ -198,3 +198,10 @@ def test_report_names_the_accumulation_and_an_adder_tree_over_floats_is_not_offi
     assert "\n" not in str(refused.value)
     assert accept_accumulator(judged, floats, True).unofficial == ("accumulator_bits=adder_tree over float operands "
                                                                    "in 1 layer(s)",)
+
+
+@pytest.mark.parametrize("setting", ["tree", 0, 33, True, "32"])
+def test_an_accumulator_setting_other_than_a_width_or_adder_tree_is_refused_in_one_line(setting):
+    assert accumulator_setting(ADDER_TREE) == ADDER_TREE and accumulator_setting(16) == 16
+    with pytest.raises(ValueError, match=r"^score\.accumulator_bits=.* must be an integer in 1\.\.32 or adder_tree$"):
+        accumulator_setting(setting)
