@@ -28,7 +28,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .lm_blocks import AdaptiveSoftmax, LanguageModel, LinearSoftmax, State
