@@ -4,7 +4,9 @@ The report (what ``report.json`` holds; :mod:`scoring.entry.runfiles` writes and
 schema of docs/design.md (task, correct, total, top1 or perplexity, gate_passed, params, ops, mults, adds,
 param_bits, freebie, score, baseline, layers) plus the split the metric comes from, the exact sums behind it (a
 language model's nll_sum over ``total`` predicted tokens), the validation metrics, the score split into its two
-terms, the project rules used, the accumulator width and the number of examples counted. Which metric a task is
+terms, the project rules used, the accumulation (``accumulator_bits``: the setting, a width or ``adder_tree``;
+``accumulator``: its name, "32-bit" or "adder tree"; with an adder tree ``float_dot_products``, the layers whose dot
+products have a float operand, which make it unofficial) and the number of examples counted. Which metric a task is
 judged on comes from :mod:`scoring.challenge`. Pure builders of the judge: this module imports nothing of ours
 outside scoring/ core.
 """
@@ -16,6 +18,7 @@ from typing import Any, Mapping
 from scoring.challenge import PERPLEXITY, TOP1, challenge_task
 from scoring.counter import Count
 from scoring.gate import check_gate
+from scoring.rules import ADDER_TREE, accumulator_name
 
 
 def build_report(*, task: str, count: Count, evaluation: Mapping[str, Any] | None = None,
@@ -43,6 +46,7 @@ def build_report(*, task: str, count: Count, evaluation: Mapping[str, Any] | Non
         "gate_passed": None, "gate": None,
         "params": count.params, "ops": count.ops, "mults": count.mults, "adds": count.adds,
         "param_bits": count.param_bits, "freebie": count.freebie, "accumulator_bits": count.accumulator_bits,
+        "accumulator": accumulator_name(count.accumulator_bits), **_float_dot_products(count),
         "examples": count.examples, "example": example,
         "score": count.score(task), "score_params_term": params_term, "score_ops_term": ops_term,
         "baseline": {"model": base.model, "params": base.params, "ops": base.ops},
@@ -88,11 +92,27 @@ def totals_text(report: Mapping[str, Any]) -> str:
     return "\n".join([
         f"params {_num(report['params'])} (32-bit equivalents; {report['param_bits']:,} bits)",
         f"ops    {_num(report['ops'])} (32-bit equivalents; {_num(report['mults'])} mults + {_num(report['adds'])} adds "
-        f"per {example}, additions at {report['accumulator_bits']} bits, freebie "
+        f"per {example}, {_additions(report)}, freebie "
         f"{'on' if report['freebie'] else 'off'}, {report['examples']} {example}s)",
         f"score  {report['score']:.6f} = params {report['score_params_term']:.6f} ({_num(report['params'])} / "
         f"{base['params']:,}) + ops {report['score_ops_term']:.6f} ({_num(report['ops'])} / {base['ops']:,})",
     ])
+
+
+def _float_dot_products(count: Count) -> dict[str, Any]:
+    """With an adder tree, the layers whose dot products have a float operand (the adder tree is official only
+    where there are none)."""
+    return {"float_dot_products": dict(count.float_dot_products)} if count.accumulator_bits == ADDER_TREE else {}
+
+
+def _additions(report: Mapping[str, Any]) -> str:
+    if report["accumulator_bits"] != ADDER_TREE:
+        return f"additions at {report['accumulator_bits']} bits"
+    floats = len(report.get("float_dot_products") or {})
+    if floats:
+        return (f"dot products of integers summed in adder trees, those of {floats} layer(s) with a float operand "
+                "at 32 bits: NOT an official score")
+    return "dot products summed in adder trees"
 
 
 def rules_text(report: Mapping[str, Any]) -> str:
