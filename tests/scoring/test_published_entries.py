@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from scoring import count_model
+from scoring.rules import ADDER_TREE
 from tests.scoring.published import osi_ai_path, published, riair_densenet
 
 IMAGE = (1, 3, 32, 32)  # the counts do not depend on the image: one CIFAR-sized input
@@ -123,8 +124,8 @@ def test_riair_ops_with_32_bit_accumulation(riair):
     assert ops_of(riair, ("Conv2d", "Linear")) == conv_mults + exact + 100
     # Scales vs the kit's batch norms: the unfolded BNs' multiply at 32 bits, not fp16 (+0.5 each); the BNs that
     # follow a conv fold their multiply into its weight scales (-0.5 each, the bias add stays); the dequantization-
-    # only Scales are free in the kit (a quantizer's scale is a format conversion; -0.5 each); the FC's Scale
-    # (1.5 × 100) is the FC's bias add above.
+    # only Scales are free in the kit (rescaling a quantized tensor is a format conversion, docs/rules.md "Units";
+    # -0.5 each); the FC's Scale (1.5 × 100) is the FC's bias add above.
     unfolded = BN1_INPUTS - STEM_OUTPUT + FINAL_BN
     assert ops_of(riair, ("BatchNorm2d",)) == 2 * unfolded + CONV1_OUTPUTS + STEM_OUTPUT == 7_496_448
     assert scales + unfolded / 2 - (CONV1_OUTPUTS + STEM_OUTPUT) / 2 - BIAS_FREE_SCALES / 2 - 150 == 7_496_448
@@ -136,10 +137,10 @@ def test_riair_ops_with_32_bit_accumulation(riair):
     kernel_bug, pool_fp16 = 2 * POOLED + 56 * 342, (POOLED + 342) / 2
     assert ops_of(riair, ("AvgPool2d", "AdaptiveAvgPool2d")) == pools + kernel_bug + pool_fp16 == 170_880
     assert riair.ops == 79_453_518
-    assert riair.ops - their_ops == pytest.approx(4_144_587.1592)
-    # Each difference above, summed: -1,155,069.8408 + 100 (dot products), +921,450 (Scales vs BNs), +4,265,664
-    # (ReLU and clamps), +112,443 (pools).
-    assert riair.ops - their_ops == pytest.approx(float(exact - formula) + 100 + 921_450 + 4_265_664 + 112_443)
+    # Each difference above, summed: -1,155,069.8408 + 100 (dot products), +921,450 (Scales vs BNs: +1,609,920
+    # - 528,384 - 159,936 - 150), +4,265,664 (ReLU and clamps), +112,443 (pools).
+    differences = float(exact - formula) + 100 + 921_450 + 4_265_664 + 112_443
+    assert riair.ops - their_ops == pytest.approx(differences) and differences == pytest.approx(4_144_587.1592)
 
 
 def test_riair_score_with_32_bit_accumulation(riair):
@@ -147,6 +148,86 @@ def test_riair_score_with_32_bit_accumulation(riair):
     assert riair.score_terms("cifar100") == pytest.approx((74_800.0625 / 36.5e6, 79_453_518 / 10.49e9))
     assert riair.score("cifar100") == pytest.approx(0.0096235, abs=5e-8)
     assert 49_805.5625 / 36.5e6 + 75_308_930.8408 / 10.49e9 == pytest.approx(0.008544, abs=5e-7)
+
+
+# --- RIAIR as verified: adder trees in the convs, fp16 outside them (their score types 0 and 4) ----------------------
+@pytest.fixture(scope="module")
+def riair_fp16_tree():
+    """The kit's count of RIAIR's network as their fp16 run (batch norm, ReLU, pooling and the per-channel scales in
+    fp16; Test.md: 80.17 %) with its quantized convs summed in adder trees (``accumulator_bits=adder_tree``)."""
+    return count_model(riair_densenet(fp16=True), torch.rand(*IMAGE), accumulator_bits=ADDER_TREE)
+
+
+def addition_tree(width: int, terms: int) -> int:
+    """flops_utils.py ``addition_tree``: the bit-adds of summing ``terms`` products of ``width`` bits pairwise, one
+    bit wider per level."""
+    bits = 0
+    while terms > 1:
+        bits, terms, width = bits + terms // 2 * width, (terms + 1) // 2, width + 1
+    return bits
+
+
+#: Their type 0 (adder tree in the convs, FP16 everything else) by module type (score.py's recount; total
+#: 29,420,863.6326 gives Score.md's op score 0.002805).
+TYPE0 = {"Conv2d": 24_900_511.6296, "Linear": 34_148.0029, "Scale": 4_436_644, "AvgPool2d": 38_616, "ReLU": 10_944}
+
+
+def test_riair_adder_trees_are_theirs(riair_fp16_tree):
+    layers = published("riair_cifar100")["layers"]
+    rows = [row for row in riair_fp16_tree.layers if row["type"] in ("Conv2d", "Linear")]
+    tree_bits = 0
+    for row, (name, _, per_output) in zip(rows[1:-1], layers[1:-1]):  # the 98 convs with quantized inputs
+        positions = row["mults"] // sum(per_output)
+        # products of an unsigned 4-bit input and a 4-bit weight: 8 bits wide (their base bit_width + act_bit_width)
+        bits = positions * sum(addition_tree(8, terms) for terms in per_output)
+        assert row["ops"] == (row["mults"] * 4 + bits) / 32, name
+        tree_bits += bits
+    assert tree_bits == 527_342_912  # = 16,479,466 32-bit additions
+    # The stem and the FC read float inputs: both sum them at 32 bits, as RIAIR did.
+    assert riair_fp16_tree.float_dot_products == {"conv1": "its input", "fc": "its input"}
+    # Their Conv2d row differs only by the stem's additions: their density·N·(k - 1) = 427/648 · 24,576 · 26 =
+    # 421,053.6296 vs the exact (427 - 24) · 1,024 = 412,672 (the formula difference of the 32-bit test).
+    stem_formula = 427 / 648 * 24_576 * 26
+    assert ops_of(riair_fp16_tree, ("Conv2d",)) == pytest.approx(TYPE0["Conv2d"] - stem_formula + 412_672)
+
+
+def test_riair_fp16_adder_tree_ops_against_their_types_0_and_4(riair_fp16_tree):
+    count = riair_fp16_tree
+    assert sum(TYPE0.values()) == pytest.approx(29_420_863.6326)
+    # FC: their formula's 17,049.0029 additions vs the exact 16,999, plus the kit's 32-bit bias add (100).
+    assert ops_of(count, ("Linear",)) == 17_099 + 16_999 + 100 == pytest.approx(TYPE0["Linear"] - 50.0029 + 100)
+    # Scales vs batch norms, all fp16 now: an unfolded BN is 1 multiply + 1 add at 16 bits, as their Scale with
+    # bias (1 op per element); the BNs after conv1 fold into it (their multiply into the weight scales): the shift's
+    # add alone, 0.5 (-0.5 each); dense1.0's BN folds into the float stem: its add at 32 bits, 1 (as theirs); the
+    # dequantization-only Scales are free (-0.5 each); the FC's Scale (100 × 1) is the FC's bias add above.
+    unfolded = BN1_INPUTS - STEM_OUTPUT + FINAL_BN
+    assert ops_of(count, ("BatchNorm2d",)) == unfolded + CONV1_OUTPUTS / 2 + STEM_OUTPUT == 3_760_512
+    assert TYPE0["Scale"] - CONV1_OUTPUTS / 2 - BIAS_FREE_SCALES / 2 - 100 == 3_760_512
+    # ReLU: the clamps of their Quant layers, counted 0 by them, are ReLUs at fp16 in the kit (0.5 each).
+    assert ops_of(count, ("ReLU",)) == TYPE0["ReLU"] + (BN1_INPUTS + CONV1_OUTPUTS) / 2 == 2_138_304
+    # Pools: their kernel-size bug at fp16, (2 · 37,248 + 56 · 342) / 2 = 46,824.
+    assert ops_of(count, ("AvgPool2d", "AdaptiveAvgPool2d")) == TYPE0["AvgPool2d"] + 46_824 == 85_440
+    assert count.ops == 30_910_584
+    # Their type 4 (the verified 0.0044) counts the Scales' bias adds (4,276,708 elements) and the pools' adds
+    # (37,248 + 7 · 342) at FP32 instead of FP16: +0.5 each.
+    type4 = sum(TYPE0.values()) + 4_276_708 / 2 + (POOLED + 7 * 342) / 2
+    assert type4 == pytest.approx(31_579_038.6326) and type4 / 10.49e9 == pytest.approx(0.003010, abs=5e-7)
+    assert count.ops - type4 == pytest.approx(-668_454.6326)
+
+
+def test_riair_fp16_parameters_and_score(riair_fp16_tree):
+    count = riair_fp16_tree
+    # The weights (1,589,762 bits, as theirs) + the 25,046 - 24 + 98 per-channel values of the 32-bit test, now at
+    # 16 bits (scale_bits 16, other_ops fp16: the BNs' γ, β and folded shifts) + the FC's bias, a float (32 bits:
+    # bias_bits is 32).
+    assert count.param_bits == 1_589_762 + 16 * (25_046 - 24 + 98 - 100) + 32 * 100
+    # vs their 49,805.5625: their Scale bug (12,523 - 125.5), the 98 - 24 values (at 16 bits: 37), the FC bias (+50)
+    assert count.params - 49_805.5625 == (12_523 - 125.5) + 37 + 50 == 12_484.5
+    # Score.md type 4: 0.003010 + 0.001365 = 0.004375 (the leaderboard's verified 0.0044); type 0: 0.004169.
+    assert count.score("cifar100") == pytest.approx(62_290.0625 / 36.5e6 + 30_910_584 / 10.49e9)
+    assert count.score("cifar100") == pytest.approx(0.0046532, abs=5e-8)
+    assert 49_805.5625 / 36.5e6 + 31_579_038.6326 / 10.49e9 == pytest.approx(0.004375, abs=5e-7)
+    assert 49_805.5625 / 36.5e6 + sum(TYPE0.values()) / 10.49e9 == pytest.approx(0.004169, abs=5e-7)
 
 
 # --- OSI-AI, 3rd: EfficientNet-style, 64 % pruned, early exit, 16-bit freebie; verified 0.0058 ----------------------
@@ -193,7 +274,6 @@ def test_osi_ai_counts_are_their_counter_with_the_real_densities_and_the_kit_s_r
     # Storage: _blocks.2._conv keeps 1,221 of 1,296 weights; 1,296 × 16 bits dense (20,736) is cheaper than
     # 1,221 × 16 + a 1,296-bit mask (20,832), and the kit stores the cheaper (project rule "weight storage").
     assert full_path.param_bits == their_param_bits - (1_221 * 16 + 1_296 - 1_296 * 16)
-
 
 
 def test_osi_ai_score_is_the_exit_weighted_mean_of_the_two_paths(osi):
