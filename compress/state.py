@@ -78,8 +78,8 @@ def check_compression_state(model: nn.Module, state: Any) -> None:
         raise ValueError(f"compression state has unknown key(s) {', '.join(unknown)}; expected format, weights, inputs "
                          f"(and optionally {', '.join(_OPTIONAL)})")
     weights, inputs = state.get("weights", {}), state.get("inputs", {})
-    if not all(isinstance(state.get(key, {}), Mapping) for key in ("weights", "inputs", "biases", "operands")):
-        raise ValueError("compression state weights, inputs, biases and operands must map names to descriptions")
+    if not isinstance(weights, Mapping) or not isinstance(inputs, Mapping):
+        raise ValueError("compression state weights and inputs must map layer names to descriptions")
     layers = weight_layers(model)
     for name, chain in weights.items():
         module = _layer(layers, name)
@@ -112,6 +112,8 @@ def _check_activation(where: str, description: Any) -> None:
 def _check_optional(model: nn.Module, state: Mapping[str, Any], layers: Mapping[str, nn.Module]) -> None:
     """The optional sections: bias quantizers of layers with a bias, activation quantizers of operand points of
     ``model``, a known format of the other ops."""
+    if not isinstance(state.get("biases", {}), Mapping) or not isinstance(state.get("operands", {}), Mapping):
+        raise ValueError("compression state biases and operands must map names to descriptions")
     for name, description in state.get("biases", {}).items():
         module = _layer(layers, name)
         if getattr(module, "bias", None) is None:

@@ -362,7 +362,7 @@ CONDITIONAL_CONVENTIONS: Mapping[str, str] = MappingProxyType({
                                      "stores one scale per output channel",
     "folded bias width": "a batch norm folded into a layer whose bias is quantized moves that bias off its grid: "
                          "the merged bias is stored at the batch norm's width (unquantized, or its declared "
-                         "micronet_other_ops_bits)",
+                         "micronet_other_ops_bits); the bias quantizer's step size is still counted",
 })
 
 

@@ -168,3 +168,23 @@ def test_a_description_with_an_unknown_scale_is_refused():
     with pytest.raises(ValueError, match="weight quantizer scale='per_row'"):
         WeightQuantizer.check_description({"kind": "weight_quantizer", "bits": 4, "method": "lsq",
                                            "scale": "per_row"}, torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(biases=[1]), "compression state biases and operands must map names to descriptions"),
+    (lambda s: s["biases"].update(bn={}), "names layer 'bn', which this model does not have"),
+    (lambda s: s["biases"]["conv"].update(kind="weight_quantizer"), "layer 'conv': bias description .* is not a "
+                                                                    "bias_quantizer"),
+    (lambda s: s["biases"]["conv"].update(scale_bits=12), "layer 'conv': bias quantizer scale_bits=12: expected one "
+                                                          "of 32, 16, 8"),
+    (lambda s: s.update(operands={"attention.query_operand": {}}), "quantizes operand 'attention.query_operand', "
+                                                                   "which this model does not have"),
+    (lambda s: s.update(other_ops="fp8"), "compression state other_ops='fp8': expected one of fp32, fp16, bf16"),
+])
+def test_out_of_range_optional_sections_are_refused_in_one_line(change, message):
+    model, _ = quantized(bias_bits=8, other_ops="fp16")
+    state = json.loads(json.dumps(compression_state(model)))
+    change(state)
+    with pytest.raises(ValueError, match=message) as refused:
+        apply_compression_state(Net(), state)
+    assert "\n" not in str(refused.value)
