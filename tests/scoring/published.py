@@ -169,7 +169,9 @@ class OsiPath(nn.Module):
 
 
 def osi_ai_path(exits: bool) -> nn.Module:
-    """One path of OSI-AI's network with its checkpoint's nonzeros per layer (``published/osi_ai.json``)."""
+    """One path of OSI-AI's network with its checkpoint's nonzeros per layer (``published/osi_ai.json``), spread
+    evenly over each layer's output rows: every layer has a bias (its own or a folded batch norm's), so its additions
+    are its nonzeros × positions however they are spread."""
     model = OsiPath(exits)
     nonzeros = published("osi_ai")["nonzeros"]
     weights = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
