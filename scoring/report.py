@@ -5,7 +5,8 @@ schema of docs/design.md (task, correct, total, top1 or perplexity, gate_passed,
 param_bits, freebie, score, baseline, layers) plus the split the metric comes from, the exact sums behind it (a
 language model's nll_sum over ``total`` predicted tokens), the validation metrics, the score split into its two
 terms, the project rules used, the accumulator width and the number of examples counted. Which metric a task is
-judged on comes from :mod:`scoring.challenge`. Pure builders of the judge: this module imports nothing of ours
+judged on comes from :mod:`scoring.challenge`. report.md may end with the "Counted vs measured" section of a
+measurement on ONNX Runtime (:func:`counted_vs_measured`; ``python -m scoring measure`` makes it). Pure builders of the judge: this module imports nothing of ours
 outside scoring/ core.
 """
 from __future__ import annotations
@@ -149,6 +150,12 @@ def _ratio(value: float, reference: float) -> str:
     return f"{value / reference:.2f}×" if reference else "–"
 
 
+def _versus(measured: Mapping[str, Any], reference: Mapping[str, Any]) -> str:
+    """File size and batch-1 latency as multiples of the dense model's."""
+    return (f"file {_ratio(measured['file_bytes'], reference['file_bytes'])}, batch-1 latency "
+            f"{_ratio(measured['latency_ms'], reference['latency_ms'])} the dense model's")
+
+
 def _stored_text(stored: Mapping[str, Any]) -> str:
     """The containers of the weights, each with the declared widths it holds and the share of zeros."""
     parts = []
@@ -156,7 +163,8 @@ def _stored_text(stored: Mapping[str, Any]) -> str:
         held = [w for w in stored["weights"] if w["container"] == container]
         bits = "/".join(str(b) for b in sorted({w["bits"] for w in held}))
         zeros = sum(w["zeros"] for w in held) / max(1, sum(w["elements"] for w in held))
-        parts.append(f"{container} ({bits}-bit declared; {zeros:.0%} zeros)")
+        declared = "not quantized" if bits == "32" else f"{bits}-bit declared"
+        parts.append(f"{container} ({declared}; {zeros:.0%} zeros)")
     return ", ".join(parts)
 
 
@@ -178,13 +186,17 @@ def _measured_notes(row: Mapping[str, Any], dense: Mapping[str, Any]) -> list[st
     weights = row["stored"]["weights"]
     elements, zeros = sum(w["elements"] for w in weights), sum(w["zeros"] for w in weights)
     notes = []
+    if row["counted"]["freebie"]:
+        notes.append(
+            f"- {name}: counted with the freebie (every parameter and multiplication at 16 bits): params "
+            f"{_ratio(row['counted']['params'], dense['counted']['params'])} the dense model's. The file stores "
+            f"float32 and ONNX Runtime multiplies in float32: {_versus(measured, reference)}.")
     if zeros >= 0.01 * elements:
         notes.append(
             f"- {name}: {zeros / elements:.1%} of its {elements:,} weights are zeros (unstructured sparsity). The count "
             f"charges nonzeros only: params {_ratio(row['counted']['params'], dense['counted']['params'])} the dense "
             f"model's, ops {_ratio(row['counted']['ops'], dense['counted']['ops'])}. ONNX Runtime stores and multiplies "
-            f"the zeros with dense kernels: file {_ratio(measured['file_bytes'], reference['file_bytes'])}, batch-1 "
-            f"latency {_ratio(measured['latency_ms'], reference['latency_ms'])} the dense model's.")
+            f"the zeros with dense kernels: {_versus(measured, reference)}.")
     narrow = {kind: [t for t in row["stored"][kind] if t["bits"] < 8] for kind in ("weights", "inputs")}
     if narrow["weights"] or narrow["inputs"]:
         held = ", ".join(f"{t['bits']}-bit {kind} of {t['layer']}" for kind, tensors in narrow.items() for t in tensors)

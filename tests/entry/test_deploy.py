@@ -84,7 +84,7 @@ def test_a_batch_norm_with_negative_and_zero_scales_folds_exactly(tmp_path):
     assert _reference_check(model, path, _inputs())["file_max_abs_diff"] <= FILE_TOLERANCE
 
 
-ROW_FIELDS = {"counted": {"params", "ops", "score", "param_bits", "top1"},
+ROW_FIELDS = {"counted": {"params", "ops", "score", "param_bits", "freebie", "top1"},
               "measured": {"file_bytes", "latency_ms", "throughput", "peak_memory_bytes", "runtime_memory_bytes"},
               "kernels": {"integer", "float", "ops"},
               "check": {"examples", "file_max_abs_diff", "file_same_predictions", "runtime_max_abs_diff",
@@ -112,7 +112,7 @@ def test_measure_writes_every_field_and_the_table_into_a_run_dir_not_a_bundle(ex
         assert row["check"]["file_max_abs_diff"] <= FILE_TOLERANCE
     dense, entry = measurement["models"][:2]
     assert dense["counted"] == {"params": 93_962, "ops": 4_771_328, "score": 2.0, "param_bits": 32 * 93_962,
-                                "top1": None}  # the kit's digits baseline constants
+                                "freebie": False, "top1": None}  # the kit's digits baseline constants
     report = json.loads((run_dir / "report.json").read_text())
     assert entry["counted"]["score"] == report["score"] and entry["counted"]["params"] == report["params"]
 

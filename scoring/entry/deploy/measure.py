@@ -34,7 +34,7 @@ MEASUREMENT_FORMAT = 1
 #: Random inputs on which each file's outputs are compared with the torch model's.
 CHECK_EXAMPLES = 64
 #: The counted figures of an entry's report that the measurement shows.
-COUNTED = ("params", "ops", "score", "param_bits", "top1")
+COUNTED = ("params", "ops", "score", "param_bits", "freebie", "top1")
 
 
 def measure_model(name: str, role: str, model: Any, counted: dict[str, Any], shape: tuple[int, ...],
@@ -74,7 +74,7 @@ def _dense_row(task: Any, out: Path, settings: Settings) -> dict[str, Any]:
     model = create_model(name, num_classes=task.num_classes, **task.model_kwargs())
     baseline = challenge_task(task.name).baseline
     counted = {"params": baseline.params, "ops": baseline.ops, "score": 2.0, "param_bits": 32 * baseline.params,
-               "top1": None}
+               "freebie": False, "top1": None}
     return measure_model(f"{name} dense float32", "dense", model, counted, _shape(task, model),
                          out / f"{task.name}_dense.onnx", settings)
 
@@ -110,7 +110,7 @@ def measure(directories: Sequence[Path], settings: Settings, onnx_dir: Path) -> 
             "settings": settings.to_dict(), "models": rows}
 
 
-def _for(measurement: dict[str, Any], source: str) -> dict[str, Any]:
+def _one_entry(measurement: dict[str, Any], source: str) -> dict[str, Any]:
     """The part of ``measurement`` about one entry: its row and its dense model's."""
     row = next(row for row in measurement["models"] if row.get("source") == source)
     dense = next(other for other in measurement["models"] if other["name"] == row["dense"])
@@ -125,6 +125,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m scoring measure``."""
     defaults = Settings()
     parser = argparse.ArgumentParser(prog="python -m scoring measure", description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run dir or bundle of a finished run")
@@ -157,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if (Path(row["source"]) / MANIFEST_FILE).exists():
                 notes.append(f"{row['source']}: a bundle, sealed by {MANIFEST_FILE}: left as it is")
             else:
-                write_measurement(row["source"], _for(measurement, row["source"]))
+                write_measurement(row["source"], _one_entry(measurement, row["source"]))
                 notes.append(f"{row['source']}: measured.json written, the table added to report.md")
     print(counted_vs_measured(measurement))
     print("\n".join(notes + ([f"measurement written to {args.json}"] if args.json else [])))
