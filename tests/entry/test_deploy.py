@@ -150,3 +150,10 @@ def test_the_dense_model_is_exported_as_float(tmp_path):
     assert {w["container"] for w in stored.weights} == {"float32"} and stored.inputs == []
     assert np.isclose(_reference_check(model, tmp_path / "dense.onnx", _inputs())["file_max_abs_diff"], 0,
                       atol=FILE_TOLERANCE)
+
+
+def test_a_json_path_in_a_missing_folder_is_refused_before_measuring(exported_bundle, tmp_path, capsys):
+    argv = ["measure", str(exported_bundle), "--json", str(tmp_path / "absent" / "m.json")]
+    assert exit_status(scoring_main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the folder {tmp_path / 'absent'} does not exist ; fix: create it" in err

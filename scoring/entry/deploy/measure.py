@@ -21,10 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from scoring.entry import MANIFEST_FILE, atomic_write, build_model_from_entry, load_entry, read_report, \
+    write_measurement
 from scoring.entry.boundary import command
-from scoring.entry.bundle import build_model_from_entry, load_entry
-from scoring.entry.manifest import MANIFEST_FILE
-from scoring.entry.runfiles import read_report, write_measurement
 from scoring.entry.deploy.runtime import Settings, require_runtime
 from scoring.errors import UserError
 from scoring.report import counted_vs_measured
@@ -145,12 +144,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(warmup=args.warmup, runs=args.runs, batch=args.batch, batch_runs=args.batch_runs,
                         threads=args.threads)
     with command():
+        if args.json and not args.json.parent.is_dir():  # refused before minutes of measuring, not after
+            raise UserError(f"--json {args.json}: the folder {args.json.parent} does not exist",
+                            "create it, or pass a path in an existing folder")
         with tempfile.TemporaryDirectory() as scratch:
             onnx_dir = args.onnx_dir or Path(scratch)
             onnx_dir.mkdir(parents=True, exist_ok=True)
             measurement = measure(args.dirs, settings, onnx_dir)
         if args.json:
-            args.json.write_text(json.dumps(measurement, indent=1) + "\n")
+            text = json.dumps(measurement, indent=1) + "\n"
+            atomic_write(args.json, lambda tmp: tmp.write_text(text))
         notes = []
         for row in measurement["models"][1:]:
             if row["role"] != "entry":
