@@ -1,5 +1,5 @@
 """micronet-kit: train, compress and score entries to the MicroNet efficient-inference challenge."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 DEPLOY = ["onnx>=1.17,<2", "onnxruntime>=1.20,<2"]
 
@@ -8,7 +8,8 @@ setup(
     version="0.1.0",
     description="Reference training, compression and scoring for MicroNet challenge entries",
     python_requires=">=3.10",
-    packages=["train", "models", "compress", "scoring", "scoring.entry", "scoring.entry.deploy", "data", "conf"],
+    # Every package below the project's folders (a hand-written list missed new subpackages).
+    packages=find_packages(include=["train", "train.*", "models", "compress", "scoring", "scoring.*", "data", "conf"]),
     package_data={"conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     include_package_data=True,
     install_requires=[
