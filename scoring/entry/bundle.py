@@ -14,9 +14,9 @@ Nothing here unpickles. :func:`load_entry` checks that the weights file *is* saf
 before any parser touches it, so a planted pickle is refused with one line, reads its safetensors header only up to
 :data:`~scoring.entry.files.MAX_HEADER_BYTES` (from its 8-byte length, before any parser runs), and checks the
 recorded sha256; a packed file is read whole (at most :data:`~scoring.entry.files.MAX_BUNDLE_BYTES`), its layout
-and streams checked before anything is decoded (:mod:`scoring.entry.packed`). entry.json is plain data (:mod:`scoring.entry.files`), and no string in it holds ``${`` or
-equals ``???`` (what OmegaConf would interpolate, e.g. ``${oc.env:HOME}``, or read as missing): a resolved
-config has none.
+and streams checked before anything is decoded (:mod:`scoring.entry.packed`). entry.json is plain data
+(:mod:`scoring.entry.files`), and no string in it holds ``${`` or equals ``???`` (what OmegaConf would interpolate,
+e.g. ``${oc.env:HOME}``, or read as missing): a resolved config has none.
 
 :func:`build_model_from_entry` is the one place that composes models and compress to rebuild an entry; the
 exporter, the verifier and the scoring CLI all go through it. It checks the model's keyword arguments
@@ -197,7 +197,8 @@ def save_entry(directory: str | os.PathLike, model: nn.Module, *, config: dict[s
 
 def entry_storage(path: str | os.PathLike, entry: Entry, model: nn.Module, counted_bits: int) -> dict[str, Any]:
     """The parameter bytes ``entry`` (loaded from ``path``, ``model`` rebuilt from it) is counted at, beside the bytes
-    of its weights file and, for a packed entry, what makes the difference (:func:`scoring.entry.packed.weights_storage`)."""
+    of its weights file and, for a packed entry, what makes the difference
+    (:func:`scoring.entry.packed.weights_storage`)."""
     weights = entry.meta["weights"]
     size = (find_entry_dir(path) / weights["file"]).stat().st_size
     return weights_storage(model, weights, size, counted_bits)
@@ -285,7 +286,8 @@ def load_entry(path: str | os.PathLike) -> Entry:
     version = document.get("format_version") if isinstance(document, dict) else None
     if type(version) is not int or version not in _WEIGHTS_FILES:
         raise EntryError(f"{where} has format_version {reprlib.repr(version)}; this micronet-kit reads "
-                         f"versions {', '.join(map(str, _WEIGHTS_FILES))} — use the micronet-kit version that wrote it")
+                         f"versions {', '.join(map(str, _WEIGHTS_FILES))} — use the micronet-kit version that "
+                         "wrote it")
     missing = [key for key in ("model", "weights", "config", "compression_state") if key not in document]
     if missing:
         raise EntryError(f"{where} lacks {', '.join(missing)}; re-export the run")

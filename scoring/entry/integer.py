@@ -17,7 +17,8 @@ the declared width. This module runs that arithmetic, on a copy of the model:
   below 2^53: each layer checks ``K · max|q_x| · max|q_w| < 2^53`` (K = products per output) once when it is
   set up and refuses to run otherwise; the convolutions run with cuDNN off (im2col + matrix product, or the direct
   depthwise kernel: sums of integer products, no transforms), and every accumulator is checked to be an integer.
-* **The accumulator.** ``score.accumulator_bits`` (32 by default, what the count charges additions at) and
+* **The accumulator.** ``score.accumulator_bits`` (32 by default, what the count charges additions at; an
+  ``adder_tree`` sums exactly, every level at the width it needs, so it never overflows) and
   ``score.accumulator_overflow`` (``wrap``, the default, or ``saturate``): an accumulator value outside
   ``[-2^(A-1), 2^(A-1)-1]`` is an overflow, counted per layer. ``wrap`` keeps the result modulo 2^A (two's
   complement: the order of the sum does not matter, a result is wrong exactly when the true sum is out of range);
@@ -39,10 +40,10 @@ attention products of two activations (QKᵀ, attention·V, the relative-positio
 float32, since the entry declares no quantizer on those operands.
 
 :func:`integer_check` is verify's call: the integer run of an entry on its test split, or None for an entry
-without integer layers. :func:`run_integer` evaluates the integer copy on the task's test split (exact correct/total, or the exact NLL sum)
-next to the fake-quantized float model, and reports how many predictions differ (each one with the float model's
-top-2 margin: the float rounding that decided it), the NLL difference, and per layer its outputs, overflows and
-largest accumulator. This module may import data/, compress/, scoring core and the entry format.
+without integer layers. :func:`run_integer` evaluates the integer copy on the task's test split (exact
+correct/total, or the exact NLL sum) next to the fake-quantized float model, and reports how many predictions
+differ (each one with the float model's top-2 margin: the float rounding that decided it), the NLL difference, and
+per layer its outputs, overflows and largest accumulator. This module may import data/, compress/, scoring core and the entry format.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ from data.tasks import DataOptions, Evaluation, Task, build_task
 from scoring.entry.bundle import Entry
 from scoring.entry.files import EntryError
 from scoring.gate import GateResult, check_gate
-from scoring.rules import ACCUMULATOR_OVERFLOWS
+from scoring.rules import ACCUMULATOR_OVERFLOWS, ADDER_TREE, accumulator_name, accumulator_setting
 
 #: float64 holds every integer below this exactly.
 EXACT_LIMIT = 2 ** 53
@@ -70,20 +71,22 @@ _CHUNK = 1 << 14
 
 @dataclass(frozen=True)
 class Accumulator:
-    """The declared accumulator: its width in bits and what an overflow does."""
+    """The declared accumulator: its width in bits, or an adder tree (every level at the width it needs: the exact
+    sum, never an overflow), and what an overflow does."""
 
-    bits: int = 32
+    bits: int | str = 32
     overflow: str = "wrap"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.bits, int) and 1 <= self.bits <= 52) or self.overflow not in ACCUMULATOR_OVERFLOWS:
-            raise ValueError(f"accumulator of {self.bits!r} bits, overflow {self.overflow!r}: expected 1..52 bits and "
-                             f"one of {', '.join(ACCUMULATOR_OVERFLOWS)}")
+        width_ok = self.bits == ADDER_TREE or isinstance(self.bits, int) and 1 <= self.bits <= 52
+        if not width_ok or self.overflow not in ACCUMULATOR_OVERFLOWS:
+            raise ValueError(f"accumulator of {self.bits!r} bits, overflow {self.overflow!r}: expected 1..52 bits or "
+                             f"{ADDER_TREE}, and one of {', '.join(ACCUMULATOR_OVERFLOWS)}")
 
     @classmethod
     def from_score(cls, score: Mapping[str, Any]) -> Accumulator:
         """The accumulator that score settings declare (``accumulator_bits``, ``accumulator_overflow``)."""
-        return cls(int(score.get("accumulator_bits", 32)), score.get("accumulator_overflow", "wrap"))
+        return cls(accumulator_setting(score.get("accumulator_bits", 32)), score.get("accumulator_overflow", "wrap"))
 
     @property
     def low(self) -> int:
@@ -185,6 +188,8 @@ class IntegerForward:
         run.outputs += accumulator.numel()
         if accumulator.numel():
             run.max_abs = max(run.max_abs, int(accumulator.abs().max()))
+        if acc.bits == ADDER_TREE:
+            return accumulator
         if acc.overflow == "wrap":
             outside = (accumulator < acc.low) | (accumulator > acc.high)
             run.overflows += int(outside.sum())
@@ -361,11 +366,13 @@ class IntegerRun:
                       f"{self.reference.total}; {len(self.differing or [])} predictions differ)")
         else:
             result = (f"NLL {self.evaluation.loss_sum:.6f} over {self.evaluation.total:,} tokens (float "
-                      f"{self.reference.loss_sum:.6f}, difference {self.evaluation.loss_sum - self.reference.loss_sum:+.3g})")
+                      f"{self.reference.loss_sum:.6f}, difference "
+                      f"{self.evaluation.loss_sum - self.reference.loss_sum:+.3g})")
         overflows = {name: n for name, n in self.overflows.items() if n}
         shown = ", ".join(f"{name} {n:,}" for name, n in overflows.items()) if overflows else "none"
         return (f"integer execution ({integer} of {len(self.layers)} layers integer, accumulator "
-                f"{self.accumulator.bits} bits, {self.accumulator.overflow}): {result}; overflows: {shown}\n"
+                f"{accumulator_name(self.accumulator.bits)}, {self.accumulator.overflow}): {result}; "
+                f"overflows: {shown}\n"
                 f"integer {self.gate.describe()}")
 
 

@@ -338,8 +338,8 @@ def _check_record(record: Any, path: Path) -> int:
     if not (bits_ok and sparse_ok and _is_int(record["offset"], 0, 2**62) and _is_int(record["bytes"], 0, 2**62)):
         raise EntryError(f"{where}: bits {reprlib.repr(record['bits'])}, sparse {reprlib.repr(record['sparse'])}, "
                          f"nonzeros {reprlib.repr(record['nonzeros'])}, offset or bytes out of range for encoding "
-                         f"{encoding} (codes: bits 2..16 and a scale; float32: none or 16; sparse: 0 <= nonzeros <= {numel:,}); "
-                         "re-export")
+                         f"{encoding} (codes: bits 2..16 and a scale; float32: none or 16; sparse: 0 <= nonzeros <= "
+                         f"{numel:,}); re-export")
     return numel
 
 

@@ -35,7 +35,8 @@ Then, before any data is loaded, the entry is checked against the kit (:mod:`sco
 The recorded ``data.root`` is never used (it names a folder on the entrant's machine): the dataset comes from
 ``--data-root``. Exit status 0 when everything agrees, 1 when something differs (a file from the manifest, or a
 field: a table of field / reported / recounted / status is printed either way), 2 when the bundle is refused or
-cannot be loaded.
+cannot be loaded. ``accumulator_bits: adder_tree`` is official too, but refused after the recount where a dot
+product multiplies a float (:func:`scoring.entry.kit.accept_accumulator`).
 
 ``python -m scoring PATH`` (a run dir, a bundle or an entry folder) evaluates and scores the entry with its own
 recorded config and prints the summary, without comparing. Both recount through
@@ -55,7 +56,7 @@ from typing import Any, Sequence
 from scoring.entry.boundary import USER_ERRORS, command
 from scoring.entry.bundle import Entry, build_model_from_entry, entry_storage, load_entry
 from scoring.entry.files import EntryError, atomic_write
-from scoring.entry.kit import Judged, judge
+from scoring.entry.kit import Judged, accept_accumulator, judge
 from scoring.entry.manifest import MANIFEST_FILE, FileCheck, check_manifest
 from scoring.entry.runfiles import REPORT_JSON, read_report
 from scoring.errors import UserError
@@ -237,6 +238,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     model = build_model_from_entry(judged.entry)  # every failure to rebuild shows here, before any data is loaded
     recounted = _load_and_recount(judged.entry, args)[1]
+    judged = accept_accumulator(judged, recounted, args.allow_score_settings)
     integer = integer_check(judged.entry, model, data_root=args.data_root, device=args.device)
     qualifies = recounted["gate_passed"] and (integer is None or integer.gate.passed) and not judged.unofficial
     caveat = _print_verdict(judged, recounted, checks, args.bundle, qualifies)

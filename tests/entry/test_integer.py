@@ -69,6 +69,12 @@ def test_a_6_bit_saturating_accumulator_clamps_every_partial_sum_in_order():
     assert out.tolist() == [[-18.0, 31.0]] and overflows == 2
 
 
+def test_an_adder_tree_sums_exactly():
+    # score.accumulator_bits=adder_tree: every level of the sum at the width it needs, so 49 and 42 as they are.
+    out, overflows = run_hand_layer(Accumulator.from_score({"accumulator_bits": "adder_tree"}))
+    assert out.tolist() == [[49.0, 42.0]] and overflows == 0
+
+
 def test_saturating_sum_by_hand():
     # 8 bits, [-128, 127]: 100 + 100 = 200 → 127, then 127 - 50 = 77 (saturated); 1 + 2 + 3 = 6 (not).
     sums, saturated = saturating_sum(torch.tensor([[100.0, 100.0, -50.0], [1.0, 2.0, 3.0]]), -128, 127)
@@ -126,7 +132,7 @@ def test_verify_runs_a_12_bit_wrapping_accumulator_and_reports_its_overflows(exp
     assert integer["float_correct"] == report["correct"]
     assert not result["qualifies"]  # unofficial settings never qualify
     out = capsys.readouterr().out
-    assert "accumulator 12 bits, wrap" in out and "overflows: " in out
+    assert "accumulator 12-bit, wrap" in out and "overflows: " in out
     # The report was counted at 32 bits: its totals differ from the 12-bit recount, and so does the status.
     assert status == 1 and "ops" in result["differing_fields"]
 

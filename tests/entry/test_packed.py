@@ -45,7 +45,8 @@ def test_sub_byte_values_are_packed_densely_least_significant_bit_first():
 def test_a_packed_entry_rebuilds_the_fake_quantized_weights_bit_for_bit(packed_entry, compressed_model, run_config,
                                                                         tmp_path):
     float_entry = save_entry(tmp_path / "float", compressed_model, config=run_config)
-    packed, reference = build_model_from_entry(load_entry(packed_entry)), build_model_from_entry(load_entry(float_entry))
+    packed = build_model_from_entry(load_entry(packed_entry))
+    reference = build_model_from_entry(load_entry(float_entry))
     mine = weight_layers(packed)
     with torch.no_grad():
         for name, layer in weight_layers(reference).items():
