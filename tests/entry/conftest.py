@@ -96,11 +96,12 @@ def bundle(run_dir: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def exported_bundle(tmp_path_factory: pytest.TempPathFactory, run_config: dict,
                     compressed_model: torch.nn.Module) -> Path:
-    """One exported bundle for the whole session, never changed: tests that alter a bundle copy it first."""
+    """One exported bundle for the whole session, never changed: tests that alter a bundle copy it first. It is in
+    the float format, whose safetensors file the hostile probes edit (the packed format's are in test_packed.py)."""
     root = tmp_path_factory.mktemp("exported")
     out = root / "bundle"
     assert export.main([str(finish_run(root / "run", compressed_model, run_config)), "--out", str(out),
-                        "--allow-gate-failure"]) == 0
+                        "--allow-gate-failure", "--format", "float"]) == 0
     return out
 
 

@@ -17,7 +17,7 @@ def test_a_path_that_does_not_exist_is_named_in_one_line(capsys, tmp_path):
     assert exit_status(main, [str(missing)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err == (f"error: {missing} does not exist ; fix: pass a run dir, bundle or entry folder, "
-                                 "`verify BUNDLE`, or --model NAME --task TASK (micronet-score --help)\n")
+                                 "`verify BUNDLE`, `measure DIR`, or --model NAME --task TASK (micronet-score --help)\n")
 
 
 @pytest.mark.parametrize("argv, status", [(["--help"], 0), (["-h"], 0), ([], 2)])
@@ -26,8 +26,9 @@ def test_help_documents_every_mode(capsys, argv, status):
     out, err = capsys.readouterr()
     text = out if status == 0 else err  # asked for: stdout; no arguments at all: the same overview on stderr
     assert (out if status else err) == ""
-    for mode in ("micronet-score PATH", "micronet-score verify BUNDLE", "micronet-score --model NAME --task TASK",
-                 "score an entry:", "verify an exported bundle", "count a registered architecture"):
+    for mode in ("micronet-score PATH", "micronet-score verify BUNDLE", "micronet-score measure DIR",
+                 "micronet-score --model NAME --task TASK", "score an entry:", "verify an exported bundle",
+                 "measure entries", "count a registered architecture"):
         assert mode in text
     words = " ".join(text.split())
     assert "`python -P -m scoring verify BUNDLE` (Python 3.11+), never as plain `python -m scoring` inside" in words

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, export, load_entry, verify, write_manifest
+from scoring.entry.packed import PACKED_FILE
 from tests.conftest import HANG
 
 from .conftest import exit_status, finish_run, plant_pickle
@@ -36,7 +37,7 @@ def edit_report(bundle: Path, edit) -> None:
 
 def test_bundle_holds_entry_reports_and_writeup(bundle, run_dir):
     assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*")) == [
-        MANIFEST_FILE, "WRITEUP.md", "entry", f"entry/{ENTRY_JSON}", f"entry/{WEIGHTS_FILE}", "report.json",
+        MANIFEST_FILE, "WRITEUP.md", "entry", f"entry/{ENTRY_JSON}", f"entry/{PACKED_FILE}", "report.json",
         "report.md"]
     assert (bundle / "report.json").read_text() == (run_dir / "report.json").read_text()
     report = json.loads((bundle / "report.json").read_text())
@@ -127,49 +128,51 @@ def test_verify_accepts_an_untouched_bundle(bundle, capsys):
     assert rows["correct"] == [str(report["correct"]), str(report["correct"]), "ok"]
     assert rows["ops"] == [repr(report["ops"]), repr(report["ops"]), "ok"]
     assert not [name for name in rows if name.startswith("layers[")]  # agreeing layer fields are not listed
-    # Every field: 25 plain top-level ones, the gate's 3, the baseline's 3, each project rule, the layers' names and
-    # their 11 fields each; then report.md and WRITEUP.md.
-    fields = 25 + 3 + 3 + len(report["project_rules"]) + 1 + 11 * len(report["layers"]) + 2
+    # Every field: 26 plain top-level ones (task ... seed, but format_version), the gate's 3, the baseline's 3, each
+    # project rule, the layers' names and their 11 fields each, the integer execution's gate verdict (its layers are
+    # integer); then report.md and WRITEUP.md.
+    fields = 26 + 3 + 3 + len(report["project_rules"]) + 1 + 11 * len(report["layers"]) + 1 + 2
     assert out.splitlines()[-1] == f"verified: all {fields} fields agree with {bundle / 'report.json'}"
 
 
-@pytest.mark.parametrize("field, edit", [
-    ("ops", lambda r: r.update(ops=r["ops"] * 0.999)),
-    ("correct", lambda r: r.update(correct=r["correct"] + 1)),
-    ("score", lambda r: r.update(score=r["score"] * (1 - 1e-8))),
-    ("gate_passed", lambda r: r.update(gate_passed=not r["gate_passed"])),
-    ("layers[conv2.0].sparsity", lambda r: layer(r, "conv2.0").update(sparsity=0.9)),
+@pytest.mark.parametrize("fields, edit", [
+    (["ops"], lambda r: r.update(ops=r["ops"] * 0.999)),
+    (["correct"], lambda r: r.update(correct=r["correct"] + 1)),
+    (["score"], lambda r: r.update(score=r["score"] * (1 - 1e-8))),
+    # A report claiming the gate is contradicted by the recount and by the integer execution.
+    (["gate_passed", "integer.gate_passed"], lambda r: r.update(gate_passed=not r["gate_passed"])),
+    (["layers[conv2.0].sparsity"], lambda r: layer(r, "conv2.0").update(sparsity=0.9)),
 ])
-def test_verify_refuses_an_edited_report_with_a_diff_table(bundle, capsys, field, edit):
+def test_verify_refuses_an_edited_report_with_a_diff_table(bundle, capsys, fields, edit):
     edit_report(bundle, edit)
     assert verify.main([str(bundle), "--device", "cpu"]) == 1
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines()[2:]]  # after the verdict and integrity lines (resealed)
     assert rows[0] == ["field", "reported", "recounted", "status"]
     differing = [row for row in rows[1:-1] if row[-1] == "DIFFERS"]
-    assert [row[0] for row in differing] == [field]
-    assert out.splitlines()[-1].startswith("NOT VERIFIED: 1 of ")
+    assert [row[0] for row in differing] == fields
+    assert out.splitlines()[-1].startswith(f"NOT VERIFIED: {len(fields)} of ")
 
 
 def test_verify_refuses_a_planted_pickle_and_runs_no_code(bundle, tmp_path, capsys):
     marker = tmp_path / "marker"
-    plant_pickle(bundle / "entry" / WEIGHTS_FILE, marker, torch_archive=True)
+    plant_pickle(bundle / "entry" / PACKED_FILE, marker, torch_archive=True)
     assert verify.main([str(bundle), "--device", "cpu"]) == 1  # the manifest catches the swap first
-    assert f"entry/{WEIGHTS_FILE}" in capsys.readouterr().out
+    assert f"entry/{PACKED_FILE}" in capsys.readouterr().out
     write_manifest(bundle)  # an attacker who rewrites SHA256SUMS too: the loader refuses the pickle itself
     assert exit_status(verify.main, [str(bundle), "--device", "cpu"]) == 2
-    assert "is not a safetensors file" in capsys.readouterr().err
+    assert "is not a packed weights file" in capsys.readouterr().err
     assert not marker.exists()
 
 
 def test_scoring_cli_refuses_a_planted_pickle_in_a_fresh_process(bundle, tmp_path):
     marker = tmp_path / "marker"
-    plant_pickle(bundle / "entry" / WEIGHTS_FILE, marker, torch_archive=False)
+    plant_pickle(bundle / "entry" / PACKED_FILE, marker, torch_archive=False)
     write_manifest(bundle)
     done = subprocess.run([sys.executable, "-m", "scoring", "verify", str(bundle), "--device", "cpu"], cwd=REPO,
                           capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("error: ") and "is not a safetensors file" in done.stderr
+    assert done.stderr.startswith("error: ") and "is not a packed weights file" in done.stderr
     assert "Traceback" not in done.stderr
     assert not marker.exists()
 
@@ -224,12 +227,13 @@ def test_every_file_and_folder_written_has_the_mode_the_umask_gives(tmp_path, ru
         export.export(run, tmp_path / "bundle", allow_gate_failure=True)
         assert architecture.main(["--model", "digits_cnn", "--task", "digits", "--json", str(tmp_path / "a.json")]) \
             == 0
+        assert verify.main([str(tmp_path / "bundle"), "--device", "cpu", "--json", str(tmp_path / "v.json")]) == 0
     finally:
         os.umask(previous)
     modes = {str(path.relative_to(tmp_path)): stat.S_IMODE(path.stat().st_mode) for path in tmp_path.rglob("*")}
     assert {name for name in modes if name.startswith("bundle")} == {
-        "bundle", "bundle/entry", f"bundle/entry/{ENTRY_JSON}", f"bundle/entry/{WEIGHTS_FILE}", "bundle/report.json",
+        "bundle", "bundle/entry", f"bundle/entry/{ENTRY_JSON}", f"bundle/entry/{PACKED_FILE}", "bundle/report.json",
         "bundle/report.md", "bundle/WRITEUP.md", f"bundle/{MANIFEST_FILE}"}
-    assert {"run", "run/entry", f"run/entry/{WEIGHTS_FILE}", "run/report.json", "a.json"} <= modes.keys()
+    assert {"run", "run/entry", f"run/entry/{WEIGHTS_FILE}", "run/report.json", "a.json", "v.json"} <= modes.keys()
     assert {name: oct(mode) for name, mode in modes.items()
             if mode != (folder_mode if (tmp_path / name).is_dir() else file_mode)} == {}
