@@ -3,10 +3,11 @@
 ``verify`` is what an organizer runs on a contestant's bundle, as the console script or ``python -P -m scoring
 verify BUNDLE`` (Python 3.11+): never plain ``python -m scoring`` with the bundle as working folder, which puts that
 folder first on the import path, so that a planted ``argparse.py`` would run before any of this code. It rebuilds
-the model from ``entry/entry.json`` (registry architecture + compression structure), loads
-``entry/model.safetensors`` (never unpickled; see :mod:`scoring.entry.bundle`), evaluates it on the test set (and
+the model from ``entry/entry.json`` (registry architecture + compression structure), loads ``entry/model.packed``
+or ``entry/model.safetensors`` (never unpickled; see :mod:`scoring.entry.bundle`), evaluates it on the test set (and
 the validation split, when the run held one out) of the kit's own definition of the task, recounts it with the
-official score settings, and compares every field of the bundle's ``report.json`` with its recount
+official score settings, runs it in integers where it is quantized (:mod:`scoring.entry.integer`: its gate verdict
+is one more field), and compares every field of the bundle's ``report.json`` with its recount
 (:mod:`scoring.entry.comparison`):
 
 * counts, verdicts, settings, names and texts (the gate's summary, the project rules): exactly;
@@ -25,7 +26,7 @@ Before any of that it checks that the bundle holds the files of its layout and n
 manifest / on disk / status. A folder without a manifest (a run dir, a bundle exported before manifests existed)
 is refused unless ``--allow-no-manifest`` is given; then a warning, and the final line, say that the files'
 integrity is unchecked. A ``--device`` this machine lacks is refused first, and ``--examples`` beyond the test
-split before anything runs.
+split before the evaluation. ``--json PATH`` also writes the verdict as JSON.
 
 Then, before any data is loaded, the entry is checked against the kit (:mod:`scoring.entry.kit`) and rebuilt once
 (:func:`scoring.entry.build_model_from_entry`). Refused, each with one line on stderr and exit status 2:
