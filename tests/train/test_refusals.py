@@ -75,7 +75,7 @@ def test_a_key_the_config_does_not_have_is_refused_with_the_closest_one(tmp_path
 
 def test_keys_added_to_open_dictionaries_and_groups_are_accepted():
     check_added_keys(["+model.kwargs.drop_rate=0.1", "+compress.stages.1.quantize.layer_bits={conv2.0:4}",
-                      "+compress.stages.0.prune.layer_sparsity={fc:0.5}", "+experiment=cifar100_prune_q4_distill",
+                      "+compress.stages.0.prune.layer_sparsity={fc:0.5}", "+experiment=cifar100_densenet_micronet",
                       "++train.epochs=3", "+hydra.job.env_set.X=1"])
 
 
