@@ -107,19 +107,10 @@ def recount_entry(entry: Entry, *, data_root: str | None = None, examples: int |
     ``data.root`` (datasets live elsewhere on the organizer's machine); ``examples`` replaces ``score.examples``.
     Nothing is downloaded; the validation hold-out of the run is rebuilt only so the test split is the same.
     """
-    import torch
-
-    from data.tasks import DataOptions, build_task
-    from scoring.entry.model_report import recount
+    from scoring.entry.model_report import load_test_split, recount
 
     config = entry.config
-    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                            "cpu" if device == "auto" else device)
-    task = build_task(config["task"])
-    options = DataOptions(root=config["data"].get("root") if data_root is None else data_root,
-                          val_split=config["data"].get("val_split", 0))
-    test_loader = task.loaders(options, batch_size=1, eval_batch_size=config["train"]["eval_batch_size"],
-                               seed=config["seed"], device=resolved).test
+    task, test_loader, resolved = load_test_split(config, data_root=data_root, device=device)
     model = build_model_from_entry(entry).to(resolved)
     score = {**config["score"], "examples": examples or config["score"]["examples"]}
     return recount(model, task, test_loader, resolved, score)
