@@ -18,12 +18,16 @@ that, in training and evaluation alike, and declares it to the scorer (``microne
 * what it is not: an integer format. The outputs carry no bit width for the scorer (a float is no integer grid),
   so an adder tree still needs quantized inputs for every dot product.
 
+:func:`exact_ops` suspends the rounding for code that stands in for a dot product (the integer executor's layers).
+
 ``fp32`` (the default) leaves the model as it is. The format is part of the compression state (``other_ops``).
 Imports torch and scoring's core (rules, protocol) only.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -147,14 +151,26 @@ def _leave(model: nn.Module, args: Any, output: Any) -> None:
         mode.__exit__(None, None, None)
 
 
-def _suspend(module: nn.Module, args: Any) -> None:
+@contextlib.contextmanager
+def exact_ops() -> Iterator[None]:
+    """Within it, the model call running in this thread does not round: for code that stands in for a dot product
+    (an integer executor's layer), whose arithmetic is exact and whose output is rounded where the next op reads it,
+    as a convolution's is."""
+    _suspend(None, ())
+    try:
+        yield
+    finally:
+        _resume(None, (), None)
+
+
+def _suspend(module: nn.Module | None, args: Any) -> None:
     """Forward pre-hook of a quantizer or parametrization: its values stay exact."""
     modes = _modes()
     if modes and modes[-1] is not None:
         modes[-1].suspended += 1
 
 
-def _resume(module: nn.Module, args: Any, output: Any) -> None:
+def _resume(module: nn.Module | None, args: Any, output: Any) -> None:
     modes = _modes()
     if modes and modes[-1] is not None and modes[-1].suspended:
         modes[-1].suspended -= 1

@@ -41,7 +41,9 @@ see above): per-tensor weight scales pay off where no batch norm folds (pre-acti
 **Stored scale width** (``scale_bits``): every step size of the stage's quantizers is rounded, in training and
 evaluation, to the format it is stored in, and declared at that width (``micronet_scale_bits``): 32 = fp32 as
 learned; 16 = IEEE half; 8 = a power of two, its exponent stored as an 8-bit integer in [−128, 127] (fp32 holds
-both exactly). LSQ learns through the rounding with the straight-through gradient.
+both exactly). LSQ learns through the rounding with the straight-through gradient. ``finalize_for_export`` writes
+the rounded value into each step size (each quantizer's ``finalize``), so an entry stores exactly the step it
+computes with, and the packed format stores it at its declared width (scoring/entry/packed.py).
 
 **Biases** (``bias_bits`` 8 or 16): each conv/linear bias gets a symmetric per-tensor quantizer (a
 parametrization, one step size, like a per-tensor weight quantizer) and is counted at that width; its add counts
@@ -240,6 +242,18 @@ class _FakeQuantizer(nn.Module):
     def _stored(self, scale: torch.Tensor) -> torch.Tensor:
         """The step size as stored (``micronet_scale_bits``)."""
         return stored_scale(scale, self.micronet_scale_bits)
+
+    def stored_step(self) -> torch.Tensor:
+        """The step size the last forward computed with (a frozen quantizer's always): ``scale`` kept positive and
+        rounded to its stored width, detached."""
+        return self._stored(self.scale.detach().clamp_min(_MIN_SCALE))
+
+    def finalize(self) -> None:
+        """Freeze the step size and write it back rounded to its stored width, so that the saved ``scale`` is
+        exactly the step the forward uses (the rounding is idempotent: the forward's result does not change)."""
+        self.freeze()
+        with torch.no_grad():
+            self.scale.copy_(self.stored_step())
 
     def _sync_from_buffers(self) -> None:
         self._frozen = bool(self.frozen)

@@ -198,8 +198,9 @@ def finalize_for_export(model: nn.Module) -> None:
     Pruned weights become exact zeros of the stored tensor and the mask parametrizations are removed
     (the scorer measures sparsity from the executed weights, so nothing is lost) — except block masks,
     which stay because the scorer charges them 1 bit per block only while they declare it; quantizers stay, with
-    weight observers set from the final weights and every quantizer frozen, so the saved entry
-    reproduces the evaluated model without depending on training-mode updates. Idempotent.
+    weight observers set from the final weights and every quantizer frozen, its step size rounded to its stored
+    width, so the saved entry holds exactly the steps the evaluated model computes with and reproduces it without
+    depending on training-mode updates. Idempotent.
     """
     for module in model.modules():
         mask = find_parametrization(module, WeightMask)
@@ -213,14 +214,11 @@ def finalize_for_export(model: nn.Module) -> None:
             else:
                 del chain[list(chain).index(mask)]
         quantizer = find_parametrization(module, WeightQuantizer)
-        if quantizer is not None:
-            if quantizer.method != "lsq" and not quantizer.is_frozen:
-                quantizer.observe(original_weight(module))
-            quantizer.freeze()
+        if quantizer is not None and quantizer.method != "lsq" and not quantizer.is_frozen:
+            quantizer.observe(original_weight(module))
         quantizer = bias_quantizer(module)
-        if quantizer is not None:
-            if quantizer.method != "lsq" and not quantizer.is_frozen:
-                quantizer.observe(module.parametrizations["bias"].original)
-            quantizer.freeze()
-        if isinstance(module, ActivationQuantizer):
-            module.freeze()
+        if quantizer is not None and quantizer.method != "lsq" and not quantizer.is_frozen:
+            quantizer.observe(module.parametrizations["bias"].original)
+        # After its layer (modules() lists a layer before its parametrizations): the observed step is in place.
+        if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
+            module.finalize()

@@ -414,10 +414,11 @@ def _check_architecture(skeleton: nn.Module, entry: Entry) -> None:
         check_compression_state(skeleton, entry.compression_state)
     except ValueError as err:
         raise EntryError(f"entry.json's compression_state: {err}; re-export the run") from None
-    parametrized = set(entry.compression_state.get("weights", {}))
+    state = entry.compression_state  # its quantized biases are parametrized too
+    parametrized = {"weight": set(state.get("weights", {})), "bias": set(state.get("biases", {}))}
     for key, tensor in skeleton.state_dict().items():
         layer, _, leaf = key.rpartition(".")
-        stored_key = f"{layer}.parametrizations.{leaf}.original" if leaf == "weight" and layer in parametrized else key
+        stored_key = f"{layer}.parametrizations.{leaf}.original" if layer in parametrized.get(leaf, ()) else key
         stored = entry.state_dict.get(stored_key)
         if stored is None or stored.shape != tensor.shape:
             found = "absent" if stored is None else list(stored.shape)

@@ -8,11 +8,14 @@ the declared width. This module runs that arithmetic, on a copy of the model:
   quantizer (``compress.quantization``) gets an integer forward: the input's codes ``q_x`` (the quantizer's output
   divided by its step, checked to be exact integers in range), the weight's codes ``q_w`` (likewise, once), the
   accumulator ``Σ q_x·q_w`` computed exactly, then the declared accumulator applied to it (below), then
-  requantized in **floating point**, not by a fixed-point multiplier and shift: ``acc · (s_w[c] · s_x)``, the two
-  stored scales at their stored precision (float32 in every entry of this kit) multiplied exactly in float64 (24 +
-  24 significant bits), times the accumulator in float64 (one rounding, relative error at most 2^-53), then rounded
-  to float32, the precision of what follows; the stored bias (float32: the scorer counts biases at 32 bits) is
-  added after, in float32.
+  requantized in **floating point**, not by a fixed-point multiplier and shift: ``acc · (s_w[c] · s_x)`` (``s_w``
+  per output channel or one per tensor), the two steps the quantizers compute with (rounded to their stored width:
+  float32, IEEE half or a power of two, all exact in float32) multiplied exactly in float64 (24 + 24 significant
+  bits), times the accumulator in float64 (one rounding, relative error at most 2^-53), then rounded to float32,
+  the precision of what follows; the bias as the layer uses it (float32, or the fake-quantized value of a
+  ``bias_bits`` quantizer) is added after, in float32. A model whose ``other_ops`` run in fp16 / bf16 does not
+  round this arithmetic (it stands in for a conv / linear, which it never rounds): the ops that read the output
+  round it, as they round a float layer's.
 * **Exactness.** The integer products and sums are computed in float64, which is exact while every partial sum is
   below 2^53: each layer checks ``K · max|q_x| · max|q_w| < 2^53`` (K = products per output) once when it is
   set up and refuses to run otherwise; the convolutions run with cuDNN off (im2col + matrix product, or the direct
@@ -57,9 +60,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.tasks import DataOptions, Evaluation, Task, build_task
+from compress.precision import exact_ops
+from data.tasks import Evaluation, Task
 from scoring.entry.bundle import Entry
 from scoring.entry.files import EntryError
+from scoring.entry.model_report import load_test_split
 from scoring.gate import GateResult, check_gate
 from scoring.rules import ACCUMULATOR_OVERFLOWS, ADDER_TREE, accumulator_name, accumulator_setting
 
@@ -152,12 +157,12 @@ class IntegerForward:
         self.module, self.run, self.accumulator = module, run, accumulator
         self.conv = isinstance(module, nn.Conv2d)
         quantizer, inputs = find_parametrization(module, WeightQuantizer), module.input_quantizer
-        with torch.no_grad():
-            weight = module.weight.detach()
-            step = quantizer.scale.detach().view(-1, *[1] * (weight.dim() - 1))
+        with torch.no_grad():  # the steps the quantizers compute with: rounded to their stored width
+            weight, weight_step = module.weight.detach(), quantizer.stored_step()
+            step = weight_step.view(-1, *[1] * (weight.dim() - 1))  # per channel, or one (per tensor)
             self.weight = exact_codes(weight, step, quantizer.qmin, quantizer.qmax, f"layer {run.name}'s weight")
-            self.input_step = inputs.scale.detach().clone()
-            rescale = quantizer.scale.detach().double() * self.input_step.double()  # exact: 24 + 24 bits
+            self.input_step = inputs.stored_step()
+            rescale = weight_step.double() * self.input_step.double()  # exact: 24 + 24 bits
         self.rescale = rescale.view(-1, 1, 1) if self.conv else rescale
         self.input_range = (inputs.qmin, inputs.qmax)
         self.products = weight[0].numel()
@@ -166,6 +171,11 @@ class IntegerForward:
             raise ValueError(f"layer {run.name}: its sums reach {bound:,}, beyond what float64 holds exactly (2^53)")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # In place of a conv / linear, which other_ops never rounds: what follows rounds its output as it reads it.
+        with exact_ops():
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         codes = exact_codes(x, self.input_step, *self.input_range, f"layer {self.run.name}'s input")
         accumulator = self._sum(codes, self.weight)
         if not torch.equal(accumulator, accumulator.round()):
@@ -400,18 +410,11 @@ def integer_check(entry: Entry, model: nn.Module, *, data_root: str | None = Non
                   device: str = "auto") -> IntegerRun | None:
     """Verify's integer execution of ``entry`` (``model``, as rebuilt from it) on the test split of its task, under
     the accumulator its score settings declare; None when no layer of it is integer. The data are read as verify's
-    recount reads them (``data_root`` replaces the recorded ``data.root``). A failure to run is one
+    recount reads them (:func:`~scoring.entry.model_report.load_test_split`). A failure to run is one
     :class:`~scoring.entry.files.EntryError` line."""
-    config = entry.config
-    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                            "cpu" if device == "auto" else device)
-    task = build_task(config["task"])
-    options = DataOptions(root=config["data"].get("root") if data_root is None else data_root,
-                          val_split=config["data"].get("val_split", 0))
-    test = task.loaders(options, batch_size=1, eval_batch_size=config["train"]["eval_batch_size"],
-                        seed=config["seed"], device=resolved).test
+    task, test, resolved = load_test_split(entry.config, data_root=data_root, device=device)
     try:
-        return run_integer(model.to(resolved), task, test, resolved, Accumulator.from_score(config["score"]))
+        return run_integer(model.to(resolved), task, test, resolved, Accumulator.from_score(entry.config["score"]))
     except (ValueError, RuntimeError) as err:
         reason = (str(err).strip().splitlines() or [""])[0][:300]
         raise EntryError(f"the integer execution of the entry failed ({type(err).__name__}: {reason}); re-export the "

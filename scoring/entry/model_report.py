@@ -5,19 +5,26 @@ an entry and score it through the same function, so that what a run reports and 
 only differ where the model or the data differ. ``python -m scoring --model`` counts an untrained architecture on
 synthetic inputs through :func:`count_report`, the count → report half.
 
+:func:`load_splits` reads a run's test and validation splits as the run read them (:func:`load_test_split` the
+test split alone), on the device a command line names (:func:`resolve_device`), for verify's recount and integer
+execution.
+
 The score settings are the run config's ``score`` section: ``examples`` (test examples run through the scorer),
 ``accumulator_bits`` and ``freebie`` (auto | true | false). This module may import data/ and scoring core.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
-from data.tasks import Evaluation, ScoreInputs, Task
+from data import Loaders
+from data.tasks import DataOptions, Evaluation, ScoreInputs, Task, build_task
 from scoring.counter import count_inputs
+from scoring.errors import UserError
 from scoring.report import build_report
 from scoring.rules import freebie_setting
 
@@ -39,6 +46,44 @@ def count_report(model: nn.Module, task: Task, inputs: ScoreInputs, score: Mappi
     return build_report(task=task.name, count=count, example=task.example, extra=extra,
                         evaluation=None if evaluation is None else evaluation.to_dict(),
                         validation=None if validation is None else validation.to_dict())
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``--device`` names: auto (cuda if available), cpu, cuda or cuda:N; :class:`UserError` for any
+    other name, and for a CUDA device this machine does not have."""
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", name)
+    if not match:
+        raise UserError(f"--device {name!r} is not a device", "pass auto, cpu, cuda or cuda:N")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(match.group(1) or 0) >= count:
+            has = f"{count} CUDA device(s): cuda:0..cuda:{count - 1}" if count else "no CUDA device"
+            raise UserError(f"--device {name} is not available: this machine has {has}", "pass --device cpu")
+    return torch.device(name)
+
+
+def load_splits(config: Mapping[str, Any], *, data_root: str | None = None, device: str = "auto"
+                ) -> tuple[Task, Loaders, torch.device]:
+    """The task of a run's resolved ``config``, its loaders as the run read them (test, and validation when the run
+    held one out), and the device ``device`` names (:func:`resolve_device`). ``data_root`` replaces the recorded
+    ``data.root`` (datasets live elsewhere on an organizer's machine); nothing is downloaded."""
+    resolved = resolve_device(device)
+    task = build_task(config["task"])
+    options = DataOptions(root=config["data"].get("root") if data_root is None else data_root,
+                          val_split=config["data"].get("val_split", 0))
+    loaders = task.loaders(options, batch_size=1, eval_batch_size=config["train"]["eval_batch_size"],
+                           seed=config["seed"], device=resolved)
+    return task, loaders, resolved
+
+
+def load_test_split(config: Mapping[str, Any], *, data_root: str | None = None, device: str = "auto"
+                    ) -> tuple[Task, Iterable, torch.device]:
+    """:func:`load_splits`' task, test loader and device: the validation hold-out is rebuilt only so that the test
+    split is the same."""
+    task, loaders, resolved = load_splits(config, data_root=data_root, device=device)
+    return task, loaders.test, resolved
 
 
 def recount(model: nn.Module, task: Task, test: Iterable, device: torch.device, score: Mapping[str, Any], *,

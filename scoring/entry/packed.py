@@ -3,15 +3,18 @@
 An entry's safetensors file holds every weight as a 32-bit float. A packed entry holds what an integer
 accelerator would load instead:
 
-* a quantized weight (a conv / linear / embedding weight under a ``WeightQuantizer``) as its integer codes, packed
-  densely at the quantizer's width: code ``q`` in ``[-(2^(b-1)-1), 2^(b-1)-1]`` is stored as the b-bit unsigned
-  ``q + 2^(b-1)-1`` in a little-endian bit stream (value i in bits ``[i·b, (i+1)·b)``, least significant bit
-  first). Its per-channel scales are a tensor of their own;
+* a quantized weight or bias (a conv / linear / embedding weight under a ``WeightQuantizer``, a conv / linear bias
+  under a ``BiasQuantizer``) as its integer codes, packed densely at the quantizer's width: code ``q`` in
+  ``[-(2^(b-1)-1), 2^(b-1)-1]`` is stored as the b-bit unsigned ``q + 2^(b-1)-1`` in a little-endian bit stream
+  (value i in bits ``[i·b, (i+1)·b)``, least significant bit first). Its scales (one per output channel, or one
+  per tensor) are a tensor of their own;
 * a sparse tensor (quantized or float) as the scorer counts it: a bitmap of one bit per element (1 = nonzero), then
   its nonzeros only, whenever that is smaller than storing it dense (:func:`scoring.rules.weight_storage_bits`);
 * every quantizer's scales at the width it declares to the scorer (:func:`scoring.protocol.quantizer_scales`, the
-  one place widths are read): 32 bits as float32, 16 bits as IEEE half (which must hold them exactly);
-* other float tensors (unquantized weights, biases, batch-norm statistics) as little-endian float32. Under the
+  one place widths are read): 32 bits as float32, 16 bits as IEEE half, 8 bits as the int8 exponent ``e`` of a
+  power of two ``2^e``; the stored value must be exactly the scale (``compress.finalize_for_export`` rounds every
+  scale to its width, which is the value the quantizer computes with);
+* other float tensors (unquantized weights and biases, batch-norm statistics) as little-endian float32. Under the
   freebie the scorer counts them at 16 bits; they stay float32 anyway, since rounding them to float16 would change
   the model, so a freebie entry's file is larger than its count;
 * bool tensors (quantizer flags) at 1 bit per element, integer tensors (counters) at their own width.
@@ -44,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from scoring.entry.files import MAX_BUNDLE_BYTES, EntryError
 
@@ -67,6 +71,12 @@ _FLOATS = ("float32", "float64", "float16", "bfloat16")
 CODES, FLOAT, BOOL, INT = "codes", "float", "bool", "int"
 _RECORD_KEYS = {"name", "dtype", "shape", "encoding", "bits", "sparse", "nonzeros", "offset", "bytes"}
 _CODE_KEYS = _RECORD_KEYS | {"scale"}
+#: numpy's type of a float32 scale stored narrower, by its declared width: IEEE half, or the exponent e of 2^e.
+_SCALE_FORMATS = {16: "<f2", 8: "i1"}
+#: The exponents of a power-of-two scale stored in 8 bits.
+_EXPONENTS = (-128, 127)
+#: The tensors of a layer that a quantizer may hold as codes, each under ``parametrizations.<tensor>.original``.
+_QUANTIZED_TENSORS = ("weight", "bias")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -117,49 +127,55 @@ def stream_bytes(count: int, bits: int) -> int:
 
 @dataclass
 class _Code:
-    """A quantized weight: the key of its quantizer's scales, its width and its codes."""
+    """A quantized weight or bias: the key of its quantizer's scales, its width and its codes."""
 
     scale: str
     bits: int
     codes: torch.Tensor
 
 
-def quantized_weights(model: nn.Module) -> dict[str, _Code]:
-    """The codes of every quantized weight of ``model`` (a finalized entry model), by state-dict key.
+def quantized_tensors(model: nn.Module) -> dict[str, _Code]:
+    """The codes of every quantized weight and bias of ``model`` (a finalized entry model), by state-dict key.
 
-    The codes are those the weight quantizer computes from the stored original (after a block mask, if one is
-    kept: its pruned weights are exact zeros already). ``EntryError`` when a quantizer is not frozen (its scales
-    would follow the weights) or the codes do not give back the executed weight exactly.
+    The codes are those the quantizer computes from the stored original (after a block mask, if one is kept: its
+    pruned weights are exact zeros already), on the grid of the stored scales. ``EntryError`` when a quantizer is
+    not frozen (its scales would follow the weights) or the codes times the stored scales do not give back the
+    executed tensor exactly.
     """
     from compress import WeightQuantizer
-    from compress.base import weight_layers, weight_parametrizations
+    from compress.base import weight_layers
 
     found = {}
     for name, module in weight_layers(model).items():
-        chain = weight_parametrizations(module)
-        index = next((i for i, p in enumerate(chain) if isinstance(p, WeightQuantizer)), None)
-        if index is None:
-            continue
-        quantizer = chain[index]
-        if not quantizer.is_frozen:
-            raise EntryError(f"layer {name}: its weight quantizer is not frozen, so its scales follow the weights; "
-                             "pack the entry of a finished run (compress.finalize_for_export freezes them)")
-        with torch.no_grad():
-            executed = module.weight.detach()
-            step = quantizer.scale.detach().view(-1, *[1] * (executed.dim() - 1))
-            codes = torch.round(executed / step)
-            if not torch.equal(codes * step, executed) or codes.abs().max() > quantizer.qmax:
-                raise EntryError(f"layer {name}: its weight is not on its quantizer's grid; pack the entry of a "
-                                 "finished run")
-        prefix = f"{name}.parametrizations.weight" if name else "parametrizations.weight"
-        found[f"{prefix}.original"] = _Code(f"{prefix}.{index}.scale", quantizer.micronet_bits,
-                                            codes.to(torch.int64).cpu())
+        for tensor in _QUANTIZED_TENSORS:
+            chain = list(module.parametrizations[tensor]) if parametrize.is_parametrized(module, tensor) else []
+            index = next((i for i, p in enumerate(chain) if isinstance(p, WeightQuantizer)), None)  # bias ones too
+            if index is not None:
+                prefix = f"{name}.parametrizations.{tensor}".removeprefix(".")
+                found[f"{prefix}.original"] = _Code(f"{prefix}.{index}.scale", chain[index].micronet_bits,
+                                                    _codes(f"layer {name}: its {tensor}", getattr(module, tensor),
+                                                           chain[index]))
     return found
+
+
+def _codes(what: str, executed: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
+    """The integer codes (int64) of the ``executed`` tensor on its frozen ``quantizer``'s grid of stored scales."""
+    if not quantizer.is_frozen:
+        raise EntryError(f"{what} quantizer is not frozen, so its scales follow the weights; pack the entry of a "
+                         "finished run (compress.finalize_for_export freezes them)")
+    with torch.no_grad():
+        executed = executed.detach()
+        step = quantizer.scale.detach().view(-1, *[1] * (executed.dim() - 1))
+        codes = torch.round(executed / step)
+        if not torch.equal(codes * step, executed) or codes.abs().max() > quantizer.qmax:
+            raise EntryError(f"{what} is not on its quantizer's grid of stored scales; pack the entry of a finished "
+                             "run (compress.finalize_for_export rounds the scales to their stored width)")
+    return codes.to(torch.int64).cpu()
 
 
 def pack_state(model: nn.Module) -> tuple[list[dict[str, Any]], bytes]:
     """The layout (for entry.json) and the bytes of ``model.packed`` for ``model``'s state dict."""
-    codes, widths = quantized_weights(model), scale_widths(model)
+    codes, widths = quantized_tensors(model), scale_widths(model)
     layout, chunks, offset = [], [MAGIC], len(MAGIC)
     for name, tensor in model.state_dict().items():
         record, data = _encode(name, tensor.detach().cpu(), codes.get(name), widths.get(name))
@@ -179,17 +195,34 @@ def scale_widths(model: nn.Module) -> dict[str, int]:
             for name, module in model.named_modules() if is_quantizer(module) and hasattr(module, "scale")}
 
 
-def _narrowed(name: str, tensor: torch.Tensor, width: int | None) -> tuple[torch.Tensor, int | None]:
-    """A float32 scale declared ``width`` bits wide as stored: float32 (32), or IEEE half (16), which must hold it
-    exactly (a quantizer that declares 16-bit scales computes with them rounded so); ``(values, stored bits)``."""
+def _stored_width(name: str, tensor: torch.Tensor, width: int | None) -> int | None:
+    """The width a float tensor is stored at: None (its dtype's) unless it is a float32 scale declared ``width``
+    bits wide, stored at 16 (IEEE half) or 8 (exponent of a power of two), which must hold it exactly."""
     if width is None or width == 32 or tensor.dtype != torch.float32:
-        return tensor, None
-    half = tensor.half()
-    if width != 16 or not torch.equal(half.float(), tensor):
-        raise EntryError(f"tensor {name} holds scales declared {width} bits wide that are not IEEE half values; the "
-                         "packed format stores scales as float32 or, declared 16 bits wide, exact float16 — export "
-                         "with --format float meanwhile")
-    return half, 16
+        return None
+    exact = False
+    if width == 16:
+        exact = torch.equal(tensor.half().float(), tensor)
+    elif width == 8:
+        mantissa, exponent = torch.frexp(tensor)  # a power of two 2^e is 0.5 · 2^(e+1)
+        exact = bool((mantissa == 0.5).all()) and torch.equal((exponent - 1).clamp(*_EXPONENTS), exponent - 1)
+    if not exact:
+        raise EntryError(f"tensor {name} holds scales declared {width} bits wide that are not exactly values of that "
+                         "width; the packed format stores scales as float32, IEEE half (16 bits) or a power of two "
+                         "2^-128..2^127 (8 bits), as compress.finalize_for_export rounds them — export the model "
+                         "through it, or with --format float")
+    return width
+
+
+def _float_bytes(values: torch.Tensor, stored: int | None) -> bytes:
+    """The little-endian bytes of float ``values`` at their stored width (:func:`_stored_width`)."""
+    if stored == 16:
+        return values.half().numpy().astype(_SCALE_FORMATS[16]).tobytes()
+    if stored == 8:
+        return (torch.frexp(values).exponent - 1).numpy().astype(_SCALE_FORMATS[8]).tobytes()
+    if values.dtype == torch.bfloat16:
+        values = values.view(torch.int16)
+    return values.numpy().astype(_NUMPY[dtype_name(values.dtype)]).tobytes()
 
 
 def _encode(name: str, tensor: torch.Tensor, code: _Code | None, width: int | None = None
@@ -212,9 +245,9 @@ def _encode(name: str, tensor: torch.Tensor, code: _Code | None, width: int | No
         record.update(encoding=CODES, bits=code.bits, scale=code.scale)
         values, bits = code.codes.reshape(-1), code.bits
     else:
-        values, narrowed = _narrowed(name, tensor.reshape(-1), width)
-        record.update(encoding=FLOAT, bits=narrowed)
-        bits = values.element_size() * 8
+        values = tensor.reshape(-1)
+        record.update(encoding=FLOAT, bits=_stored_width(name, values, width))
+        bits = record["bits"] or values.element_size() * 8
     nonzero = values != 0
     nonzeros = int(nonzero.sum())
     bitmap = b""
@@ -224,18 +257,16 @@ def _encode(name: str, tensor: torch.Tensor, code: _Code | None, width: int | No
         values = values[nonzero]
     if code is not None:
         return record, bitmap + pack_bits((values + (2 ** (bits - 1) - 1)).numpy(), bits)
-    if dtype == "bfloat16":
-        values = values.view(torch.int16)
-    return record, bitmap + values.numpy().astype(_NUMPY[dtype_name(values.dtype)]).tobytes()
+    return record, bitmap + _float_bytes(values, record["bits"])
 
 
 def check_round_trip(before: nn.Module, after: nn.Module) -> None:
     """``EntryError`` unless ``after`` (rebuilt from a packed entry) executes exactly ``before``'s weights: every
-    conv / linear / embedding weight as the layer uses it (the quantized ones through their quantizers) and every
-    other tensor of the state dict, bit for bit."""
+    conv / linear / embedding weight and bias as the layer uses it (the quantized ones through their quantizers) and
+    every other tensor of the state dict, bit for bit."""
     from compress.base import weight_layers
 
-    originals = set(quantized_weights(before))
+    originals = set(quantized_tensors(before))
     theirs = after.state_dict()
     for key, tensor in before.state_dict().items():
         if key not in originals and not (key in theirs and torch.equal(theirs[key], tensor)):
@@ -244,9 +275,13 @@ def check_round_trip(before: nn.Module, after: nn.Module) -> None:
     mine = weight_layers(after)
     with torch.no_grad():
         for name, layer in weight_layers(before).items():
-            if not torch.equal(mine[name].weight, layer.weight):
-                raise EntryError(f"the packed entry does not give back the executed weight of layer {name} exactly; "
-                                 "this is a bug of the packed format — export with --format float meanwhile")
+            for tensor in _QUANTIZED_TENSORS:
+                executed, rebuilt = getattr(layer, tensor, None), getattr(mine[name], tensor, None)
+                if not (executed is rebuilt is None or executed is not None and rebuilt is not None
+                        and torch.equal(rebuilt, executed)):
+                    raise EntryError(f"the packed entry does not give back the executed {tensor} of layer {name} "
+                                     "exactly; this is a bug of the packed format — export with --format float "
+                                     "meanwhile")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -332,13 +367,13 @@ def _check_record(record: Any, path: Path) -> int:
         raise EntryError(f"{where}: encoding {reprlib.repr(encoding)} of dtype {reprlib.repr(dtype)} is not one the "
                          f"packed format writes ({CODES} of float32, {FLOAT}, {BOOL}, {INT}); re-export the run")
     bits_ok = _is_int(record["bits"], 2, 16) and isinstance(record.get("scale"), str) if encoding == CODES \
-        else record["bits"] is None or encoding == FLOAT and dtype == "float32" and record["bits"] == 16
+        else record["bits"] is None or encoding == FLOAT and dtype == "float32" and record["bits"] in _SCALE_FORMATS
     sparse_ok = record["sparse"] is False and record["nonzeros"] is None or (
         record["sparse"] is True and encoding in (CODES, FLOAT) and _is_int(record["nonzeros"], 0, numel))
     if not (bits_ok and sparse_ok and _is_int(record["offset"], 0, 2**62) and _is_int(record["bytes"], 0, 2**62)):
         raise EntryError(f"{where}: bits {reprlib.repr(record['bits'])}, sparse {reprlib.repr(record['sparse'])}, "
                          f"nonzeros {reprlib.repr(record['nonzeros'])}, offset or bytes out of range for encoding "
-                         f"{encoding} (codes: bits 2..16 and a scale; float32: none or 16; sparse: 0 <= nonzeros <= "
+                         f"{encoding} (codes: bits 2..16 and a scale; float32: none, 16 or 8; sparse: 0 <= nonzeros <= "
                          f"{numel:,}); re-export")
     return numel
 
@@ -363,29 +398,37 @@ def _describe_stream(record: Mapping[str, Any], numel: int) -> str:
 
 
 def check_declared_widths(layout: Sequence[Mapping[str, Any]], compression_state: Mapping[str, Any]) -> None:
-    """The codes of every quantized weight of a checked ``layout`` are at the width the (checked) compression state
-    declares for its layer's weight quantizer, with that quantizer's scales: the file stores what the scorer
-    counts."""
+    """The codes of every quantized weight and bias of a checked ``layout`` are at the width the (checked)
+    compression state declares for its layer's quantizer of that tensor, with that quantizer's scales: the file
+    stores what the scorer counts."""
     for record in layout:
         if record["encoding"] == CODES:
             _check_declared_width(record, compression_state, Path(PACKED_FILE))
 
 
 def _check_declared_width(record: Mapping[str, Any], compression_state: Any, path: Path) -> None:
-    """The codes of a quantized weight are at the width its layer's weight quantizer declares, with its scales."""
+    """The codes of a quantized tensor are at the width its layer's quantizer declares, with its scales."""
     name = record["name"]
-    layer = name.removesuffix(".original").removesuffix("parametrizations.weight").removesuffix(".")
-    weights = compression_state.get("weights") if isinstance(compression_state, dict) else None
-    chain = weights.get(layer) if isinstance(weights, dict) else None
-    chain = chain if isinstance(chain, list) else []
-    index = next((i for i, p in enumerate(chain) if isinstance(p, dict) and p.get("kind") == "weight_quantizer"), None)
+    tensor = next((t for t in _QUANTIZED_TENSORS if f".{name}".endswith(f".parametrizations.{t}.original")), None)
     prefix = name.removesuffix(".original")
-    declared = None if index is None else chain[index].get("bits")
-    if not name.endswith("parametrizations.weight.original") or declared != record["bits"] \
-            or record["scale"] != f"{prefix}.{index}.scale":
+    layer = prefix.removesuffix(f"parametrizations.{tensor}").removesuffix(".")
+    index, declared = (None, None) if tensor is None else _declared_quantizer(compression_state, layer, tensor)
+    if declared != record["bits"] or record["scale"] != f"{prefix}.{index}.scale":
         raise EntryError(f"{path}: tensor {name} holds {record['bits']}-bit codes with scales {record['scale']}, but "
-                         f"the compression state declares {declared}-bit weights for layer {layer!r}: its width "
-                         "disagrees with the declared one — re-export the run")
+                         f"the compression state declares the {tensor or 'weight'} of layer {layer!r} {declared}-bit: "
+                         "its width disagrees with the declared one — re-export the run")
+
+
+def _declared_quantizer(compression_state: Any, layer: str, tensor: str) -> tuple[int | None, Any]:
+    """(position in its chain, bits) of the quantizer the compression state declares on ``tensor`` (weight or bias)
+    of ``layer``; (None, None) when it declares none. A bias has one quantizer, not a chain."""
+    section, kind = ("weights", "weight_quantizer") if tensor == "weight" else ("biases", "bias_quantizer")
+    described = compression_state.get(section) if isinstance(compression_state, dict) else None
+    described = described.get(layer) if isinstance(described, dict) else None
+    chain = described if tensor == "weight" else [described]
+    chain = chain if isinstance(chain, list) else []
+    index = next((i for i, p in enumerate(chain) if isinstance(p, dict) and p.get("kind") == kind), None)
+    return index, None if index is None else chain[index].get("bits")
 
 
 def _decode(data: bytes, record: Mapping[str, Any], decoded: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -403,10 +446,9 @@ def _decode(data: bytes, record: Mapping[str, Any], decoded: Mapping[str, torch.
             raise ValueError(f"its bitmap marks {int(bitmap.sum()):,} nonzeros, the layout says {record['nonzeros']:,}")
         offset, count = offset + stream_bytes(numel, 1), record["nonzeros"]
     if record["encoding"] == CODES:
-        values = _codes(data, offset, count, record["bits"])
+        values = _signed_codes(data, offset, count, record["bits"])
     else:
-        stored = _NUMPY[dtype] if record["bits"] is None else "<f2"  # a scale declared 16 bits wide
-        values = np.frombuffer(data, stored, count, offset).astype(_NUMPY[dtype])
+        values = _float_values(data, offset, count, dtype, record["bits"])
         finite = torch.from_numpy(values).view(_DTYPES[dtype]).isfinite()
         if not bool(finite.all()):
             raise ValueError("it holds NaN or infinite values, which a finished run never stores")
@@ -422,7 +464,16 @@ def _decode(data: bytes, record: Mapping[str, Any], decoded: Mapping[str, torch.
     return tensor.to(torch.float32).reshape(shape) * _scale(record, decoded).view(-1, *[1] * (len(shape) - 1))
 
 
-def _codes(data: bytes, offset: int, count: int, bits: int) -> np.ndarray:
+def _float_values(data: bytes, offset: int, count: int, dtype: str, stored: int | None) -> np.ndarray:
+    """``count`` floats of ``dtype`` (numpy's type of its bits) stored at width ``stored`` (:func:`_stored_width`)."""
+    if stored == 8:  # exponents of powers of two: exact in float32, subnormals included
+        exponents = np.frombuffer(data, _SCALE_FORMATS[8], count, offset).astype(np.int32)
+        return np.ldexp(np.float32(1), exponents).astype(_NUMPY[dtype])
+    return np.frombuffer(data, _NUMPY[dtype] if stored is None else _SCALE_FORMATS[stored], count, offset
+                         ).astype(_NUMPY[dtype])
+
+
+def _signed_codes(data: bytes, offset: int, count: int, bits: int) -> np.ndarray:
     """Signed codes of a symmetric ``bits``-bit grid from their offset-binary stream, range-checked."""
     top = 2 ** (bits - 1) - 1
     stored = unpack_bits(data, offset, count, bits)
@@ -433,10 +484,13 @@ def _codes(data: bytes, offset: int, count: int, bits: int) -> np.ndarray:
 
 
 def _scale(record: Mapping[str, Any], decoded: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The per-channel scales a quantized weight's codes are multiplied by: float32, one per output, finite, > 0."""
+    """The scales a quantized tensor's codes are multiplied by: float32, one per output (channel) or one for the
+    tensor, finite, > 0."""
     scale, rows = decoded.get(record["scale"]), record["shape"][0] if record["shape"] else 0
-    if scale is None or scale.dtype != torch.float32 or tuple(scale.shape) != (rows,) or not bool((scale > 0).all()):
-        raise ValueError(f"its scales {record['scale']} are not {rows} positive float32 values of this file")
+    if scale is None or scale.dtype != torch.float32 or tuple(scale.shape) not in ((rows,), (1,)) \
+            or not bool((scale > 0).all()):
+        raise ValueError(f"its scales {record['scale']} are not {rows} (one per output) or 1 (per tensor) positive "
+                         "float32 values of this file")
     return scale
 
 
@@ -448,7 +502,7 @@ def _scale(record: Mapping[str, Any], decoded: Mapping[str, torch.Tensor]) -> to
 ROLES = {
     "quantized": "quantized weights: codes at their widths, bitmaps of the sparse ones",
     "float_weights": "float weights (unquantized conv / linear / embedding weights)",
-    "biases": "biases",
+    "biases": "biases (quantized ones as codes at their widths)",
     "scales": "quantization scales, at their declared widths",
     "batch_norm": "batch norm, unfolded: weight, bias, running mean and variance (the scorer folds it into the "
                   "layer before: one bias per channel)",
@@ -512,7 +566,7 @@ def _role(model: nn.Module, record: Mapping[str, Any]) -> str:
     from compress.base import WEIGHT_LAYER_TYPES
 
     if record["encoding"] == CODES:
-        return "quantized"
+        return "biases" if record["name"].endswith("parametrizations.bias.original") else "quantized"
     if record["encoding"] != FLOAT:
         return "state"
     owner_name, _, leaf = record["name"].replace(".parametrizations.weight.original", ".weight").rpartition(".")

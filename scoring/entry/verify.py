@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -76,36 +75,18 @@ from scoring.entry.export import BUNDLE_FILES, VERIFY_COMMAND, WRITEUP_FILE, tra
 from scoring.entry.files import EntryError, atomic_write
 from scoring.entry.kit import Judged, accept_accumulator, check_evaluation, judge
 from scoring.entry.manifest import MANIFEST_FILE, FileCheck, check_manifest
+from scoring.entry.model_report import load_splits, recount, resolve_device, run_record
 from scoring.entry.runfiles import REPORT_JSON, REPORT_MD, RUN_ONLY_FIELDS, read_markdown, read_measurement, \
     read_report
 from scoring.errors import UserError
 
 if TYPE_CHECKING:
-    import torch
     import torch.nn as nn
 
     from data.tasks import Task
 
 #: Exit statuses.
 AGREE, DIFFER, CANNOT_LOAD = 0, 1, 2
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device ``--device`` names: auto (cuda if available), cpu, cuda or cuda:N; :class:`UserError` for any
-    other name, and for a CUDA device this machine does not have."""
-    import torch
-
-    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", name)
-    if not match:
-        raise UserError(f"--device {name!r} is not a device", "pass auto, cpu, cuda or cuda:N")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if int(match.group(1) or 0) >= count:
-            has = f"{count} CUDA device(s): cuda:0..cuda:{count - 1}" if count else "no CUDA device"
-            raise UserError(f"--device {name} is not available: this machine has {has}", "pass --device cpu")
-    return torch.device(name)
 
 
 def recount_entry(entry: Entry, *, data_root: str | None = None, examples: int | None = None, device: str = "auto",
@@ -119,18 +100,11 @@ def recount_entry(entry: Entry, *, data_root: str | None = None, examples: int |
     and must not exceed what the test split holds. Nothing is downloaded; the validation hold-out of the run is
     rebuilt so the test split is the same, and evaluated with ``with_validation``, as the run did.
     """
-    from data.tasks import DataOptions, build_task
-    from scoring.entry.model_report import recount, run_record
-
     config = entry.config
     check_evaluation(config)
-    resolved = resolve_device(device)
-    model = (build_model_from_entry(entry) if model is None else model).to(resolved)  # refusals before any data
-    task = build_task(config["task"])
-    options = DataOptions(root=config["data"].get("root") if data_root is None else data_root,
-                          val_split=config["data"].get("val_split", 0))
-    loaders = task.loaders(options, batch_size=1, eval_batch_size=config["train"]["eval_batch_size"],
-                           seed=config["seed"], device=resolved)
+    model = build_model_from_entry(entry) if model is None else model  # its refusals before any data is read
+    task, loaders, resolved = load_splits(config, data_root=data_root, device=device)
+    model = model.to(resolved)
     score = {**config["score"], "examples": examples or config["score"]["examples"]}
     _check_examples(task, loaders.test, score["examples"], model, given=examples is not None)
     validation = task.evaluate(model, loaders.val, resolved, "val") \

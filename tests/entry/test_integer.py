@@ -17,7 +17,7 @@ from data.tasks import Evaluation
 from scoring.entry import ENTRY_JSON, export, load_entry, verify, write_manifest
 from scoring.entry.integer import Accumulator, IntegerRun, integer_copy, saturating_sum
 
-from .conftest import exit_status
+from .conftest import exit_status, quantized_digits
 
 
 def declare_score(bundle: Path, **settings) -> None:
@@ -103,6 +103,38 @@ def test_the_digits_model_runs_in_integers_and_counts_its_overflows(compressed_m
     # The first layer sees the same inputs in both copies: it overflows 12 bits exactly when its sums need more.
     assert (narrow_runs[0].overflows > 0) == (wide_runs[0].max_abs > 2047)
     assert sum(run.overflows for run in narrow_runs) > 0
+
+
+def test_per_tensor_steps_are_used_as_stored_rounded_to_powers_of_two():
+    """scale_bits 8: learned steps 0.3 (weights, one per tensor) and 0.9 (inputs) compute as 2^-2 and 2^0. Weights
+    0.25 · [[7, 7, -7], [1, 2, 3]], input 7: sums 49 and 42 (the codes), outputs 0.25 · 1 · (49, 42) = 12.25,
+    10.5."""
+    layer = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(0.25 * torch.tensor([[7.0, 7.0, -7.0], [1.0, 2.0, 3.0]]))
+    put_parametrization(layer, WeightQuantizer(layer.weight.detach(), 4, "lsq", per_channel=False, scale_bits=8))
+    put_input_quantizer(layer, ActivationQuantizer(4, "lsq", scale_bits=8))
+    layer.train()(torch.full((1, 3), 7.0))
+    with torch.no_grad():
+        layer.parametrizations.weight[0].scale.fill_(0.3)
+        layer.input_quantizer.scale.fill_(0.9)
+    executor, runs = integer_copy(nn.Sequential(layer.eval()), Accumulator())
+    with torch.no_grad():
+        out = executor(torch.full((1, 3), 7.0))
+        assert out.tolist() == [[12.25, 10.5]] and torch.equal(out, layer(torch.full((1, 3), 7.0)))
+    assert runs[0].max_abs == 49
+
+
+def test_the_integer_layers_run_exactly_inside_a_model_whose_other_ops_run_in_fp16():
+    """other_ops fp16 rounds what reads a layer's output, not the integer layer's own arithmetic (its input codes
+    would come out off their grid): the integer logits equal the float ones up to float32 rounding."""
+    model = quantized_digits(scale="per_tensor", scale_bits=16, bias_bits=16, other_ops="fp16")
+    executor, runs = integer_copy(model, Accumulator())
+    inputs = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        exact, reference = executor(inputs), model(inputs)
+    assert [run.mode for run in runs] == ["integer"] * 4
+    assert (exact - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
 def test_the_gate_is_decided_on_the_integer_count():

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from compress import WeightQuantizer
+from compress import WeightQuantizer, finalize_for_export
 from compress.base import find_parametrization, weight_layers
 from scoring.entry import ENTRY_JSON, EntryError, build_model_from_entry, load_entry, save_entry, sha256_file
-from scoring.entry.packed import MAGIC, PACKED_FILE, pack_bits, storage_summary, unpack_bits
+from scoring.entry.packed import MAGIC, PACKED_FILE, pack_bits, pack_state, storage_summary, unpack_bits
 from scoring.entry.verify import recount_entry
+
+from .conftest import quantized_digits
 
 
 @pytest.fixture(scope="module")
@@ -89,22 +91,73 @@ def test_the_bytes_on_disk_differ_from_the_count_by_what_the_summary_names(packe
     assert "bytes on disk" in summary.describe() and "batch norm, unfolded" in summary.describe()
 
 
-def test_scales_declared_16_bits_wide_are_stored_as_half(compressed_model, run_config, tmp_path):
-    """A weight quantizer declaring 16-bit scales (scoring.protocol's micronet_scale_bits) gets them stored in 2 bytes
-    each, read back exactly; scales a half cannot hold are refused, naming the fix."""
-    model = copy.deepcopy(compressed_model)
-    quantizer = find_parametrization(model.conv2[0], WeightQuantizer)  # after the pruning mask, during training
-    quantizer.micronet_scale_bits = 16
+NARROW = {"per_tensor_16": {"scale": "per_tensor", "scale_bits": 16, "bias_bits": 16, "other_ops": "fp16"},
+          "per_channel_8": {"scale_bits": 8, "bias_bits": 8}}
+
+
+@pytest.mark.parametrize("quantize", NARROW.values(), ids=NARROW.keys())
+def test_narrow_scales_and_quantized_biases_are_stored_at_their_widths_and_rebuild_bit_for_bit(quantize, run_config,
+                                                                                               tmp_path):
+    """Scales at their declared width (2 bytes a half, 1 byte an exponent), the classifier's bias as codes at
+    bias_bits with its one scale; the rebuilt model computes the same logits bit for bit."""
+    model = quantized_digits(**quantize)
+    entry = save_entry(tmp_path / "entry", model, config={**run_config, "compress": {"stages": [quantize]}},
+                       packed=True)
+    scale_bytes, channels = quantize["scale_bits"] // 8, 1 if quantize.get("scale") == "per_tensor" else 64
+    assert record(entry, "conv2.0.parametrizations.weight.0.scale")["bytes"] == channels * scale_bytes
+    assert record(entry, "conv2.0.input_quantizer.scale")["bytes"] == scale_bytes
+    bias = record(entry, "fc.parametrizations.bias.original")
+    assert (bias["encoding"], bias["bits"], bias["scale"]) == ("codes", quantize["bias_bits"],
+                                                               "fc.parametrizations.bias.0.scale")
+    assert record(entry, "fc.parametrizations.bias.0.scale")["bytes"] == scale_bytes  # one per tensor
+    rebuilt = build_model_from_entry(load_entry(entry))
+    inputs = torch.randn(8, 1, 8, 8)
     with torch.no_grad():
-        quantizer.scale.copy_(quantizer.scale.half().float())
-    entry = save_entry(tmp_path / "half", model, config=run_config, packed=True)
-    scales = record(entry, "conv2.0.parametrizations.weight.0.scale")
-    assert (scales["bits"], scales["bytes"]) == (16, 64 * 2)  # 64 channels, 2 bytes each
-    assert torch.equal(load_entry(entry).state_dict["conv2.0.parametrizations.weight.0.scale"], quantizer.scale)
+        assert torch.equal(rebuilt(inputs), model(inputs))
+        assert torch.equal(rebuilt.fc.bias, model.fc.bias) and bool(model.fc.bias.ne(0).any())
+
+
+@pytest.mark.parametrize("scale_bits, learned, stored, stored_bytes", [
+    (16, 1 / 3, 0.333251953125, bytes([0x55, 0x35])),  # IEEE half 0x3555 = 1.0101010101₂ · 2^-2, little-endian
+    (8, 0.3, 0.25, bytes([0xFE])),  # log2 0.3 = -1.74 → 2^-2, the exponent -2 as int8 0xFE
+])
+def test_export_stores_the_scale_rounded_to_its_width_which_the_model_computes_with(scale_bits, learned, stored,
+                                                                                    stored_bytes, run_config, tmp_path):
+    model = quantized_digits(scale="per_tensor", scale_bits=scale_bits)
+    quantizer = find_parametrization(model.fc, WeightQuantizer)
     with torch.no_grad():
-        quantizer.scale[0] = 1 / 3  # not a half
-    with pytest.raises(EntryError, match="declared 16 bits wide that are not IEEE half values"):
-        save_entry(tmp_path / "third", model, config=run_config, packed=True)
+        quantizer.scale.fill_(learned)
+        executed = model.fc.weight.clone()
+    entry = save_entry(tmp_path / "entry", model, config=run_config, packed=True)
+    scale = record(entry, "fc.parametrizations.weight.0.scale")
+    assert (entry / PACKED_FILE).read_bytes()[scale["offset"]:scale["offset"] + scale["bytes"]] == stored_bytes
+    rebuilt = build_model_from_entry(load_entry(entry)).fc
+    assert find_parametrization(rebuilt, WeightQuantizer).scale.item() == stored
+    assert torch.equal(rebuilt.weight, executed)
+
+
+def test_bias_codes_at_another_width_than_the_compression_state_declares_are_refused(run_config, tmp_path):
+    entry = save_entry(tmp_path / "entry", quantized_digits(bias_bits=8), config=run_config, packed=True)
+    document = json.loads((entry / ENTRY_JSON).read_text())
+    document["compression_state"]["biases"]["fc"]["bits"] = 16  # the stream holds 8-bit codes
+    (entry / ENTRY_JSON).write_text(json.dumps(document))
+    with pytest.raises(EntryError, match=r"tensor fc\.parametrizations\.bias\.original holds 8-bit codes with scales "
+                                         r"fc\.parametrizations\.bias\.0\.scale, but the compression state declares "
+                                         r"the bias of layer 'fc' 16-bit"):
+        build_model_from_entry(load_entry(entry))
+
+
+def test_a_scale_that_its_declared_width_cannot_hold_is_refused(run_config, tmp_path):
+    """A quantizer that declares 16-bit scales but computes with another value (not rounded by it) is not packed."""
+    model = quantized_digits()
+    finalize_for_export(model)
+    quantizer = model.conv2[0].input_quantizer
+    quantizer.micronet_scale_bits = 16  # declared after the fact: its scale is not rounded to a half
+    with torch.no_grad():
+        quantizer.scale.fill_(1 / 3)
+    with pytest.raises(EntryError, match=r"conv2\.0\.input_quantizer\.scale holds scales declared 16 bits wide that "
+                                         "are not exactly values of that width"):
+        pack_state(model)
 
 
 # --- hostile packed files: each edit is resealed (entry.json records the new sha256), and refused in one line ---
@@ -172,7 +225,8 @@ def pickle_instead(data: bytearray, layout: list[dict]) -> None:
     (extra_bitmap_bit, r"its bitmap marks [\d,]+ nonzeros, the layout says [\d,]+"),
     (code_off_the_grid, r"the 4-bit pattern 15, outside the symmetric grid \[-7, 7\]"),
     (nan_scale, r"holds NaN or infinite values"),
-    (negative_scale, r"its scales conv2\.0\.parametrizations\.weight\.0\.scale are not 64 positive float32 values"),
+    (negative_scale, r"its scales conv2\.0\.parametrizations\.weight\.0\.scale are not 64 \(one per output\) or 1 "
+                     r"\(per tensor\) positive float32 values"),
     (overlapping_streams, r"starts at byte [\d,]+, not at [\d,]+ where the previous stream ends"),
     (pickle_instead, r"is not a packed weights file"),
 ], ids=lambda v: getattr(v, "__name__", None))
