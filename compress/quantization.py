@@ -46,7 +46,8 @@ the rounded value into each step size (each quantizer's ``finalize``), so an ent
 computes with, and the packed format stores it at its declared width (scoring/entry/packed.py).
 
 **Biases** (``bias_bits`` 8 or 16): each conv/linear bias gets a symmetric per-tensor quantizer (a
-parametrization, one step size, like a per-tensor weight quantizer) and is counted at that width; its add counts
+parametrization, one step size, like a per-tensor weight quantizer, set from the bias's range whatever the stage's
+``method``) and is counted at that width; its add counts
 at its widest input. A batch norm that the scorer folds into such a layer moves the bias off its grid: the merged
 bias is then counted at the batch norm's width (scoring/rules.py, "folded bias width").
 
@@ -97,6 +98,9 @@ METHODS = ("lsq", "minmax", "moving_average")
 SCALES = ("per_channel", "per_tensor")
 #: Widths a step size may be stored in (``scale_bits``): fp32, IEEE half, a power of two (8-bit exponent).
 SCALE_BITS = (32, 16, 8)
+#: How a bias's step size is set, whatever the stage's ``method``: from its range (max |b| / Q_P) at every training
+#: forward. A learned (LSQ) step on a few values starting near 1e-5 grew to zero most of a classifier's 10 biases.
+BIAS_METHOD = "minmax"
 #: Widths of a quantized bias (``bias_bits``); 32 leaves it in float.
 BIAS_BITS = (8, 16, 32)
 #: Suffix of the name under which a model registers an attention operand point (an ``nn.Identity``).
@@ -632,9 +636,9 @@ class QuantizeTechnique(Technique):
     def _bias_quantizer(self, module: nn.Module) -> BiasQuantizer:
         """The bias quantizer of ``module``: the one there if it has this stage's settings, else a new one."""
         current = bias_quantizer(module)
-        if current is None or current.describe() != _description(BiasQuantizer.kind, self.bias_bits, self.method,
+        if current is None or current.describe() != _description(BiasQuantizer.kind, self.bias_bits, BIAS_METHOD,
                                                                   scale_bits=self.scale_bits):
-            current = BiasQuantizer(module.bias.detach(), self.bias_bits, self.method, scale_bits=self.scale_bits)
+            current = BiasQuantizer(module.bias.detach(), self.bias_bits, BIAS_METHOD, scale_bits=self.scale_bits)
             put_bias_quantizer(module, current)
         return current
 

@@ -188,3 +188,28 @@ def test_out_of_range_optional_sections_are_refused_in_one_line(change, message)
     with pytest.raises(ValueError, match=message) as refused:
         apply_compression_state(Net(), state)
     assert "\n" not in str(refused.value)
+
+
+def test_a_bias_step_follows_the_bias_range_in_an_lsq_stage():
+    """An LSQ-learned step on a 4-value bias grew until most biases rounded to 0 (a digits run's classifier): the bias
+    step is the range's, max |b| / 127 at 8 bits, whatever the stage's method, through training steps at lr 0.1."""
+    model = Net()
+    with torch.no_grad():
+        model.fc.bias.copy_(torch.tensor([0.02, -0.05, 0.1, -0.3]))
+    technique = QuantizeTechnique({"method": "lsq", "weight_bits": 8, "activation_bits": 8, "bias_bits": 8},
+                                  stage_epochs=1, where="quantize")
+    technique.configure(steps_per_epoch=1)
+    technique.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    model.train()
+    for _ in range(20):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    model(x)  # the observer reads the bias the last step left
+    bias = model.fc.parametrizations["bias"]
+    step = bias.original.detach().abs().max() / 127
+    assert torch.equal(bias[0].scale, step.view(1)) and bias[0].describe()["method"] == "minmax"
+    assert torch.count_nonzero(model.fc.bias) == 4  # every bias keeps a nonzero code (the smallest: 0.02 / step > 10)
+    assert torch.allclose(model.fc.bias, bias.original, atol=step.item() / 2)
