@@ -95,12 +95,12 @@ def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch
     The train loader shuffles, augments with ``augment`` (see :class:`AugmentOptions`) and drops the last
     partial batch; call its ``set_epoch(epoch)`` before each epoch. ``val_split`` (a fraction in (0, 1) or a
     count; 0 = none) holds out a stratified, fixed part of the training data (:func:`data.datasets.hold_out`)
-    as the validation set. The validation and test loaders keep dataset order, do not augment and, when
-    distributed, the training and validation loaders give each rank its share (validation: every world-size-th
-    example, no padding, so summed counts are exact); the test loader gives every rank the whole split, whose
-    final evaluation and count one process makes, as ``verify`` makes them. ``gpu_resident`` (digits, cifar100)
-    keeps the data on ``device`` and augments there. Every loader has ``len()`` (batches on this rank),
-    ``dataset_size`` (examples in the dataset) and ``world_size`` (processes sharing it; 1 for the test loader).
+    as the validation set. The validation and test loaders keep dataset order and do not augment. When
+    ``distributed``, each rank trains and validates on its share (validation: every world-size-th example, no
+    padding, so summed counts are exact); the test loader is the whole split on every rank: one process evaluates
+    and counts it, as ``verify`` does. ``gpu_resident`` (digits, cifar100) keeps the data on ``device`` and
+    augments there. Every loader has ``len()`` (batches on this rank), ``dataset_size`` (examples in the dataset)
+    and ``world_size`` (the processes sharing it).
     """
     _check_counts(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
     if dataset not in DATASETS:
@@ -119,13 +119,12 @@ def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch
         raise ValueError(f"batch_size {batch_size} exceeds the {len(train_examples) // world_size} training examples "
                          f"per rank of {dataset}; lower it")
     if gpu_resident:
-        common = dict(mean=splits.mean, std=splits.std, device=device or torch.device("cpu"), seed=seed,
-                      rank=rank, world_size=world_size)
+        common = dict(mean=splits.mean, std=splits.std, device=device or torch.device("cpu"), seed=seed)
+        shared = dict(common, rank=rank, world_size=world_size)
         val = None if val_examples is None else GpuResidentLoader(val_examples, batch_size=eval_batch_size,
-                                                                  options=None, **common)
-        test = GpuResidentLoader(splits.test, batch_size=eval_batch_size, options=None,
-                                 **{**common, "rank": 0, "world_size": 1})
-        return Loaders(GpuResidentLoader(train_examples, batch_size=batch_size, options=options, **common), val, test)
+                                                                  options=None, **shared)
+        test = GpuResidentLoader(splits.test, batch_size=eval_batch_size, options=None, **common)
+        return Loaders(GpuResidentLoader(train_examples, batch_size=batch_size, options=options, **shared), val, test)
 
     resize_crop = dataset == "imagenet"
     image_size = IMAGENET_CROP if resize_crop else splits.train.images.shape[1]
