@@ -125,7 +125,7 @@ def test_stages_left_without_a_technique_are_dropped():
     assert [s["name"] for s in quantized_only["stages"]] == ["qat"]  # the template's q4 holds mixed widths now
     distilled = compress_config(_allocation({"fc": Setting(None, 0.5)}), load_template("distill_prune_q8"), "d")
     assert [sorted(s) for s in distilled["stages"]] == [["distill", "epochs", "name", "prune"],
-                                                       ["distill", "epochs", "name"]]  # still distilled
+                                                       ["distill", "epochs", "lr_scale", "name"]]  # still distilled
 
 
 def test_templates_must_have_prune_and_quantize_stages():
