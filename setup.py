@@ -1,12 +1,15 @@
 """micronet-kit: train, compress and score entries to the MicroNet efficient-inference challenge."""
-from setuptools import setup
+from setuptools import find_packages, setup
+
+DEPLOY = ["onnx>=1.17,<2", "onnxruntime>=1.20,<2"]
 
 setup(
     name="micronet-kit",
     version="0.1.0",
     description="Reference training, compression and scoring for MicroNet challenge entries",
     python_requires=">=3.10",
-    packages=["train", "models", "compress", "scoring", "scoring.entry", "data", "conf"],
+    # Every package below the project's folders (a hand-written list missed new subpackages).
+    packages=find_packages(include=["train", "train.*", "models", "compress", "scoring", "scoring.*", "data", "conf"]),
     package_data={"conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     include_package_data=True,
     install_requires=[
@@ -25,7 +28,11 @@ setup(
         "matplotlib>=3.7,<4",  # the sensitivity heat maps and the comparison's front (PNG)
         "pillow>=9.1",  # the ImageNet loader decodes JPEGs (also what torchvision asks for)
     ],
-    extras_require={"test": ["pytest>=8,<10"]},
+    extras_require={
+        # python -m scoring measure: an entry exported to ONNX (QDQ nodes) and timed on ONNX Runtime
+        "deploy": DEPLOY,
+        "test": ["pytest>=8,<10", *DEPLOY],
+    },
     entry_points={
         "console_scripts": [
             "micronet-train=train.run:main",

@@ -34,6 +34,29 @@ folded layer therefore stores b-bit weights and the same number of scales, and i
 the folded bias is a dense 32-bit parameter. Per-tensor weight scales would not have this property,
 which is why weights are always quantized per output channel here.
 
+**Scales per tensor** (``scale: per_tensor``): one step size for the whole weight. The scorer then counts one
+stored scale, or one per output channel where a batch norm folds into the layer (the fold rescales each channel,
+see above): per-tensor weight scales pay off where no batch norm folds (pre-activation blocks, DenseNet).
+
+**Stored scale width** (``scale_bits``): every step size of the stage's quantizers is rounded, in training and
+evaluation, to the format it is stored in, and declared at that width (``micronet_scale_bits``): 32 = fp32 as
+learned; 16 = IEEE half; 8 = a power of two, its exponent stored as an 8-bit integer in [−128, 127] (fp32 holds
+both exactly). LSQ learns through the rounding with the straight-through gradient. ``finalize_for_export`` writes
+the rounded value into each step size (each quantizer's ``finalize``), so an entry stores exactly the step it
+computes with, and the packed format stores it at its declared width (scoring/entry/packed.py).
+
+**Biases** (``bias_bits`` 8 or 16): each conv/linear bias gets a symmetric per-tensor quantizer (a
+parametrization, one step size, like a per-tensor weight quantizer) and is counted at that width; its add counts
+at its widest input. A batch norm that the scorer folds into such a layer moves the bias off its grid: the merged
+bias is then counted at the batch norm's width (scoring/rules.py, "folded bias width").
+
+**Attention operands** (``attention_bits``): every *operand point* of the model — an ``nn.Identity`` a model
+registers under a name ending in ``_operand`` (models/transformer_xl.py marks the query, keys, positions,
+attention weights and values of its score and value matmuls) — is replaced by an activation quantizer of that
+width, so those matmuls run on, and are counted at, quantized operands.
+
+**Other ops** (``other_ops``): see :mod:`compress.precision`.
+
 Config keys of a stage's ``quantize:`` mapping (checked by :class:`QuantizeTechnique`):
 
     weight_bits         2..8 or 16; default 8
@@ -44,6 +67,11 @@ Config keys of a stage's ``quantize:`` mapping (checked by :class:`QuantizeTechn
                         null = like the others
     layer_bits          {pattern: bits, or {weight: bits, activation: bits}}; first match wins
     layers, exclude     fnmatch patterns of conv/linear/embedding layer names; default ["*"] and []
+    scale               per_channel | per_tensor: step sizes of weights (inputs: always per tensor); default per_channel
+    scale_bits          32 | 16 | 8: stored width of every step size (see above); default 32
+    bias_bits           8 | 16 | 32: conv/linear biases quantized to that width; 32 (default) = left in float
+    attention_bits      2..8 or 16: quantize every attention operand point; null (default) = none
+    other_ops           fp32 | fp16 | bf16: the ops outside dot products run in that format; default fp32
     unit                fraction | epoch: unit of freeze_observers and freeze_bn; default fraction
     freeze_observers    stage position from which step sizes are fixed; null = never (default)
     freeze_bn           stage position from which BatchNorm statistics are frozen; null = never (default)
@@ -58,10 +86,23 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from torch.nn.utils import parametrize
+
 from .base import Settings, Technique, check_bits, find_parametrization, first_and_last, first_match, \
     put_parametrization, register_technique, select_layers, stage_epochs_at
+from .precision import FORMATS, set_other_ops
 
 METHODS = ("lsq", "minmax", "moving_average")
+#: Granularities of weight step sizes (``scale``).
+SCALES = ("per_channel", "per_tensor")
+#: Widths a step size may be stored in (``scale_bits``): fp32, IEEE half, a power of two (8-bit exponent).
+SCALE_BITS = (32, 16, 8)
+#: Widths of a quantized bias (``bias_bits``); 32 leaves it in float.
+BIAS_BITS = (8, 16, 32)
+#: Suffix of the name under which a model registers an attention operand point (an ``nn.Identity``).
+OPERAND_SUFFIX = "_operand"
+#: Exponent range of a power-of-two step size stored in 8 bits.
+_EXPONENTS = (-128, 127)
 
 #: Smallest step size: keeps all-zero channels (fully pruned) and constant inputs well defined.
 _MIN_SCALE = torch.finfo(torch.float32).eps
@@ -103,6 +144,19 @@ def least_error_scale(x: torch.Tensor, qmin: int, qmax: int, *, per_channel: boo
             better = err < best_err
             best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
     return best
+
+
+def stored_scale(scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """``scale`` as stored in ``bits`` bits (:data:`SCALE_BITS`), with the straight-through gradient: 32 as it is,
+    16 rounded to IEEE half, 8 to the nearest power of two with an exponent in [−128, 127]."""
+    if bits == 32:
+        return scale
+    with torch.no_grad():
+        if bits == 16:
+            stored = scale.clamp(2.0 ** -24, torch.finfo(torch.float16).max).half().to(scale.dtype)
+        else:
+            stored = torch.exp2(torch.log2(scale).round().clamp(*_EXPONENTS))
+    return stored + (scale - scale.detach())  # the stored value, exactly; the gradient of the scale
 
 
 def _step_view(scale: torch.Tensor, x: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -157,9 +211,10 @@ class _FakeQuantizer(nn.Module):
 
     kind = "quantizer"
 
-    def __init__(self, bits: int, method: str, scale: torch.Tensor):
+    def __init__(self, bits: int, method: str, scale: torch.Tensor, scale_bits: int = 32):
         super().__init__()
         self.micronet_bits = bits
+        self.micronet_scale_bits = scale_bits
         self.method = method
         if method == "lsq":
             self.scale = nn.Parameter(scale)
@@ -184,6 +239,22 @@ class _FakeQuantizer(nn.Module):
         self.scale.data.clamp_(min=_MIN_SCALE)
         return self.scale.detach() if self._frozen else self.scale
 
+    def _stored(self, scale: torch.Tensor) -> torch.Tensor:
+        """The step size as stored (``micronet_scale_bits``)."""
+        return stored_scale(scale, self.micronet_scale_bits)
+
+    def stored_step(self) -> torch.Tensor:
+        """The step size the last forward computed with (a frozen quantizer's always): ``scale`` kept positive and
+        rounded to its stored width, detached."""
+        return self._stored(self.scale.detach().clamp_min(_MIN_SCALE))
+
+    def finalize(self) -> None:
+        """Freeze the step size and write it back rounded to its stored width, so that the saved ``scale`` is
+        exactly the step the forward uses (the rounding is idempotent: the forward's result does not change)."""
+        self.freeze()
+        with torch.no_grad():
+            self.scale.copy_(self.stored_step())
+
     def _sync_from_buffers(self) -> None:
         self._frozen = bool(self.frozen)
 
@@ -192,59 +263,108 @@ class _FakeQuantizer(nn.Module):
         self._sync_from_buffers()
 
     def describe(self) -> dict[str, Any]:
-        """The settings that rebuild this quantizer (see ``compress.compression_state``)."""
-        return {"kind": self.kind, "bits": self.micronet_bits, "method": self.method}
+        """The settings that rebuild this quantizer (see ``compress.compression_state``); ``scale_bits`` only where
+        it is not the default, so that descriptions written before it existed still match."""
+        return _description(self.kind, self.micronet_bits, self.method, scale_bits=self.micronet_scale_bits)
 
     def extra_repr(self) -> str:
-        return f"bits={self.micronet_bits}, method={self.method}"
+        return f"bits={self.micronet_bits}, method={self.method}, scale_bits={self.micronet_scale_bits}"
+
+
+def _description(kind: str, bits: int, method: str, *, scale_bits: int = 32, per_tensor: bool = False,
+                 **settings: Any) -> dict[str, Any]:
+    """A quantizer's description: kind, bits, method, the given ``settings``, and the optional keys where they are
+    not the default (``scale_bits`` 32, ``scale`` per_channel)."""
+    description = {"kind": kind, "bits": bits, "method": method, **settings}
+    if scale_bits != 32:
+        description["scale_bits"] = scale_bits
+    if per_tensor:
+        description["scale"] = "per_tensor"
+    return description
 
 
 class WeightQuantizer(_FakeQuantizer):
-    """Parametrization: symmetric per-output-channel fake quantization of a weight."""
+    """Parametrization: symmetric fake quantization of a weight, one step size per output channel (or per tensor)."""
 
     kind = "weight_quantizer"
 
-    def __init__(self, weight: torch.Tensor, bits: int, method: str, *, initialise: bool = True):
+    def __init__(self, weight: torch.Tensor, bits: int, method: str, *, per_channel: bool = True,
+                 scale_bits: int = 32, initialise: bool = True):
         qmin, qmax = signed_range(bits)
         if method == "lsq" and initialise and not weight.is_meta:
-            scale = least_error_scale(weight, qmin, qmax, per_channel=True)
+            scale = least_error_scale(weight, qmin, qmax, per_channel=per_channel)
         else:  # observers set it from the weights on every training forward (a meta weight has no values)
-            scale = torch.ones(weight.shape[0], device=weight.device)
-        super().__init__(bits, method, scale)
-        self.qmin, self.qmax = qmin, qmax
-        self.micronet_scale_count = weight.shape[0]
-        self.grad_factor = 1.0 / math.sqrt(weight[0].numel() * self.qmax)
+            scale = torch.ones(weight.shape[0] if per_channel else 1, device=weight.device)
+        super().__init__(bits, method, scale, scale_bits)
+        self.qmin, self.qmax, self.per_channel = qmin, qmax, per_channel
+        self.micronet_scale_count = weight.shape[0] if per_channel else 1
+        self.micronet_scale_granularity = "channel" if per_channel else "tensor"
+        self.grad_factor = 1.0 / math.sqrt((weight[0].numel() if per_channel else weight.numel()) * self.qmax)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.method == "lsq":
             scale = self._learned_scale()
         elif self._frozen:
             scale = self.scale
-        else:  # the observer is the current weights' per-channel range
+        else:  # the observer is the current weights' range
             scale = self.observe(weight)
-        return _FakeQuantize.apply(weight, scale, True, self.qmin, self.qmax, self.grad_factor)
+        return _FakeQuantize.apply(weight, self._stored(scale), self.per_channel, self.qmin, self.qmax,
+                                   self.grad_factor)
 
     def observe(self, weight: torch.Tensor) -> torch.Tensor:
-        """Set the step sizes from ``weight``'s per-channel max |w| (observer methods); return a copy of them.
+        """Set the step sizes from ``weight``'s max |w| per channel (or over the tensor) (observer methods); return a
+        copy of them.
 
         The forward pass quantizes with the copy: the buffer may change again before its backward runs.
         """
         with torch.no_grad():
-            scale = weight.detach().flatten(1).abs().amax(1).div_(self.qmax).clamp_(min=_MIN_SCALE)
+            weight = weight.detach()
+            peak = weight.flatten(1).abs().amax(1) if self.per_channel else weight.abs().amax().view(1)
+            scale = peak.div_(self.qmax).clamp_(min=_MIN_SCALE)
             self.scale.copy_(scale)
         return scale
+
+    def describe(self) -> dict[str, Any]:
+        return _description(self.kind, self.micronet_bits, self.method, scale_bits=self.micronet_scale_bits,
+                            per_tensor=not self.per_channel)
 
     @classmethod
     def check_description(cls, description: Mapping[str, Any], weight: torch.Tensor) -> None:
         """Refuse (``ValueError``) a description :meth:`rebuild` must not build: other keys than
-        :meth:`describe`'s, a bit width outside :data:`~compress.base.ALLOWED_BITS`, an unknown method."""
-        _check_settings(description, ("kind", "bits", "method"), "weight quantizer")
+        :meth:`describe`'s, a bit width outside :data:`~compress.base.ALLOWED_BITS`, an unknown method or scale."""
+        _check_settings(description, ("kind", "bits", "method"), "weight quantizer", optional=("scale_bits", "scale"))
 
     @classmethod
     def rebuild(cls, description: Mapping[str, Any], weight: torch.Tensor) -> WeightQuantizer:
         """A quantizer shaped for ``weight``; its step sizes come from ``load_state_dict``."""
         cls.check_description(description, weight)
-        return cls(weight, description["bits"], description["method"], initialise=False)
+        return cls(weight, description["bits"], description["method"],
+                   per_channel=description.get("scale", "per_channel") == "per_channel",
+                   scale_bits=description.get("scale_bits", 32), initialise=False)
+
+
+class BiasQuantizer(WeightQuantizer):
+    """Parametrization: symmetric fake quantization of a conv/linear bias with one step size."""
+
+    kind = "bias_quantizer"
+
+    def __init__(self, bias: torch.Tensor, bits: int, method: str, *, scale_bits: int = 32,
+                 initialise: bool = True):
+        super().__init__(bias, bits, method, per_channel=False, scale_bits=scale_bits, initialise=initialise)
+
+    def describe(self) -> dict[str, Any]:
+        return _description(self.kind, self.micronet_bits, self.method, scale_bits=self.micronet_scale_bits)
+
+    @classmethod
+    def check_description(cls, description: Mapping[str, Any], weight: torch.Tensor) -> None:
+        _check_settings(description, ("kind", "bits", "method"), "bias quantizer", optional=("scale_bits",))
+
+    @classmethod
+    def rebuild(cls, description: Mapping[str, Any], weight: torch.Tensor) -> BiasQuantizer:
+        """A quantizer for the bias ``weight``; its step size comes from ``load_state_dict``."""
+        cls.check_description(description, weight)
+        return cls(weight, description["bits"], description["method"], scale_bits=description.get("scale_bits", 32),
+                   initialise=False)
 
 
 class ActivationQuantizer(_FakeQuantizer):
@@ -252,8 +372,8 @@ class ActivationQuantizer(_FakeQuantizer):
 
     kind = "input_quantizer"
 
-    def __init__(self, bits: int, method: str, averaging_constant: float = 0.01):
-        super().__init__(bits, method, torch.ones(1))
+    def __init__(self, bits: int, method: str, averaging_constant: float = 0.01, scale_bits: int = 32):
+        super().__init__(bits, method, torch.ones(1), scale_bits)
         self.micronet_scale_count = 1
         self.averaging_constant = averaging_constant
         self.register_buffer("calibrated", torch.tensor(False))
@@ -282,7 +402,7 @@ class ActivationQuantizer(_FakeQuantizer):
         else:
             scale = self.scale
         grad_factor = 1.0 / math.sqrt(x[0].numel() * self.qmax)
-        return _FakeQuantize.apply(x, scale, False, self.qmin, self.qmax, grad_factor)
+        return _FakeQuantize.apply(x, self._stored(scale), False, self.qmin, self.qmax, grad_factor)
 
     def _calibrate(self, x: torch.Tensor) -> None:
         """First training batch: choose signed/unsigned and initialise the step size.
@@ -328,14 +448,16 @@ class ActivationQuantizer(_FakeQuantizer):
         return scale
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "averaging_constant": self.averaging_constant}
+        return _description(self.kind, self.micronet_bits, self.method, scale_bits=self.micronet_scale_bits,
+                            averaging_constant=self.averaging_constant)
 
     @classmethod
     def check_description(cls, description: Mapping[str, Any]) -> None:
         """Refuse (``ValueError``) a description :meth:`rebuild` must not build: other keys than :meth:`describe`'s,
         a bit width outside :data:`~compress.base.ALLOWED_BITS`, an unknown method, an averaging constant
         outside (0, 1]."""
-        _check_settings(description, ("kind", "bits", "method", "averaging_constant"), "input quantizer")
+        _check_settings(description, ("kind", "bits", "method", "averaging_constant"), "input quantizer",
+                        optional=("scale_bits",))
         constant = description["averaging_constant"]
         if isinstance(constant, bool) or not isinstance(constant, (int, float)) or not 0 < constant <= 1:
             raise ValueError(f"input quantizer averaging_constant={constant!r}: expected a number in (0, 1]")
@@ -344,16 +466,25 @@ class ActivationQuantizer(_FakeQuantizer):
     def rebuild(cls, description: Mapping[str, Any]) -> ActivationQuantizer:
         """An uncalibrated quantizer; its state comes from ``load_state_dict``."""
         cls.check_description(description)
-        return cls(description["bits"], description["method"], description["averaging_constant"])
+        return cls(description["bits"], description["method"], description["averaging_constant"],
+                   description.get("scale_bits", 32))
 
 
-def _check_settings(description: Mapping[str, Any], keys: tuple[str, ...], what: str) -> None:
-    """A quantizer description has exactly ``keys``, an allowed bit width and a known method."""
-    if set(description) != set(keys):
-        raise ValueError(f"{what} settings {sorted(description)}: expected exactly {', '.join(keys)}")
+def _check_settings(description: Mapping[str, Any], keys: tuple[str, ...], what: str,
+                    optional: tuple[str, ...] = ()) -> None:
+    """A quantizer description has ``keys`` and maybe some of the ``optional`` ones, an allowed bit width, a known
+    method, and a known scale width and granularity."""
+    if not set(keys) <= set(description) <= set(keys) | set(optional):
+        extra = f" (and optionally {', '.join(optional)})" if optional else ""
+        raise ValueError(f"{what} settings {sorted(description)}: expected exactly {', '.join(keys)}{extra}")
     check_bits(description["bits"], f"{what} bits")
     if description["method"] not in METHODS:
         raise ValueError(f"{what} method={description['method']!r}: expected one of {', '.join(METHODS)}")
+    if description.get("scale_bits", 32) not in SCALE_BITS or isinstance(description.get("scale_bits"), bool):
+        raise ValueError(f"{what} scale_bits={description['scale_bits']!r}: expected one of "
+                         f"{', '.join(map(str, SCALE_BITS))}")
+    if description.get("scale", "per_channel") not in SCALES:
+        raise ValueError(f"{what} scale={description['scale']!r}: expected one of {', '.join(SCALES)}")
 
 
 def _quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -366,6 +497,33 @@ def put_input_quantizer(module: nn.Module, quantizer: ActivationQuantizer) -> No
     if "input_quantizer" not in module._modules:
         module.register_forward_pre_hook(_quantize_input)
     module.input_quantizer = quantizer
+
+
+def bias_quantizer(module: nn.Module) -> BiasQuantizer | None:
+    """The quantizer parametrizing ``module.bias``, or None."""
+    if not parametrize.is_parametrized(module, "bias"):
+        return None
+    return next((p for p in module.parametrizations["bias"] if isinstance(p, BiasQuantizer)), None)
+
+
+def put_bias_quantizer(module: nn.Module, quantizer: BiasQuantizer) -> None:
+    """Quantize ``module.bias`` with ``quantizer`` (replacing the one there)."""
+    if bias_quantizer(module) is not None:
+        parametrize.remove_parametrizations(module, "bias", leave_parametrized=False)
+    parametrize.register_parametrization(module, "bias", quantizer)
+
+
+def operand_points(model: nn.Module) -> dict[str, nn.Module]:
+    """The attention operand points of ``model`` by qualified name: the modules it registers under a name ending in
+    :data:`OPERAND_SUFFIX`, an ``nn.Identity`` or the activation quantizer put in its place."""
+    return {name: module for name, module in model.named_modules() if name.rpartition(".")[2].endswith(OPERAND_SUFFIX)
+            and isinstance(module, (nn.Identity, ActivationQuantizer))}
+
+
+def put_operand_quantizer(model: nn.Module, name: str, quantizer: ActivationQuantizer) -> None:
+    """Put ``quantizer`` at the operand point ``name`` of ``model`` (in place of its ``nn.Identity``)."""
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent), attribute, quantizer)
 
 
 #: Attribute of a BatchNorm whose statistics a QAT stage may freeze (set together with the pre-hook).
@@ -408,6 +566,11 @@ class QuantizeTechnique(Technique):
                            for pattern, value in s.mapping("layer_bits").items()}
         self.include = s.patterns("layers", ["*"])
         self.exclude = s.patterns("exclude", [])
+        self.per_channel = s.choice("scale", "per_channel", SCALES) == "per_channel"
+        self.scale_bits = _width(s, "scale_bits", 32, SCALE_BITS)
+        self.bias_bits = _width(s, "bias_bits", 32, BIAS_BITS)
+        self.attention_bits = s.bits("attention_bits", None, optional=True)
+        self.other_ops = s.choice("other_ops", "fp32", tuple(FORMATS))
         unit = s.choice("unit", "fraction", ("fraction", "epoch"))
         limit = 1.0 if unit == "fraction" else float(stage_epochs)
         freeze_observers = s.number("freeze_observers", None, low=0.0, high=limit, optional=True)
@@ -442,19 +605,60 @@ class QuantizeTechnique(Technique):
                     if name in first_last and self.first_last_bits is not None \
                     else (self.weight_bits, self.activation_bits)
             weight_bits, input_bits = bits
-            current = find_parametrization(module, WeightQuantizer)
-            if current is None or current.describe() != {"kind": WeightQuantizer.kind, "bits": weight_bits,
-                                                          "method": self.method}:
-                current = WeightQuantizer(module.weight.detach(), weight_bits, self.method)
-                put_parametrization(module, current)
-            self._quantizers.append(current)
+            self._quantizers.append(self._weight_quantizer(module, weight_bits))
+            if self.bias_bits != 32 and isinstance(getattr(module, "bias", None), torch.Tensor):
+                self._quantizers.append(self._bias_quantizer(module))
             if input_bits is None or isinstance(module, nn.Embedding):  # an embedding's input is token ids
                 continue
-            wanted = ActivationQuantizer(input_bits, self.method, self.averaging_constant)
             present = module._modules.get("input_quantizer")
-            if present is None or present.describe() != wanted.describe():
-                put_input_quantizer(module, wanted.to(module.weight.device))
-            self._quantizers.append(module.input_quantizer)
+            module_input = self._activation_quantizer(input_bits, present, module.weight.device)
+            if module_input is not present:
+                put_input_quantizer(module, module_input)
+            self._quantizers.append(module_input)
+        self._quantize_operands(model)
+        set_other_ops(model, self.other_ops)
+
+    def _weight_quantizer(self, module: nn.Module, bits: int) -> WeightQuantizer:
+        """The weight quantizer of ``module`` at ``bits``: the one there if it has these settings, else a new one."""
+        current = find_parametrization(module, WeightQuantizer)
+        if current is None or current.describe() != _description(WeightQuantizer.kind, bits, self.method,
+                                                                  scale_bits=self.scale_bits,
+                                                                  per_tensor=not self.per_channel):
+            current = WeightQuantizer(module.weight.detach(), bits, self.method, per_channel=self.per_channel,
+                                      scale_bits=self.scale_bits)
+            put_parametrization(module, current)
+        return current
+
+    def _bias_quantizer(self, module: nn.Module) -> BiasQuantizer:
+        """The bias quantizer of ``module``: the one there if it has this stage's settings, else a new one."""
+        current = bias_quantizer(module)
+        if current is None or current.describe() != _description(BiasQuantizer.kind, self.bias_bits, self.method,
+                                                                  scale_bits=self.scale_bits):
+            current = BiasQuantizer(module.bias.detach(), self.bias_bits, self.method, scale_bits=self.scale_bits)
+            put_bias_quantizer(module, current)
+        return current
+
+    def _activation_quantizer(self, bits: int, present: nn.Module | None, device: torch.device) -> ActivationQuantizer:
+        """``present`` if it is an activation quantizer with this stage's settings at ``bits``, else a new one."""
+        wanted = ActivationQuantizer(bits, self.method, self.averaging_constant, self.scale_bits)
+        if isinstance(present, ActivationQuantizer) and present.describe() == wanted.describe():
+            return present
+        return wanted.to(device)
+
+    def _quantize_operands(self, model: nn.Module) -> None:
+        """With ``attention_bits``: an activation quantizer at every attention operand point of ``model``."""
+        if self.attention_bits is None:
+            return
+        points = operand_points(model)
+        if not points:
+            raise self._settings.error("attention_bits", self.attention_bits, "null for a model without attention "
+                                       f"operand points (nn.Identity modules named *{OPERAND_SUFFIX})")
+        device = next(model.parameters()).device
+        for name, present in points.items():
+            quantizer = self._activation_quantizer(self.attention_bits, present, device)
+            if quantizer is not present:
+                put_operand_quantizer(model, name, quantizer)
+            self._quantizers.append(quantizer)
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         # Both states are functions of the stage's epoch, so resuming mid-stage restores them, and a
@@ -466,6 +670,14 @@ class QuantizeTechnique(Technique):
 
     def on_stage_end(self, model: nn.Module) -> None:
         _freeze_batch_norms(model, False)  # frozen statistics are a training mode of this stage only
+
+
+def _width(s: Settings, key: str, default: int, widths: tuple[int, ...]) -> int:
+    """A stored width among ``widths``."""
+    value = s.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value not in widths:
+        raise s.error(key, value, "one of " + ", ".join(map(str, widths)))
+    return value
 
 
 def _freeze_batch_norms(model: nn.Module, frozen: bool) -> None:

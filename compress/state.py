@@ -2,10 +2,11 @@
 
 A checkpoint's ``state_dict`` holds the values of masks and quantizers, but loading it strictly needs
 the same modules on the model first. :func:`compression_state` describes them (which layer's weight
-carries which parametrizations in which order, which layers quantize their input with which settings)
-as plain JSON data, and :func:`apply_compression_state` re-creates them on a fresh registry model, so
-that ``load_state_dict(saved, strict=True)`` restores the model exactly. Training-only modes (frozen
-BatchNorm statistics) are not structure: the techniques re-apply them on resume.
+carries which parametrizations in which order, which layers quantize their input with which settings;
+and only where a model has them: quantized biases, quantized attention operands, the format of the ops
+outside dot products) as plain JSON data, and :func:`apply_compression_state` re-creates them on a fresh
+registry model, so that ``load_state_dict(saved, strict=True)`` restores the model exactly. Training-only
+modes (frozen BatchNorm statistics) are not structure: the techniques re-apply them on resume.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .base import find_parametrization, original_weight, weight_layers, weight_parametrizations
+from .precision import FORMATS, other_ops, set_other_ops
 from .pruning import WeightMask, zero_pruned
-from .quantization import ActivationQuantizer, WeightQuantizer, put_input_quantizer
+from .quantization import ActivationQuantizer, BiasQuantizer, WeightQuantizer, bias_quantizer, operand_points, \
+    put_bias_quantizer, put_input_quantizer, put_operand_quantizer
 
 #: Version of the description written by :func:`compression_state`.
 FORMAT_VERSION = 1
@@ -26,10 +29,18 @@ FORMAT_VERSION = 1
 _WEIGHT_PARAMETRIZATIONS = {cls.kind: cls for cls in (WeightMask, WeightQuantizer)}
 
 
+#: The optional sections of a compression state, written only where the model has what they describe.
+_OPTIONAL = ("biases", "operands", "other_ops")
+
+
 def compression_state(model: nn.Module) -> dict[str, Any]:
     """JSON-able description of the masks and quantizers on ``model``."""
     weights: dict[str, list[dict[str, Any]]] = {}
     inputs: dict[str, dict[str, Any]] = {}
+    biases = {name: quantizer.describe() for name, module in model.named_modules()
+              if (quantizer := bias_quantizer(module)) is not None}
+    operands = {name: module.describe() for name, module in operand_points(model).items()
+                if isinstance(module, ActivationQuantizer)}
     for name, module in model.named_modules():
         chain = weight_parametrizations(module)
         if chain:
@@ -41,7 +52,9 @@ def compression_state(model: nn.Module) -> dict[str, Any]:
         quantizer = module._modules.get("input_quantizer")
         if isinstance(quantizer, ActivationQuantizer):
             inputs[name] = quantizer.describe()
-    return {"format": FORMAT_VERSION, "weights": weights, "inputs": inputs}
+    optional = {"biases": biases, "operands": operands, "other_ops": other_ops(model)}
+    return {"format": FORMAT_VERSION, "weights": weights, "inputs": inputs,
+            **{key: value for key, value in optional.items() if value and value != "fp32"}}
 
 
 #: The weight chains :func:`compression_state` can describe: at most one mask, innermost, then at most one quantizer.
@@ -60,9 +73,10 @@ def check_compression_state(model: nn.Module, state: Any) -> None:
         found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(f"compression state format {found!r} is not supported; expected {FORMAT_VERSION} "
                          "(written by compress.compression_state)")
-    unknown = sorted(map(str, set(state) - {"format", "weights", "inputs"}))
+    unknown = sorted(map(str, set(state) - {"format", "weights", "inputs", *_OPTIONAL}))
     if unknown:
-        raise ValueError(f"compression state has unknown key(s) {', '.join(unknown)}; expected format, weights, inputs")
+        raise ValueError(f"compression state has unknown key(s) {', '.join(unknown)}; expected format, weights, inputs "
+                         f"(and optionally {', '.join(_OPTIONAL)})")
     weights, inputs = state.get("weights", {}), state.get("inputs", {})
     if not isinstance(weights, Mapping) or not isinstance(inputs, Mapping):
         raise ValueError("compression state weights and inputs must map layer names to descriptions")
@@ -80,13 +94,46 @@ def check_compression_state(model: nn.Module, state: Any) -> None:
                 raise ValueError(f"layer {name!r}: {err}") from None
     for name, description in inputs.items():
         _layer(layers, name)
-        if not isinstance(description, Mapping) or description.get("kind") != ActivationQuantizer.kind:
-            raise ValueError(f"layer {name!r}: input description {reprlib.repr(description)} is not an "
-                             f"{ActivationQuantizer.kind}")
+        _check_activation(f"layer {name!r}", description)
+    _check_optional(model, state, layers)
+
+
+def _check_activation(where: str, description: Any) -> None:
+    """``description`` is an activation quantizer's."""
+    if not isinstance(description, Mapping) or description.get("kind") != ActivationQuantizer.kind:
+        raise ValueError(f"{where}: input description {reprlib.repr(description)} is not an "
+                         f"{ActivationQuantizer.kind}")
+    try:
+        ActivationQuantizer.check_description(description)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _check_optional(model: nn.Module, state: Mapping[str, Any], layers: Mapping[str, nn.Module]) -> None:
+    """The optional sections: bias quantizers of layers with a bias, activation quantizers of operand points of
+    ``model``, a known format of the other ops."""
+    if not isinstance(state.get("biases", {}), Mapping) or not isinstance(state.get("operands", {}), Mapping):
+        raise ValueError("compression state biases and operands must map names to descriptions")
+    for name, description in state.get("biases", {}).items():
+        module = _layer(layers, name)
+        if getattr(module, "bias", None) is None:
+            raise ValueError(f"layer {name!r} has no bias, but the compression state quantizes one")
+        if not isinstance(description, Mapping) or description.get("kind") != BiasQuantizer.kind:
+            raise ValueError(f"layer {name!r}: bias description {reprlib.repr(description)} is not a "
+                             f"{BiasQuantizer.kind}")
         try:
-            ActivationQuantizer.check_description(description)
+            BiasQuantizer.check_description(description, module.bias)
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
+    points = operand_points(model)
+    for name, description in state.get("operands", {}).items():
+        if name not in points:
+            raise ValueError(f"the compression state quantizes operand {reprlib.repr(name)}, which this model does "
+                             "not have (an nn.Identity named *_operand): was it saved from a different architecture?")
+        _check_activation(f"operand {name!r}", description)
+    if state.get("other_ops", "fp32") not in FORMATS:
+        raise ValueError(f"compression state other_ops={reprlib.repr(state['other_ops'])}: expected one of "
+                         f"{', '.join(FORMATS)}")
 
 
 def apply_compression_state(model: nn.Module, state: Mapping[str, Any]) -> None:
@@ -111,6 +158,17 @@ def apply_compression_state(model: nn.Module, state: Mapping[str, Any]) -> None:
         present = module._modules.get("input_quantizer")
         if present is None or present.describe() != dict(description):
             put_input_quantizer(module, ActivationQuantizer.rebuild(description).to(module.weight.device))
+    for name, description in state.get("biases", {}).items():
+        module = layers[name]
+        present = bias_quantizer(module)
+        if present is None or present.describe() != dict(description):
+            put_bias_quantizer(module, BiasQuantizer.rebuild(description, module.bias).to(module.bias.device))
+    points = operand_points(model)
+    for name, description in state.get("operands", {}).items():
+        if not isinstance(points[name], ActivationQuantizer) or points[name].describe() != dict(description):
+            device = next(model.parameters()).device
+            put_operand_quantizer(model, name, ActivationQuantizer.rebuild(description).to(device))
+    set_other_ops(model, state.get("other_ops", "fp32"))
 
 
 def check_restored(model: nn.Module) -> None:
@@ -140,8 +198,9 @@ def finalize_for_export(model: nn.Module) -> None:
     Pruned weights become exact zeros of the stored tensor and the mask parametrizations are removed
     (the scorer measures sparsity from the executed weights, so nothing is lost) — except block masks,
     which stay because the scorer charges them 1 bit per block only while they declare it; quantizers stay, with
-    weight observers set from the final weights and every quantizer frozen, so the saved entry
-    reproduces the evaluated model without depending on training-mode updates. Idempotent.
+    weight observers set from the final weights and every quantizer frozen, its step size rounded to its stored
+    width, so the saved entry holds exactly the steps the evaluated model computes with and reproduces it without
+    depending on training-mode updates. Idempotent.
     """
     for module in model.modules():
         mask = find_parametrization(module, WeightMask)
@@ -155,9 +214,11 @@ def finalize_for_export(model: nn.Module) -> None:
             else:
                 del chain[list(chain).index(mask)]
         quantizer = find_parametrization(module, WeightQuantizer)
-        if quantizer is not None:
-            if quantizer.method != "lsq" and not quantizer.is_frozen:
-                quantizer.observe(original_weight(module))
-            quantizer.freeze()
-        if isinstance(module, ActivationQuantizer):
-            module.freeze()
+        if quantizer is not None and quantizer.method != "lsq" and not quantizer.is_frozen:
+            quantizer.observe(original_weight(module))
+        quantizer = bias_quantizer(module)
+        if quantizer is not None and quantizer.method != "lsq" and not quantizer.is_frozen:
+            quantizer.observe(module.parametrizations["bias"].original)
+        # After its layer (modules() lists a layer before its parametrizations): the observed step is in place.
+        if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
+            module.finalize()

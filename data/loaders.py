@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -17,7 +17,15 @@ from .sampling import AugmentedDataset, EpochSampler
 from .transforms import eval_transform, train_transform
 from .workers import worker_init
 
-DATASETS = ("digits", "cifar100", "imagenet")
+#: Each image dataset's splits, read from ``(root, download)``.
+SPLIT_READERS: dict[str, Callable[[str | None, bool], Splits]] = {
+    "digits": lambda root, download: digits_splits(),
+    "cifar100": cifar100_splits,
+    "imagenet": lambda root, download: imagenet_splits(root),
+}
+DATASETS = tuple(SPLIT_READERS)
+#: Datasets of variable-size photos: random-resized crops for training, resize + centre crop for evaluation.
+RESIZE_CROP_DATASETS = ("imagenet",)
 GPU_RESIDENT_DATASETS = ("digits", "cifar100")  # uint8 arrays small enough to live on the device
 #: Where "auto" keeps the data on the GPU: CIFAR-100, whose per-image augmentation on the CPU limits a GPU's
 #: training speed (benchmarks/train_speed.py). Digits stays on the CPU path, the one a CPU run takes.
@@ -47,14 +55,6 @@ class Loaders(NamedTuple):
     train: Any
     val: Any
     test: Any
-
-
-def _splits(dataset: str, root: str | None, download: bool) -> Splits:
-    if dataset == "digits":
-        return digits_splits()
-    if dataset == "cifar100":
-        return cifar100_splits(root, download)
-    return imagenet_splits(root)
 
 
 def _rank_and_world(distributed: bool) -> tuple[int, int]:
@@ -113,7 +113,7 @@ def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch
         raise ValueError(f"augment.mixup / augment.cutmix need an even batch_size (each example is mixed with "
                          f"its mirror in the batch), got {batch_size}")
     rank, world_size = _rank_and_world(distributed)
-    splits = _splits(dataset, root, download)
+    splits = SPLIT_READERS[dataset](root, download)
     train_examples, val_examples = hold_out(splits.train, val_split) if val_split else (splits.train, None)
     if len(train_examples) // world_size < batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(train_examples) // world_size} training examples "
@@ -126,7 +126,7 @@ def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch
         test = GpuResidentLoader(splits.test, batch_size=eval_batch_size, options=None, **common)
         return Loaders(GpuResidentLoader(train_examples, batch_size=batch_size, options=options, **shared), val, test)
 
-    resize_crop = dataset == "imagenet"
+    resize_crop = dataset in RESIZE_CROP_DATASETS
     image_size = IMAGENET_CROP if resize_crop else splits.train.images.shape[1]
     geometry = dict(image_size=image_size, mean=splits.mean, std=splits.std, resize_crop=resize_crop)
     train_set = AugmentedDataset(train_examples, train_transform(options, **geometry), stochastic=options.is_random)

@@ -17,6 +17,10 @@ W_R R is input-independent, so the scorer counts the (C+1) × heads × d_head ve
 
 Input and output are a tied adaptive input and adaptive softmax (:class:`~models.lm_blocks.AdaptiveSoftmax`),
 the input scaled by √d_model as in Transformer-XL.
+
+The operands of the attention products (queries, keys, positions, attention weights, values) pass through
+``nn.Identity`` modules named ``*_operand``: points where a compression technique may quantize them (the 2019
+winner ran these matmuls in 8 bits) without the model knowing of it.
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .lm_blocks import AdaptiveSoftmax, LanguageModel, LinearSoftmax, State
@@ -55,6 +58,10 @@ class RelativeAttention(nn.Module):
         self.register_buffer("distances", sinusoid_table(mem_len + 1, d_model).flip(0), persistent=False)
         self.attn_dropout = nn.Dropout(attn_dropout)
         self.dropout = nn.Dropout(dropout)
+        # The operands of the score and value products, as they enter them (see the module docstring).
+        self.query_operand, self.key_operand = nn.Identity(), nn.Identity()
+        self.position_query_operand, self.position_operand = nn.Identity(), nn.Identity()
+        self.weights_operand, self.value_operand = nn.Identity(), nn.Identity()
 
     def outside_band(self, column: torch.Tensor) -> torch.Tensor:
         """Where a query must not look: keys further than C back (column < 0) or in its future (column > C)."""
@@ -69,9 +76,10 @@ class RelativeAttention(nn.Module):
         keys, values = torch.cat([cache[0], k], dim=1), torch.cat([cache[1], v], dim=1)
         memory, n_keys = cache[0].shape[1], keys.shape[1]
         q = (q * d_head ** -0.5).view(batch, time, heads, d_head).transpose(1, 2)    # [B, H, T, dh]
-        content = (q + self.u[:, None]) @ keys.view(batch, n_keys, heads, d_head).permute(0, 2, 3, 1)
+        content = (self.query_operand(q + self.u[:, None])
+                   @ self.key_operand(keys.view(batch, n_keys, heads, d_head).permute(0, 2, 3, 1)))
         relative = self.r_net(self.distances).view(span, heads, d_head).permute(1, 2, 0)  # [H, dh, C+1]
-        by_distance = (q + self.v[:, None]) @ relative                              # [B, H, T, C+1]
+        by_distance = self.position_query_operand(q + self.v[:, None]) @ self.position_operand(relative)  # [B,H,T,C+1]
         # Query i sits at key position M + i; key j is at distance M + i - j, i.e. column C - (M + i - j).
         column = self.mem_len - memory - torch.arange(time, device=x.device)[:, None] \
             + torch.arange(n_keys, device=x.device)[None]
@@ -80,7 +88,8 @@ class RelativeAttention(nn.Module):
         if time > 1:  # one query sees exactly its min(t, C) + 1 keys already; longer windows need the band
             scores = scores.masked_fill(self.outside_band(column), float("-inf"))
         weights = self.attn_dropout(torch.softmax(scores, dim=-1))
-        out = weights @ values.view(batch, n_keys, heads, d_head).transpose(1, 2)
+        by_head = self.value_operand(values.view(batch, n_keys, heads, d_head).transpose(1, 2))
+        out = self.weights_operand(weights) @ by_head
         out = self.dropout(self.out(out.transpose(1, 2).reshape(batch, time, heads * d_head)))
         keep = min(n_keys, self.mem_len)
         return out, (keys[:, n_keys - keep:], values[:, n_keys - keep:])

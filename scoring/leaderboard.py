@@ -7,13 +7,15 @@ under 32-bit accumulation, the mode this kit counts by default (``score.accumula
 at 32 bits is compared with those figures where they exist. The other entries' accumulation widths are not
 recorded here: their verified scores are compared as they are.
 
-Part of the judge's core: imports nothing of ours.
+Part of the judge's core: imports nothing of ours but :mod:`scoring.rules`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
+
+from scoring.rules import ADDER_TREE
 
 #: Where the figures come from.
 SOURCES = (
@@ -39,7 +41,7 @@ class Placing:
     entry: str | None = None
     score_32bit_accumulation: float | None = None
 
-    def compared_score(self, accumulator_bits: int) -> float:
+    def compared_score(self, accumulator_bits: int | str) -> float:
         """The figure a score counted with ``accumulator_bits``-bit additions is compared with."""
         if accumulator_bits == FULL_ACCUMULATOR_BITS and self.score_32bit_accumulation is not None:
             return self.score_32bit_accumulation
@@ -70,7 +72,7 @@ LEADERBOARD: Mapping[str, tuple[Placing, ...]] = MappingProxyType({
 })
 
 
-def place_of(task: str, score: float, accumulator_bits: int) -> int | None:
+def place_of(task: str, score: float, accumulator_bits: int | str) -> int | None:
     """The place ``score`` (counted with ``accumulator_bits``-bit additions) would take on ``task``'s leaderboard:
     1 + the entries with a lower compared score (a tie places behind); 4 is off the podium. None for a task the
     challenge did not have."""
@@ -80,7 +82,7 @@ def place_of(task: str, score: float, accumulator_bits: int) -> int | None:
     return 1 + sum(placing.compared_score(accumulator_bits) <= score for placing in placings)
 
 
-def compare(task: str, score: float, accumulator_bits: int) -> dict[str, Any] | None:
+def compare(task: str, score: float, accumulator_bits: int | str) -> dict[str, Any] | None:
     """``score`` beside ``task``'s leaderboard, as plain data (JSON-able): every placing with the figure it is
     compared with, and the place ``score`` would take. None for a task the challenge did not have."""
     placings = LEADERBOARD.get(task)
@@ -102,7 +104,8 @@ def comparison_note(comparison: Mapping[str, Any]) -> str:
     if bits == FULL_ACCUMULATOR_BITS:
         return ("Additions counted at 32 bits: compared with the winners' scores under 32-bit accumulation where "
                 "their authors give them, else with the verified scores.")
-    return f"Additions counted at {bits} bits: compared with the verified scores as they are."
+    counted = "in adder trees" if bits == ADDER_TREE else f"at {bits} bits"
+    return f"Additions counted {counted}: compared with the verified scores as they are."
 
 
 def _ordinal(place: int) -> str:
@@ -110,17 +113,16 @@ def _ordinal(place: int) -> str:
 
 
 def comparison_table(comparison: Mapping[str, Any], label: str) -> str:
-    """The markdown table of :func:`compare`'s result, with ``score`` as a row named ``label`` at its place."""
-    rows = ["| place | entry | verified score | with 32-bit accumulation | compared |",
+    """The markdown table of :func:`compare`'s result, ordered by the compared figure, with ``score`` as a row named
+    ``label`` where it would place (behind the entries it ties with)."""
+    rows = ["| 2019 place | entry | verified score | with 32-bit accumulation | compared |",
             "|---|---|---:|---:|---:|"]
     ours = f"| **would be {_ordinal(comparison['place'])}** | **{label}** | – | – | **{comparison['score']:.4f}** |"
-    for placing in comparison["placings"]:
-        if placing["place"] == comparison["place"]:
-            rows.append(ours)
+    placings = sorted(comparison["placings"], key=lambda placing: placing["compared_with"])
+    for placing in placings:
         name = ": ".join(part for part in (placing["team"], placing["entry"]) if part) or "–"
         full = placing["score_32bit_accumulation"]
         rows.append(f"| {_ordinal(placing['place'])} | {name} | {placing['score']:.4f} | "
                     f"{'–' if full is None else f'{full:.4f}'} | {placing['compared_with']:.4f} |")
-    if comparison["place"] > len(comparison["placings"]):
-        rows.append(ours)
+    rows.insert(2 + comparison["place"] - 1, ours)
     return "\n".join(rows)

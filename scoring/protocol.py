@@ -10,7 +10,22 @@ the scorer traces a model:
 * the stored quantization parameters it declares (``micronet_scale_count`` values of
   ``micronet_scale_bits`` bits each; per-tensor or per-channel scales and zero-points) count as
   parameters, once per quantizer module. Stored scales narrower than 16 bits are quantization too:
-  like a narrow ``micronet_bits``, they cancel the freebie for the whole model.
+  like a narrow ``micronet_bits``, they cancel the freebie for the whole model;
+* ``micronet_scale_granularity`` says whether those scales are one per ``"tensor"`` or one per output
+  ``"channel"`` (default ``"channel"``: the declared scales are what the weight stores, however a batch norm
+  folds into it). A batch norm folded into a weight quantized per tensor scales its channels differently:
+  the folded weight stores one scale per output channel (project rule).
+
+The tensor a quantizer outputs holds integers on its grid (times its scales): an operand that carries a bit
+width is integer-quantized, which is what counting a dot product's additions in an adder tree requires.
+
+A module may declare ``micronet_other_ops_bits``: every op outside the dot products
+(:data:`scoring.rules.OUTSIDE_DOT_PRODUCTS`: activations, element-wise arithmetic, pooling, softmax, norms, an
+unfolded batch norm) that runs inside it, its submodules included, runs at that width (e.g. 16: in fp16), and
+counts at the wider of it and its quantized inputs, additions included; what those ops alone read from storage
+(a batch norm's affine, a norm's scale and shift) is stored at that width. The module must really run them so
+(compress/ rounds their inputs and outputs to the format in training and evaluation). Their outputs carry no bit
+width: a float value is no integer grid.
 
 Weight quantizers are typically registered with ``torch.nn.utils.parametrize`` so that ``conv.weight``
 is ``quantizer(mask * original)``: the conv then consumes a tensor tagged with the weight width, and the
@@ -44,6 +59,8 @@ import torch.nn as nn
 
 #: Width of stored scales / zero-points unless a quantizer declares ``micronet_scale_bits`` (project rule).
 DEFAULT_SCALE_BITS = 32
+#: The values of ``micronet_scale_granularity``.
+SCALE_GRANULARITIES = ("tensor", "channel")
 
 
 @runtime_checkable
@@ -54,6 +71,7 @@ class Quantizer(Protocol):
     micronet_bits: int
     #: Number of stored quantization parameters (scales and zero-points) this quantizer needs at inference.
     micronet_scale_count: int
+    # Optional: micronet_scale_bits (default DEFAULT_SCALE_BITS), micronet_scale_granularity ("tensor" | "channel").
 
 
 @runtime_checkable
@@ -85,6 +103,27 @@ def quantizer_scales(module: nn.Module) -> tuple[int, int]:
         raise ValueError(f"{type(module).__name__} declares micronet_scale_count={count}, micronet_scale_bits={bits}; "
                          "expected a count >= 0 and bits in 1..32")
     return count, bits
+
+
+def scale_granularity(module: nn.Module) -> str:
+    """Whether a quantizer's scales are one per ``"tensor"`` or per output ``"channel"`` (the default), validated."""
+    count, _ = quantizer_scales(module)
+    granularity = getattr(module, "micronet_scale_granularity", "channel")
+    if granularity not in SCALE_GRANULARITIES or (granularity == "tensor" and count > 1):
+        raise ValueError(f"{type(module).__name__} declares micronet_scale_granularity={granularity!r} with "
+                         f"{count} scales; expected one of {SCALE_GRANULARITIES} (\"tensor\": at most one scale)")
+    return granularity
+
+
+def other_ops_bits(module: nn.Module) -> int | None:
+    """The width a module declares for the ops outside dot products run inside it (None: not declared), validated."""
+    bits = getattr(module, "micronet_other_ops_bits", None)
+    if bits is None:
+        return None
+    bits = int(bits)
+    if not 1 <= bits <= 32:
+        raise ValueError(f"{type(module).__name__} declares micronet_other_ops_bits={bits}; expected 1..32")
+    return bits
 
 
 def declared_mask_bits(module: nn.Module) -> int | None:

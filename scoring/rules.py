@@ -13,6 +13,10 @@ traces back to a line of the table. A few rows are keyed by a class of ops rathe
 Both the traced counter (:mod:`scoring.counter`) and the hand-written op list (:mod:`scoring.oplist`)
 count through this table, so a traced count can be checked by hand.
 
+How additions are counted: flat, in an accumulator of a fixed width, or in an adder tree
+(:func:`adder_tree_levels`, :func:`accumulator_setting`); which kinds of op lie outside the dot products
+(:data:`OUTSIDE_DOT_PRODUCTS`, the ops a model may declare it runs narrower).
+
 Also here: :func:`score` (against the baselines of :mod:`scoring.challenge`) and how the freebie is set.
 """
 from __future__ import annotations
@@ -67,6 +71,10 @@ RECURRENT = "recurrent"
 
 KINDS = (FREE, VIEW, ELEMENTWISE, REDUCE, POOL, ADAPTIVE_POOL, SOFTMAX, NORM, CONV, MATMUL, BATCH_NORM, ATTENTION,
          LOOKUP, PERMUTATION, RECURRENT)
+#: The kinds of op that cost something outside the dot products (activations, element-wise arithmetic, pooling,
+#: softmax, normalisation, an unfolded batch norm): a module declaring ``micronet_other_ops_bits``
+#: (:mod:`scoring.protocol`) runs these at that width, and compress/ rounds exactly these when it simulates it.
+OUTSIDE_DOT_PRODUCTS = (ELEMENTWISE, REDUCE, POOL, ADAPTIVE_POOL, SOFTMAX, NORM, BATCH_NORM)
 
 #: Argument layouts of the recurrent ops. ``sequence`` and ``cell`` are torch's composite functions
 #: (``torch.lstm``, ``torch.lstm_cell``, ...), counted where they are called, before a backend kernel is chosen;
@@ -175,6 +183,23 @@ def dot_counts(weights_per_output: int | Fraction, outputs: int | Fraction,
     are max(L - 1 + bias, 0)·N: the official count whenever it is not negative.
     """
     return weights_per_output * outputs, max(weights_per_output - 1 + int(bias), 0) * outputs
+
+
+def adder_tree_levels(terms: int, product_bits: int) -> tuple[tuple[tuple[int, int], ...], int]:
+    """(the levels as ``(bits, additions)``, the final width) of summing ``terms`` products of ``product_bits`` bits
+    pairwise in an adder tree (project rule, the 2019 CIFAR-100 and ImageNet winners' counting).
+
+    Each level adds its values in pairs, an odd one passing to the next level unchanged: n values take n // 2
+    additions and leave ceil(n / 2). An addition counts at its widest input (rules page): level 1 adds products of
+    ``product_bits`` bits, and every level's sums are one bit wider, so level l counts at ``product_bits + l - 1``
+    bits; the final sum has ``product_bits`` + (number of levels) = ``product_bits + ceil(log2 terms)`` bits. The
+    additions of all levels total ``terms - 1``, the official (L-1) of a dot product. 0 or 1 term: no level.
+    """
+    levels, bits, values = [], product_bits, terms
+    while values > 1:
+        levels.append((bits, values // 2))
+        values, bits = values - values // 2, bits + 1
+    return tuple(levels), bits
 
 
 def weight_storage_bits(numel: int | Fraction, nonzeros: int | Fraction, bits: int,
@@ -311,6 +336,33 @@ PROJECT_CONVENTIONS: Mapping[str, str] = MappingProxyType({
                    "(clamp, ReLU6) is one op, as in a 2019 entry's published count (see hardswish)",
     "bit tags": "a quantizer's bit width passes through data movement, ReLU and max; any other op's output is "
                 "unquantized until the next quantizer",
+})
+
+
+#: Project rules that apply only to the counts that use them (listed in the report of such a count).
+CONDITIONAL_CONVENTIONS: Mapping[str, str] = MappingProxyType({
+    "adder tree": "score.accumulator_bits=adder_tree: every dot product of integer-quantized operands (both carry a "
+                  "quantizer's bit width) sums its nonzero products pairwise in an adder tree: a product of a-bit and "
+                  "b-bit integers is counted w = a + b bits wide, the n // 2 additions of level l (n values left) at "
+                  "their widest input, w + l - 1 bits, the final sum w + ceil(log2 L) bits for L terms; the bias add "
+                  "at the wider of the final sum and the bias (a folded batch norm's shift: the widest final sum of "
+                  "the layer it folds into); a dot product with a float operand (an unquantized input or weight, a "
+                  "recurrent state, a fused attention's softmax) sums in a 32-bit accumulator, as the 2019 winners "
+                  "counted their float-input first and last layers, and is listed (float_dot_products): the score is "
+                  "official only where none is; additions outside dot products stay at 32 bits unless a module "
+                  "declares its other ops narrower",
+    "other ops precision": "a module declaring micronet_other_ops_bits runs the ops outside dot products (activations, "
+                           "element-wise arithmetic, pooling, softmax, normalisation, an unfolded batch norm) at that "
+                           "width: they count at the wider of it and their quantized inputs, their additions too (the "
+                           "value really is added at that width), and the stored values they read (a batch norm's "
+                           "affine, a norm's scale and shift, a folded batch norm's shift) are stored at it; their "
+                           "outputs carry no bit width (a float format, not an integer grid)",
+    "per-tensor scales and folding": "a batch norm folded into a weight quantized with one scale per tensor scales "
+                                     "each output channel differently: the folded weight keeps its integers and "
+                                     "stores one scale per output channel",
+    "folded bias width": "a batch norm folded into a layer whose bias is quantized moves that bias off its grid: "
+                         "the merged bias is stored at the batch norm's width (unquantized, or its declared "
+                         "micronet_other_ops_bits); the bias quantizer's step size is still counted",
 })
 
 
@@ -543,12 +595,38 @@ STREAM_CONVENTION = ("per token", "a language model is counted per token fed on-
                                   "activation; parameters are counted once")
 
 
-def project_rules_note(rules: Mapping[str, Rule], keys: set[str] | list[str]) -> dict[str, str]:
-    """``{name: note}``: the project conventions, then the project (non-official) op rules among ``keys``."""
-    return {**PROJECT_CONVENTIONS, **{key: rules[key].note for key in sorted(keys) if not rules[key].official}}
+def project_rules_note(rules: Mapping[str, Rule], keys: set[str] | list[str],
+                       conventions: set[str] | list[str] = ()) -> dict[str, str]:
+    """``{name: note}``: the project conventions, then the project (non-official) op rules among ``keys``, then the
+    :data:`CONDITIONAL_CONVENTIONS` named in ``conventions``."""
+    return {**PROJECT_CONVENTIONS, **{key: rules[key].note for key in sorted(keys) if not rules[key].official},
+            **{key: CONDITIONAL_CONVENTIONS[key] for key in sorted(conventions)}}
 
 
 # --- the score ------------------------------------------------------------------------------------
+#: What a declared accumulator does with a sum past its width (``score.accumulator_overflow``): keep it modulo
+#: 2^bits (two's complement), or clamp every partial sum. The count does not depend on it; verify's integer
+#: execution applies it (scoring/entry/integer.py).
+ACCUMULATOR_OVERFLOWS = ("wrap", "saturate")
+
+
+#: The ``score.accumulator_bits`` setting that counts the additions of dot products in adder trees.
+ADDER_TREE = "adder_tree"
+
+
+def accumulator_setting(setting: Any) -> int | str:
+    """The counter's accumulator for a ``score.accumulator_bits`` setting: a width of 1..32 bits at which every
+    addition counts, or :data:`ADDER_TREE`; ValueError (one line) for anything else."""
+    if setting == ADDER_TREE or (isinstance(setting, int) and not isinstance(setting, bool) and 1 <= setting <= 32):
+        return setting
+    raise ValueError(f"score.accumulator_bits={setting!r} must be an integer in 1..32 or {ADDER_TREE}")
+
+
+def accumulator_name(setting: int | str) -> str:
+    """How a report names an accumulator setting: ``"adder tree"`` or ``"N-bit"``."""
+    return "adder tree" if setting == ADDER_TREE else f"{setting}-bit"
+
+
 def freebie_setting(setting: Any) -> bool | None:
     """The counter's ``freebie`` argument for a ``score.freebie`` setting: None for ``auto`` (on unless a tensor is
     quantized below 16 bits), else the bool; ValueError for anything but auto, true or false."""

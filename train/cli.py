@@ -92,6 +92,9 @@ def accept_command_line(argv: list[str]) -> None:
         from train.upfront import check_without_data
 
         job = job_config(cfg)
+        if job.plan:  # a plan loads no teacher: one the recipe leaves unset is listed in the plan, not refused
+            from train.plan import unset_teachers
+            job, _ = unset_teachers(job)
         check_without_data(smoke_config(job) if job.smoke else job)
         if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
             prepare_run_dir(run_dir_of(cfg))

@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from conf import CONF_DIR
 from scoring.errors import UserError
-from scoring.rules import freebie_setting
+from scoring.rules import ACCUMULATOR_OVERFLOWS, ADDER_TREE, accumulator_setting, freebie_setting
 
 
 class ConfigError(UserError, ValueError):
@@ -148,7 +148,8 @@ class DataConfig:
 @dataclass
 class ScoreConfig:
     examples: int = 256
-    accumulator_bits: int = 32
+    accumulator_bits: Any = 32  # 1..32 | adder_tree
+    accumulator_overflow: str = "wrap"  # wrap | saturate (scoring/entry/integer.py)
     freebie: Any = "auto"  # auto | true | false
 
 
@@ -284,9 +285,16 @@ def validate(cfg: DictConfig, known_models: list[str]) -> None:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0", "use 0 to load in-process")
     if cfg.score.examples <= 0:
         raise ConfigError(f"score.examples={cfg.score.examples} must be > 0", "score on e.g. 256 examples")
-    if not 1 <= cfg.score.accumulator_bits <= 32:
-        raise ConfigError(f"score.accumulator_bits={cfg.score.accumulator_bits} must be in 1..32",
-                          "use 32 unless the entry really accumulates narrower")
+    try:
+        accumulator_setting(cfg.score.accumulator_bits)
+    except ValueError:
+        raise ConfigError(f"score.accumulator_bits={cfg.score.accumulator_bits} must be in 1..32 or {ADDER_TREE}",
+                          "use 32 unless the entry really accumulates narrower, or adder_tree for a model whose "
+                          "dot products all multiply quantized values") from None
+    if cfg.score.accumulator_overflow not in ACCUMULATOR_OVERFLOWS:
+        raise ConfigError(f"score.accumulator_overflow={cfg.score.accumulator_overflow} must be one of "
+                          f"{', '.join(ACCUMULATOR_OVERFLOWS)}",
+                          "use wrap (two's complement) or saturate (clamped partial sums)")
     try:
         freebie_setting(cfg.score.freebie)
     except ValueError:

@@ -49,6 +49,7 @@ from scoring.challenge import TOP1, gate_for
 from scoring.entry import atomic_write, count_report
 from scoring.leaderboard import compare, comparison_note, comparison_table
 from scoring.report import layer_table, rules_text, totals_text
+from scoring.rules import ADDER_TREE
 from train.config import ConfigError, compress_fix, reported_as_config_error
 from train.objectives import OBJECTIVES
 from train.preflight import check_score_examples, check_teachers, stage_recipes
@@ -265,7 +266,7 @@ def plan_record(session: Session, report: dict[str, Any], *, inputs: PlanInputs,
     return {
         "plan": True, "task": cfg.task.name, "model": cfg.model.name, "compress": cfg.compress.name, "seed": cfg.seed,
         "init": cfg.init, "smoke": cfg.smoke, "score": report["score"], "if_gate": _gate_text(cfg.task.name),
-        "accumulator": f"{report['accumulator_bits']}-bit",
+        "accumulator": report["accumulator"],
         **{key: report[key] for key in _COUNT_FIELDS},
         "counted_on": inputs.counted_on, "estimate": inputs.estimate, "calibrated_on": inputs.calibrated_on,
         "stages": stages, "allocation": _allocation_entry(allocation, allocates), "run_would_refuse": refusals,
@@ -277,8 +278,8 @@ def plan_record(session: Session, report: dict[str, Any], *, inputs: PlanInputs,
 def _headline(plan: dict[str, Any]) -> str:
     estimate = " (an ESTIMATE: see what it is counted on)" if plan["estimate"] else ""
     return (f"PLAN, nothing trained: {plan['task']} / {plan['model']} / compress={plan['compress']}: score "
-            f"{plan['score']:.6f}{estimate} IF the entry reaches its gate ({plan['if_gate']}), additions counted at "
-            f"{plan['accumulator']}")
+            f"{plan['score']:.6f}{estimate} IF the entry reaches its gate ({plan['if_gate']}), additions counted "
+            f"{'in adder trees' if plan['accumulator_bits'] == ADDER_TREE else 'at ' + plan['accumulator']}")
 
 
 def _details(plan: dict[str, Any]) -> list[str]:

@@ -10,12 +10,13 @@ checkpoint, config and objectives, and the allocate stage of the search.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from compress import build_stages
 from data.tasks import Task, build_task
@@ -29,6 +30,7 @@ from train.search.stage import check_allocate_stages
 
 def check_without_data(cfg: DictConfig) -> None:
     """Every check of this module on the composed, validated ``cfg``; :class:`ConfigError` on the first problem."""
+    check_nothing_missing(cfg)
     config = to_container(cfg)
     with reported_as_config_error("correct the task.* override (conf/task/*.yaml documents each key)"):
         task = build_task(config["task"])
@@ -40,6 +42,29 @@ def check_without_data(cfg: DictConfig) -> None:
         stage_train_config(cfg.train, stage.name, stage.epochs, stage.overrides)
     if cfg.init:
         check_init_path(Path(cfg.init))
+
+
+def check_nothing_missing(cfg: DictConfig) -> None:
+    """A value the recipe leaves for the command line (``???``, e.g. the WikiText-103 recipe's teacher) is set."""
+    missing = _missing_keys(cfg)
+    if missing:
+        override = re.sub(r"\[(\d+)\]", r".\1", missing[0])
+        raise ConfigError(f"{missing[0]} is not set: the recipe leaves it to the command line",
+                          f"pass {override}=VALUE (the recipe's comment says what it takes)")
+
+
+def _missing_keys(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """The keys below ``node`` whose value is ``???`` (interpolations left unresolved: they name their source)."""
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    found = []
+    for key in keys:
+        path = f"{prefix}.{key}" if isinstance(node, DictConfig) and prefix else (
+            str(key) if isinstance(node, DictConfig) else f"{prefix}[{key}]")
+        if OmegaConf.is_missing(node, key):
+            found.append(path)
+        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], (DictConfig, ListConfig)):
+            found += _missing_keys(node[key], path)
+    return found
 
 
 def model_for_task(config: Mapping[str, Any], task: Task) -> nn.Module:

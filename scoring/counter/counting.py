@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 from scoring.counter.facts import integral
 from scoring.counter.result import Count, build_count
 from scoring.counter.tracer import Tracer
-from scoring.rules import RULES, STREAM_CONVENTION, Rule, project_rules_note
+from scoring.rules import RULES, STREAM_CONVENTION, Rule, accumulator_setting, project_rules_note
 
 
 def _batches(inputs: torch.Tensor | Iterable[Any]) -> Iterator[torch.Tensor]:
@@ -27,11 +27,6 @@ def _batches(inputs: torch.Tensor | Iterable[Any]) -> Iterator[torch.Tensor]:
         if not isinstance(batch, torch.Tensor):
             raise TypeError(f"count_model expects tensors or (inputs, targets) batches, got {type(batch).__name__}")
         yield batch
-
-
-def _check_accumulator(accumulator_bits: int) -> None:
-    if not 1 <= accumulator_bits <= 32:
-        raise ValueError(f"accumulator_bits={accumulator_bits}; expected 1..32")
 
 
 @contextmanager
@@ -48,9 +43,9 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _tracing(model: nn.Module, rules: Mapping[str, Rule]) -> Iterator[Tracer]:
+def _tracing(model: nn.Module, rules: Mapping[str, Rule], accumulator_bits: int | str) -> Iterator[Tracer]:
     """A tracer attached to ``model``, run in eval mode without grad; its hooks removed after."""
-    tracer = Tracer(model, rules)
+    tracer = Tracer(model, rules, accumulator_setting(accumulator_bits))
     with _evaluating(model):
         handles = tracer.attach(model)
         try:
@@ -64,28 +59,29 @@ def _device(model: nn.Module) -> torch.device | None:
     return next((p.device for p in model.parameters()), None)
 
 
-def _result(tracer: Tracer, examples: int, accumulator_bits: int, freebie: bool | None,
+def _result(tracer: Tracer, examples: int, accumulator_bits: int | str, freebie: bool | None,
             conventions: Mapping[str, str] | None = None) -> Count:
     """The count of a finished trace over ``examples``; ``conventions`` are listed with the project rules used."""
     tracer.finish()
-    project_rules = {**project_rules_note(tracer.rules, tracer.rules_used), **(conventions or {})}
+    project_rules = {**project_rules_note(tracer.rules, tracer.rules_used, tracer.conventions), **(conventions or {})}
     return build_count(tracer.modules.layers.values(), tracer.modules.narrowest_tag, examples, accumulator_bits,
-                       freebie, project_rules)
+                       freebie, project_rules, tracer.float_dots or {})
 
 
-def count_model(model: nn.Module, inputs: torch.Tensor | Iterable[Any], *, accumulator_bits: int = 32,
+def count_model(model: nn.Module, inputs: torch.Tensor | Iterable[Any], *, accumulator_bits: int | str = 32,
                 freebie: bool | None = None, rules: Mapping[str, Rule] = RULES) -> Count:
     """Count ``model`` under the MicroNet rules by running it (in eval mode, without grad) on ``inputs``.
 
     ``inputs`` is one batch, or an iterable of batches or ``(inputs, targets)`` pairs; ops are averaged
     per example over all of them, and each stored value is counted once. ``freebie`` None decides it
     automatically (on only when no tensor is quantized below 16 bits); ``accumulator_bits`` is the width
-    at which additions count. Raises :class:`~scoring.rules.UnsupportedOpError` for an op without a rule.
+    at which additions count, or ``"adder_tree"`` (:func:`~scoring.rules.adder_tree_levels`: every dot product
+    of integer-quantized operands summed pairwise; one with a float operand in a 32-bit accumulator, listed in
+    the count's ``float_dot_products``). Raises :class:`~scoring.rules.UnsupportedOpError` for an op without a rule.
     """
-    _check_accumulator(accumulator_bits)
     device = _device(model)
     examples = 0
-    with _tracing(model, rules) as tracer:
+    with _tracing(model, rules, accumulator_bits) as tracer:
         for batch in _batches(inputs):
             batch = batch.to(device) if device is not None else batch
             tracer.mark_input(batch)
@@ -119,8 +115,9 @@ def _step(model: nn.Module, run: Any, token: torch.Tensor, state: Any) -> Any:
     return result[1]
 
 
-def count_stream(model: nn.Module, tokens: torch.Tensor, *, warmup_tokens: int = 0, accumulator_bits: int = 32,
-                 freebie: bool | None = None, rules: Mapping[str, Rule] = RULES) -> Count:
+def count_stream(model: nn.Module, tokens: torch.Tensor, *, warmup_tokens: int = 0,
+                 accumulator_bits: int | str = 32, freebie: bool | None = None,
+                 rules: Mapping[str, Rule] = RULES) -> Count:
     """Count a language model per token, fed on-line: ``logp, state = model(tokens[:, t:t+1], state)``.
 
     The stream starts from ``model.initial_state(1, device)`` (None when the model has no such method). The first
@@ -129,7 +126,7 @@ def count_stream(model: nn.Module, tokens: torch.Tensor, *, warmup_tokens: int =
     number of tokens counted and ops are their mean; each stored value is counted once. ``freebie`` and
     ``accumulator_bits`` as in :func:`count_model`.
     """
-    _check_accumulator(accumulator_bits)
+    accumulator_setting(accumulator_bits)
     stream = _stream(tokens)
     if not 0 <= warmup_tokens < stream.shape[1]:
         raise ValueError(f"warmup_tokens={warmup_tokens} with {stream.shape[1]} tokens; fix: leave at least one "
@@ -140,7 +137,7 @@ def count_stream(model: nn.Module, tokens: torch.Tensor, *, warmup_tokens: int =
         state = model.initial_state(1, device) if hasattr(model, "initial_state") else None
         for t in range(warmup_tokens):  # plain calls, before the tracer is attached: nothing of them is counted
             state = _step(model, lambda m, *args: m(*args), stream[:, t:t + 1], state)
-        with _tracing(model, rules) as tracer:
+        with _tracing(model, rules, accumulator_bits) as tracer:
             for tensor in tree_leaves(state):
                 if isinstance(tensor, torch.Tensor):
                     tracer.mark_input(tensor)
@@ -151,7 +148,7 @@ def count_stream(model: nn.Module, tokens: torch.Tensor, *, warmup_tokens: int =
     return _result(tracer, stream.shape[1] - warmup_tokens, accumulator_bits, freebie, dict([STREAM_CONVENTION]))
 
 
-def count_inputs(model: nn.Module, inputs: Any, *, accumulator_bits: int = 32, freebie: bool | None = None,
+def count_inputs(model: nn.Module, inputs: Any, *, accumulator_bits: int | str = 32, freebie: bool | None = None,
                  rules: Mapping[str, Rule] = RULES) -> Count:
     """Count ``model`` on a task's scorer inputs (``data.tasks.ScoreInputs``: ``inputs``, ``stream``, ``warmup``):
     a token stream fed on-line with :func:`count_stream`, a batch of examples with :func:`count_model`."""

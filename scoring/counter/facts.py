@@ -191,17 +191,20 @@ class FactMap:
             keeps = mask is not None and tensor.numel() == mask.kept.numel()
             self[tensor] = replace(facts, mask=mask) if keeps else facts
 
-    def operand_width(self, operands: Iterable[torch.Tensor], extra: Width = NO_INPUT) -> Width:
-        """Width of an op: the widest of its operands (and ``extra``), constants left out."""
+    def operand_width(self, operands: Iterable[torch.Tensor], extra: Width = NO_INPUT,
+                      unquantized: Width = UNTAGGED) -> Width:
+        """Width of an op: the widest of its operands (and ``extra``), constants left out; an operand without a bit
+        tag at ``unquantized`` (the width a module declared for its other ops, else untagged)."""
         width = extra
         for facts in map(self.get, operands):
             if not facts.constant:
-                width |= facts.width()
+                width |= unquantized if facts.bits is None else Width(facts.bits)
         return width
 
-    def product_width(self, operands: Iterable[torch.Tensor], extra: Width = NO_INPUT) -> Width:
+    def product_width(self, operands: Iterable[torch.Tensor], extra: Width = NO_INPUT,
+                      unquantized: Width = UNTAGGED) -> Width:
         """Width of a product: a sign flip (1/32 op) when an operand is 1-bit (±1), else the widest operand."""
         operands = list(operands)
         if any(self.get(t).bits == 1 for t in operands):
             return SIGN_FLIP
-        return self.operand_width(operands, extra)
+        return self.operand_width(operands, extra, unquantized)

@@ -1,7 +1,7 @@
 """The module stack: module hooks keep the modules running, so that each op is attributed to the innermost one
 (a quantizer's ops to the layer around it); quantizer modules tag their outputs with their bits and store their
-scales, and a module declaring ``micronet_mask_bits`` puts its mask on the weight it outputs
-(:mod:`scoring.protocol`).
+scales, a module declaring ``micronet_mask_bits`` puts its mask on the weight it outputs, and one declaring
+``micronet_other_ops_bits`` sets the width of the ops outside dot products run inside it (:mod:`scoring.protocol`).
 
 Imports torch, :mod:`scoring.protocol` and the counter's facts, layers and storage."""
 from __future__ import annotations
@@ -14,10 +14,11 @@ import torch.nn as nn
 from torch.nn.utils.parametrize import ParametrizationList, type_before_parametrizations
 from torch.utils._python_dispatch import _disable_current_modes
 
-from scoring.counter.facts import FactMap, Mask, tensors
+from scoring.counter.facts import FactMap, Mask, Width, tensors
 from scoring.counter.layers import MODEL_LAYER, Layer, Stored
 from scoring.counter.storage import Storage
-from scoring.protocol import declared_mask_bits, is_quantizer, quantizer_bits, quantizer_scales
+from scoring.protocol import (declared_mask_bits, is_quantizer, other_ops_bits, quantizer_bits, quantizer_scales,
+                              scale_granularity)
 
 
 def kept_by(module: nn.Module, args: Any, output: Any) -> torch.Tensor | None:
@@ -37,8 +38,8 @@ def kept_by(module: nn.Module, args: Any, output: Any) -> torch.Tensor | None:
 class ModuleStack:
     """The modules of one model running now, and the layer (per-layer counts) of each module."""
 
-    def __init__(self, model: nn.Module, facts: FactMap, storage: Storage):
-        self.facts, self.storage = facts, storage
+    def __init__(self, model: nn.Module, facts: FactMap, storage: Storage, conventions: set[str]):
+        self.facts, self.storage, self.conventions = facts, storage, conventions
         self.layers: dict[str, Layer] = {}
         #: Per module running, outermost first: the innermost of them that is not a quantizer (None: none is).
         self.stack: list[nn.Module | None] = []
@@ -47,6 +48,13 @@ class ModuleStack:
         self.quantizer_depth = 0
         #: The narrowest quantized tensor (bits, where): it decides the freebie.
         self.narrowest_tag: tuple[int, str] | None = None
+        #: The modules running now that declare the width of their other ops, outermost first, with that width.
+        self.other_ops: list[tuple[nn.Module, int]] = []
+
+    @property
+    def other_ops_width(self) -> Width | None:
+        """The width declared for the ops outside dot products running now (the innermost declaration; None: none)."""
+        return Width(self.other_ops[-1][1]) if self.other_ops else None
 
     def attach(self, model: nn.Module) -> list[Any]:
         """Hook every module of ``model``; the handles, to remove the hooks."""
@@ -65,9 +73,16 @@ class ModuleStack:
         self.stack.append((self.stack[-1] if self.stack else None) if quantizer else module)
         if quantizer:
             self._enter_quantizer(module)
+        bits = other_ops_bits(module)
+        if bits is not None:
+            self.other_ops.append((module, bits))
+            self.conventions.add("other ops precision")
+            self._narrow(bits, f"'{self.names.get(module, type(module).__name__)}' runs its other ops at {bits} bits")
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         self.stack.pop()
+        if self.other_ops and self.other_ops[-1][0] is module:
+            self.other_ops.pop()
         mask_bits = declared_mask_bits(module)
         if mask_bits is not None:
             with _disable_current_modes():  # the scorer's own ops, not the model's
@@ -78,8 +93,11 @@ class ModuleStack:
         if is_quantizer(module):
             self.quantizer_depth -= 1
             bits = quantizer_bits(module)
+            per_tensor = ("quantizer", id(module)) in self.storage.kept and scale_granularity(module) == "tensor"
             for tensor in tensors([output]):
-                self.facts[tensor] = replace(self.facts.get(tensor), bits=bits, producer=None)
+                facts = self.facts[tensor] = replace(self.facts.get(tensor), bits=bits, producer=None)
+                if per_tensor and facts.static and facts.roots:  # a stored weight with one scale
+                    self.storage.tensor_scales[facts.roots] = ("quantizer", id(module))
 
     def _enter_quantizer(self, module: nn.Module) -> None:
         self.quantizer_depth += 1

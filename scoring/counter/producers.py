@@ -22,6 +22,10 @@ class Producer:
     parts: tuple[Producer, ...] = ()
     #: Channels whose dot products are empty (no nonzero weight): a folded bias makes them constants.
     empty: int = 0
+    #: The parameters its own bias derives from (empty: no bias, or one computed at run time).
+    bias: frozenset[int] = frozenset()
+    #: With an adder tree, the widest final sum of its dot products in bits (None: a flat accumulator).
+    final: int | None = None
     #: The batch norm (by its parameters) tentatively folded into this output, None if none.
     batch_norm: frozenset[int] | None = None
     #: Read by a batch norm counted unfolded over the same channels: its affine can absorb a scale.
@@ -37,9 +41,16 @@ class Producer:
 
     def weights(self) -> list[frozenset[int]]:
         """The stored weights (by the parameters they derive from) whose scale a folded batch norm changes."""
-        if self.parts:
-            return [weight for part in self.parts for weight in part.weights()]
-        return [self.weight]
+        return [leaf.weight for leaf in self.leaves()]
+
+    def leaves(self) -> list[Producer]:
+        """The conv/linear outputs this is made of: itself, or the parts of a concatenation."""
+        return [leaf for part in self.parts for leaf in part.leaves()] if self.parts else [self]
+
+    def final_bits(self) -> int | None:
+        """With an adder tree, the widest final sum of the dot products of every part (None: a flat accumulator)."""
+        finals = [leaf.final for leaf in self.leaves()]
+        return None if None in finals else max(finals)
 
     def unbiased_channels(self) -> tuple[int, int]:
         """(channels without a bias of their own, those of them with empty dot products): a fold gives them a

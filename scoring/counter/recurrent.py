@@ -101,21 +101,28 @@ def recurrences(key: str, rule: Rule, bound: Mapping[str, Any]) -> list[Recurren
 
 
 #: Counts dot products: (layer, operands, weight, rows, reuse, bias=False, extra=NO_INPUT); see OpCosts.dot.
-Dot = Callable[..., None]
+Dot = Callable[..., Any]
+
+
+#: Notes that a layer multiplies a float operand (layer, operand); see OpCosts.float_dot.
+FloatDot = Callable[[Layer, str], None]
 
 
 class RecurrentCounter:
-    """Counts recurrent ops by their cells' rules; ``dot`` counts the dot products of an LSTM's projection."""
+    """Counts recurrent ops by their cells' rules; ``dot`` counts the dot products of an LSTM's projection, and
+    ``float_dot`` notes that the gates multiply the recurrent state, a float inside the kernel."""
 
-    def __init__(self, rules: Mapping[str, Rule], rules_used: set[str], facts: FactMap, storage: Storage, dot: Dot):
+    def __init__(self, rules: Mapping[str, Rule], rules_used: set[str], facts: FactMap, storage: Storage, dot: Dot,
+                 float_dot: FloatDot):
         self.rules, self.rules_used = rules, rules_used
-        self.facts, self.storage, self.dot = facts, storage, dot
+        self.facts, self.storage, self.dot, self.float_dot = facts, storage, dot, float_dot
         #: torch's composite recurrent functions (torch.lstm, ...) -> their rule key.
         self.composites = {getattr(torch, key): key for key, rule in rules.items()
                            if rule.kind == RECURRENT and rule.layout in COMPOSITE_LAYOUTS and hasattr(torch, key)}
 
     def count(self, layer: Layer, key: str, rule: Rule, bound: Mapping[str, Any]) -> None:
         """A recurrent op: per layer and direction the gate dot products, biases, pointwise ops and projection."""
+        self.float_dot(layer, f"the recurrent state inside aten.{key}")
         for rec in recurrences(key, rule, bound):
             cell, hidden = rec.cell, rec.hidden
             merged = cell.merged * hidden

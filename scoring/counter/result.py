@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping
 
 from scoring.counter.facts import NO_INPUT
 from scoring.counter.layers import Layer
-from scoring.rules import score, score_terms
+from scoring.rules import ADDER_TREE, score, score_terms
 
 #: Width of an unquantized tensor with and without the freebie.
 FULL_BITS = 32
@@ -30,11 +30,14 @@ class Count:
     params: float
     ops: float
     freebie: bool
-    accumulator_bits: int
+    accumulator_bits: int | str  # the setting: a width, or ADDER_TREE
     examples: int
     layers: list[dict[str, Any]]
     project_rules: dict[str, str]
     ops_exact: Fraction = field(repr=False, compare=False, default=Fraction(0))
+    #: With an adder tree: the layers whose dot products multiply a float (not integer-quantized) operand, summed in
+    #: a 32-bit accumulator instead, with that operand. An adder tree is official only where this is empty.
+    float_dot_products: dict[str, str] = field(default_factory=dict)
 
     def score_terms(self, task: str) -> tuple[float, float]:
         """(params term, ops term) of the score on ``task``."""
@@ -46,9 +49,11 @@ class Count:
         return score(task, Fraction(self.param_bits, 32), self.ops_exact)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict of every field."""
+        """A JSON-able dict of every field (``float_dot_products`` only with an adder tree)."""
+        tree = self.accumulator_bits == ADDER_TREE
+        adder_tree = {"float_dot_products": dict(self.float_dot_products)} if tree else {}
         return {"mults": self.mults, "adds": self.adds, "param_bits": self.param_bits, "params": self.params,
-                "ops": self.ops, "freebie": self.freebie, "accumulator_bits": self.accumulator_bits,
+                "ops": self.ops, "freebie": self.freebie, "accumulator_bits": self.accumulator_bits, **adder_tree,
                 "examples": self.examples, "project_rules": dict(self.project_rules),
                 "layers": [dict(layer) for layer in self.layers]}
 
@@ -82,24 +87,40 @@ def _row(layer: Layer, mults: int, param_bits: int, ops: Fraction, examples: int
     }
 
 
-def build_count(layers: Iterable[Layer], narrowest_tag: tuple[int, str] | None, examples: int, accumulator_bits: int,
-                freebie: bool | None, project_rules: Mapping[str, str]) -> Count:
-    """The :class:`Count` of traced ``layers`` over ``examples``, the freebie decided from the narrowest tag."""
+def _op_bits(layer: Layer, accumulator_bits: int, default: int) -> tuple[int, int]:
+    """(bits of ``layer``'s multiplies, bits of its additions): additions not counted at a width of their own count
+    at ``accumulator_bits``."""
+    mult_bits = sum(count * width.bits(default) for width, count in layer.mults.items())
+    at_own_width = sum(layer.adds_at.values())
+    add_bits = ((layer.adds - at_own_width) * accumulator_bits
+                + sum(count * width.bits(default) for width, count in layer.adds_at.items()))
+    return mult_bits, add_bits
+
+
+def build_count(layers: Iterable[Layer], narrowest_tag: tuple[int, str] | None, examples: int,
+                accumulator_bits: int | str, freebie: bool | None, project_rules: Mapping[str, str],
+                float_dot_products: Mapping[str, str] | None = None) -> Count:
+    """The :class:`Count` of traced ``layers`` over ``examples``, the freebie decided from the narrowest tag.
+
+    Additions without a width of their own count at ``accumulator_bits``; with an adder tree (whose dot products of
+    integers gave their additions a width each) the others (dot products of ``float_dot_products``, the float
+    additions outside dot products) at 32 bits."""
     freebie = _freebie(narrowest_tag, freebie)
     default = FREEBIE_BITS if freebie else FULL_BITS
-    rows, total_mults, total_adds, total_mult_bits, total_param_bits = [], 0, 0, 0, 0
+    accumulator = FULL_BITS if accumulator_bits == ADDER_TREE else accumulator_bits
+    rows, total_mults, total_adds, total_op_bits, total_param_bits = [], 0, 0, 0, 0
     for layer in layers:
         mults = sum(layer.mults.values())
-        mult_bits = sum(count * width.bits(default) for width, count in layer.mults.items())
+        mult_bits, add_bits = _op_bits(layer, accumulator, default)
         param_bits = sum(s.total_bits(default) for s in layer.stored)
         if not (mults or layer.adds or param_bits or layer.notes):
             continue  # a container or data movement only
         total_mults, total_adds = total_mults + mults, total_adds + layer.adds
-        total_mult_bits, total_param_bits = total_mult_bits + mult_bits, total_param_bits + param_bits
-        ops = Fraction(mult_bits + layer.adds * accumulator_bits, 32 * examples)
+        total_op_bits, total_param_bits = total_op_bits + mult_bits + add_bits, total_param_bits + param_bits
+        ops = Fraction(mult_bits + add_bits, 32 * examples)
         rows.append(_row(layer, mults, param_bits, ops, examples, default))
-    ops = Fraction(total_mult_bits + total_adds * accumulator_bits, 32 * examples)
+    ops = Fraction(total_op_bits, 32 * examples)
     return Count(mults=_number(Fraction(total_mults, examples)), adds=_number(Fraction(total_adds, examples)),
                  param_bits=total_param_bits, params=total_param_bits / 32, ops=float(ops), freebie=freebie,
                  accumulator_bits=accumulator_bits, examples=examples, layers=rows,
-                 project_rules=dict(project_rules), ops_exact=ops)
+                 project_rules=dict(project_rules), ops_exact=ops, float_dot_products=dict(float_dot_products or {}))

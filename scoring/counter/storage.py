@@ -75,6 +75,8 @@ class Storage:
         self.reads: set[tuple] = set()
         #: Stored values by key: (layer, value, priority).
         self.kept: dict[Hashable, tuple[Layer, Stored, int]] = {}
+        #: Stored weights (by their parameters) quantized with one scale per tensor -> the key of that scale.
+        self.tensor_scales: dict[frozenset[int], Hashable] = {}
 
     def wants(self, key: Hashable, numel: int, priority: int = 1) -> bool:
         """Whether a value stored under ``key`` (the parameters it derives from), read at ``numel`` values, must be
@@ -120,15 +122,24 @@ class Storage:
             self.coverage[roots] = None if bool(covered.all()) else covered
         return base, self.coverage[roots]
 
-    def store_dense(self, layer: Layer, tensors: list[torch.Tensor], known: list[Facts]) -> None:
-        """Count static inputs (biases, scales, position tables) as dense stored values; ``known``: their facts."""
+    def restore(self, key: Hashable, numel: int, bits: int | None) -> None:
+        """Count what is kept under ``key`` (if anything) as ``numel`` values of ``bits`` instead, where it is."""
+        kept = self.kept.get(key)
+        if kept is not None:
+            self.keep(kept[0], key, Stored(numel, bits), kept[2])
+
+    def store_dense(self, layer: Layer, tensors: list[torch.Tensor], known: list[Facts],
+                    bits: int | None = None) -> None:
+        """Count static inputs (biases, scales, position tables) as dense stored values; ``known``: their facts. One
+        without a bit tag is stored at ``bits`` (None: unquantized)."""
         for tensor, facts in zip(tensors, known):
             if facts.static and facts.roots:
                 base, read = self._extent(tensor)
                 numel = base.numel() if read is None else int(read.sum())
                 priority = self._priority(layer, facts.roots, 1)
                 if self.wants(facts.roots, numel, priority):
-                    self.keep(layer, facts.roots, Stored(numel, facts.bits), priority)
+                    self.keep(layer, facts.roots, Stored(numel, facts.bits if facts.bits is not None else bits),
+                              priority)
 
     def store_weight(self, layer: Layer, weight: torch.Tensor, priority: int = 1) -> None:
         """Count a static weight (conv/linear, recurrent matrix, lookup table): its nonzeros × bits + a mask, or

@@ -26,25 +26,30 @@ from scoring.counter.modules import ModuleStack
 from scoring.counter.permutations import Permutations
 from scoring.counter.producers import Lineage, concat_lineage, concat_producer, view_lineage
 from scoring.counter.storage import Storage
-from scoring.rules import BATCH_NORM, FREE, INDEX_ARITHMETIC, VIEW, Rule, UnsupportedOpError, rule_key
+from scoring.rules import ADDER_TREE, BATCH_NORM, FREE, INDEX_ARITHMETIC, VIEW, Rule, UnsupportedOpError, rule_key
 
 
 class Tracer(TorchDispatchMode):
     """Records every op of one model over any number of batches."""
 
-    def __init__(self, model: nn.Module, rules: Mapping[str, Rule]):
+    def __init__(self, model: nn.Module, rules: Mapping[str, Rule], accumulator_bits: int | str = 32):
         super().__init__()
         self.rules = rules
         self.rules_used: set[str] = set()
+        #: The conditional project rules (scoring.rules.CONDITIONAL_CONVENTIONS) this trace used.
+        self.conventions: set[str] = {"adder tree"} if accumulator_bits == ADDER_TREE else set()
         self.facts = FactMap()
         for tensor in [*model.parameters(), *model.buffers()]:
             self.facts[tensor] = Facts(static=True, roots=frozenset((id(tensor),)))
         self.storage = Storage(model, self.facts)
-        self.modules = ModuleStack(model, self.facts, self.storage)
-        self.folding = Folding(self.facts)
+        self.modules = ModuleStack(model, self.facts, self.storage, self.conventions)
+        self.folding = Folding(self.facts, self.conventions)
         self.permutations = Permutations(self.facts, self.storage)
-        costs = OpCosts(rules, self.rules_used, self.facts, self.storage, self.folding, self.permutations)
+        costs = OpCosts(rules, self.rules_used, self.facts, self.storage, self.folding, self.permutations,
+                        adder_tree=accumulator_bits == ADDER_TREE, other_ops=lambda: self.modules.other_ops_width)
         self.recurrent = costs.recurrent
+        #: With an adder tree, the layers whose dot products have a float operand (see OpCosts.float_dot).
+        self.float_dots = costs.float_dots
         #: Depth of recurrent composites being run: their inner ops are counted by the composite's rule.
         self.opaque = 0
         self.keys: dict[Any, str] = {}

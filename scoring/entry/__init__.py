@@ -3,10 +3,11 @@
 * :mod:`~scoring.entry.files` — durable writes, and bounded reads of files that may come from anyone;
 * :mod:`~scoring.entry.manifest` — the ``SHA256SUMS`` manifest that seals a bundle;
 * :mod:`~scoring.entry.bundle` — the entry format (``entry.json`` + ``model.safetensors``) and the model rebuild;
-* :mod:`~scoring.entry.runfiles` — ``report.json`` / ``report.md`` of a run or bundle;
+* :mod:`~scoring.entry.runfiles` — ``report.json`` / ``report.md`` of a run or bundle, and ``measured.json``;
 * :mod:`~scoring.entry.model_report` — evaluate → count → report, shared by the run, verify and the scoring CLI;
 * :mod:`~scoring.entry.kit` — what the kit defines (tasks, official score settings) and the check of an entry
   against it;
+* :mod:`~scoring.entry.deploy` — an entry as an ONNX file with QDQ nodes, measured on ONNX Runtime;
 * the commands: :mod:`~scoring.entry.export`, :mod:`~scoring.entry.verify`, :mod:`~scoring.entry.architecture`
   (``python -m scoring`` dispatches to them), and :mod:`~scoring.entry.boundary`, every command's error boundary.
 
@@ -26,6 +27,7 @@ _API = {
     "ENTRY_JSON": "bundle", "WEIGHTS_FILE": "bundle", "Entry": "bundle", "build_model_from_entry": "bundle",
     "find_entry_dir": "bundle", "load_entry": "bundle", "model_spec": "bundle", "save_entry": "bundle",
     "REPORT_JSON": "runfiles", "REPORT_MD": "runfiles", "read_report": "runfiles", "write_report": "runfiles",
+    "MEASURED_JSON": "runfiles", "read_measurement": "runfiles", "write_measurement": "runfiles",
     "count_report": "model_report", "recount": "model_report",
 }
 

@@ -2,18 +2,21 @@
 
 An entry is a folder with two files:
 
-* ``model.safetensors`` — the final state dict (pruning masks applied, quantization parameters included),
-  in safetensors: a format that holds only tensors, so loading it can never run code;
+* the weights: ``model.safetensors`` (format version 1, what a run writes) — the final state dict (pruning masks
+  applied, quantization parameters included) in safetensors, a format that holds only tensors, so loading it can
+  never run code; or ``model.packed`` (format version 2, what the exporter writes) — every tensor at the width the
+  scorer counts it (:mod:`scoring.entry.packed`);
 * ``entry.json`` — the resolved run config, the compression state (the structure that masks and
   quantizers add to the registry model), the model name and class count, the sha256 of the weights file
-  and the versions that wrote it.
+  (and a packed file's layout) and the versions that wrote it.
 
-Nothing here unpickles. :func:`load_entry` checks that the weights file *is* safetensors before any parser
-touches it, so a planted pickle is refused with one line, reads its safetensors header only up to
+Nothing here unpickles. :func:`load_entry` checks that the weights file *is* safetensors (or packed: its magic)
+before any parser touches it, so a planted pickle is refused with one line, reads its safetensors header only up to
 :data:`~scoring.entry.files.MAX_HEADER_BYTES` (from its 8-byte length, before any parser runs), and checks the
-recorded sha256. entry.json is plain data (:mod:`scoring.entry.files`), and no string in it holds ``${`` or
-equals ``???`` (what OmegaConf would interpolate, e.g. ``${oc.env:HOME}``, or read as missing): a resolved
-config has none.
+recorded sha256; a packed file is read whole (at most :data:`~scoring.entry.files.MAX_BUNDLE_BYTES`), its layout
+and streams checked before anything is decoded (:mod:`scoring.entry.packed`). entry.json is plain data
+(:mod:`scoring.entry.files`), and no string in it holds ``${`` or equals ``???`` (what OmegaConf would interpolate,
+e.g. ``${oc.env:HOME}``, or read as missing): a resolved config has none.
 
 :func:`build_model_from_entry` is the one place that composes models and compress to rebuild an entry; the
 exporter, the verifier and the scoring CLI all go through it. It checks the model's keyword arguments
@@ -46,11 +49,17 @@ from safetensors.torch import load, save_file
 
 from scoring.entry.files import MAX_BUNDLE_BYTES, MAX_HEADER_BYTES, MAX_JSON_BYTES, MAX_MODULES, EntryError, \
     atomic_write, open_regular, plain_json, read_regular, sha256_file
+from scoring.entry.packed import PACKED_FILE, check_declared_widths, check_magic, pack_state, unpack_state, \
+    weights_storage
 
 ENTRY_JSON = "entry.json"
 WEIGHTS_FILE = "model.safetensors"
 #: Version of the entry.json layout; bumped when a reader could misread an older entry.
 FORMAT_VERSION = 1
+#: The version of an entry whose weights are packed (``model.packed``, its layout in entry.json).
+PACKED_FORMAT_VERSION = 2
+#: The weights file of each format version this kit reads.
+_WEIGHTS_FILES = {FORMAT_VERSION: WEIGHTS_FILE, PACKED_FORMAT_VERSION: PACKED_FILE}
 
 
 @dataclass
@@ -148,8 +157,10 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "micronet_kit": kit}
 
 
-def save_entry(directory: str | os.PathLike, model: nn.Module, *, config: dict[str, Any]) -> Path:
-    """Write ``model`` as an entry into ``directory`` (created if needed) and return the folder.
+def save_entry(directory: str | os.PathLike, model: nn.Module, *, config: dict[str, Any], packed: bool = False
+               ) -> Path:
+    """Write ``model`` as an entry into ``directory`` (created if needed) and return the folder; ``packed`` writes
+    ``model.packed`` (format version 2) instead of ``model.safetensors``.
 
     The model is finalized for export on a copy (the caller's model is left as it is):
     masks are baked into the weights, so pruned weights are exact zeros of the stored tensors, and
@@ -168,15 +179,29 @@ def save_entry(directory: str | os.PathLike, model: nn.Module, *, config: dict[s
     except (TypeError, ValueError) as err:
         raise EntryError(f"config or compression state is not plain JSON ({err}); "
                          "pass resolved containers of str/int/float/bool/list/dict") from None
-    tensors = _storable(exported.state_dict())
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    document["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(directory / WEIGHTS_FILE)}
+    if packed:
+        layout, data = pack_state(exported)
+        atomic_write(directory / PACKED_FILE, lambda tmp: tmp.write_bytes(data))
+        document.update(format_version=PACKED_FORMAT_VERSION, weights={
+            "file": PACKED_FILE, "sha256": sha256_file(directory / PACKED_FILE), "tensors": layout})
+    else:
+        tensors = _storable(exported.state_dict())
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        document["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(directory / WEIGHTS_FILE)}
     text = json.dumps(document, indent=2) + "\n"
     atomic_write(directory / ENTRY_JSON, lambda tmp: tmp.write_text(text))
     return directory
+
+
+def entry_storage(path: str | os.PathLike, entry: Entry, model: nn.Module, counted_bits: int) -> dict[str, Any]:
+    """The parameter bytes ``entry`` (loaded from ``path``, ``model`` rebuilt from it) is counted at, beside the bytes
+    of its weights file and, for a packed entry, what makes the difference
+    (:func:`scoring.entry.packed.weights_storage`)."""
+    weights = entry.meta["weights"]
+    size = (find_entry_dir(path) / weights["file"]).stat().st_size
+    return weights_storage(model, weights, size, counted_bits)
 
 
 def find_entry_dir(path: str | os.PathLike) -> Path:
@@ -212,6 +237,13 @@ def _read_safetensors(path: Path, within: Path) -> bytes:
         return head + f.read(MAX_BUNDLE_BYTES)
 
 
+def _read_packed(path: Path, within: Path) -> bytes:
+    """The bytes of a packed weights file (at most :data:`MAX_BUNDLE_BYTES`), refused unless it starts as one."""
+    data = read_regular(path, within=within, limit=MAX_BUNDLE_BYTES)
+    check_magic(data, path)
+    return data
+
+
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -223,9 +255,9 @@ _CONFIG_SECTIONS = ("task", "model", "train", "compress", "data", "score")
 def _check_document(document: dict[str, Any], path: Path) -> None:
     """The types of entry.json's fields, before anything reads them."""
     model, weights, config = document["model"], document["weights"], document["config"]
-    if not (isinstance(weights, dict) and weights.get("file") == WEIGHTS_FILE
-            and isinstance(weights.get("sha256"), str)):
-        raise EntryError(f"{path} lacks weights.file / weights.sha256 (the file is {WEIGHTS_FILE}); re-export the run")
+    expected = _WEIGHTS_FILES[document["format_version"]]
+    if not (isinstance(weights, dict) and weights.get("file") == expected and isinstance(weights.get("sha256"), str)):
+        raise EntryError(f"{path} lacks weights.file / weights.sha256 (the file is {expected}); re-export the run")
     if not (isinstance(model, dict) and isinstance(model.get("name"), str) and _is_count(model.get("num_classes"))
             and isinstance(model.get("kwargs", {}), dict)):
         raise EntryError(f"{path}: model is {reprlib.repr(model)}, not {{name: str, num_classes: int >= 1, kwargs: "
@@ -252,27 +284,32 @@ def load_entry(path: str | os.PathLike) -> Entry:
     where = directory / ENTRY_JSON
     document = plain_json(read_regular(where, within=top, limit=MAX_JSON_BYTES), where)
     version = document.get("format_version") if isinstance(document, dict) else None
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in _WEIGHTS_FILES:
         raise EntryError(f"{where} has format_version {reprlib.repr(version)}; this micronet-kit reads "
-                         f"version {FORMAT_VERSION} — use the micronet-kit version that wrote it")
+                         f"versions {', '.join(map(str, _WEIGHTS_FILES))} — use the micronet-kit version that "
+                         "wrote it")
     missing = [key for key in ("model", "weights", "config", "compression_state") if key not in document]
     if missing:
         raise EntryError(f"{where} lacks {', '.join(missing)}; re-export the run")
     _refuse_interpolation(document, where)
     _check_document(document, where)
 
-    weights = directory / WEIGHTS_FILE
+    packed = version == PACKED_FORMAT_VERSION
+    weights = directory / _WEIGHTS_FILES[version]
     if not os.path.lexists(weights):
         raise EntryError(f"{weights} is missing; the entry is incomplete — re-export the run")
-    data = _read_safetensors(weights, top)
+    data = _read_packed(weights, top) if packed else _read_safetensors(weights, top)
     actual, recorded = hashlib.sha256(data).hexdigest(), document["weights"]["sha256"]
     if actual != recorded:
         raise EntryError(f"{weights} has sha256 {actual[:16]}…, entry.json records {recorded[:16]}…: "
                          "the weights were changed after export")
-    try:
-        state_dict = load(data)
-    except SafetensorError as err:
-        raise EntryError(f"{weights} is a damaged safetensors file ({err})") from None
+    if packed:
+        state_dict = unpack_state(data, document["weights"].get("tensors"), weights)
+    else:
+        try:
+            state_dict = load(data)
+        except SafetensorError as err:
+            raise EntryError(f"{weights} is a damaged safetensors file ({err})") from None
 
     config = document.pop("config")
     compression_state = document.pop("compression_state")
@@ -298,6 +335,8 @@ def build_model_from_entry(entry: Entry) -> nn.Module:
     except (UnknownModelError, ModelArgumentError) as err:
         raise EntryError(f"entry.json's model: {err}; re-export the run") from None
     _check_architecture(_skeleton(name, num_classes, kwargs), entry)
+    if entry.meta["weights"]["file"] == PACKED_FILE:
+        check_declared_widths(entry.meta["weights"]["tensors"], entry.compression_state)
     model = create_model(name, num_classes=num_classes, **kwargs)
     apply_compression_state(model, entry.compression_state)  # checked on the skeleton already
     try:
@@ -353,10 +392,11 @@ def _check_architecture(skeleton: nn.Module, entry: Entry) -> None:
         check_compression_state(skeleton, entry.compression_state)
     except ValueError as err:
         raise EntryError(f"entry.json's compression_state: {err}; re-export the run") from None
-    parametrized = set(entry.compression_state.get("weights", {}))
+    state = entry.compression_state  # its quantized biases are parametrized too
+    parametrized = {"weight": set(state.get("weights", {})), "bias": set(state.get("biases", {}))}
     for key, tensor in skeleton.state_dict().items():
         layer, _, leaf = key.rpartition(".")
-        stored_key = f"{layer}.parametrizations.{leaf}.original" if leaf == "weight" and layer in parametrized else key
+        stored_key = f"{layer}.parametrizations.{leaf}.original" if layer in parametrized.get(leaf, ()) else key
         stored = entry.state_dict.get(stored_key)
         if stored is None or stored.shape != tensor.shape:
             found = "absent" if stored is None else list(stored.shape)

@@ -2,8 +2,9 @@
 
 A bundle has the layout of a run dir, reduced to what an organizer needs::
 
-    BUNDLE/entry/model.safetensors   weights (masks applied, quantization parameters included)
-    BUNDLE/entry/entry.json          resolved config, compression state, sha256 of the weights
+    BUNDLE/entry/model.packed        weights at the widths the scorer counts (``--format float``: the run's
+                                     model.safetensors; see :mod:`scoring.entry.packed`)
+    BUNDLE/entry/entry.json          resolved config, compression state, sha256 of the weights (and their layout)
     BUNDLE/report.json, report.md    the run's evaluation and count
     BUNDLE/WRITEUP.md                the write-up skeleton: metric calculation in full, how to reproduce
     BUNDLE/SHA256SUMS                sha256 of every other file (``sha256sum -c SHA256SUMS`` checks it), written last
@@ -12,6 +13,10 @@ The manifest records the bundle as exported, so damage or edits on the way to th
 ``python -m scoring verify`` checks it before anything else and refuses a bundle with a changed, missing
 or unlisted file. (It is a checksum list, not a signature: whoever edits a bundle can rewrite it too, which
 is why verify also re-evaluates and recounts everything.)
+
+The packed weights are rebuilt and compared with the run's entry before the bundle is written: every executed
+weight and every other tensor must come back exactly. The command prints the parameter bytes the scorer counts
+beside the bytes on disk, and what makes the difference.
 
 The bundle is assembled in a temporary folder next to ``--out`` and renamed into place, so a failure
 leaves nothing half-written; an existing bundle is replaced only with ``--force``. This module may import data/,
@@ -27,9 +32,11 @@ from typing import Any, Sequence
 
 from scoring.challenge import PERPLEXITY, challenge_task
 from scoring.entry.boundary import command
-from scoring.entry.bundle import ENTRY_JSON, WEIGHTS_FILE, Entry, find_entry_dir, load_entry
+from scoring.entry.bundle import ENTRY_JSON, WEIGHTS_FILE, Entry, build_model_from_entry, find_entry_dir, load_entry, \
+    save_entry
 from scoring.entry.files import EntryError
 from scoring.entry.manifest import write_manifest
+from scoring.entry.packed import PACKED_FILE, StorageSummary, check_round_trip, storage_summary
 from scoring.entry.runfiles import REPORT_JSON, REPORT_MD, read_report
 from scoring.report import layer_table, rules_text, totals_text
 
@@ -107,9 +114,11 @@ def writeup(entry: Entry, report: dict[str, Any], train_command: str) -> str:
     return "\n\n".join(sections) + "\n"
 
 
-def export(run_dir: Path, out: Path, *, force: bool = False, allow_gate_failure: bool = False) -> Path:
+def export(run_dir: Path, out: Path, *, force: bool = False, allow_gate_failure: bool = False,
+           packed: bool = True) -> Path:
     """Write the bundle of ``run_dir`` to ``out`` and return it; a run that fails its gate is no entry, and is
-    exported only with ``allow_gate_failure`` (to inspect or share it: its WRITEUP.md says it does not qualify)."""
+    exported only with ``allow_gate_failure`` (to inspect or share it: its WRITEUP.md says it does not qualify).
+    ``packed`` writes the weights packed (:mod:`scoring.entry.packed`), else the run's safetensors file as is."""
     source = find_entry_dir(run_dir)
     if source != run_dir / "entry":
         raise EntryError(f"{run_dir} is an entry folder, not a run dir; pass the run dir that holds entry/ "
@@ -128,9 +137,12 @@ def export(run_dir: Path, out: Path, *, force: bool = False, allow_gate_failure:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     replaced = staging.with_name(staging.name + ".old")
     try:
-        (staging / "entry").mkdir()
-        for name in (WEIGHTS_FILE, ENTRY_JSON):
-            shutil.copy2(source / name, staging / "entry" / name)
+        if packed:
+            write_packed(entry, staging / "entry")
+        else:
+            (staging / "entry").mkdir()
+            for name in (WEIGHTS_FILE, ENTRY_JSON):
+                shutil.copy2(source / name, staging / "entry" / name)
         for name in (REPORT_JSON, REPORT_MD):
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, staging / name)
@@ -146,16 +158,40 @@ def export(run_dir: Path, out: Path, *, force: bool = False, allow_gate_failure:
     return out
 
 
+def write_packed(entry: Entry, directory: Path) -> None:
+    """Write ``entry`` into ``directory`` with its weights packed, after checking that the packed weights rebuild
+    exactly the model ``entry`` holds (:func:`scoring.entry.packed.check_round_trip`)."""
+    model = build_model_from_entry(entry)
+    save_entry(directory, model, config=entry.config, packed=True)
+    check_round_trip(model, build_model_from_entry(load_entry(directory)))
+
+
+def bundle_storage(bundle: Path) -> StorageSummary | None:
+    """Counted parameter bytes beside the bytes of the bundle's packed weights file (None: not packed)."""
+    entry = load_entry(bundle)
+    if entry.meta["weights"]["file"] != PACKED_FILE:
+        return None
+    size = (find_entry_dir(bundle) / PACKED_FILE).stat().st_size
+    return storage_summary(build_model_from_entry(entry), entry.meta["weights"]["tensors"], size,
+                           read_report(bundle)["param_bits"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m scoring.export RUN_DIR --out BUNDLE [--force] [--allow-gate-failure]``."""
+    """CLI: ``python -m scoring.export RUN_DIR --out BUNDLE [--force] [--allow-gate-failure] [--format F]``."""
     parser = argparse.ArgumentParser(prog="python -m scoring.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="finished run dir (holds entry/ and report.json)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     parser.add_argument("--allow-gate-failure", action="store_true",
                         help="export a run that fails its gate (it does not qualify; for inspection)")
+    parser.add_argument("--format", choices=("packed", "float"), default="packed",
+                        help="weights packed at the counted widths (default), or the run's float safetensors file")
     args = parser.parse_args(argv)
     with command():
-        bundle = export(args.run_dir, args.out, force=args.force, allow_gate_failure=args.allow_gate_failure)
+        bundle = export(args.run_dir, args.out, force=args.force, allow_gate_failure=args.allow_gate_failure,
+                        packed=args.format == "packed")
+        storage = bundle_storage(bundle)
+    if storage is not None:
+        print(storage.describe())
     print(f"bundle written to {bundle}; check it with: python -m scoring verify {bundle}")
     return 0

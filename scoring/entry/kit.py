@@ -12,7 +12,9 @@ kit's, never the bundle's:
   compared, since nothing reads them. A recorded ``task.name: cifar100`` on a digits entry is refused, not scored
   against the CIFAR-100 baseline;
 * the score settings: :func:`official_score_settings` reads ``score`` of ``conf/config.yaml`` (examples 256,
-  accumulator_bits 32, freebie auto). An entry recorded with other settings is refused, unless the organizer
+  accumulator_bits 32, freebie auto); ``accumulator_bits: adder_tree`` is official too (the 2019 winners' adder
+  trees; the counter refuses it unless every dot product multiplies integers). An entry recorded with other
+  settings is refused, unless the organizer
   passes ``--allow-score-settings``; then it is compared under its own settings and every line that would say
   "verified" says instead that the score is not an official one, naming the settings;
 * the baseline and gate: the report must name the task, with the kit's baseline and gate for it (the judge's
@@ -37,7 +39,7 @@ from conf import CONF_DIR
 from scoring.challenge import UnknownTaskError, challenge_task
 from scoring.entry.bundle import Entry
 from scoring.entry.files import EntryError
-from scoring.rules import freebie_setting
+from scoring.rules import ACCUMULATOR_OVERFLOWS, ADDER_TREE, accumulator_setting, freebie_setting
 
 #: data.* settings that describe a machine, not a run: verify uses these, whatever the entry recorded
 #: (``root`` is replaced by ``--data-root``).
@@ -145,14 +147,25 @@ def _check_task(recorded: Mapping[str, Any], task: Mapping[str, Any]) -> None:
 #: Checks of each score setting, for an entry compared under its own settings (--allow-score-settings).
 _SCORE_CHECKS = {
     "examples": (lambda v: _is_int(v) and 1 <= v <= MAX_BATCH, f"an integer in 1..{MAX_BATCH}"),
-    "accumulator_bits": (lambda v: _is_int(v) and 1 <= v <= 32, "an integer in 1..32"),
+    "accumulator_bits": (lambda v: _is_accumulator_setting(v), f"an integer in 1..32 or {ADDER_TREE}"),
+    "accumulator_overflow": (lambda v: v in ACCUMULATOR_OVERFLOWS, " or ".join(ACCUMULATOR_OVERFLOWS)),
     "freebie": (lambda v: _is_freebie_setting(v), "auto, true or false"),
 }
 
 
+#: Score settings that entries written before them lack, with what such an entry did: its accumulator wrapped.
+_LATER_SETTINGS = {"accumulator_overflow": "wrap"}
+
+
+#: Score settings an official score may take besides the kit's own.
+_OFFICIAL_ALTERNATIVES = {"accumulator_bits": (ADDER_TREE,)}
+
+
 def _score_settings(recorded: Mapping[str, Any], allow: bool) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The score settings to count with, and those of the entry that differ from the official ones."""
-    official = official_score_settings()
+    recorded = {**_LATER_SETTINGS, **recorded}
+    official = {**official_score_settings(), **{key: recorded[key] for key, values in _OFFICIAL_ALTERNATIVES.items()
+                                               if recorded.get(key, _ABSENT) in values}}
     unofficial = tuple(f"{key}={_show(recorded.get(key, _ABSENT))} (official {_show(official.get(key, _ABSENT))})"
                        for key in sorted(official.keys() | recorded.keys(), key=str)
                        if not _same(recorded.get(key, _ABSENT), official.get(key, _ABSENT)))
@@ -171,6 +184,25 @@ def _score_settings(recorded: Mapping[str, Any], allow: bool) -> tuple[dict[str,
     return dict(recorded), unofficial
 
 
+def accept_accumulator(judged: Judged, recounted: Mapping[str, Any], allow_score_settings: bool) -> Judged:
+    """``judged`` once the recount shows its accumulation holds: an adder tree is official only where both inputs
+    of every dot product are integer-quantized (the recounted report's ``float_dot_products`` is empty). Else
+    :class:`EntryError`, or with ``allow_score_settings`` ``judged`` compared as not official."""
+    floats = recounted.get("float_dot_products") or {}
+    if recounted.get("accumulator_bits") != ADDER_TREE or not floats:
+        return judged
+    if allow_score_settings:
+        return replace(judged, unofficial=(*judged.unofficial, f"accumulator_bits={ADDER_TREE} over float operands "
+                                                               f"in {len(floats)} layer(s)"))
+    named = ", ".join(f"{name!r} ({operand})" for name, operand in list(floats.items())[:3])
+    raise EntryError(f"score.accumulator_bits={ADDER_TREE} is official only where both inputs of every dot product "
+                     f"are integer-quantized, but {len(floats)} layer(s) multiply a float: {named}"
+                     f"{', ...' if len(floats) > 3 else ''}",
+                     "quantize their inputs and weights (compress quantize: activation_bits, attention_bits), "
+                     "re-export a run counted with score.accumulator_bits=32, or pass --allow-score-settings to "
+                     "compare it as not official")
+
+
 def _check_evaluation(config: Mapping[str, Any]) -> None:
     """The recorded values the evaluation reads: seed and evaluation batch size, in range."""
     seed, batch = config.get("seed"), config["train"].get("eval_batch_size")
@@ -179,6 +211,14 @@ def _check_evaluation(config: Mapping[str, Any]) -> None:
     if not (_is_int(batch) and 1 <= batch <= MAX_BATCH):
         raise EntryError(f"entry.json's train.eval_batch_size={reprlib.repr(batch)} must be an integer in "
                          f"1..{MAX_BATCH}; re-export the run with a smaller train.eval_batch_size")
+
+
+def _is_accumulator_setting(value: Any) -> bool:
+    try:
+        accumulator_setting(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_freebie_setting(value: Any) -> bool:

@@ -5,6 +5,8 @@ an entry and score it through the same function, so that what a run reports and 
 only differ where the model or the data differ. ``python -m scoring --model`` counts an untrained architecture on
 synthetic inputs through :func:`count_report`, the count → report half.
 
+:func:`load_test_split` reads a run's test split as the run read it, for verify's recount and integer execution.
+
 The score settings are the run config's ``score`` section: ``examples`` (test examples run through the scorer),
 ``accumulator_bits`` and ``freebie`` (auto | true | false). This module may import data/ and scoring core.
 """
@@ -16,7 +18,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from data.tasks import Evaluation, ScoreInputs, Task
+from data.tasks import DataOptions, Evaluation, ScoreInputs, Task, build_task
 from scoring.counter import count_inputs
 from scoring.report import build_report
 from scoring.rules import freebie_setting
@@ -33,6 +35,22 @@ def count_report(model: nn.Module, task: Task, inputs: ScoreInputs, score: Mappi
     return build_report(task=task.name, count=count, example=task.example, extra=extra,
                         evaluation=None if evaluation is None else evaluation.to_dict(),
                         validation=None if validation is None else validation.to_dict())
+
+
+def load_test_split(config: Mapping[str, Any], *, data_root: str | None = None, device: str = "auto"
+                    ) -> tuple[Task, Iterable, torch.device]:
+    """The task of a run's resolved ``config``, its test loader as the run read it, and the device ``device`` names
+    (``auto``: cuda when available). ``data_root`` replaces the recorded ``data.root`` (datasets live elsewhere on
+    an organizer's machine); nothing is downloaded, and the validation hold-out is rebuilt only so that the test
+    split is the same."""
+    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                            "cpu" if device == "auto" else device)
+    task = build_task(config["task"])
+    options = DataOptions(root=config["data"].get("root") if data_root is None else data_root,
+                          val_split=config["data"].get("val_split", 0))
+    test = task.loaders(options, batch_size=1, eval_batch_size=config["train"]["eval_batch_size"],
+                        seed=config["seed"], device=resolved).test
+    return task, test, resolved
 
 
 def recount(model: nn.Module, task: Task, test: Iterable, device: torch.device, score: Mapping[str, Any], *,

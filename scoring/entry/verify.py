@@ -35,7 +35,8 @@ Then, before any data is loaded, the entry is checked against the kit (:mod:`sco
 The recorded ``data.root`` is never used (it names a folder on the entrant's machine): the dataset comes from
 ``--data-root``. Exit status 0 when everything agrees, 1 when something differs (a file from the manifest, or a
 field: a table of field / reported / recounted / status is printed either way), 2 when the bundle is refused or
-cannot be loaded.
+cannot be loaded. ``accumulator_bits: adder_tree`` is official too, but refused after the recount where a dot
+product multiplies a float (:func:`scoring.entry.kit.accept_accumulator`).
 
 ``python -m scoring PATH`` (a run dir, a bundle or an entry folder) evaluates and scores the entry with its own
 recorded config and prints the summary, without comparing. Both recount through
@@ -45,6 +46,7 @@ scoring core, never train/.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -52,9 +54,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from scoring.entry.boundary import USER_ERRORS, command
-from scoring.entry.bundle import Entry, build_model_from_entry, load_entry
-from scoring.entry.files import EntryError
-from scoring.entry.kit import Judged, judge
+from scoring.entry.bundle import Entry, build_model_from_entry, entry_storage, load_entry
+from scoring.entry.files import EntryError, atomic_write
+from scoring.entry.kit import Judged, accept_accumulator, judge
 from scoring.entry.manifest import MANIFEST_FILE, FileCheck, check_manifest
 from scoring.entry.runfiles import REPORT_JSON, read_report
 from scoring.errors import UserError
@@ -105,19 +107,10 @@ def recount_entry(entry: Entry, *, data_root: str | None = None, examples: int |
     ``data.root`` (datasets live elsewhere on the organizer's machine); ``examples`` replaces ``score.examples``.
     Nothing is downloaded; the validation hold-out of the run is rebuilt only so the test split is the same.
     """
-    import torch
-
-    from data.tasks import DataOptions, build_task
-    from scoring.entry.model_report import recount
+    from scoring.entry.model_report import load_test_split, recount
 
     config = entry.config
-    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                            "cpu" if device == "auto" else device)
-    task = build_task(config["task"])
-    options = DataOptions(root=config["data"].get("root") if data_root is None else data_root,
-                          val_split=config["data"].get("val_split", 0))
-    test_loader = task.loaders(options, batch_size=1, eval_batch_size=config["train"]["eval_batch_size"],
-                               seed=config["seed"], device=resolved).test
+    task, test_loader, resolved = load_test_split(config, data_root=data_root, device=device)
     model = build_model_from_entry(entry).to(resolved)
     score = {**config["score"], "examples": examples or config["score"]["examples"]}
     return recount(model, task, test_loader, resolved, score)
@@ -212,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allow-score-settings", action="store_true",
                         help="compare an entry recorded with other score settings than the official ones under its "
                              "own; the output then says, first and last, that the score is not official")
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="also write the verdict as JSON: status, the integer execution, counted and packed bytes")
     _common_arguments(parser)
     args = parser.parse_args(argv)
     with command(CANNOT_LOAD):
@@ -226,15 +221,29 @@ def _verify(args: argparse.Namespace) -> int:
                          "export; re-export it with `python -m scoring.export RUN_DIR --out BUNDLE --force`, or "
                          "pass --allow-no-manifest to verify a run dir or an older bundle without that check")
     if checks is not None and not _report_integrity(args.bundle / MANIFEST_FILE, checks):
+        _write_json(args.json, {"status": DIFFER, "integrity": False})
         return DIFFER  # a bundle altered after export is not recounted: its numbers would prove nothing
     reported = read_report(args.bundle)
     judged = judge(load_entry(args.bundle), reported, allow_score_settings=args.allow_score_settings)
-    build_model_from_entry(judged.entry)  # every failure to rebuild shows here, before any data is loaded
+    from scoring.entry.integer import integer_check
+
+    model = build_model_from_entry(judged.entry)  # every failure to rebuild shows here, before any data is loaded
     recounted = _load_and_recount(judged.entry, args)[1]
-    caveat = _print_verdict(judged, recounted, checks, args.bundle)
-    rows = compare(reported, recounted)
+    judged = accept_accumulator(judged, recounted, args.allow_score_settings)
+    integer = integer_check(judged.entry, model, data_root=args.data_root, device=args.device)
+    qualifies = recounted["gate_passed"] and (integer is None or integer.gate.passed) and not judged.unofficial
+    caveat = _print_verdict(judged, recounted, checks, args.bundle, qualifies)
+    # The entry's report says it passes its gate: so must its integer execution.
+    rows = compare(reported, recounted) + ([] if integer is None else [
+        Row("integer.gate_passed", reported.get("gate_passed"), integer.gate.passed)])
     differing = [row for row in rows if not row.close]
     print(format_table(rows))
+    if integer is not None:
+        print(integer.describe())
+    _write_json(args.json, {"status": DIFFER if differing else AGREE, "integrity": checks is not None,
+                            "qualifies": qualifies, "differing_fields": [row.field for row in differing],
+                            "integer": None if integer is None else integer.to_dict(),
+                            "storage": entry_storage(args.bundle, judged.entry, model, recounted["param_bits"])})
     if differing:
         print(f"NOT VERIFIED: {len(differing)} of {len(rows)} fields differ from {args.bundle / REPORT_JSON}{caveat}")
         return DIFFER
@@ -243,17 +252,24 @@ def _verify(args: argparse.Namespace) -> int:
     return AGREE
 
 
+def _write_json(path: Path | None, result: dict[str, Any]) -> None:
+    """``--json``: the verdict as strict JSON, written atomically."""
+    if path is not None:
+        text = json.dumps(result, indent=2, allow_nan=False) + "\n"
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def _print_verdict(judged: Judged, recounted: dict[str, Any], checks: Sequence[FileCheck] | None,
-                   bundle: Path) -> str:
-    """The verdict's first line: whether the entry qualifies, as recounted (an unofficial comparison never does),
-    then the integrity of its files; returns the caveat the last line repeats."""
+                   bundle: Path, qualifies: bool) -> str:
+    """The verdict's first line: whether the entry ``qualifies`` (as recounted and as run in integers; an unofficial
+    comparison never does), then the integrity of its files; returns the caveat the last line repeats."""
     caveat = ""
     if judged.unofficial:
         caveat = f" under the entry's own score settings {', '.join(judged.unofficial)}: NOT AN OFFICIAL SCORE"
         print(f"NOT AN OFFICIAL SCORE: compared under the entry's own score settings {', '.join(judged.unofficial)} "
               f"(--allow-score-settings); {recounted['gate']['summary']}")
     else:
-        print(f"{'QUALIFIES' if recounted['gate_passed'] else 'DOES NOT QUALIFY'}: {recounted['gate']['summary']}")
+        print(f"{'QUALIFIES' if qualifies else 'DOES NOT QUALIFY'}: {recounted['gate']['summary']}")
     if checks is None:
         caveat += f" (file integrity unchecked: no {MANIFEST_FILE})"
         print(f"warning: {bundle} has no {MANIFEST_FILE}; the integrity of its files is unchecked", file=sys.stderr)

@@ -191,17 +191,17 @@ def test_a_registered_technique_is_a_stage_key_built_in_its_order(monkeypatch):
 
 
 def test_shortened_stages_keep_the_shape_of_their_schedules():
-    """The CIFAR-100 recipe's positions are epochs of 200- and 120-epoch stages; shortened to 1 epoch they become
-    the same fractions: pruning ends at 120/200, every 2/200; BN statistics freeze at 100/120."""
-    recipe = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / "cifar100_prune_q4_distill.yaml").compress)
+    """The CIFAR-100 recipe's positions are epochs of two 300-epoch stages; shortened to 1 epoch they become the
+    same fractions: pruning ends at 150/300, every 1/300; BN statistics freeze at 250/300."""
+    recipe = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / "cifar100_densenet_micronet.yaml").compress)
     short = rescale_stages(recipe, 1)
     prune, q4 = short["stages"]
     assert (prune["epochs"], q4["epochs"]) == (1, 1)
     assert {k: prune["prune"][k] for k in ("unit", "start", "end", "frequency")} == \
-        {"unit": "fraction", "start": 0.0, "end": 120 / 200, "frequency": 2 / 200}
+        {"unit": "fraction", "start": 0.0, "end": 150 / 300, "frequency": 1 / 300}
     assert {k: q4["quantize"][k] for k in ("unit", "freeze_bn", "freeze_observers")} == \
-        {"unit": "fraction", "freeze_bn": 100 / 120, "freeze_observers": 110 / 120}
-    assert prune["distill"] == recipe["stages"][0]["distill"] and prune["lr"] == 0.05  # the rest as written
+        {"unit": "fraction", "freeze_bn": 250 / 300, "freeze_observers": 270 / 300}
+    assert prune["distill"] == recipe["stages"][0]["distill"] and prune["lr"] == 0.01  # the rest as written
     assert recipe["stages"][0]["prune"]["unit"] == "epoch"  # the original is not modified
     assert [s.epochs for s in build_stages(short, load_teacher=no_teacher)] == [1, 1]
     unchanged = compose_compress("prune_q8", train_epochs=15)  # fractions already: only the epochs change

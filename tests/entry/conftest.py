@@ -58,6 +58,19 @@ def make_compressed_model(seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def quantized_digits(**quantize) -> torch.nn.Module:
+    """digits_cnn under one 4-bit LSQ stage with the ``quantize`` keys, calibrated on one random batch: no training."""
+    torch.manual_seed(0)
+    model = create_model("digits_cnn", num_classes=10)
+    [stage] = build_stages({"name": "q", "stages": [{"name": "q", "epochs": 1, "quantize": {
+        "weight_bits": 4, "activation_bits": 4, **quantize}}]}, load_teacher=lambda spec: None)
+    for technique in stage.techniques:
+        technique.configure(steps_per_epoch=1)
+        technique.attach(model)
+    model.train()(torch.randn(16, 1, 8, 8))
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def compressed_model() -> torch.nn.Module:
     """Shared by the tests, which only read it (save_entry works on a copy)."""
@@ -96,11 +109,12 @@ def bundle(run_dir: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def exported_bundle(tmp_path_factory: pytest.TempPathFactory, run_config: dict,
                     compressed_model: torch.nn.Module) -> Path:
-    """One exported bundle for the whole session, never changed: tests that alter a bundle copy it first."""
+    """One exported bundle for the whole session, never changed: tests that alter a bundle copy it first. It is in
+    the float format, whose safetensors file the hostile probes edit (the packed format's are in test_packed.py)."""
     root = tmp_path_factory.mktemp("exported")
     out = root / "bundle"
     assert export.main([str(finish_run(root / "run", compressed_model, run_config)), "--out", str(out),
-                        "--allow-gate-failure"]) == 0
+                        "--allow-gate-failure", "--format", "float"]) == 0
     return out
 
 

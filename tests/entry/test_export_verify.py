@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, export, load_entry, verify, write_manifest
+from scoring.entry import ENTRY_JSON, MANIFEST_FILE, export, load_entry, verify, write_manifest
+from scoring.entry.packed import PACKED_FILE
 from tests.conftest import HANG
 
 from .conftest import exit_status, plant_pickle
@@ -33,7 +34,7 @@ def edit_report(bundle: Path, edit) -> None:
 
 def test_bundle_holds_entry_reports_and_writeup(bundle, run_dir):
     assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*")) == [
-        MANIFEST_FILE, "WRITEUP.md", "entry", f"entry/{ENTRY_JSON}", f"entry/{WEIGHTS_FILE}", "report.json",
+        MANIFEST_FILE, "WRITEUP.md", "entry", f"entry/{ENTRY_JSON}", f"entry/{PACKED_FILE}", "report.json",
         "report.md"]
     assert (bundle / "report.json").read_text() == (run_dir / "report.json").read_text()
     report = json.loads((bundle / "report.json").read_text())
@@ -123,47 +124,49 @@ def test_verify_accepts_an_untouched_bundle(bundle, capsys):
     assert rows["correct"] == [str(report["correct"]), str(report["correct"]), "ok"]
     assert rows["ops"] == [repr(report["ops"]), repr(report["ops"]), "ok"]
     assert not [name for name in rows if name.startswith("layers[")]  # agreeing layer fields are not listed
-    assert out.splitlines()[-1] == (f"verified: all {7 * len(report['layers']) + 14} fields agree with "
+    # 14 totals, 7 fields per layer, and the integer execution's gate verdict (its layers are integer).
+    assert out.splitlines()[-1] == (f"verified: all {7 * len(report['layers']) + 14 + 1} fields agree with "
                                     f"{bundle / 'report.json'}")
 
 
-@pytest.mark.parametrize("field, edit", [
-    ("ops", lambda r: r.update(ops=r["ops"] * 0.999)),
-    ("correct", lambda r: r.update(correct=r["correct"] + 1)),
-    ("score", lambda r: r.update(score=r["score"] * (1 - 1e-8))),
-    ("gate_passed", lambda r: r.update(gate_passed=not r["gate_passed"])),
-    ("layers[conv2.0].sparsity", lambda r: layer(r, "conv2.0").update(sparsity=0.9)),
+@pytest.mark.parametrize("fields, edit", [
+    (["ops"], lambda r: r.update(ops=r["ops"] * 0.999)),
+    (["correct"], lambda r: r.update(correct=r["correct"] + 1)),
+    (["score"], lambda r: r.update(score=r["score"] * (1 - 1e-8))),
+    # A report claiming the gate is contradicted by the recount and by the integer execution.
+    (["gate_passed", "integer.gate_passed"], lambda r: r.update(gate_passed=not r["gate_passed"])),
+    (["layers[conv2.0].sparsity"], lambda r: layer(r, "conv2.0").update(sparsity=0.9)),
 ])
-def test_verify_refuses_an_edited_report_with_a_diff_table(bundle, capsys, field, edit):
+def test_verify_refuses_an_edited_report_with_a_diff_table(bundle, capsys, fields, edit):
     edit_report(bundle, edit)
     assert verify.main([str(bundle), "--device", "cpu"]) == 1
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines()[2:]]  # after the verdict and integrity lines (resealed)
     assert rows[0] == ["field", "reported", "recounted", "status"]
     differing = [row for row in rows[1:-1] if row[-1] == "DIFFERS"]
-    assert [row[0] for row in differing] == [field]
-    assert out.splitlines()[-1].startswith("NOT VERIFIED: 1 of ")
+    assert [row[0] for row in differing] == fields
+    assert out.splitlines()[-1].startswith(f"NOT VERIFIED: {len(fields)} of ")
 
 
 def test_verify_refuses_a_planted_pickle_and_runs_no_code(bundle, tmp_path, capsys):
     marker = tmp_path / "marker"
-    plant_pickle(bundle / "entry" / WEIGHTS_FILE, marker, torch_archive=True)
+    plant_pickle(bundle / "entry" / PACKED_FILE, marker, torch_archive=True)
     assert verify.main([str(bundle), "--device", "cpu"]) == 1  # the manifest catches the swap first
-    assert f"entry/{WEIGHTS_FILE}" in capsys.readouterr().out
+    assert f"entry/{PACKED_FILE}" in capsys.readouterr().out
     write_manifest(bundle)  # an attacker who rewrites SHA256SUMS too: the loader refuses the pickle itself
     assert exit_status(verify.main, [str(bundle), "--device", "cpu"]) == 2
-    assert "is not a safetensors file" in capsys.readouterr().err
+    assert "is not a packed weights file" in capsys.readouterr().err
     assert not marker.exists()
 
 
 def test_scoring_cli_refuses_a_planted_pickle_in_a_fresh_process(bundle, tmp_path):
     marker = tmp_path / "marker"
-    plant_pickle(bundle / "entry" / WEIGHTS_FILE, marker, torch_archive=False)
+    plant_pickle(bundle / "entry" / PACKED_FILE, marker, torch_archive=False)
     write_manifest(bundle)
     done = subprocess.run([sys.executable, "-m", "scoring", "verify", str(bundle), "--device", "cpu"], cwd=REPO,
                           capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("error: ") and "is not a safetensors file" in done.stderr
+    assert done.stderr.startswith("error: ") and "is not a packed weights file" in done.stderr
     assert "Traceback" not in done.stderr
     assert not marker.exists()
 

@@ -486,12 +486,14 @@ def test_verify_evaluates_with_the_kits_task_and_its_own_data_settings(exported_
     edit_entry(bundle, lambda d: (d["config"]["task"]["augment"].update(cutout=2, hflip=True),
                                   d["config"]["task"].update(stream={"bptt": 10**9}),  # not the kit's: unread
                                   d["config"]["data"].update(root=str(tmp_path / "elsewhere"), num_workers=64,
-                                                             val_split=0.1)))
+                                                             val_split=0.1),
+                                  d["config"]["score"].pop("accumulator_overflow")))  # written before it: wrap
     entry = load_entry(bundle)
     judged = judge(entry, json.loads((bundle / REPORT_JSON).read_text()))
     assert judged.unofficial == ()
     assert judged.entry.config["task"] == task_definition("digits")  # cutout 0, hflip false, no stream: the kit's
     assert judged.entry.config["score"] == official_score_settings() == {"examples": 256, "accumulator_bits": 32,
+                                                                         "accumulator_overflow": "wrap",
                                                                          "freebie": "auto"}
     assert judged.entry.config["data"] == {"root": None, "download": False, "num_workers": 0, "pin_memory": "auto",
                                            "gpu_resident": "auto", "val_split": 0.1}

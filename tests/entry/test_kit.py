@@ -21,7 +21,7 @@ def test_a_runs_recorded_task_and_score_are_the_kits_definitions(task):
     assert _first_difference(recorded["task"], task_definition(task), "task", keys) is None
     assert _first_difference(recorded["task"], {**task_definition(task), "kind": "x"}, "task", keys)[0] == "task.kind"
     assert recorded["score"] == official_score_settings() == {"examples": 256, "accumulator_bits": 32,
-                                                              "freebie": "auto"}
+                                                              "accumulator_overflow": "wrap", "freebie": "auto"}
 
 
 def test_the_judges_table_has_every_task_of_the_kit_and_each_kind_measures_the_judged_metric():

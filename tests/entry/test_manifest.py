@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from scoring.entry import ENTRY_JSON, MANIFEST_FILE, WEIGHTS_FILE, EntryError, check_manifest, verify, write_manifest
+from scoring.entry import ENTRY_JSON, MANIFEST_FILE, EntryError, check_manifest, verify, write_manifest
+from scoring.entry.packed import PACKED_FILE
 from tests.conftest import HANG
 
 from .conftest import exit_status
@@ -41,7 +42,7 @@ def never_recounted(monkeypatch):
 def test_manifest_lists_every_file_and_sha256sum_accepts_it(bundle):
     lines = (bundle / MANIFEST_FILE).read_text().splitlines()
     assert [line.split("  ", 1)[1] for line in lines] == [
-        "WRITEUP.md", f"entry/{ENTRY_JSON}", f"entry/{WEIGHTS_FILE}", "report.json", "report.md"]
+        "WRITEUP.md", f"entry/{ENTRY_JSON}", f"entry/{PACKED_FILE}", "report.json", "report.md"]
     assert all(re.fullmatch(r"[0-9a-f]{64}  \S+", line) for line in lines)
     done = sha256sum_check(bundle)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -35,5 +35,14 @@ def test_a_task_the_challenge_did_not_have_has_no_leaderboard():
 
 def test_the_comparison_table_puts_the_score_at_its_place():
     table = comparison_table(compare("imagenet", 0.25, 32), "this plan").splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["1st", "2nd", "**would be 3rd**", "3rd"]
-    assert "| 0.1295 | 0.1893 | 0.1893 |" in table[2] and "**0.2500**" in table[4]
+    # RIAIR's 32-bit figure 0.1893 is compared, so it sits behind 2nd place's 0.1887.
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["2nd", "1st", "**would be 3rd**", "3rd"]
+    assert "| 0.1295 | 0.1893 | 0.1893 |" in table[3] and "**0.2500**" in table[4]
+
+
+def test_the_table_is_ordered_by_the_figure_each_entry_is_compared_with():
+    # At 32 bits RIAIR (1st, verified 0.0044) is compared at its 32-bit figure 0.0085, behind KAIST's 0.0054 and
+    # OSI-AI's 0.0058: 0.0060 beats only RIAIR's, so it would be 3rd, between OSI-AI and RIAIR.
+    table = comparison_table(compare("cifar100", 0.0060, 32), "this plan").splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["2nd", "3rd", "**would be 3rd**", "1st"]
+    assert [line.split("|")[-2].strip().strip("*") for line in table[2:]] == ["0.0054", "0.0058", "0.0060", "0.0085"]

@@ -130,3 +130,31 @@ def test_a_collapsed_run_is_named_off_the_axis_instead_of_squashing_the_front(ru
     assert axis.get_ylim() == pytest.approx((low - 0.08 * (high - low), high + 0.08 * (high - low)))
     assert [t.get_text() for t in axis.texts] == ["off the axis: q8 [train.epochs=15] seed 2: 0.1"]
     plt.close(figure)
+
+
+def _measured(folder: Path, entry_ms: float, dense_ms: float) -> None:
+    """A measured.json as ``python -m scoring measure`` writes into a run dir (the fields the comparison reads)."""
+    rows = [{"role": "dense", "name": "digits_cnn dense float32", "measured": {"latency_ms": dense_ms}},
+            {"role": "entry", "dense": "digits_cnn dense float32", "measured": {"latency_ms": entry_ms}}]
+    (folder / "measured.json").write_text(json.dumps({"format": 1, "models": rows}))
+
+
+def test_the_score_against_measured_latency_png(runs_dir: Path, tmp_path: Path, capsys):
+    _measured(runs_dir / "digits_cnn" / "prune_q4" / "seed0", 0.09, 0.05)
+    _measured(runs_dir / "digits_cnn" / "auto" / "seed1", 0.07, 0.06)
+    runs = {(run.compress, run.seed): run for run in find_runs(runs_dir)}
+    assert (runs["prune_q4", 0].latency_ms, runs["prune_q4", 0].dense_latency_ms) == (0.09, 0.05)
+    assert runs["auto", 1].latency_ms == 0.07 and runs["q8", 0].latency_ms is None
+    png = tmp_path / "latency.png"
+    assert main([str(runs_dir), "--latency-png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"score against latency drawn in {png} (2 of 8 runs measured)" in capsys.readouterr().out
+
+
+def test_a_latency_png_without_measured_runs_is_one_line(runs_dir: Path, tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main([str(runs_dir), "--latency-png", str(tmp_path / "latency.png")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no run has a measured.json ; fix: measure the runs first") and err.count("\n") == 1
+    assert not (tmp_path / "latency.png").exists()

@@ -64,6 +64,7 @@ def test_schema_rejects_wrong_types_at_composition(override):
     ([f"device=cuda:{torch.cuda.device_count()}"], f"device=cuda:{torch.cuda.device_count()} but this machine has"),
     (["score.accumulator_bits=0"], "score.accumulator_bits=0 must be in 1..32"),
     (["score.accumulator_bits=33"], "score.accumulator_bits=33 must be in 1..32"),
+    (["score.accumulator_overflow=clamp"], "score.accumulator_overflow=clamp must be one of wrap, saturate"),
 ])
 def test_validate_names_the_problem_and_the_fix(overrides, message):
     with pytest.raises(ConfigError) as info:

@@ -75,7 +75,7 @@ def test_a_key_the_config_does_not_have_is_refused_with_the_closest_one(tmp_path
 
 def test_keys_added_to_open_dictionaries_and_groups_are_accepted():
     check_added_keys(["+model.kwargs.drop_rate=0.1", "+compress.stages.1.quantize.layer_bits={conv2.0:4}",
-                      "+compress.stages.0.prune.layer_sparsity={fc:0.5}", "+experiment=cifar100_prune_q4_distill",
+                      "+compress.stages.0.prune.layer_sparsity={fc:0.5}", "+experiment=cifar100_densenet_micronet",
                       "++train.epochs=3", "+hydra.job.env_set.X=1"])
 
 
@@ -195,3 +195,15 @@ def test_a_negative_evaluation_window_is_named():
     with pytest.raises(ConfigError, match=r"^task.stream.eval_window=-1 must be >= 1 \(tokens fed per evaluation "
                                           r"step\) ; fix: use e.g. task.stream.eval_window=256$"):
         validate(compose_config("task=wikitext_demo", "task.stream.eval_window=-1"), models.list_models())
+
+
+def test_a_value_the_recipe_leaves_to_the_command_line_is_one_line_and_a_plan_lists_it(tmp_path: Path, monkeypatch,
+                                                                                        capsys):
+    # conf/experiment/wikitext103_txl_distill_prune_q8.yaml: stage 0's teacher is "???", the later stages' interpolate it
+    recipe = ["+experiment=wikitext103_txl_distill_prune_q8", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert _refused(recipe, tmp_path, monkeypatch, capsys) == (
+        "error: compress.stages[0].distill.teacher is not set: the recipe leaves it to the command line ; fix: pass "
+        "compress.stages.0.distill.teacher=VALUE (the recipe's comment says what it takes)")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr("train.cli.prepare_run_dir", lambda run_dir: None)  # accepted: nothing else to check here
+    accept_command_line([*recipe, "plan=true"])

@@ -16,11 +16,11 @@ from train.smoke import smoke_config
 
 
 def test_every_stage_and_the_scorer_are_shortened():
-    cfg = compose_config("+experiment=cifar100_prune_q4_distill", "data.root=/data", "smoke=true")
+    cfg = compose_config("+experiment=cifar100_densenet_micronet", "data.root=/data", "smoke=true")
     short = smoke_config(cfg)
-    assert (cfg.train.epochs, [s.epochs for s in cfg.compress.stages]) == (200, [200, 120])  # the recipe as written
+    assert (cfg.train.epochs, [s.epochs for s in cfg.compress.stages]) == (300, [300, 300])  # the recipe as written
     assert (short.train.epochs, [s.epochs for s in short.compress.stages]) == (1, [1, 1])
-    assert short.compress.stages[0].prune.end == 120 / 200 and short.compress.stages[0].prune.unit == "fraction"
+    assert short.compress.stages[0].prune.end == 150 / 300 and short.compress.stages[0].prune.unit == "fraction"
     assert short.score.examples == smoke.EXAMPLES == 8 and short.train.batch_size == cfg.train.batch_size
 
 
@@ -47,27 +47,27 @@ def _stage_steps(run_dir: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.slow
 def test_the_cifar100_recipe_runs_end_to_end_as_a_smoke_run(tmp_path: Path):
-    """Baseline, 75% pruning with distillation, 4-bit QAT with distillation: each one epoch of two batches. The
-    recipe's WRN-28-10 is replaced by ResNet-18 to keep a CPU test short; everything else is the recipe."""
+    """Baseline, the per-layer pruning with distillation, 4-bit QAT in fp16 with distillation: each one epoch of two
+    batches, the recipe as written (its DenseNet-BC-100 is small enough for a CPU test)."""
     make_cifar100(tmp_path / "cifar", train_per_class=1, test_per_class=1)
-    result = run_train("+experiment=cifar100_prune_q4_distill", f"data.root={tmp_path / 'cifar'}", "smoke=true",
-                       "model=resnet18_cifar", "train.batch_size=16", "data.num_workers=0",
+    result = run_train("+experiment=cifar100_densenet_micronet", f"data.root={tmp_path / 'cifar'}", "smoke=true",
+                       "train.batch_size=16", "data.num_workers=0",
                        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 3, result.stderr[-3000:]  # finished; two batches per stage cannot pass a gate
     assert _stage_steps(tmp_path / "run") == {"0_train": (1, 2), "1_prune": (1, 2), "2_q4": (1, 2)}
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["examples"] == 8 and report["compress"] == "cifar100_prune_q4_distill"
+    assert report["examples"] == 8 and report["compress"] == "cifar100_densenet_micronet"
     assert any(layer["weight_bits"] == 4 for layer in report["layers"]) and "smoke run" in result.stdout
 
 
 @pytest.mark.slow
 def test_the_imagenet_recipe_runs_end_to_end_as_a_smoke_run(tmp_path: Path):
     make_imagenet(tmp_path / "imagenet", classes=3, train_per_class=4, val_per_class=2)
-    result = run_train("+experiment=imagenet_prune_q8_distill", f"data.root={tmp_path / 'imagenet'}", "smoke=true",
+    result = run_train("+experiment=imagenet_mixnet_micronet", f"data.root={tmp_path / 'imagenet'}", "smoke=true",
                        "train.batch_size=4", "train.eval_batch_size=6", "score.examples=4", "data.num_workers=0",
                        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode in (0, 3), result.stderr[-3000:]
-    assert _stage_steps(tmp_path / "run") == {"0_train": (1, 2), "1_prune": (1, 2), "2_q8": (1, 2)}
+    assert _stage_steps(tmp_path / "run") == {"0_train": (1, 2), "1_prune": (1, 2), "2_q4": (1, 2)}
     assert json.loads((tmp_path / "run" / "report.json").read_text())["examples"] == 4
 
 

@@ -1,5 +1,6 @@
 """The search's files: sensitivity.json (a measurement), allocation.json (an allocate stage's record) and the run
-folders the comparison reads (report.json with the run's config).
+folders the comparison reads (report.json with the run's config, and measured.json where ``python -m scoring
+measure`` timed the entry).
 
 Imports scoring (the entry's files, the report's name, the gate) and train.config; nothing of the search.
 """
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from scoring.challenge import gate_for
-from scoring.entry import ENTRY_JSON, REPORT_JSON, atomic_write, read_report
+from scoring.entry import ENTRY_JSON, REPORT_JSON, atomic_write, read_measurement, read_report
 from train.config import ConfigError, check_same_run, run_settings
 
 #: The folder of a run dir the search writes into (the sensitivity command's default ``--out``, and an allocate
@@ -114,6 +115,9 @@ class Run:
     gate_passed: bool | None
     settings: dict[str, Any] = field(default_factory=dict)
     variant: str = ""
+    #: Batch-1 latency on ONNX Runtime of the entry and of its task's dense float32 model (measured.json), in ms.
+    latency_ms: float | None = None
+    dense_latency_ms: float | None = None
 
 
 def _config(folder: Path) -> dict[str, Any]:
@@ -140,6 +144,7 @@ def read_run(folder: Path, root: Path) -> Run:
     metric = gate_for(report["task"]).metric
     validation = report.get("validation") or {}
     seed = report.get("seed", config.get("seed"))
+    latency = _latencies(read_measurement(folder))
     return Run(path=str(folder.relative_to(root)) if folder != root else ".", task=report["task"],
                model=report.get("model") or (config.get("model") or {}).get("name", "?"),
                compress=report.get("compress") or (config.get("compress") or {}).get("name", "?"),
@@ -147,7 +152,13 @@ def read_run(folder: Path, root: Path) -> Run:
                correct=report.get("correct"), total=report.get("total"), params=report["params"], ops=report["ops"],
                score=report["score"], gate_passed=report.get("gate_passed"),
                settings={k: v for k, v in run_settings(config).items() if k.split(".")[0] not in _PER_RUN}
-               if config else {})
+               if config else {}, latency_ms=latency["entry"], dense_latency_ms=latency["dense"])
+
+
+def _latencies(measurement: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """The batch-1 latencies of a run's measured.json: its entry's and its dense model's (None: not measured)."""
+    rows = {row.get("role"): row for row in (measurement or {}).get("models", []) if isinstance(row, dict)}
+    return {role: rows[role]["measured"]["latency_ms"] if role in rows else None for role in ("entry", "dense")}
 
 
 def find_runs(root: str | Path) -> list[Run]:

@@ -163,7 +163,7 @@ class Probe:
         self.calibration = [inputs.to(device) for inputs, _ in itertools.islice(loaders.train, calibration_batches)]
         self.score_inputs = task.score_inputs(loaders.val, score_examples, device, self.model)
         score = config.get("score", {})
-        self.accumulator_bits = int(score.get("accumulator_bits", 32))
+        self.accumulator_bits = score.get("accumulator_bits", 32)
         #: The count modes the run allows: ``score.freebie=false`` never claims the freebie.
         self.freebie_modes = (FREEBIE_OFF,) if score.get("freebie") is False else (FREEBIE_OFF, FREEBIE_ON)
 

@@ -1,5 +1,6 @@
 """Rendering what the search measured, chose and compared: sensitivity.md and its heat map, the allocation's
-console table, the comparison's tables, its metric-versus-score PNG and TensorBoard's HParams view.
+console table, the comparison's tables, its metric-versus-score PNG, its score-versus-latency PNG and TensorBoard's
+HParams view.
 
 matplotlib and TensorBoard are imported inside the functions that draw, so that reading and solving load neither.
 Imports scoring (the gate, atomic writes), train.config and the search's grid, formats and solve.
@@ -239,6 +240,44 @@ def plot_front(groups: Sequence[Group], path: str | Path) -> None:
         axis.legend(fontsize=7, loc="best")
     figure.savefig(path, dpi=100, format="png")
     plt.close(figure)
+
+
+#: The score of a task's dense 32-bit baseline: params/params + ops/ops.
+DENSE_SCORE = 2.0
+
+
+def plot_latency(runs: Sequence[Run], path: str | Path) -> int:
+    """The score-versus-latency PNG, one panel per task: each run with a measured.json at its batch-1 latency on
+    ONNX Runtime, and the dense float32 model of each measurement at the baseline's score. Returns how many runs
+    were drawn; ConfigError when none was measured."""
+    measured = [run for run in runs if run.latency_ms is not None]
+    if not measured:
+        raise ConfigError("no run has a measured.json", "measure the runs first: python -m scoring measure RUN_DIR "
+                                                        "[RUN_DIR ...]")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({run.task for run in measured})
+    figure, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 5), squeeze=False, layout="constrained")
+    for axis, task in zip(axes[0], tasks):
+        mine = [run for run in measured if run.task == task]
+        axis.scatter([run.latency_ms for run in mine], [run.score for run in mine], s=18)
+        for run in mine:
+            axis.annotate(f"{run.compress} seed {run.seed}", (run.latency_ms, run.score), textcoords="offset points",
+                          xytext=(5, 4), fontsize=7)
+        dense = [run.dense_latency_ms for run in mine if run.dense_latency_ms is not None]
+        axis.scatter(dense, [DENSE_SCORE] * len(dense), marker="x", color="grey",
+                     label=f"dense float32 model ({len(dense)} measurement{'s' * (len(dense) != 1)})")
+        axis.set_yscale("log")
+        axis.set_xlabel("batch-1 latency on ONNX Runtime (ms, median)")
+        axis.set_ylabel("score (params/baseline + ops/baseline; log scale)")
+        axis.set_title(f"{task}: counted score against measured latency")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7, loc="best")
+    figure.savefig(path, dpi=100, format="png")
+    plt.close(figure)
+    return len(measured)
 
 
 def write_hparams(runs: Sequence[Run], directory: str | Path) -> Path:
