@@ -33,11 +33,12 @@ GPU_RESIDENT_BY_DEFAULT = ("cifar100",)
 
 
 class SizedDataLoader(DataLoader):
-    """A DataLoader that knows its dataset's size (``len()`` stays the number of batches)."""
+    """A DataLoader that knows its dataset's size (``len()`` stays the number of batches) and how many processes
+    share it (``world_size``: each reads its share; 1 = this process reads all of it)."""
 
-    def __init__(self, dataset: Dataset, **kwargs) -> None:
+    def __init__(self, dataset: Dataset, *, world_size: int = 1, **kwargs) -> None:
         super().__init__(dataset, **kwargs)
-        self.dataset_size = len(dataset)
+        self.dataset_size, self.world_size = len(dataset), world_size
 
 
 class EpochDataLoader(SizedDataLoader):
@@ -94,10 +95,12 @@ def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch
     The train loader shuffles, augments with ``augment`` (see :class:`AugmentOptions`) and drops the last
     partial batch; call its ``set_epoch(epoch)`` before each epoch. ``val_split`` (a fraction in (0, 1) or a
     count; 0 = none) holds out a stratified, fixed part of the training data (:func:`data.datasets.hold_out`)
-    as the validation set. The validation and test loaders keep dataset order, do not augment and, when
-    distributed, give each rank every world-size-th example (no padding, so summed counts are exact).
-    ``gpu_resident`` (digits, cifar100) keeps the data on ``device`` and augments there. Every loader has
-    ``len()`` (batches on this rank) and ``dataset_size`` (examples in the dataset).
+    as the validation set. The validation and test loaders keep dataset order and do not augment. When
+    ``distributed``, each rank trains and validates on its share (validation: every world-size-th example, no
+    padding, so summed counts are exact); the test loader is the whole split on every rank: one process evaluates
+    and counts it, as ``verify`` does. ``gpu_resident`` (digits, cifar100) keeps the data on ``device`` and
+    augments there. Every loader has ``len()`` (batches on this rank), ``dataset_size`` (examples in the dataset)
+    and ``world_size`` (the processes sharing it).
     """
     _check_counts(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
     if dataset not in DATASETS:
@@ -116,11 +119,12 @@ def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch
         raise ValueError(f"batch_size {batch_size} exceeds the {len(train_examples) // world_size} training examples "
                          f"per rank of {dataset}; lower it")
     if gpu_resident:
-        common = dict(mean=splits.mean, std=splits.std, device=device or torch.device("cpu"), seed=seed,
-                      rank=rank, world_size=world_size)
-        resident = [None if part is None else GpuResidentLoader(part, batch_size=eval_batch_size, options=None,
-                                                                 **common) for part in (val_examples, splits.test)]
-        return Loaders(GpuResidentLoader(train_examples, batch_size=batch_size, options=options, **common), *resident)
+        common = dict(mean=splits.mean, std=splits.std, device=device or torch.device("cpu"), seed=seed)
+        shared = dict(common, rank=rank, world_size=world_size)
+        val = None if val_examples is None else GpuResidentLoader(val_examples, batch_size=eval_batch_size,
+                                                                  options=None, **shared)
+        test = GpuResidentLoader(splits.test, batch_size=eval_batch_size, options=None, **common)
+        return Loaders(GpuResidentLoader(train_examples, batch_size=batch_size, options=options, **shared), val, test)
 
     resize_crop = dataset in RESIZE_CROP_DATASETS
     image_size = IMAGENET_CROP if resize_crop else splits.train.images.shape[1]
@@ -129,15 +133,16 @@ def build_loaders(dataset: str, *, root: str | None, batch_size: int, eval_batch
     workers = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
                    worker_init_fn=functools.partial(worker_init, os.getpid()) if num_workers else None)
     train = EpochDataLoader(
-        train_set, batch_size=batch_size, drop_last=True,
+        train_set, batch_size=batch_size, drop_last=True, world_size=world_size,
         sampler=EpochSampler(train_set, seed, num_replicas=world_size, rank=rank),
         # Worker seeds come from this generator, never from the global RNG the training step draws from.
         generator=torch.Generator().manual_seed(seed), **workers)
 
-    def evaluation(examples: Dataset | None) -> SizedDataLoader | None:
+    def evaluation(examples: Dataset | None, rank: int, world_size: int) -> SizedDataLoader | None:
         if examples is None:
             return None
         dataset = AugmentedDataset(examples, eval_transform(options, **geometry))
-        return SizedDataLoader(dataset, batch_size=eval_batch_size, sampler=range(rank, len(dataset), world_size),
+        return SizedDataLoader(dataset, batch_size=eval_batch_size, world_size=world_size,
+                               sampler=range(rank, len(dataset), world_size),
                                generator=torch.Generator().manual_seed(seed), **workers)
-    return Loaders(train, evaluation(val_examples), evaluation(splits.test))
+    return Loaders(train, evaluation(val_examples, rank, world_size), evaluation(splits.test, 0, 1))

@@ -100,9 +100,10 @@ class ScoreInputs:
     warmup: int = 0
 
 
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over every process of a torchrun job (no-op for a single process)."""
-    if dist.is_available() and dist.is_initialized():
+def _sum_over_shares(tensor: torch.Tensor, loader: Any) -> torch.Tensor:
+    """Sum over the processes that share ``loader`` (its ``world_size``), each having read its own share; a loader
+    one process reads whole (the test split's, or any outside torchrun) is summed already."""
+    if getattr(loader, "world_size", 1) > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -133,11 +134,14 @@ class Task(ABC):
     @abstractmethod
     def loaders(self, options: DataOptions, *, batch_size: int, eval_batch_size: int, seed: int,
                 distributed: bool = False, device: torch.device | None = None) -> Loaders:
-        """Training, validation (None without one) and test loaders."""
+        """Training, validation (None without one) and test loaders. Under torchrun (``distributed``) each process
+        trains and validates on its share; the test loader is the whole split on every process, evaluated and
+        counted by one, so a run's report does not depend on how many processes trained it."""
 
     @abstractmethod
     def evaluate(self, model: nn.Module, loader: Iterable, device: torch.device, split: str) -> Evaluation:
-        """Exact sums of ``model`` over ``loader`` (global counts under torchrun), in eval mode and fp32."""
+        """Exact sums of ``model`` over ``loader``, in eval mode and fp32; over every share of a split that several
+        processes read in shares (a loader's ``world_size``), a collective call then."""
 
     @abstractmethod
     def score_inputs(self, loader: Iterable, examples: int, device: torch.device, model: nn.Module) -> ScoreInputs:
@@ -145,8 +149,8 @@ class Task(ABC):
 
     @abstractmethod
     def score_examples_available(self, loader: Any) -> int | None:
-        """How many examples the scorer can take from the split of ``loader`` (all processes together), known
-        before there is a model; None where only the model can tell (:meth:`score_inputs` then checks)."""
+        """How many examples the scorer can take from the split of ``loader``, known before there is a model; None
+        where only the model can tell (:meth:`score_inputs` then checks)."""
 
     @abstractmethod
     def synthetic_inputs(self, model: nn.Module, *, input_size: int | None = None, seed: int = 0) -> ScoreInputs:
@@ -187,8 +191,8 @@ class ClassificationTask(Task):
             counts[0] += (outputs.argmax(dim=1) == targets).sum()
             counts[1] += targets.numel()
         model.train(was_training)
-        correct, total = _all_reduce_sum(counts).tolist()
-        return Evaluation(split, total, _all_reduce_sum(loss_sum).item(), correct)
+        correct, total = _sum_over_shares(counts, loader).tolist()
+        return Evaluation(split, total, _sum_over_shares(loss_sum, loader).item(), correct)
 
     def score_inputs(self, loader: Iterable, examples: int, device: torch.device, model: nn.Module) -> ScoreInputs:
         batches, seen = [], 0

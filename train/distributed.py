@@ -65,21 +65,40 @@ def teardown() -> None:
     _host_group = None
 
 
-#: A gloo group over every process, for :func:`any_process` when the default group is NCCL's (made on first use).
+#: A gloo group over every process, for the host-side collectives below when the default group is NCCL's (made
+#: on first use).
 _host_group: dist.ProcessGroup | None = None
+
+
+def _host() -> dist.ProcessGroup | None:
+    """The group of the host-side collectives: the default group when it is gloo's, else :data:`_host_group`."""
+    global _host_group
+    if dist.get_backend() == "gloo":
+        return None
+    if _host_group is None:
+        _host_group = dist.new_group(backend="gloo")
+    return _host_group
 
 
 def any_process(flag: bool) -> bool:
     """Whether ``flag`` is true on any process (``flag`` itself for a single process). A collective call, over gloo
     on the host: it never waits for the device, so the training loop can agree on a stop request at every step."""
-    global _host_group
     if not dist.is_initialized():
         return flag
-    if dist.get_backend() != "gloo" and _host_group is None:
-        _host_group = dist.new_group(backend="gloo")
     votes = torch.tensor([float(flag)])
-    dist.all_reduce(votes, group=None if dist.get_backend() == "gloo" else _host_group)
+    dist.all_reduce(votes, group=_host())
     return votes.item() > 0
+
+
+def from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every process (``obj`` itself for a single process). A collective call over gloo on the
+    host, so the other processes may wait for rank 0's work alone (the final evaluation, minutes on a large test
+    split) beyond NCCL's timeout, without holding a device."""
+    if not dist.is_initialized():
+        return obj
+    received = [obj]
+    dist.broadcast_object_list(received, src=0, group=_host())
+    return received[0]
 
 
 def wrap(model: nn.Module, ctx: Context) -> nn.Module:

@@ -165,12 +165,15 @@ def train_stages(session: Session, model: nn.Module, stages: list[Stage], recipe
 
 def evaluate_and_finish(session: Session, model: nn.Module) -> bool:
     """Evaluate and score exactly what the entry will hold (masks baked in, quantizers frozen), reading the test
-    split here, once; rank 0 writes the report and the entry. Returns whether the entry passes its gate."""
+    split here, once. Every process evaluates its share of the validation split; the test split is evaluated and
+    counted whole by rank 0 alone, as ``verify`` recounts it, so the report does not depend on how many processes
+    trained the model. Rank 0 writes the report and the entry. Returns whether the entry passes its gate."""
     finalize_for_export(model)
     validation = session.evaluate(model, "val")
-    result = session.evaluate(model, "test")
-    report = session.finish(model, result, validation) if session.ctx.is_main else None
-    return distributed.all_gather_object(report["gate_passed"] if report is not None else None)[0]
+    report = None
+    if session.ctx.is_main:
+        report = session.finish(model, session.evaluate(model, "test"), validation)
+    return distributed.from_main(report["gate_passed"] if report is not None else None)
 
 
 def exit_status(report: dict[str, Any]) -> int:

@@ -202,7 +202,7 @@ def run_refusals(session: Session, model: nn.Module, stages: list[Stage], inputs
                                  validation=lambda: loaders.val if loaders is not None else "unknown",
                                  distributed=session.ctx.distributed)]
     if loaders is not None:
-        checks.append(lambda: check_score_examples(session.task, loaders.test, cfg.score.examples, session.ctx))
+        checks.append(lambda: check_score_examples(session.task, loaders.test, cfg.score.examples))
     refusals = []
     for check in checks:
         try:

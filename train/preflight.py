@@ -14,7 +14,6 @@ from compress import DistillTechnique, Stage
 from compress.stages import BASELINE_STAGE
 from data.tasks import Task
 from train.config import ConfigError, compress_fix, reported_as_config_error, stage_train_config
-from train.distributed import Context
 from train.objectives import Objective, build_objective
 from train.search.stage import check_allocation
 from train.session import Session
@@ -30,7 +29,7 @@ def preflight(session: Session, model: nn.Module, stages: list[Stage]) -> tuple[
     recipes, objectives = stage_recipes(session, stages)
     with reported_as_config_error(compress_fix(cfg)):
         rehearse_attach(model, stages, steps_per_epoch=len(session.loaders.train))
-    check_score_examples(session.task, session.loaders.test, cfg.score.examples, session.ctx)
+    check_score_examples(session.task, session.loaders.test, cfg.score.examples)
     return recipes, objectives
 
 
@@ -81,14 +80,11 @@ def rehearse_attach(model: nn.Module, stages: list[Stage], *, steps_per_epoch: i
                 technique.attach(probe)
 
 
-def check_score_examples(task: Task, test: Any, examples: int, ctx: Context) -> None:
-    """Refuse a ``score.examples`` the test split (loader ``test``) cannot give the scorer (rank 0 counts its
-    share), rather than count fewer at the end without a word. Where only the model can tell how many there are,
-    the task's scorer inputs check it (:meth:`data.tasks.Task.score_examples_available`)."""
-    size = task.score_examples_available(test)
-    if size is None:
-        return
-    available = -(-size // ctx.world_size)
-    if examples > available:
-        raise ConfigError(f"score.examples={examples} but the {task.name} test split has {available} examples"
-                          + (" per process" if ctx.distributed else ""), f"pass score.examples={available} or fewer")
+def check_score_examples(task: Task, test: Any, examples: int) -> None:
+    """Refuse a ``score.examples`` the test split (loader ``test``, whole on every process) cannot give the scorer,
+    rather than count fewer at the end without a word. Where only the model can tell how many there are, the
+    task's scorer inputs check it (:meth:`data.tasks.Task.score_examples_available`)."""
+    available = task.score_examples_available(test)
+    if available is not None and examples > available:
+        raise ConfigError(f"score.examples={examples} but the {task.name} test split has {available} examples",
+                          f"pass score.examples={available} or fewer")

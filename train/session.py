@@ -82,7 +82,7 @@ class Session:
                                         distributed=self.ctx.distributed, device=self.ctx.device)
         if not cfg.smoke:
             return loaders
-        return smoke_loaders(loaders, world_size=self.ctx.world_size)
+        return smoke_loaders(loaders)
 
     def evaluate(self, model: nn.Module, split: str) -> Evaluation | None:
         """The task's exact evaluation of ``model`` on ``split`` ("val" or "test"); None when there is no such split."""

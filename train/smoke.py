@@ -49,12 +49,12 @@ def smoke_config(cfg: DictConfig) -> DictConfig:
     return smoke
 
 
-def smoke_loaders(loaders: Loaders, *, world_size: int = 1) -> Loaders:
+def smoke_loaders(loaders: Loaders) -> Loaders:
     """The task's loaders cut to a few batches each (enough evaluation batches for the scorer's examples). A
     language model's evaluation stream is cut to its first windows, read with the state carried as ever: the
     perplexity of a prefix, which a smoke run reports as a smoke run's (it is not the entry's metric)."""
     def cut(loader: Any, batches: int) -> _FirstBatches | None:
-        return None if loader is None else _FirstBatches(loader, batches, world_size)
+        return None if loader is None else _FirstBatches(loader, batches)
     evaluation = max(BATCHES, math.ceil(EXAMPLES / max(1, getattr(loaders.test, "batch_size", None) or 1)))
     return Loaders(cut(loaders.train, BATCHES), cut(loaders.val, evaluation), cut(loaders.test, evaluation))
 
@@ -62,8 +62,10 @@ def smoke_loaders(loaders: Loaders, *, world_size: int = 1) -> Loaders:
 class _FirstBatches:
     """The first ``batches`` batches of a loader, with the loader interface the trainer and the tasks use."""
 
-    def __init__(self, loader: Any, batches: int, world_size: int) -> None:
-        self.loader, self.batches, self.world_size = loader, batches, world_size
+    def __init__(self, loader: Any, batches: int) -> None:
+        self.loader, self.batches = loader, batches
+        #: Processes sharing the loader, each cut to its first batches (see data.loaders.build_loaders).
+        self.world_size = getattr(loader, "world_size", 1)
         self.batch_size = getattr(loader, "batch_size", None)
 
     def __len__(self) -> int:
@@ -77,6 +79,6 @@ class _FirstBatches:
 
     @property
     def dataset_size(self) -> int:
-        """Examples these batches hold over all ranks, at most."""
+        """Examples these batches hold over all the processes sharing the loader, at most."""
         size = self.loader.dataset_size
         return size if self.batch_size is None else min(size, len(self) * self.batch_size * self.world_size)

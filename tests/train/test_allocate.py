@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import shlex
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from compress.base import find_parametrization
 from compress.quantization import WeightQuantizer
 from models import create_model
 from tests.conftest import compose_config
-from train.search.allocate import main
+from train.search.allocate import build_parser, main, suggested_command
 from train.search.configs import compress_config, load_template
 from train.search.grid import FREEBIE_OFF, FREEBIE_ON, Setting
 from train.search.solve import allocate, solve
@@ -124,7 +125,7 @@ def test_stages_left_without_a_technique_are_dropped():
     assert [s["name"] for s in quantized_only["stages"]] == ["qat"]  # the template's q4 holds mixed widths now
     distilled = compress_config(_allocation({"fc": Setting(None, 0.5)}), load_template("distill_prune_q8"), "d")
     assert [sorted(s) for s in distilled["stages"]] == [["distill", "epochs", "name", "prune"],
-                                                       ["distill", "epochs", "name"]]  # still distilled
+                                                       ["distill", "epochs", "lr_scale", "name"]]  # still distilled
 
 
 def test_templates_must_have_prune_and_quantize_stages():
@@ -193,3 +194,10 @@ def test_sensitivity_allocation_and_training_end_to_end(tmp_path: Path, capsys):
     assert compare.main([str(tmp_path)]) == 0
     compared = capsys.readouterr().out
     assert "| auto_e2e |" in compared and "| none |" in compared
+
+
+def test_the_sensitivity_commands_next_step_is_the_readmes_and_allocate_accepts_it():
+    suggested = suggested_command("outputs/digits/base_val")
+    assert suggested == "python -m train.search.allocate outputs/digits/base_val --budget 1 1.5 2"
+    assert build_parser().parse_args(shlex.split(suggested)[3:]).budget == [1.0, 1.5, 2.0]
+    assert suggested in (Path(__file__).parents[2] / "README.md").read_text()

@@ -83,7 +83,7 @@ def test_keys_added_to_open_dictionaries_and_groups_are_accepted():
     (["init=/no/such/run"], "error: /no/such/run does not exist ; fix: point to a finished run dir"),
     (["compress=prune", "compress.stages.0.epochs=-1"],
      "error: compress.stages[0].epochs=-1: expected an integer >= 1 ; fix: edit conf/compress/prune.yaml"),
-    (["compress=prune_q8", "+compress.stages.1.lr=-1"], "error: stage q8: train.lr=-1.0 must be > 0"),
+    (["compress=prune_q8", "+compress.stages.0.lr=-1"], "error: stage prune: train.lr=-1.0 must be > 0"),
     (["compress=prune_q8", "+compress.stages.1.batch_size=8"], "error: stage q8: batch_size=8 cannot be set per stage"),
     (["hydra.run.dir=/dev/null"], "error: run folder /dev/null cannot be made: /dev/null is not a folder ; fix: pass "
                                   "hydra.run.dir=<a folder path>"),

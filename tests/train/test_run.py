@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from compress import Stage, Technique
+from scoring.entry import export, verify
 from tests.conftest import HANG, RUN_PY, TINY, run_train
 from tests.fixtures import make_cifar100, make_imagenet
 from tests.train.test_loop import _PoisonAt
@@ -239,15 +240,23 @@ def test_imagenet_from_an_on_disk_fixture(tmp_path: Path):
     assert report["task"] == "imagenet" and report["total"] == 6 and report["model"] == "mixnet_s"
 
 
-def test_two_process_ddp_run_on_cpu(tmp_path: Path):
+def test_a_two_process_ddp_run_on_cpu_makes_an_official_entry(tmp_path: Path, capsys):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    result = run_train(*TINY, "train.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-                       launcher=launcher)
+    # The official score.examples (256) over TINY's 16: rank 0 counts the first 256 of the whole test split.
+    result = run_train(*TINY, "train.epochs=1", "score.examples=256", "data.val_split=137",
+                       f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, launcher=launcher)
     assert result.returncode in (0, 1), result.stderr[-3000:]  # torchrun reports a rank's status 3 as 1
     assert result.returncode == (0 if _report(tmp_path / "run")["gate_passed"] else 1)
     report = _report(tmp_path / "run")
-    assert report["total"] == 360  # exact global count: each rank evaluated its half
+    assert (report["total"], report["examples"]) == (360, 256)  # the whole test split, evaluated by rank 0
+    assert report["validation"]["total"] == 137  # the ranks' shares (69 + 68) summed
     state = load_latest(tmp_path / "run" / "checkpoints" / "0_train")
-    assert state["finished"] and state["global_step"] == 1437 // 2 // 64
+    assert state["finished"] and state["global_step"] == -(-(1437 - 137) // 2) // 64  # 650 per rank: 10 steps
     # Each rank seeded on its own (seed + rank), and each one's RNG state saved for its resume.
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    # Its entry verifies as official: one process recounts exactly what rank 0 counted.
+    assert export.main([str(tmp_path / "run"), "--out", str(tmp_path / "bundle"), "--allow-gate-failure"]) == 0
+    capsys.readouterr()
+    assert verify.main([str(tmp_path / "bundle"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "NOT AN OFFICIAL SCORE" not in out and out.splitlines()[-1].startswith("verified: all")

@@ -44,10 +44,10 @@ def test_earlier_stages_and_existing_paths_are_accepted_as_teachers(tiny_config,
 
 def test_more_scored_examples_than_the_test_split_holds_are_refused_before_training(tiny_config, tmp_path: Path):
     session = _session(tiny_config, tmp_path)
-    check_score_examples(session.task, session.loaders.test, 360, session.ctx)
+    check_score_examples(session.task, session.loaders.test, 360)
     with pytest.raises(ConfigError, match=r"score.examples=361 but the digits test split has 360 examples ; fix: "
                                           r"pass score.examples=360 or fewer"):
-        check_score_examples(session.task, session.loaders.test, 361, session.ctx)
+        check_score_examples(session.task, session.loaders.test, 361)
 
 
 class _Watched:

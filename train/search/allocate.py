@@ -30,6 +30,15 @@ from train.search.render import allocation_header, allocation_row
 from train.search.solve import allocate
 
 PROG = "python -m train.search.allocate"
+#: The budgets to sweep first, in nats per example: on digits 1.5 was the best of the three on the validation split
+#: (README, "Finding the best entry"), the budget compress=auto allocates with.
+FIRST_BUDGETS = (1, 1.5, 2)
+
+
+def suggested_command(sensitivity: str | Path) -> str:
+    """The allocation to run after measuring ``sensitivity`` (its json or run dir): a sweep of
+    :data:`FIRST_BUDGETS`, one config each."""
+    return f"{PROG} {shlex.quote(str(sensitivity))} --budget {' '.join(f'{budget:g}' for budget in FIRST_BUDGETS)}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from pathlib import Path
 from compress.base import matches, weight_layers
 from scoring.entry.boundary import command
 from train.config import ConfigError
+from train.search.allocate import suggested_command
 from train.search.formats import SENSITIVITY_DIR
 from train.search.grid import DEFAULT_BITS, DEFAULT_SPARSITY, grid, grid_bits, grid_sparsity
 from train.search.measure import Probe, measure
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = write_sensitivity(result, args.out or Path(args.run) / SENSITIVITY_DIR)
     print(f"{len(result['layers'])} layers x {len(result['layers'][0]['settings'])} settings measured in "
           f"{time.perf_counter() - start:.0f} s; wrote {paths['json']}, {paths['md'].name}, {paths['png'].name}\n"
-          f"next: python -m train.search.allocate {paths['json']} --budget 0.05")
+          f"next: {suggested_command(paths['json'])}")
     return 0
 
 
