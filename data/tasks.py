@@ -100,10 +100,16 @@ class ScoreInputs:
     warmup: int = 0
 
 
+def read_in_shares(loader: Any) -> bool:
+    """Whether the processes read ``loader`` together, each its own share (its ``world_size`` > 1); a loader one
+    process reads whole (the test split's, a language model's stream, any outside torchrun) is not."""
+    return getattr(loader, "world_size", 1) > 1
+
+
 def _sum_over_shares(tensor: torch.Tensor, loader: Any) -> torch.Tensor:
-    """Sum over the processes that share ``loader`` (its ``world_size``), each having read its own share; a loader
-    one process reads whole (the test split's, or any outside torchrun) is summed already."""
-    if getattr(loader, "world_size", 1) > 1:
+    """Sum over the processes that share ``loader``, each having read its own share; a loader one process reads
+    whole is summed already."""
+    if read_in_shares(loader):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 

@@ -108,6 +108,16 @@ def wrap(model: nn.Module, ctx: Context) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
 
 
+def share_buffers(model: nn.Module) -> None:
+    """Give every process rank 0's buffers (batch-norm statistics); a collective call, no-op for one process. DDP
+    broadcasts them before each training forward and every process then updates its own copy with its own batch,
+    so after the last step they differ: before the processes evaluate together, they must hold rank 0's model, the
+    one the entry is made of."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all processes in place (no-op for a single process) and return it."""
     if dist.is_initialized():

@@ -13,7 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from compress import Stage
 from data import Loaders
-from data.tasks import Evaluation
+from data.tasks import Evaluation, read_in_shares
 from scoring.entry import recount, run_record, save_entry, write_report
 from scoring.report import format_summary, log_report
 from train import distributed
@@ -87,7 +87,11 @@ class Session:
     def evaluate(self, model: nn.Module, split: str) -> Evaluation | None:
         """The task's exact evaluation of ``model`` on ``split`` ("val" or "test"); None when there is no such split."""
         loader = getattr(self.loaders, split)
-        return None if loader is None else self.task.evaluate(model, loader, self.ctx.device, split)
+        if loader is None:
+            return None
+        if read_in_shares(loader):  # the processes evaluate it together, each its share: all on rank 0's model
+            distributed.share_buffers(model)
+        return self.task.evaluate(model, loader, self.ctx.device, split)
 
     def load_teacher(self, spec: str) -> nn.Module:
         """Teacher for distillation: "baseline", an earlier stage's name, or a path (run dir, entry, checkpoint)."""
