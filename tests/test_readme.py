@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import models
 from compress import TECHNIQUES
 from tests.conftest import HANG, REPO, compose_config, run_dir_for
-from tests.fixtures import make_cifar100, make_imagenet, make_wikitext103
+from tests.fixtures import make_cifar100, make_wikitext103
 from train import pipeline
 
 README = (REPO / "README.md").read_text()
@@ -98,8 +98,6 @@ def test_the_usage_lines_run_in_order_on_fixtures(tmp_path: Path):
     (then it reprints that run). On fixtures in the real formats, as smoke runs (smoke=true; the datasets' lines with
     a small batch size); the init= line starts from where the first line actually ran."""
     roots = {"data.root=/data/cifar": make_cifar100(tmp_path / "cifar", train_per_class=1, test_per_class=1).parent,
-             "data.root=/data/imagenet": make_imagenet(tmp_path / "imagenet", classes=3, train_per_class=4,
-                                                       val_per_class=3),  # 9 test images >= the 8 scored
              "data.root=/data": make_wikitext103(tmp_path / "wt103").parent}
     lines = _usage_lines()
     assert any(line.startswith("python train/run.py init=outputs/digits/digits_cnn/none/seed0 ") for line in lines)

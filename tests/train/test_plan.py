@@ -10,7 +10,7 @@ import yaml
 
 from compress.base import weight_layers
 from tests.conftest import REPO, compose_config, run_dir_for, run_train
-from tests.fixtures import make_cifar100, make_wikitext103
+from tests.fixtures import make_cifar100
 from train import distributed, pipeline
 from train.build import build_model
 from train.cli import accept_command_line
@@ -187,11 +187,3 @@ def test_the_cifar100_experiment_on_a_fixture_counts_its_test_images(tmp_path: P
     assert plan["accumulator"] == "32-bit" and plan["score"] < 0.0085  # below the 2019 winner's 32-bit figure
 
 
-@pytest.mark.slow
-def test_the_wikitext103_experiment_on_a_fixture_counts_the_test_tokens(tmp_path: Path):
-    make_wikitext103(tmp_path / "data")
-    plan = _plan(tmp_path / "run", "+experiment=wikitext103_txl_distill_prune_q8", f"data.root={tmp_path / 'data'}",
-                 "score.examples=32")
-    assert not plan["estimate"] and plan["examples"] == 32
-    assert plan["counted_on"] == ("the first 32 tokens of the test split, after 96 that fill the model's memory, as "
-                                  "the run's finish counts them")
