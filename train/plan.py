@@ -8,7 +8,8 @@ and per-layer settings), weight quantizers at their bit widths, and input quanti
 not. A distillation teacher changes the weights a run trains, never what the scorer counts, so none is loaded. An
 ``allocate`` stage (conf/compress/auto.yaml) leaves the stages after it as written (the template, whose per-layer
 settings the allocation will replace), unless the run folder holds the allocation an earlier start of the run chose
-(``RUN/sensitivity/allocation.json``), which then replaces them as in the run (:func:`planned_stages`).
+(``RUN/sensitivity/allocation.json``), which then replaces them as in the run (:func:`planned_stages`). Before it,
+plan.json's ``allocation`` gives the stage's ``max_score`` cap beside this plan's score (``template``: this score).
 
 The model is finalized as for an entry and counted as the run's finish counts it (:func:`scoring.entry.count_report`
 under ``score.*``): on the test split's first ``score.examples`` where the data is on disk, else on the task's

@@ -1,6 +1,8 @@
 """The compress config an allocation is trained with: a template's stages (gradual pruning, then QAT) with the
 chosen sparsity of every pruned layer as its ``layer_sparsity`` and the chosen bits of every quantized layer as its
-``layer_bits`` (weights and inputs), written as a YAML file headed by where it comes from and what it predicts.
+``layer_bits`` (weights and inputs), written as a YAML file headed by where it comes from and what it predicts. The
+layers an allocation does not set keep the template's settings (the allocate stage) or stay as trained (the
+command), as each measured them (:func:`fill_stages`).
 
 Imports conf (the config folder), scoring.entry (atomic writes), train.config and the search's grid and solve.
 """

@@ -10,7 +10,9 @@ model gets that setting on that one layer, through the techniques the compress s
   LSQ) in the state a QAT stage starts from: weight step sizes by least squared error on the (pruned) weights,
   the input's by least squared error on the first calibration batch; ``float`` leaves the layer unquantized;
 
-followed by a short calibration (:func:`calibrate`): a forward pass over the first training batches
+each quantized with the keys of the QAT stage that will train it that are not per layer (:data:`STAGE_KEYS`:
+step-size granularity and width, bias width, method, and the model-wide other ops and attention operands), so that
+its cost is counted as the stage will store it; followed by a short calibration (:func:`calibrate`): a forward pass over the first training batches
 (``--calibration-batches``, 2) that initialises the input quantizer and re-estimates every batch norm's
 statistics, as any training after the change does first (without it, one-shot pruning mostly measures the
 batch-norm statistics it invalidates). Nothing is trained, so a measurement is deterministic, and the
@@ -27,6 +29,9 @@ Each copy is then
    counts as constants). The remaining rows (activations, pools, folded batch norms) are the ``rest``,
    so that ``rest + Σ_layers cost(layer's setting)`` is the model's total for any one-layer change, and
    (assumed by the allocation, train/search/solve.py; :func:`check` counts it) for any combination.
+
+An allocate stage first fixes the probe's model (:meth:`Probe.fix`): the layers it does not allocate get the
+settings of the stages after it, and what those set model-wide, so that they are in the reference and the ``rest``.
 
 Every cost is counted with the freebie off, and the unquantized settings' also with it on (``freebie_on``):
 an allocation that quantizes nothing gets the freebie, any other does not.

@@ -6,7 +6,15 @@ A compress config may do both steps of the search inside the run (``conf/compres
 here, :class:`AllocateStage`) measures the model trained so far on the run's validation split with the same
 :func:`train.search.measure.measure` as ``python -m train.search.sensitivity``, solves the same
 :func:`train.search.solve.allocate` as ``python -m train.search.allocate``, and builds the stages after it (the
-template) anew with the chosen per-layer settings (:func:`run_allocate_stage`). Its outputs go to
+template) anew with the chosen per-layer settings (:func:`run_allocate_stage`). Unlike the command's, its
+measurement knows the template: the layers it does not allocate keep the template's settings and are measured with
+them, and every setting is quantized with the template's QAT keys (:func:`fixed_stages`, :func:`layer_keys`).
+
+``max_score: template`` caps the allocation at the template's score, which the stage counts: the template's stages
+attached at their end-of-schedule targets to the trained model (:func:`compress.attach_final`, what a plan counts)
+and counted as every setting is (:func:`template_score`). Counting it is exact and simple; summing the measured
+costs of each layer's template setting instead would need every template setting on the grid, and a setting the
+grid cannot express (4-bit weights on 8-bit inputs) is common. Its outputs go to
 ``RUN/sensitivity/`` as the two commands write them, with ``allocation.json`` last: a run restarted after it reads
 the allocation back instead of measuring again. While it measures, it keeps the layers measured so far there
 (``sensitivity.partial.json``) and reads the stop request between layers: a run stopped or killed during the stage
@@ -51,7 +59,7 @@ log = logging.getLogger("micronet.allocate")
 #: ``max_score: template``: the cap is the count of the stages after the allocate stage as written.
 TEMPLATE = "template"
 #: The layers a smoke run's allocate stage measures (the first it would allocate): a full ImageNet model has 124.
-SMOKE_LAYERS = 2
+SMOKE_LAYERS = 1
 
 
 @dataclass(frozen=True)
@@ -114,15 +122,14 @@ class AllocateStage:
 
     def smoke(self, model_layers: Sequence[str]) -> AllocateStage:
         """A smoke run's version (:func:`smoke_stages`): the first :data:`SMOKE_LAYERS` of the layers it allocates
-        (``model_layers``: the model's weight layers; the others keep the template's settings), the grid's first and
-        last bit width and sparsity, one calibration batch; its ``max_score`` kept (a smoke run's score stays
+        (``model_layers``: the model's weight layers; the others keep the template's settings), the grid's last
+        bit width and last sparsity (its cheapest corner as the defaults are ordered; the trained model's own
+        setting is always measured too), one calibration batch; its ``max_score`` kept (a smoke run's score stays
         under its plan), else no constraint, so that every layer takes its cheapest setting."""
-        def ends(values: list) -> list:
-            return list(dict.fromkeys([values[0], values[-1]]))
         first = [name for name in model_layers if matches(name, self.layers) and not matches(name, self.exclude)]
         cut = {"layers": [layer_pattern(name) for name in first[:SMOKE_LAYERS]], "exclude": []} if first else {}
         constraint = {} if self.max_score is not None else {"budget": UNLIMITED, "target_metric": None}
-        return dataclasses.replace(self, **constraint, **cut, bits=ends(self.bits), sparsity=ends(self.sparsity),
+        return dataclasses.replace(self, **constraint, **cut, bits=self.bits[-1:], sparsity=self.sparsity[-1:],
                                    calibration_batches=1)
 
     def measured_layers(self, model: nn.Module, where: str) -> list[str]:
