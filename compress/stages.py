@@ -19,6 +19,9 @@ from the config and documents its keys (train/search/stage.py).
 Within a stage the techniques run in their ``order`` (prune → quantize → distill), so a weight is always
 ``quantize(original * mask)``. Adding a technique adds a module with a registered :class:`Technique`
 subclass (imported in compress/__init__.py); nothing here changes.
+
+:func:`attach_final` gives a model what the stages leave on it at the end of their schedules, without training:
+what a plan (train/plan.py) and an allocate stage (train/search/stage.py) count.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from .base import TECHNIQUES, Technique
+from .distillation import DistillTechnique
+from .pruning import PruneTechnique
 
 #: Stage name of the baseline training in train/run.py.
 BASELINE_STAGE = "train"
@@ -136,3 +141,24 @@ def rescale_stages(compress_cfg: Mapping[str, Any], epochs: int) -> dict[str, An
                     settings[position] = settings[position] / length
             settings["unit"] = "fraction"
     return config
+
+
+def attach_final(model: nn.Module, stages: Sequence[Stage], *, steps_per_epoch: int) -> list[dict[str, Any]]:
+    """Attach every technique of ``stages`` to ``model`` in run order, pruning at the end of its schedule (the final
+    sparsity, ranked on the weights as they are); distillation is skipped (it changes the weights a run trains, not
+    what is counted). Returns what was attached, per stage: ``{stage, attached, skipped}``."""
+    attached = []
+    for stage in stages:
+        names = []
+        for technique in stage.techniques:
+            if isinstance(technique, DistillTechnique):
+                continue
+            technique.configure(steps_per_epoch=steps_per_epoch)
+            technique.attach(model)
+            if isinstance(technique, PruneTechnique):
+                technique.on_step_end(model, technique.schedule.end)
+            names.append(technique.name)
+        skipped = [technique.name for technique in stage.techniques if technique.name not in names]
+        if stage.techniques:
+            attached.append({"stage": stage.name, "attached": names, "skipped": skipped})
+    return attached

@@ -1,14 +1,15 @@
 """``plan=true``: the final model of a recipe, built and counted without training it.
 
 A plan starts from the run's model (the registry's, initialised with the run's seed, or the ``init=`` model) and
-attaches every technique of every stage, in run order, at its end-of-schedule target (:func:`attach_final`):
+attaches every technique of every stage, in run order, at its end-of-schedule target (:func:`compress.attach_final`):
 magnitude masks on the initial weights at each layer's final sparsity (with the stage's ranking, unit, first/last
 and per-layer settings), weight quantizers at their bit widths, and input quantizers calibrated on a few batches
 (:func:`calibrate`): training batches where the data is on disk, synthetic inputs of the task's shape where it is
 not. A distillation teacher changes the weights a run trains, never what the scorer counts, so none is loaded. An
 ``allocate`` stage (conf/compress/auto.yaml) leaves the stages after it as written (the template, whose per-layer
 settings the allocation will replace), unless the run folder holds the allocation an earlier start of the run chose
-(``RUN/sensitivity/allocation.json``), which then replaces them as in the run (:func:`planned_stages`).
+(``RUN/sensitivity/allocation.json``), which then replaces them as in the run (:func:`planned_stages`). Before it,
+plan.json's ``allocation`` gives the stage's ``max_score`` cap beside this plan's score (``template``: this score).
 
 The model is finalized as for an entry and counted as the run's finish counts it (:func:`scoring.entry.count_report`
 under ``score.*``): on the test split's first ``score.examples`` where the data is on disk, else on the task's
@@ -40,7 +41,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from compress import DistillTechnique, PruneTechnique, Stage, finalize_for_export
+from compress import Stage, attach_final, finalize_for_export
 from compress.quantization import ActivationQuantizer
 from compress.stages import ALLOCATE
 from data import DatasetNotFoundError, Loaders
@@ -53,7 +54,7 @@ from scoring.rules import ADDER_TREE
 from train.config import ConfigError, compress_fix, reported_as_config_error
 from train.objectives import OBJECTIVES
 from train.preflight import check_score_examples, check_teachers, stage_recipes
-from train.search.stage import allocation_summary, check_allocation, read_back_allocation
+from train.search.stage import TEMPLATE, allocation_summary, check_allocation, planned_cap, read_back_allocation
 from train.session import Session
 
 log = logging.getLogger(__name__)
@@ -114,26 +115,6 @@ def planned_stages(session: Session, stages: list[Stage]) -> tuple[list[Stage], 
         return stages[:index] + stages[index + 1:], None
     record, later = found
     return stages[:index] + later, record
-
-
-def attach_final(model: nn.Module, stages: list[Stage], *, steps_per_epoch: int) -> list[dict[str, Any]]:
-    """Attach every technique of ``stages`` to ``model`` in run order, pruning at the end of its schedule (the final
-    sparsity, ranked on the weights as they are); distillation is skipped. Returns what was attached, per stage."""
-    attached = []
-    for stage in stages:
-        names = []
-        for technique in stage.techniques:
-            if isinstance(technique, DistillTechnique):  # changes the trained weights, not what is counted
-                continue
-            technique.configure(steps_per_epoch=steps_per_epoch)
-            technique.attach(model)
-            if isinstance(technique, PruneTechnique):
-                technique.on_step_end(model, technique.schedule.end)
-            names.append(technique.name)
-        skipped = [technique.name for technique in stage.techniques if technique.name not in names]
-        if stage.techniques:
-            attached.append({"stage": stage.name, "attached": names, "skipped": skipped})
-    return attached
 
 
 @torch.no_grad()
@@ -228,22 +209,33 @@ def make_plan(session: Session, model: nn.Module, stages: list[Stage], unset: li
     finalize_for_export(model)
     plan = plan_record(session, count_report(model, session.task, inputs.score, session.config["score"]),
                        inputs=inputs, stages=attached, allocation=allocation, refusals=refusals,
-                       allocates=any(stage.kind == ALLOCATE for stage in stages))
+                       allocates=any(stage.kind == ALLOCATE for stage in stages),
+                       cap=planned_cap(session.config["compress"], session.task.metric))
     write_plan(session, plan)
     print(plan_text(plan))
     log.info("plan written to %s and %s; nothing was trained", session.run_dir / PLAN_JSON, PLAN_MD)
     return plan
 
 
-def _allocation_entry(record: dict[str, Any] | None, allocates: bool) -> dict[str, Any] | None:
-    """plan.json's ``allocation``: where the per-layer settings after an allocate stage come from."""
+def _allocation_entry(record: dict[str, Any] | None, allocates: bool, cap: float | str | None,
+                      score: float) -> dict[str, Any] | None:
+    """plan.json's ``allocation``: where the per-layer settings after an allocate stage come from, and, before
+    the run allocates, the cap (``max_score``) it allocates under: ``cap`` beside ``score``, this plan's."""
     if not allocates:
         return None
-    if record is None:
-        return {"source": "template", "summary": "no allocation yet (the run's allocate stage writes "
-                "sensitivity/allocation.json): the stages after it are planned as written, and the allocation will "
-                "replace their per-layer settings"}
-    return {"source": "sensitivity/allocation.json", "summary": allocation_summary(record)}
+    if record is not None:
+        return {"source": "sensitivity/allocation.json", "summary": allocation_summary(record)}
+    entry = {"source": "template", "summary": "no allocation yet (the run's allocate stage writes "
+             "sensitivity/allocation.json): the stages after it are planned as written, and the allocation will "
+             "replace their per-layer settings"}
+    if cap == TEMPLATE:
+        entry["cap"] = {"max_score": cap, "score": score, "template_score": score}
+        entry["summary"] += (f", capped at this planned score (max_score: template): the run's predicted score "
+                             f"stays <= {score:.6f}")
+    elif cap is not None:
+        entry["cap"] = {"max_score": cap, "score": cap, "template_score": score}
+        entry["summary"] += f", capped at max_score {cap:g} (the stages after it as written: {score:.6f})"
+    return entry
 
 
 def _gate_text(task: str) -> str:
@@ -259,7 +251,8 @@ _COUNT_FIELDS = ("params", "ops", "mults", "adds", "param_bits", "freebie", "acc
 
 
 def plan_record(session: Session, report: dict[str, Any], *, inputs: PlanInputs, stages: list[dict[str, Any]],
-                allocation: dict[str, Any] | None, refusals: list[str], allocates: bool) -> dict[str, Any]:
+                allocation: dict[str, Any] | None, refusals: list[str], allocates: bool,
+                cap: float | str | None) -> dict[str, Any]:
     """plan.json's content: the scorer's ``report`` of the planned model (its count fields), what was planned on
     what, and the task's 2019 leaderboard beside it."""
     cfg = session.cfg
@@ -269,7 +262,7 @@ def plan_record(session: Session, report: dict[str, Any], *, inputs: PlanInputs,
         "accumulator": report["accumulator"],
         **{key: report[key] for key in _COUNT_FIELDS},
         "counted_on": inputs.counted_on, "estimate": inputs.estimate, "calibrated_on": inputs.calibrated_on,
-        "stages": stages, "allocation": _allocation_entry(allocation, allocates), "run_would_refuse": refusals,
+        "stages": stages, "allocation": _allocation_entry(allocation, allocates, cap, report["score"]), "run_would_refuse": refusals,
         "leaderboard": compare(cfg.task.name, report["score"], report["accumulator_bits"]),
         "layers": report["layers"],
     }

@@ -15,12 +15,14 @@ import itertools
 import math
 from typing import Any, Iterator
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from compress import build_stages
+from compress.base import weight_layers
 from compress.stages import rescale_stages
 from data import Loaders
-from train.build import task_of
+from train.build import build_model, task_of
 from train.config import ConfigError
 from train.search.stage import smoke_stages
 
@@ -38,7 +40,7 @@ def smoke_config(cfg: DictConfig) -> DictConfig:
     fix = f"edit conf/compress/{cfg.compress.name}.yaml or the compress.* override"
     try:
         build_stages(compress, load_teacher=lambda spec: None)  # the recipe as written must be valid first
-        shortened = smoke_stages(rescale_stages(compress, EPOCHS), task_of(cfg).metric)
+        shortened = smoke_stages(rescale_stages(compress, EPOCHS), task_of(cfg).metric, lambda: _weight_layers(cfg))
     except ValueError as err:
         raise ConfigError(f"smoke=true: {err}", fix) from None
     smoke = copy.deepcopy(cfg)
@@ -47,6 +49,12 @@ def smoke_config(cfg: DictConfig) -> DictConfig:
         smoke.compress = shortened
         smoke.score.examples = min(cfg.score.examples, EXAMPLES)
     return smoke
+
+
+def _weight_layers(cfg: DictConfig) -> list[str]:
+    """The names of the run's model's weight layers (the model built without memory)."""
+    with torch.device("meta"):
+        return list(weight_layers(build_model(cfg)))
 
 
 def smoke_loaders(loaders: Loaders) -> Loaders:

@@ -88,6 +88,34 @@ def test_loss_budget_target_metric_and_infeasible_budgets():
         allocate(sensitivity)
 
 
+# a: float 0.5 (0.25 with the freebie), 8-bit 0.2 at +0.05 nats, 4-bit 50% 0.05 at +0.3; b: float 0.4 (0.2),
+# 8-bit 0.15 at +0.1, 4-bit 50% 0.05 at +0.2; rest 0.2 (0.1 with the freebie).
+CAPPED = {"a": [(None, 0.0, 0.0, 0.0, 0.5, 0.25), (8, 0.0, 0.05, -0.01, 0.2), (4, 0.5, 0.3, -0.05, 0.05)],
+          "b": [(None, 0.0, 0.0, 0.0, 0.4, 0.2), (8, 0.0, 0.1, -0.02, 0.15), (4, 0.5, 0.2, -0.04, 0.05)]}
+
+
+@pytest.mark.parametrize("cap, score, loss, bits", [
+    (0.6, 0.1 + 0.25 + 0.2, 0.0, (None, None)),   # the freebie's 0.55 fits: no loss at all
+    # 0.55 > 0.5: freebie off, 0.3 left for a + b: 8 + 8 costs 0.35; 8 + 4 (0.25) loses 0.25 nats, 4 + 8 (0.2) 0.4
+    (0.5, 0.2 + 0.2 + 0.05, 0.05 + 0.2, (8, 4)),
+    (0.31, 0.2 + 0.05 + 0.05, 0.3 + 0.2, (4, 4)),  # only 4 + 4 (0.1) fits in 0.11
+])
+def test_a_score_cap_buys_the_least_loss_increase_that_fits(cap, score, loss, bits):
+    allocation = allocate(_sensitivity(CAPPED), max_score=cap)
+    assert tuple(s.bits for s in allocation.settings.values()) == bits
+    assert allocation.score == pytest.approx(score) and allocation.loss_increase == pytest.approx(loss)
+    assert allocation.constraint == f"predicted score <= {cap:.6f}"
+
+
+def test_a_capped_allocation_takes_the_cheapest_of_equal_losses_and_none_fits_below_the_cheapest():
+    # c: float 0.3 and 8-bit 0.1 both lose nothing (a measured improvement counts as none); no freebie-on cost
+    equal = _sensitivity({"c": [(None, 0.0, 0.0, 0.0, 0.3), (8, 0.0, -0.01, 0.0, 0.1)]})
+    assert allocate(equal, max_score=10).settings == {"c": Setting(8, 0.0)}  # 0.2 + 0.1, not 0.2 + 0.3
+    assert allocate(_sensitivity(CAPPED), max_score=0.29) is None  # the cheapest: 0.2 + 0.05 + 0.05 = 0.3
+    with pytest.raises(ValueError, match="exactly one of a loss budget, a target metric and a score cap"):
+        allocate(equal, loss_budget=1, max_score=1)
+
+
 CHOICE = {"conv1.0": Setting(8, 0.0), "conv2.0": Setting(4, 0.9), "conv3.0": Setting(3, 0.95), "fc": Setting(None, 0.5)}
 
 

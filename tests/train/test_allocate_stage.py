@@ -14,6 +14,7 @@ from compress.base import find_parametrization
 from compress.quantization import WeightQuantizer
 from data import Loaders
 from tests.conftest import TINY, compose_config, run_train
+from tests.train.test_plan import _plan
 from tests.train.test_session import _Watched
 from train import distributed
 from train.build import build_model
@@ -141,12 +142,54 @@ def test_a_restart_reads_the_allocation_back_and_one_cut_short_measures_again(al
         _allocate(_config("compress.stages.0.allocate.budget=2"), run_dir)
 
 
+#: ``max_score: template`` on conv2.0 alone (the other layers keep prune_q4's settings), the grid holding its template
+#: setting (4-bit 90%), and the QAT stage storing step sizes and biases at 16 bits, with the other ops in fp16.
+CAPPED = ("compress=auto", "data.val_split=64", "score.examples=4", "compress.stages.0.allocate.budget=null",
+          "+compress.stages.0.allocate.max_score=template", "compress.stages.0.allocate.bits=[8,4]",
+          "compress.stages.0.allocate.sparsity=[0.0,0.9]", "compress.stages.0.allocate.layers=[conv2.0]",
+          "+compress.stages.2.quantize.scale_bits=16", "+compress.stages.2.quantize.bias_bits=16",
+          "+compress.stages.2.quantize.other_ops=fp16")
+
+
+def test_a_template_cap_allocates_within_the_templates_count_as_the_qat_stage_stores_it_and_the_plan_says_so(
+        tmp_path: Path):
+    _allocate(compose_config(*TINY, *CAPPED), tmp_path / "run")
+    record = json.loads((tmp_path / "run" / SENSITIVITY_DIR / ALLOCATION_JSON).read_text())
+    cap, predicted = record["max_score"], record["predicted"]["score"]
+    # counted with the QAT stage's 16-bit step sizes and biases and fp16 other ops, as the measurement costed it
+    assert record["counted"]["score"] == pytest.approx(predicted, rel=1e-9) and predicted <= cap * (1 + 1e-12)
+    measured = read_sensitivity(tmp_path / "run")
+    rest = measured["reference"]["rest"]
+    assert list(rest) == ["freebie_off"]  # the layers left to the template are quantized: the freebie is lost
+    template = next(s for s in measured["layers"][0]["settings"] if (s["bits"], s["sparsity"]) == (4, 0.9))
+    # the cap is the count of the template as written: the rest plus conv2.0 at prune_q4's 4-bit 90%, exactly
+    assert cap == pytest.approx(rest["freebie_off"]["score"] + template["cost"]["freebie_off"]["score"], rel=1e-9)
+    assert record["constraint"] == (f"predicted score <= {cap:.6f}, the count of the stages after it as written "
+                                    "(max_score: template)")
+    plan = _plan(tmp_path / "plan", *CAPPED)
+    assert plan["allocation"]["cap"] == {"max_score": "template", "score": plan["score"],
+                                         "template_score": plan["score"]}
+    assert plan["allocation"]["summary"].endswith(f"capped at this planned score (max_score: template): the run's "
+                                                  f"predicted score stays <= {plan['score']:.6f}")
+    assert plan["score"] == pytest.approx(cap, rel=1e-9)  # the same initial weights (seed 0): the same count
+
+
 @pytest.mark.parametrize("overrides, message", [
     ((), "compress=auto allocates per-layer settings on the validation split, and this run has none ; fix: pass "
          "data.val_split=0.2"),
     (("data.val_split=0.2", "+compress.stages.0.allocate.target_metric=0.9"),
      "compress.stages[0].allocate: expected exactly one of budget (the predicted validation-loss increase allowed, "
-     "e.g. 1.5) and target_metric (the validation top1 to keep) ; fix: edit conf/compress/auto.yaml"),
+     "e.g. 1.5), target_metric (the validation top1 to keep) and max_score (the predicted score allowed, or "
+     "template) ; fix: edit conf/compress/auto.yaml"),
+    (("data.val_split=0.2", "+compress.stages.0.allocate.max_score=template"), "expected exactly one of budget"),
+    (("data.val_split=0.2", "compress.stages.0.allocate.budget=null", "+compress.stages.0.allocate.max_score=0"),
+     "compress.stages[0].allocate.max_score=0: expected a number > 0, or template (the score of the stages after it "
+     "as written)"),
+    (("data.val_split=0.2", "compress.stages.0.allocate.budget=null", "+compress.stages.0.allocate.max_score=plan"),
+     "compress.stages[0].allocate.max_score='plan': expected a number > 0, or template"),
+    (("data.val_split=0.2", "+compress.stages.2.quantize.exclude=[fc]"),
+     "compress.stages[0]: the stages after allocate: stage qat: exclude ['fc'] holds layer(s) fc the allocation "
+     "sets; add them to the allocate stage's exclude, or drop them from the stage's"),
     (("data.val_split=0.2", "compress.stages.0.allocate.budget=null", "+compress.stages.0.allocate.target_metric=97"),
      "compress.stages[0].allocate.target_metric=97: expected a number in (0.0, 1.0] or null"),
     (("data.val_split=0.2", "compress.stages.0.allocate.bits=[float,9]"),
@@ -190,12 +233,18 @@ def test_a_compressed_init_model_and_a_target_nothing_meets_are_refused(tiny_con
     assert not (tmp_path / "target" / SENSITIVITY_DIR / ALLOCATION_JSON).exists()  # nothing that looks finished
 
 
-def test_smoke_runs_measure_the_ends_of_the_grid_without_a_constraint():
-    short = smoke_config(compose_config("compress=auto", "data.val_split=0.2", "smoke=true"))
+def test_smoke_runs_measure_the_grids_last_corner_on_one_layer_without_a_constraint_or_under_the_cap():
+    short = smoke_config(compose_config("compress=auto", "data.val_split=0.2", "smoke=true",
+                                        "compress.stages.0.allocate.exclude=[conv1.0]"))
+    # the first layer allocated (conv1.0 is excluded); the others keep the template's settings
     assert dict(short.compress.stages[0].allocate) == {
-        "budget": UNLIMITED, "target_metric": None, "bits": [None, 2], "sparsity": [0.0, 0.98],
-        "calibration_batches": 1, "layers": ["*"], "exclude": []}
+        "budget": UNLIMITED, "target_metric": None, "max_score": None, "bits": [2], "sparsity": [0.98],
+        "calibration_batches": 1, "layers": ["conv2.0"], "exclude": []}
     assert [s.get("epochs") for s in short.compress.stages] == [None, 1, 1]
+    capped = smoke_config(compose_config("compress=auto", "data.val_split=0.2", "smoke=true",
+                                         "compress.stages.0.allocate.budget=null",
+                                         "+compress.stages.0.allocate.max_score=0.05"))
+    assert capped.compress.stages[0].allocate.max_score == 0.05 and capped.compress.stages[0].allocate.budget is None
 
 
 @pytest.mark.slow

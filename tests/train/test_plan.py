@@ -77,7 +77,7 @@ def test_distillation_and_an_unset_teacher_are_no_obstacle_and_the_run_s_refusal
 
 def test_an_allocate_stage_plans_its_template_until_the_run_has_an_allocation(tmp_path: Path):
     template = _plan(tmp_path, "compress=auto")
-    assert template["allocation"]["source"] == "template"
+    assert template["allocation"]["source"] == "template" and "cap" not in template["allocation"]  # a budget
     assert _layers(template) == {"conv1.0": (0.0, 8, 8), "conv2.0": (0.9, 4, 4), "conv3.0": (0.9, 4, 4),
                                  "fc": (0.0, 8, 8)}  # the stages after it as written (prune_q4's settings)
     assert any("has none ; fix: pass data.val_split=0.2" in line for line in template["run_would_refuse"])
@@ -96,6 +96,15 @@ def test_an_allocate_stage_plans_its_template_until_the_run_has_an_allocation(tm
     assert "287 examples" in allocated["allocation"]["summary"]
     assert _layers(allocated) == {"conv1.0": (0.0, 6, 6), "conv2.0": (0.5, 4, 4), "conv3.0": (0.8, 3, 3),
                                   "fc": (0.7, 32, 32)}
+
+
+def test_a_score_cap_is_planned_beside_the_templates_count(tmp_path: Path, capsys):
+    plan = _plan(tmp_path, "compress=auto", "compress.stages.0.allocate.budget=null",
+                 "+compress.stages.0.allocate.max_score=0.05")
+    assert plan["allocation"]["cap"] == {"max_score": 0.05, "score": 0.05, "template_score": plan["score"]}
+    line = f"capped at max_score 0.05 (the stages after it as written: {plan['score']:.6f})"
+    assert plan["allocation"]["summary"].endswith(line)
+    assert "allocation: no allocation yet (" in capsys.readouterr().out.split(line)[0].splitlines()[-1]  # one line
 
 
 def test_a_language_model_is_counted_on_its_test_stream_where_the_data_is_present(tmp_path: Path):

@@ -62,13 +62,19 @@ def test_the_cifar100_recipe_runs_end_to_end_as_a_smoke_run(tmp_path: Path):
 
 @pytest.mark.slow
 def test_the_imagenet_recipe_runs_end_to_end_as_a_smoke_run(tmp_path: Path):
+    """Baseline, the allocation capped at the template's count (one layer at the grid's ends), pruning and QAT."""
     make_imagenet(tmp_path / "imagenet", classes=3, train_per_class=4, val_per_class=2)
+    # the fixture's 12 training images cannot hold out the recipe's 10,000: 4 of them, for the allocate stage
     result = run_train("+experiment=imagenet_mixnet_micronet", f"data.root={tmp_path / 'imagenet'}", "smoke=true",
-                       "train.batch_size=4", "train.eval_batch_size=6", "score.examples=4", "data.num_workers=0",
-                       f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+                       "data.val_split=4", "train.batch_size=4", "train.eval_batch_size=6", "score.examples=4",
+                       "data.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode in (0, 3), result.stderr[-3000:]
-    assert _stage_steps(tmp_path / "run") == {"0_train": (1, 2), "1_prune": (1, 2), "2_q4": (1, 2)}
-    assert json.loads((tmp_path / "run" / "report.json").read_text())["examples"] == 4
+    assert _stage_steps(tmp_path / "run") == {"0_train": (1, 2), "2_prune": (1, 2), "3_q4": (1, 2)}
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    allocation = report["allocation"]
+    assert report["examples"] == 4 and list(allocation["layers"]) == ["blocks.0.0.conv_dw"]
+    assert allocation["counted"]["score"] == pytest.approx(allocation["predicted"]["score"], rel=1e-9)
+    assert allocation["predicted"]["score"] <= allocation["max_score"] * (1 + 1e-12)  # under the template's count
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ model gets that setting on that one layer, through the techniques the compress s
   LSQ) in the state a QAT stage starts from: weight step sizes by least squared error on the (pruned) weights,
   the input's by least squared error on the first calibration batch; ``float`` leaves the layer unquantized;
 
-followed by a short calibration (:func:`calibrate`): a forward pass over the first training batches
+each quantized with the keys of the QAT stage that will train it that are not per layer (:data:`STAGE_KEYS`:
+step-size granularity and width, bias width, method, and the model-wide other ops and attention operands), so that
+its cost is counted as the stage will store it; followed by a short calibration (:func:`calibrate`): a forward pass over the first training batches
 (``--calibration-batches``, 2) that initialises the input quantizer and re-estimates every batch norm's
 statistics, as any training after the change does first (without it, one-shot pruning mostly measures the
 batch-norm statistics it invalidates). Nothing is trained, so a measurement is deterministic, and the
@@ -27,6 +29,9 @@ Each copy is then
    counts as constants). The remaining rows (activations, pools, folded batch norms) are the ``rest``,
    so that ``rest + Σ_layers cost(layer's setting)`` is the model's total for any one-layer change, and
    (assumed by the allocation, train/search/solve.py; :func:`check` counts it) for any combination.
+
+An allocate stage first fixes the probe's model (:meth:`Probe.fix`): the layers it does not allocate get the
+settings of the stages after it, and what those set model-wide, so that they are in the reference and the ``rest``.
 
 Every cost is counted with the freebie off, and the unquantized settings' also with it on (``freebie_on``):
 an allocation that quantizes nothing gets the freebie, any other does not.
@@ -51,7 +56,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from compress import PruneTechnique, QuantizeTechnique, compression_state
+from compress import PruneTechnique, QuantizeTechnique, Stage, attach_final, compression_state
 from compress.base import weight_layers
 from compress.quantization import ActivationQuantizer
 from data import Loaders
@@ -70,10 +75,16 @@ from train.search.solve import Allocation
 
 log = logging.getLogger("micronet.sensitivity")
 
+#: The keys of a QAT stage's ``quantize:`` that are not per layer (neither which layers nor their bits, nor the
+#: schedule): a measured setting is quantized with them, so that its cost is counted as the stage will train it
+#: (:attr:`Probe.quantize`). ``other_ops`` and ``attention_bits`` act model-wide: every quantize attach sets them.
+STAGE_KEYS = ("method", "averaging_constant", "scale", "scale_bits", "bias_bits", "attention_bits", "other_ops")
 
-def apply_setting(model: nn.Module, layer: str, setting: Setting) -> None:
+
+def apply_setting(model: nn.Module, layer: str, setting: Setting, quantize: Mapping[str, Any] | None = None) -> None:
     """Prune ``layer`` of ``model`` to ``setting.sparsity`` by magnitude and give its weight and input quantizers
-    of ``setting.bits``, as the compress stages do (the input quantizers still need :func:`calibrate`)."""
+    of ``setting.bits``, as the compress stages do (the input quantizers still need :func:`calibrate`), with the
+    ``quantize:`` keys ``quantize`` that are not per layer (:data:`STAGE_KEYS`; default the technique's)."""
     pattern = [layer_pattern(layer)]
     if setting.sparsity:
         # start = end = step 0: the cubic schedule's final target, imposed at once.
@@ -84,22 +95,24 @@ def apply_setting(model: nn.Module, layer: str, setting: Setting) -> None:
         prune.attach(model)
         prune.on_step_end(model, 0)
     if setting.bits is not None:
-        quantize = QuantizeTechnique({"weight_bits": setting.bits, "activation_bits": setting.bits,
-                                      "first_last_bits": None, "layers": pattern},
-                                     stage_epochs=1, where=f"sensitivity[{layer}].quantize")
-        quantize.attach(model)
+        technique = QuantizeTechnique({**(quantize or {}), "weight_bits": setting.bits, "activation_bits": setting.bits,
+                                       "first_last_bits": None, "layers": pattern},
+                                      stage_epochs=1, where=f"sensitivity[{layer}].quantize")
+        technique.attach(model)
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], predict: Callable[..., Any]) -> None:
+def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], predict: Callable[..., Any], *,
+              batch_norms: bool = True) -> None:
     """The short calibration after a change: a forward pass over ``batches`` (carrying what the task's ``predict``
     carries from batch to batch) in which every batch norm re-estimates its statistics (one-shot pruning shifts
-    those of the layers after it; any training after the change re-estimates them first) and every uncalibrated
-    input quantizer takes LSQ's least-error step on the first batch, as at the first step of a QAT stage. Nothing
-    else runs in training mode, and nothing is trained."""
+    those of the layers after it; any training after the change re-estimates them first; not with
+    ``batch_norms`` False) and every uncalibrated input quantizer takes LSQ's least-error step on the first batch, as at the
+    first step of a QAT stage. Nothing else runs in training mode, and nothing is trained."""
     model.eval()
     fresh = [m for m in model.modules() if isinstance(m, ActivationQuantizer) and not bool(m.calibrated)]
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in model.modules() if batch_norms and isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
@@ -150,8 +163,10 @@ class Probe:
 
     def __init__(self, model: nn.Module, config: Mapping[str, Any], task: Task, loaders: Loaders, *,
                  device: torch.device, calibration_batches: int, score_examples: int, val_split: float | int,
-                 trained_on_validation: bool = False) -> None:
+                 trained_on_validation: bool = False, quantize: Mapping[str, Any] | None = None) -> None:
         self.model, self.config, self.task, self.device = model.to(device).eval(), config, task, device
+        #: The :data:`STAGE_KEYS` every measured setting is quantized with (the later QAT stage's; default none).
+        self.quantize = dict(quantize or {})
         #: The validation hold-out (``data.val_split``), and whether the model was trained on it (a run trained
         #: without one, measured on a hold-out chosen afterwards).
         self.val_split, self.trained_on_validation = val_split, trained_on_validation
@@ -202,13 +217,31 @@ class Probe:
                    calibration_batches=calibration_batches, score_examples=score_examples or cfg.score.examples,
                    val_split=split, trained_on_validation=bool(split and not run_split))
 
-    def prepared(self, settings: Mapping[str, Setting], model: nn.Module | None = None) -> nn.Module:
-        """A copy of the model (or of ``model``) with ``settings`` applied per layer, quantizers calibrated."""
-        model = copy.deepcopy(self.model if model is None else model)
+    def prepared(self, settings: Mapping[str, Setting]) -> nn.Module:
+        """A copy of the model with ``settings`` applied per layer, quantizers calibrated."""
+        model = copy.deepcopy(self.model)
         for layer, setting in settings.items():
-            apply_setting(model, layer, setting)
+            apply_setting(model, layer, setting, self.quantize)
         calibrate(model, self.calibration, self.predict)
         return model
+
+    def final(self, stages: Sequence[Stage], steps_per_epoch: int) -> nn.Module:
+        """A copy of the model carrying the techniques of ``stages`` at their end-of-schedule targets
+        (:func:`compress.attach_final`, as a plan attaches them), its input quantizers calibrated; its batch norms
+        keep the statistics they have (nothing is counted differently for them)."""
+        model = copy.deepcopy(self.model)
+        attach_final(model, stages, steps_per_epoch=steps_per_epoch)
+        calibrate(model, self.calibration, self.predict, batch_norms=False)
+        return model
+
+    def fix(self, stages: Sequence[Stage], steps_per_epoch: int) -> None:
+        """Measure from now on the model with ``stages`` attached (:meth:`final`): the layers an allocation leaves
+        to the stages, at their settings, and what the stages set model-wide (``other_ops``, attention operands)
+        are then in the reference, counted in ``rest``. Once anything is quantized below 16 bits the freebie
+        cannot be had, and only the freebie-off costs are counted."""
+        self.model = self.final(stages, steps_per_epoch)
+        if not self.count(self.model, freebie=None).freebie:
+            self.freebie_modes = (FREEBIE_OFF,)
 
     def evaluate(self, model: nn.Module) -> Evaluation:
         """The task's exact evaluation of ``model`` on the validation split."""
@@ -218,8 +251,9 @@ class Probe:
         """The gate's metric of an evaluation (top-1, or perplexity)."""
         return evaluation.to_dict()[self.task.metric]
 
-    def count(self, model: nn.Module, freebie: bool) -> Count:
-        """The scorer's count of ``model`` on the validation inputs, as the run counts (accumulator width)."""
+    def count(self, model: nn.Module, freebie: bool | None) -> Count:
+        """The scorer's count of ``model`` on the validation inputs, as the run counts (accumulator width); with
+        the freebie, without, or (None) with it unless a tensor is quantized below 16 bits."""
         return count_inputs(model.eval(), self.score_inputs, accumulator_bits=self.accumulator_bits, freebie=freebie)
 
 
@@ -302,13 +336,10 @@ def _measure_layer(probe: Probe, layer: str, settings: Sequence[Setting], refere
     """``layer`` at every setting, the others as trained: sensitivity.json's entries of the layer (``reference``: the
     reference's entry of sensitivity.json, ``ref_counts`` its counts)."""
     entries = []
-    pruned: dict[float, nn.Module] = {}
     for setting in settings:
-        if setting.sparsity not in pruned:  # one pruned copy per sparsity, quantized copies made from it
-            pruned[setting.sparsity] = probe.prepared({layer: Setting(None, setting.sparsity)})
-        model = pruned[setting.sparsity]
-        if setting.quantized:
-            model = probe.prepared({layer: Setting(setting.bits, 0.0)}, model)
+        # Each copy from the probe's model: copies of a copy share its parametrized layers' classes (torch's
+        # parametrize), and a bias quantizer registered on one would break the others.
+        model = probe.prepared({layer: setting})
         evaluation = probe.evaluate(model)
         modes = (FREEBIE_OFF,) if setting.quantized else probe.freebie_modes
         costs, changed, row = {}, set(), None

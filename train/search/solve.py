@@ -9,7 +9,9 @@ for every measured layer one setting of the grid that minimises the predicted sc
 
 subject to a budget on the predicted increase of the validation loss, ``Σ_layers max(0, loss_increase)`` (nats per
 example), or to a target validation metric (top-1 predicted as the reference minus the sum of the per-layer drops;
-perplexity as exp(reference loss + the sum of the loss increases)).
+perplexity as exp(reference loss + the sum of the loss increases)). The reverse problem caps the score instead
+(``max_score``): the least predicted loss increase whose predicted score is at most the cap, and among the
+choices with that increase the cheapest.
 
 **Additivity assumption.** Each layer's loss increase was measured with that layer alone changed; their sum is
 taken as the increase of the combination (interactions between layers are ignored, and a measured improvement
@@ -21,6 +23,8 @@ allocation is then checked (:func:`train.search.measure.check`): the model with 
 
 **Exact solver.** A multiple-choice knapsack, solved as an integer program with ``scipy.optimize.milp`` (HiGHS,
 relative gap 0): binary x[l, s], one setting per layer (Σ_s x[l, s] = 1), Σ penalty·x ≤ budget, minimise Σ cost·x.
+A score cap is the same knapsack with the roles swapped (penalty = score, budget = cap − rest, cost = loss
+increase), then solved once more as usual with the least increase as the budget, for the cheapest among ties.
 
 **Comparison.** Finished runs (train/search/formats.py) are one configuration when they agree on task, model,
 compress and every other setting that defines a run (``train.config.run_settings``) except the seed and ``init``;
@@ -113,6 +117,11 @@ class Allocation:
 _PREDICTED = ("score", "params", "ops", "loss_increase", "metric")
 
 
+def _loss_increases(layers: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+    """Every layer's settings' predicted validation-loss increases (a measured improvement counts as none)."""
+    return [[max(0.0, s["loss_increase"]) for s in layer["settings"]] for layer in layers]
+
+
 def _penalties(sensitivity: Mapping[str, Any], loss_budget: float | None,
                target_metric: float | None) -> tuple[str, float, list[list[float]]]:
     """(description, budget, penalty of every layer's settings) of the constraint."""
@@ -126,37 +135,55 @@ def _penalties(sensitivity: Mapping[str, Any], loss_budget: float | None,
             description = f"validation perplexity <= {target_metric:g}"
         else:
             description = f"validation loss increase <= {loss_budget:g}"
-        penalties = [[max(0.0, s["loss_increase"]) for s in layer["settings"]] for layer in layers]
-        return description, loss_budget, penalties
+        return description, loss_budget, _loss_increases(layers)
     if not sensitivity["higher_is_better"]:
         raise ValueError(f"a target for metric {sensitivity['metric']!r} is not supported; use --budget")
     penalties = [[max(0.0, -s["metric_change"]) for s in layer["settings"]] for layer in layers]
     return f"validation {sensitivity['metric']} >= {target_metric:g}", ref["metric"] - target_metric, penalties
 
 
-def allocate(sensitivity: Mapping[str, Any], *, loss_budget: float | None = None,
-             target_metric: float | None = None) -> Allocation | None:
-    """The exact optimum for one budget (see the module docstring); None when no choice meets it."""
-    description, budget, penalties = _penalties(sensitivity, loss_budget, target_metric)
+def _capped(costs: Sequence[Sequence[float]], losses: Sequence[Sequence[float]], room: float) -> list[int] | None:
+    """The least loss within ``room`` of score, and among the choices with that loss the cheapest: :func:`solve`
+    with the roles of cost and penalty swapped, then as usual (the first choice keeps the second feasible)."""
+    least = solve(losses, costs, room)
+    if least is None:
+        return None
+    return solve(costs, losses, sum(loss[k] for loss, k in zip(losses, least))) or least
+
+
+def allocate(sensitivity: Mapping[str, Any], *, loss_budget: float | None = None, target_metric: float | None = None,
+             max_score: float | None = None) -> Allocation | None:
+    """The exact optimum for one budget or target, the least score; or, with ``max_score``, the least predicted
+    loss increase whose predicted score is at most ``max_score`` (see the module docstring). None when no choice
+    meets the constraint."""
     layers, ref = sensitivity["layers"], sensitivity["reference"]
-    best: tuple[float, bool, list[int]] | None = None
+    if max_score is None:
+        description, budget, penalties = _penalties(sensitivity, loss_budget, target_metric)
+    elif loss_budget is None and target_metric is None:
+        description, penalties = f"predicted score <= {max_score:.6f}", _loss_increases(layers)
+    else:
+        raise ValueError("give exactly one of a loss budget, a target metric and a score cap")
+    best: tuple[tuple[float, float], bool, list[int]] | None = None
     for mode in ref["rest"]:
         # Freebie on: only the unquantized settings (their cost counted with the freebie) are allowed.
         allowed = [[k for k, s in enumerate(layer["settings"]) if mode in s["cost"]] for layer in layers]
-        choice = solve([[layer["settings"][k]["cost"][mode]["score"] for k in ks] for layer, ks in zip(layers, allowed)],
-                       [[p[k] for k in ks] for p, ks in zip(penalties, allowed)], budget)
+        costs = [[layer["settings"][k]["cost"][mode]["score"] for k in ks] for layer, ks in zip(layers, allowed)]
+        mode_penalties = [[p[k] for k in ks] for p, ks in zip(penalties, allowed)]
+        choice = solve(costs, mode_penalties, budget) if max_score is None \
+            else _capped(costs, mode_penalties, max_score - ref["rest"][mode]["score"])
         if choice is None:
             continue
-        picked = [ks[c] for ks, c in zip(allowed, choice)]
-        total = ref["rest"][mode]["score"] + sum(layer["settings"][k]["cost"][mode]["score"]
-                                                 for layer, k in zip(layers, picked))
-        if best is None or total < best[0]:
-            best = (total, mode == FREEBIE_ON, picked)
+        total = ref["rest"][mode]["score"] + sum(c[k] for c, k in zip(costs, choice))
+        loss = sum(p[k] for p, k in zip(mode_penalties, choice))
+        objective = (total, loss) if max_score is None else (loss, total)
+        if best is None or objective < best[0]:
+            best = (objective, mode == FREEBIE_ON, [ks[c] for ks, c in zip(allowed, choice)])
     if best is None:
         return None
-    total, freebie, picked = best
+    _, freebie, picked = best
     mode = FREEBIE_ON if freebie else FREEBIE_OFF
     chosen = [layer["settings"][k] for layer, k in zip(layers, picked)]
+    total = ref["rest"][mode]["score"] + sum(s["cost"][mode]["score"] for s in chosen)
     loss = sum(max(0.0, s["loss_increase"]) for s in chosen)
     if sensitivity["metric"] == PERPLEXITY:
         metric = math.exp(ref["loss"] + loss)

@@ -6,7 +6,15 @@ A compress config may do both steps of the search inside the run (``conf/compres
 here, :class:`AllocateStage`) measures the model trained so far on the run's validation split with the same
 :func:`train.search.measure.measure` as ``python -m train.search.sensitivity``, solves the same
 :func:`train.search.solve.allocate` as ``python -m train.search.allocate``, and builds the stages after it (the
-template) anew with the chosen per-layer settings (:func:`run_allocate_stage`). Its outputs go to
+template) anew with the chosen per-layer settings (:func:`run_allocate_stage`). Unlike the command's, its
+measurement knows the template: the layers it does not allocate keep the template's settings and are measured with
+them, and every setting is quantized with the template's QAT keys (:func:`fixed_stages`, :func:`layer_keys`).
+
+``max_score: template`` caps the allocation at the template's score, which the stage counts: the template's stages
+attached at their end-of-schedule targets to the trained model (:func:`compress.attach_final`, what a plan counts)
+and counted as every setting is (:func:`template_score`). Counting it is exact and simple; summing the measured
+costs of each layer's template setting instead would need every template setting on the grid, and a setting the
+grid cannot express (4-bit weights on 8-bit inputs) is common. Its outputs go to
 ``RUN/sensitivity/`` as the two commands write them, with ``allocation.json`` last: a run restarted after it reads
 the allocation back instead of measuring again. While it measures, it keeps the layers measured so far there
 (``sensitivity.partial.json``) and reads the stop request between layers: a run stopped or killed during the stage
@@ -31,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from compress import Stage, build_stages, compression_state
-from compress.base import Settings, select_layers
+from compress.base import Settings, matches, select_layers
 from compress.stages import ALLOCATE, stage_kind
 from data import Loaders
 from data.tasks import Task
@@ -40,12 +48,18 @@ from train.config import ConfigError
 from train.search.configs import check_template, fill_stages, write_config
 from train.search.formats import ALLOCATION_FORMAT, ALLOCATION_JSON, PARTIAL_SENSITIVITY_JSON, SENSITIVITY_DIR, \
     read_allocation, read_partial_sensitivity, write_json
-from train.search.grid import DEFAULT_BITS, DEFAULT_SPARSITY, grid, grid_bits, grid_sparsity, settings_text
-from train.search.measure import Probe, check, measure
+from train.search.grid import DEFAULT_BITS, DEFAULT_SPARSITY, FREEBIE_ON, REFERENCE, grid, grid_bits, grid_sparsity, \
+    layer_pattern, settings_text
+from train.search.measure import STAGE_KEYS, Probe, check, measure
 from train.search.render import write_sensitivity
 from train.search.solve import UNLIMITED, Allocation, allocate
 
 log = logging.getLogger("micronet.allocate")
+
+#: ``max_score: template``: the cap is the count of the stages after the allocate stage as written.
+TEMPLATE = "template"
+#: The layers a smoke run's allocate stage measures (the first it would allocate): a full ImageNet model has 124.
+SMOKE_LAYERS = 1
 
 
 @dataclass(frozen=True)
@@ -53,12 +67,14 @@ class AllocateStage:
     """The ``allocate:`` mapping of a compress stage (``conf/compress/auto.yaml``), checked key by key:
 
         budget               the predicted validation-loss increase allowed (nats per example, >= 0), or
-        target_metric        the validation metric to keep (top-1 fraction in (0, 1], or perplexity > 1): exactly one
+        target_metric        the validation metric to keep (top-1 fraction in (0, 1], or perplexity > 1), or
+        max_score            the predicted score allowed (> 0), or ``template``: the count of the stages after it as
+                             written (:data:`TEMPLATE`); the least predicted loss increase under it. Exactly one
         bits                 the grid's bit widths (weights and inputs), float = unquantized; default float,8,6,4,3,2
         sparsity             the grid's sparsities in [0, 1); default 0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98
         calibration_batches  training batches of the calibration after each change (train/search/measure.py); default 2
-        layers, exclude      fnmatch patterns of the layers measured and allocated (the others stay as trained);
-                             default ["*"] and []
+        layers, exclude      fnmatch patterns of the layers measured and allocated (the others keep the template's
+                             settings, and are measured so); default ["*"] and []
 
     The stages after it are the template (as ``--template`` of the command): its first ``prune:`` and first
     ``quantize:`` stages train the allocation (:func:`train.search.configs.fill_stages`), their other keys (schedule,
@@ -66,6 +82,7 @@ class AllocateStage:
 
     budget: float | None
     target_metric: float | None
+    max_score: float | str | None
     bits: list[int | None]
     sparsity: list[float]
     calibration_batches: int
@@ -80,9 +97,15 @@ class AllocateStage:
         high = 1.0 if metric == TOP1 else math.inf
         target = settings.number("target_metric", None, low=1.0 if metric == PERPLEXITY else 0.0, low_open=True,
                                  high=high, high_open=metric != TOP1, optional=True)
-        if (budget is None) == (target is None):
+        max_score = settings.get("max_score", None)
+        if max_score is not None and max_score != TEMPLATE and (isinstance(max_score, bool) or not isinstance(
+                max_score, (int, float)) or not max_score > 0):
+            raise settings.error("max_score", max_score, f"a number > 0, or {TEMPLATE} (the score of the stages after "
+                                                         "it as written)")
+        if [budget, target, max_score].count(None) != 2:
             raise ValueError(f"{where}: expected exactly one of budget (the predicted validation-loss increase "
-                             f"allowed, e.g. 1.5) and target_metric (the validation {metric} to keep)")
+                             f"allowed, e.g. 1.5), target_metric (the validation {metric} to keep) and max_score "
+                             f"(the predicted score allowed, or {TEMPLATE})")
         grids = {}
         for key, check_grid, default in (("bits", grid_bits, DEFAULT_BITS), ("sparsity", grid_sparsity, DEFAULT_SPARSITY)):
             value = settings.get(key, list(default))
@@ -90,20 +113,24 @@ class AllocateStage:
                 grids[key] = check_grid(value if isinstance(value, Sequence) and not isinstance(value, str) else [value])
             except ValueError as err:
                 raise ValueError(f"{where}.{key}={value!r}: {err}") from None
-        spec = cls(budget=budget, target_metric=target, bits=grids["bits"], sparsity=grids["sparsity"],
+        spec = cls(budget=budget, target_metric=target, max_score=max_score if max_score in (None, TEMPLATE)
+                   else float(max_score), bits=grids["bits"], sparsity=grids["sparsity"],
                    calibration_batches=settings.number("calibration_batches", 2, low=1, high=math.inf, integer=True),
                    layers=settings.patterns("layers", ["*"]), exclude=settings.patterns("exclude", []))
         settings.finish()
         return spec
 
-    def smoke(self) -> AllocateStage:
-        """A smoke run's version (:func:`smoke_stages`): the grid's first and last bit width and sparsity, one
-        calibration batch, and no constraint, so that every layer takes its cheapest setting and every later
-        technique runs."""
-        def ends(values: list) -> list:
-            return list(dict.fromkeys([values[0], values[-1]]))
-        return dataclasses.replace(self, budget=UNLIMITED, target_metric=None, bits=ends(self.bits),
-                                   sparsity=ends(self.sparsity), calibration_batches=1)
+    def smoke(self, model_layers: Sequence[str]) -> AllocateStage:
+        """A smoke run's version (:func:`smoke_stages`): the first :data:`SMOKE_LAYERS` of the layers it allocates
+        (``model_layers``: the model's weight layers; the others keep the template's settings), the grid's last
+        bit width and last sparsity (its cheapest corner as the defaults are ordered; the trained model's own
+        setting is always measured too), one calibration batch; its ``max_score`` kept (a smoke run's score stays
+        under its plan), else no constraint, so that every layer takes its cheapest setting."""
+        first = [name for name in model_layers if matches(name, self.layers) and not matches(name, self.exclude)]
+        cut = {"layers": [layer_pattern(name) for name in first[:SMOKE_LAYERS]], "exclude": []} if first else {}
+        constraint = {} if self.max_score is not None else {"budget": UNLIMITED, "target_metric": None}
+        return dataclasses.replace(self, **constraint, **cut, bits=self.bits[-1:], sparsity=self.sparsity[-1:],
+                                   calibration_batches=1)
 
     def measured_layers(self, model: nn.Module, where: str) -> list[str]:
         """The weight layers the stage measures; ValueError for a pattern that matches none, or none left."""
@@ -129,8 +156,34 @@ def check_allocate_stages(stages: Sequence[Mapping[str, Any]], model: nn.Module,
             raise ValueError(f"{where}: the allocate stage measures an uncompressed model, but "
                              + (f"stage {earlier[0]} compresses it before" if earlier else "the init= model is compressed"))
         check_template(list(stages[index + 1:]), f"{where}: the stages after allocate")
-        spec.measured_layers(model, f"{where}.{ALLOCATE}")
+        layers = spec.measured_layers(model, f"{where}.{ALLOCATE}")
+        try:
+            fixed_stages(stages[index + 1:], layers)
+        except ValueError as err:
+            raise ValueError(f"{where}: the stages after allocate: {err}") from None
     return specs
+
+
+def counted_stages(stages: Sequence[Mapping[str, Any]]) -> list[Stage]:
+    """``stages`` built with only what decides the count: their pruning and quantization (distillation and the
+    training keys change the weights a run trains, not what the scorer counts)."""
+    kept = [{key: value for key, value in stage.items() if key in ("name", "epochs", "prune", "quantize")}
+            for stage in stages]
+    return build_stages({"stages": kept}, load_teacher=lambda spec: None)
+
+
+def fixed_stages(later: Sequence[Mapping[str, Any]], layers: Sequence[str]) -> list[Stage]:
+    """The template ``later`` as it compresses what an allocation of ``layers`` leaves to it: every other layer at
+    its settings, and what it sets model-wide (:meth:`train.search.measure.Probe.fix`). ValueError for a template
+    that cannot leave ``layers`` to the allocation."""
+    return counted_stages(fill_stages(later, {layer: REFERENCE for layer in layers}, keep_template=True))
+
+
+def layer_keys(later: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The keys of the template's first ``quantize:`` that every quantized layer gets alike
+    (:data:`train.search.measure.STAGE_KEYS`): what a measured setting is quantized with."""
+    quantize = next(stage for stage in later if "quantize" in stage)["quantize"] or {}
+    return {key: value for key, value in quantize.items() if key in STAGE_KEYS}
 
 
 def check_allocation(compress: Mapping[str, Any], model: nn.Module, metric: str, *,
@@ -149,15 +202,29 @@ def check_allocation(compress: Mapping[str, Any], model: nn.Module, metric: str,
                           "run it without torchrun, or torchrun the written compress config with init=")
 
 
-def smoke_stages(compress: Mapping[str, Any], metric: str) -> dict[str, Any]:
+def smoke_stages(compress: Mapping[str, Any], metric: str, model_layers: Callable[[], Sequence[str]]) -> dict[str, Any]:
     """A copy of the resolved compress config ``compress`` in which every allocate stage is a smoke run's
-    (:meth:`AllocateStage.smoke`; ``metric``: the task's gate metric). ValueError for a bad allocate mapping."""
+    (:meth:`AllocateStage.smoke`; ``metric``: the task's gate metric; ``model_layers()``: the model's weight
+    layers, called only for a config with an allocate stage). ValueError for a bad allocate mapping."""
     config = copy.deepcopy(dict(compress))
     for index, stage in enumerate(config.get("stages") or []):
         if stage_kind(stage) == ALLOCATE:
             spec = AllocateStage.from_stage(stage[ALLOCATE], f"compress.stages[{index}].{ALLOCATE}", metric)
-            stage[ALLOCATE] = dataclasses.asdict(spec.smoke())
+            stage[ALLOCATE] = dataclasses.asdict(spec.smoke(model_layers()))
     return config
+
+
+def planned_cap(compress: Mapping[str, Any], metric: str) -> float | str | None:
+    """The ``max_score`` of the allocate stage of the resolved compress config ``compress`` (a number, or
+    :data:`TEMPLATE`); None without one, or with an allocate mapping a run would refuse (a plan lists why)."""
+    for index, stage in enumerate(compress.get("stages") or []):
+        if stage_kind(stage) == ALLOCATE:
+            try:
+                return AllocateStage.from_stage(stage[ALLOCATE], f"compress.stages[{index}].{ALLOCATE}",
+                                                metric).max_score
+            except ValueError:
+                return None
+    return None
 
 
 def run_allocate_stage(name: str, model: nn.Module, *, config: Mapping[str, Any], task: Task, loaders: Loaders,
@@ -184,10 +251,11 @@ def run_allocate_stage(name: str, model: nn.Module, *, config: Mapping[str, Any]
         spec = check_allocate_stages(stages, model, task.metric)[index]
         log.info("stage '%s': measuring every layer on the validation split, then allocating", name)
         probe = Probe(model, config, task, loaders, device=device, calibration_batches=spec.calibration_batches,
-                      score_examples=config["score"]["examples"], val_split=config["data"]["val_split"])
+                      score_examples=config["score"]["examples"], val_split=config["data"]["val_split"],
+                      quantize=layer_keys(stages[index + 1:]))
         record = measure_and_allocate(spec, probe, where=f"compress.stages[{index}]", later=stages[index + 1:],
-                                      out=out, config=config, baseline=baseline, command=command,
-                                      should_stop=should_stop)
+                                      steps_per_epoch=len(loaders.train), out=out, config=config, baseline=baseline,
+                                      command=command, should_stop=should_stop)
         if record is None:
             return None
         log.info("stage '%s' finished in %.0f s: %s", name, record["seconds"], out)
@@ -213,19 +281,22 @@ def _allocated(record: dict[str, Any], later: Sequence[Mapping[str, Any]], load_
                ) -> tuple[dict[str, Any], list[Stage]]:
     """The allocation's record for the report (allocation.json without the run's config) and the stages ``later``
     (the template, as written) built anew with its per-layer settings."""
-    built = build_stages({"stages": fill_stages(later, Allocation.from_dict(record))}, load_teacher=load_teacher)
+    built = build_stages({"stages": fill_stages(later, Allocation.from_dict(record).settings, keep_template=True)},
+                         load_teacher=load_teacher)
     return {key: value for key, value in record.items() if key not in ("config", "format")}, built
 
 
 def measure_and_allocate(spec: AllocateStage, probe: Probe, *, where: str, later: Sequence[Mapping[str, Any]],
-                         out: Path, config: Mapping[str, Any], baseline: str, command: str,
+                         steps_per_epoch: int, out: Path, config: Mapping[str, Any], baseline: str, command: str,
                          progress: Callable[[str], None] = log.info,
                          should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
-    """The allocate stage's work on ``probe`` (the model trained so far, on the run's validation split): measure,
-    allocate, check, and write into ``out`` sensitivity.json / .md / .png, the stages ``later`` with the allocation
-    as a compress config (``conf/compress/<name>_allocated.yaml``, as the command writes one) and, last,
+    """The allocate stage's work on ``probe`` (the model trained so far, on the run's validation split): measure
+    (the layers it does not allocate at the template ``later``'s settings, :func:`fixed_stages`), allocate,
+    check, and write into ``out`` sensitivity.json / .md / .png, the stages ``later`` with the allocation as a
+    compress config (``conf/compress/<name>_allocated.yaml``, as the command writes one) and, last,
     allocation.json: the record returned, which :func:`train.search.formats.read_allocation` reads back.
-    ``baseline`` is where the measured model is saved (for ``python -m train.search.allocate RUN`` sweeps).
+    ``baseline`` is where the measured model is saved (for ``python -m train.search.allocate RUN`` sweeps);
+    ``steps_per_epoch`` the run's, at which the template's schedules end.
 
     After each layer the measurement so far is kept in ``out`` (:data:`PARTIAL_SENSITIVITY_JSON`), and it resumes
     from there; returns None when ``should_stop()`` asks for a stop between two layers."""
@@ -237,26 +308,25 @@ def measure_and_allocate(spec: AllocateStage, probe: Probe, *, where: str, later
         write_json(partial, measured)
         return should_stop()
 
-    result = measure(probe, layers=spec.measured_layers(probe.model, where), settings=grid(spec.bits, spec.sparsity),
-                     progress=progress, partial=read_partial_sensitivity(out), after_layer=keep)
+    layers = spec.measured_layers(probe.model, where)
+    cap = template_score(probe, later, steps_per_epoch) if spec.max_score == TEMPLATE else spec.max_score
+    probe.fix(fixed_stages(later, layers), steps_per_epoch)
+    result = measure(probe, layers=layers, settings=grid(spec.bits, spec.sparsity), progress=progress,
+                     partial=read_partial_sensitivity(out), after_layer=keep)
     if result is None:
         log.warning("allocate: stopped between two layers; the layers measured so far are kept in %s", partial)
         return None
     result["run"] = baseline
     result["path"] = str(write_sensitivity(result, out)["json"])
-    allocation = allocate(result, loss_budget=spec.budget, target_metric=spec.target_metric)
-    if allocation is None:
-        raise ConfigError(f"{where}: no setting of the grid meets target_metric={spec.target_metric:g} (the trained "
-                          f"model has validation {result['metric']} {result['reference']['metric']:.4f}, calibrated)",
-                          f"re-run with init={baseline} and a lower {where}.target_metric, or a budget: the trained "
-                          "model is kept")
+    allocation = _solved(spec, result, cap, where=where, baseline=baseline)
     check(allocation, probe)
     name = f"{config['compress']['name']}_allocated"
     path = out / "conf" / "compress" / f"{name}.yaml"
-    write_config({"name": name, "stages": fill_stages(later, allocation)}, allocation, result, path,
+    write_config({"name": name, "stages": fill_stages(later, allocation.settings, keep_template=True)}, allocation,
+                 result, path,
                  f"the stages of compress={config['compress']['name']} after its allocate stage", command)
     record = {"format": ALLOCATION_FORMAT, "stage": where, "split": "val", "val_split": probe.val_split,
-              "validation_examples": result["validation"]["examples"], **allocation.to_dict(),
+              "validation_examples": result["validation"]["examples"], "max_score": cap, **allocation.to_dict(),
               # relative to the run dir, which may move
               "sensitivity": str(Path(result["path"]).relative_to(out.parent)),
               "compress_config": str(path.relative_to(out.parent)),
@@ -264,6 +334,34 @@ def measure_and_allocate(spec: AllocateStage, probe: Probe, *, where: str, later
     write_json(out / ALLOCATION_JSON, record)
     partial.unlink(missing_ok=True)
     return record
+
+
+def template_score(probe: Probe, later: Sequence[Mapping[str, Any]], steps_per_epoch: int) -> float:
+    """The score of the template ``later`` as written, counted on the probe's model as every setting is
+    (:meth:`train.search.measure.Probe.final`: what a plan counts, on the trained weights)."""
+    model = probe.final(counted_stages(later), steps_per_epoch)
+    return probe.count(model, freebie=None if FREEBIE_ON in probe.freebie_modes else False).score(probe.task.name)
+
+
+def _solved(spec: AllocateStage, result: Mapping[str, Any], cap: float | None, *, where: str,
+            baseline: str) -> Allocation:
+    """The allocation of the measurement ``result`` under the stage's constraint (``cap``: its max_score's value);
+    ConfigError when nothing of the grid meets it (the trained model is kept: the fix says how to go on)."""
+    allocation = allocate(result, loss_budget=spec.budget, target_metric=spec.target_metric, max_score=cap)
+    if allocation is not None:
+        if spec.max_score == TEMPLATE:
+            allocation.constraint += ", the count of the stages after it as written (max_score: template)"
+        return allocation
+    if cap is not None:
+        cheapest = allocate(result, loss_budget=UNLIMITED).score
+        raise ConfigError(f"{where}: no setting of the grid fits max_score={spec.max_score} (predicted score <= "
+                          f"{cap:.6f}; the cheapest of the grid predicts {cheapest:.6f})",
+                          f"re-run with init={baseline} and a higher {where}.{ALLOCATE}.max_score, fewer bits or more "
+                          "sparsity in the grid, or fewer layers allocated: the trained model is kept")
+    raise ConfigError(f"{where}: no setting of the grid meets target_metric={spec.target_metric:g} (the trained "
+                      f"model has validation {result['metric']} {result['reference']['metric']:.4f}, calibrated)",
+                      f"re-run with init={baseline} and a lower {where}.target_metric, or a budget: the trained "
+                      "model is kept")
 
 
 def allocation_summary(record: Mapping[str, Any]) -> str:
