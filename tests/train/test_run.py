@@ -144,42 +144,32 @@ def _interrupt(run_dir: Path, how: signal.Signals, args: tuple[str, ...], stage:
     return process.wait(timeout=HANG)
 
 
-def test_resume_after_kill9_ends_with_identical_weights(tmp_path: Path):
-    """(SIGTERM and SIGINT, which checkpoint before they exit: tests/train/test_faults.py.)"""
-    args = (*TINY, "train.epochs=4", "train.log_every=1")
-    reference = run_train(*args, f"hydra.run.dir={tmp_path / 'reference'}", cwd=tmp_path)
-    _assert_finished(reference, tmp_path / "reference")
-    expected = _final_weights(tmp_path / "reference")
-
-    run_dir = tmp_path / "kill9"
-    assert _interrupt(run_dir, signal.SIGKILL, args) == -9
-    assert not (run_dir / "report.json").exists()
-    resumed = run_train(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    _assert_finished(resumed, run_dir)
-    assert "resuming from" in resumed.stdout + resumed.stderr
-    weights = _final_weights(run_dir)
-    assert all(torch.equal(weights[k], expected[k]) for k in expected)
-    assert _report(run_dir)["correct"] == _report(tmp_path / "reference")["correct"]
-
-
-def test_kill9_in_the_qat_stage_resumes_and_a_finished_run_reprints_its_summary(tmp_path: Path):
-    """The QAT stage's checkpoints describe masks + quantizers while the model resumed from the prune stage
-    already carries the masks: the resume must extend that structure (it used to refuse it)."""
+def test_kill9_in_training_then_in_the_qat_stage_resumes_to_identical_weights_and_a_finished_run_reprints(
+        tmp_path: Path):
+    """Killed twice: in the baseline's first epoch, then (resumed) in the QAT stage, whose checkpoints describe masks
+    + quantizers while the model resumed from the prune stage already carries the masks: each resume must extend
+    that structure (it used to refuse it). (SIGTERM and SIGINT, which checkpoint before they exit:
+    tests/train/test_faults.py.)"""
     args = (*TINY, "train.epochs=3", "train.log_every=1", "compress=prune_q8")
     reference = run_train(*args, f"hydra.run.dir={tmp_path / 'reference'}", cwd=tmp_path)
     _assert_finished(reference, tmp_path / "reference")
     run_dir = tmp_path / "killed"
+    assert _interrupt(run_dir, signal.SIGKILL, args) == -9
+    assert not (run_dir / "report.json").exists()
     assert _interrupt(run_dir, signal.SIGKILL, args, stage="2_q8") == -9
+    assert not (run_dir / "report.json").exists()
     resumed = run_train(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     _assert_finished(resumed, run_dir)
     assert "stage 'prune' already finished" in resumed.stdout + resumed.stderr
-    expected = _final_weights(tmp_path / "reference", "2_q8")
-    weights = _final_weights(run_dir, "2_q8")
-    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    for stage in ("0_train", "2_q8"):
+        expected, weights = _final_weights(tmp_path / "reference", stage), _final_weights(run_dir, stage)
+        assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
     again = run_train(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     _assert_finished(again, run_dir)
     assert "run already finished" in again.stdout + again.stderr and "q8 epoch 1/" not in again.stdout
     assert _report(run_dir)["score"] == _report(tmp_path / "reference")["score"]
+    assert _report(run_dir)["correct"] == _report(tmp_path / "reference")["correct"]
     assert f"{_report(run_dir)['correct']}/360" in again.stdout
 
 
