@@ -15,6 +15,7 @@ from compress import TECHNIQUES
 from tests.conftest import HANG, REPO, compose_config, run_dir_for
 from tests.fixtures import make_cifar100, make_wikitext103
 from train import pipeline
+from train.checkpoint import load_latest
 
 README = (REPO / "README.md").read_text()
 CONF = REPO / "conf"
@@ -120,8 +121,12 @@ def test_the_usage_lines_run_in_order_on_fixtures(tmp_path: Path):
         assert result.returncode in (0, 3), f"{line}\n{result.stderr[-3000:]}"
         folder = re.search(r"run folder: (\S+)", result.stdout).group(1)
         assert (Path(folder) / "report.json").is_file() and (Path(folder) / "entry" / "entry.json").is_file(), line
+        # a smoke run: every stage (the recipe's three included) one epoch of two batches
+        states = [load_latest(stage) for stage in (Path(folder) / "checkpoints").iterdir()]
+        assert states and all((s["finished"], s["epoch"], s["global_step"]) == (True, 1, 2) for s in states), line
         if tuple(args) in commands:  # the recipe line, given smoke=true twice
             assert folder == commands[tuple(args)] and "run already finished" in result.stdout, line
         else:
             assert folder not in commands.values() and "run already finished" not in result.stdout, line
+            assert "smoke run" in result.stdout, line
         commands[tuple(args)] = folders[str(named)] = folder

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import resource
 import time
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -2,7 +2,6 @@
 rebuild, the counted bytes beside the bytes on disk, and hostile packed files refused in one line each."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
