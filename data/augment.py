@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup
 
 
 @dataclass(frozen=True)
@@ -128,5 +127,7 @@ def build_mixup(augment: Mapping | None, num_classes: int) -> Callable | None:
     options = AugmentOptions.from_mapping(augment)
     if not (options.mixup or options.cutmix):
         return None
+    from timm.data import Mixup  # imported when used: timm (with torchvision) costs a second of start-up
+
     return Mixup(mixup_alpha=float(options.mixup), cutmix_alpha=float(options.cutmix), label_smoothing=0.0,
                  num_classes=num_classes)

@@ -4,6 +4,10 @@ Every dataset yields ``(PIL image, int label)``; transforms are applied by the l
 (digits, CIFAR-100) are held as uint8 arrays (:class:`ArrayImageDataset`) so the GPU-resident loader can
 move them to the device whole. CIFAR-100's files are pickles: they are read by an unpickler that builds
 only what those files hold (numpy arrays, lists, strings), so a file that would run code is refused unrun.
+
+scikit-learn, timm and torchvision are imported by the functions that read a dataset with them, not by this module:
+together they cost two seconds of start-up (torchvision pulls in torch._dynamo), which commands that read no data,
+or only digits, need not pay.
 """
 from __future__ import annotations
 
@@ -13,16 +17,14 @@ import pickle
 import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
-from torchvision.datasets import CIFAR100, ImageFolder
-from torchvision.datasets.utils import download_and_extract_archive
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -82,6 +84,8 @@ def hold_out(dataset: Dataset, size: float | int) -> tuple[Dataset, Dataset]:
     ``dataset`` has ``targets`` (an :class:`ArrayImageDataset` or torchvision's ImageFolder); array datasets stay
     arrays (the GPU-resident loader needs them), others become :class:`LabelledSubset`.
     """
+    from sklearn.model_selection import train_test_split
+
     targets = np.asarray(dataset.targets)
     total, classes = len(targets), len(np.unique(targets))
     count = round(size * total) if isinstance(size, float) else int(size)
@@ -113,6 +117,9 @@ def digits_splits() -> Splits:
     Pixel values 0..16 are stored as uint8 0..240 (×15, exact); the mean/std are the train split's, so
     the scale cancels in normalisation.
     """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     images = (digits.images * 15).astype(np.uint8)[..., None]
     train_x, test_x, train_y, test_y = train_test_split(
@@ -178,6 +185,8 @@ def _cifar100_class_names(path: str) -> list[str]:
 
 def _read_cifar100_file(root: str, name: str, read: Callable[[str], _Read]) -> _Read:
     """``read(root/cifar-100-python/name)``; a file it cannot read is a one-line :class:`DatasetError`."""
+    from torchvision.datasets import CIFAR100
+
     folder = os.path.join(root, CIFAR100.base_folder)
     path = os.path.join(folder, name)
     try:
@@ -195,6 +204,9 @@ def cifar100_splits(root: str | None, download: bool) -> Splits:
     The files are pickles, read by :class:`_CIFAR100Unpickler`: one that would run anything but rebuild
     CIFAR-100's arrays and lists is refused without running it.
     """
+    from torchvision.datasets import CIFAR100
+    from torchvision.datasets.utils import download_and_extract_archive
+
     if root is None:
         raise DatasetNotFoundError("cifar100 needs data.root: the folder that holds (or, with data.download=true, "
                                    "will hold) cifar-100-python/")
@@ -219,6 +231,8 @@ def cifar100_splits(root: str | None, download: bool) -> Splits:
 
 def imagenet_splits(root: str | None) -> Splits:
     """ImageNet as class folders ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
     layout = "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (validation images sorted into class folders)"
     if root is None:
         raise DatasetNotFoundError(f"imagenet needs data.root: the folder that holds {layout}")
@@ -238,6 +252,8 @@ def imagenet_splits(root: str | None) -> Splits:
 
 def _image_folder(folder: str) -> ImageFolder:
     """torchvision's ImageFolder; a class folder without images (or no class folder) is a :class:`DatasetError`."""
+    from torchvision.datasets import ImageFolder
+
     try:
         return ImageFolder(folder)
     except FileNotFoundError as err:

@@ -1,15 +1,19 @@
-"""ImageNet-scale architectures built by timm (no pretrained weights), and EfficientNet-B0 for 32×32 inputs."""
+"""ImageNet-scale architectures built by timm (no pretrained weights), and EfficientNet-B0 for 32×32 inputs.
+
+timm is imported when one of them is built, not when they are registered: it imports torchvision and with it
+torch._dynamo, more than a second of start-up that every command would pay otherwise.
+"""
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
-import timm
-from timm.layers import create_conv2d
-from timm.models.efficientnet import EfficientNet, round_channels
-from timm.models._efficientnet_builder import decode_arch_def
 from torch import nn
 
 from .registry import register_model
+
+if TYPE_CHECKING:
+    from timm.models.efficientnet import EfficientNet
 
 
 # Registered as timm builds them (untrained), under timm's names.
@@ -23,6 +27,8 @@ _TIMM_MODELS = {
 
 def _register_timm_model(name: str, description: str) -> None:
     def entrypoint(num_classes: int = 1000, **kwargs) -> nn.Module:
+        import timm
+
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
@@ -53,13 +59,17 @@ def efficientnet_b0_cifar(num_classes: int = 100, in_chans: int = 3, **kwargs) -
 
     Same parameters as ``efficientnet_b0``; only the stem and the first stage-2 block change stride.
     """
-    model = EfficientNet(
+    from timm.layers import create_conv2d
+    from timm.models import efficientnet
+    from timm.models._efficientnet_builder import decode_arch_def
+
+    model = efficientnet.EfficientNet(
         block_args=decode_arch_def(_B0_CIFAR_ARCH),
         num_classes=num_classes,
         in_chans=in_chans,
         stem_size=32,
         num_features=1280,
-        round_chs_fn=partial(round_channels, multiplier=1.0, divisor=8),
+        round_chs_fn=partial(efficientnet.round_channels, multiplier=1.0, divisor=8),
         act_layer=nn.SiLU,
         **kwargs,
     )

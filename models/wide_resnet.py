@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.resnet import conv1x1, conv3x3
 
+from .layers import conv1x1, conv3x3
 from .registry import register_model
 
 
