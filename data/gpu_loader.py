@@ -1,7 +1,7 @@
 """GPU-resident loading for CIFAR-sized uint8 datasets (after airbench): the whole dataset is moved to the
 device once, and each batch is cropped, flipped, normalised and Cut out there, with draws from a
 ``torch.Generator`` on that device seeded from (seed, epoch). The augmentation distribution equals the CPU
-path's (the same crop, flip and Cutout ops per image, drawn from torch's global RNG: data/transforms.py)."""
+path's (torchvision RandomCrop + RandomHorizontalFlip, then Cutout after normalisation)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
