@@ -113,6 +113,30 @@ def test_the_written_compress_config_composes_and_the_command_sweeps_the_same_me
     assert allocate_main([str(run_dir), "--budget", "0", "--name", "sweep", "--no-check"]) == 0
     assert (conf_dir / "compress" / "sweep.yaml").is_file() and "| sweep | validation loss increase <= 0 |" in \
         capsys.readouterr().out
+    # The stage records what its costs assume besides each layer's setting: here nothing the template does not do.
+    measured = json.loads((run_dir / SENSITIVITY_DIR / "sensitivity.json").read_text())
+    assert measured["template"] == {"kept_layers": [], "quantize": {"method": "lsq"}}
+
+
+@pytest.mark.slow  # measures (seconds on an idle 2-core CPU)
+@pytest.mark.parametrize("assumed, said", [
+    ({"kept_layers": ["conv1.0", "fc"], "quantize": {"method": "lsq"}}, "2 layer(s) at its template's settings "
+     "(conv1.0, fc)"),
+    ({"kept_layers": [], "quantize": {"method": "lsq", "other_ops": "fp16"}},
+     "quantize keys {'method': 'lsq', 'other_ops': 'fp16'} (--template has {'method': 'lsq'})")])
+def test_the_command_refuses_a_stage_measurement_whose_costs_assume_another_template(allocated, tmp_path, capsys,
+                                                                                    assumed, said):
+    run_dir, *_ = allocated
+    measured = json.loads((run_dir / SENSITIVITY_DIR / "sensitivity.json").read_text())
+    path = tmp_path / "sensitivity.json"
+    path.write_text(json.dumps({**measured, "template": assumed}))
+    with pytest.raises(SystemExit) as exit_status:
+        allocate_main([str(path), "--budget", "0", "--no-check", "--config-dir", str(tmp_path / "conf")])
+    assert exit_status.value.code == 2 and not (tmp_path / "conf").exists()
+    assert capsys.readouterr().err == (
+        f"error: {path} was measured by an allocate stage with {said}: its costs do not hold for the config this "
+        "command would write ; fix: allocate in the run (re-run it with another compress.stages[N].allocate budget, "
+        "target_metric or max_score), or measure the run anew with `python -m train.search.sensitivity RUN`\n")
 
 
 @pytest.mark.slow  # measures (seconds on an idle 2-core CPU)

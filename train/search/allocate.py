@@ -28,6 +28,7 @@ from train.search.formats import read_sensitivity
 from train.search.measure import Probe, check
 from train.search.render import allocation_header, allocation_row
 from train.search.solve import allocate
+from train.search.stage import layer_keys
 
 PROG = "python -m train.search.allocate"
 #: The budgets to sweep first, in nats per example: on digits 1.5 was the best of the three on the validation split
@@ -72,6 +73,28 @@ def check_probe(sensitivity: Mapping[str, Any], device: str) -> Probe:
                           score_examples=sensitivity["score_examples"])
 
 
+def check_measured_template(sensitivity: Mapping[str, Any], template: Mapping[str, Any]) -> None:
+    """Refuse a measurement whose costs assume what ``template`` will not do: an allocate stage's measurement keeps
+    the layers it does not allocate at its own template's settings (this command leaves them uncompressed) and
+    quantizes with that template's step-size, bias and other-ops keys (the config written would be counted
+    otherwise than predicted unless ``template`` has the same)."""
+    measured = sensitivity.get("template")
+    if measured is None:  # measured by python -m train.search.sensitivity: every layer, the technique's defaults
+        return
+    assumed = [f"{len(measured['kept_layers'])} layer(s) at its template's settings "
+               f"({', '.join(measured['kept_layers'][:3])}{', ...' if len(measured['kept_layers']) > 3 else ''})"
+               ] if measured["kept_layers"] else []
+    keys = layer_keys(template["stages"])
+    if measured["quantize"] != keys:
+        assumed.append(f"quantize keys {measured['quantize']} (--template has {keys})")
+    if assumed:
+        raise ConfigError(f"{sensitivity['path']} was measured by an allocate stage with {' and '.join(assumed)}: "
+                          "its costs do not hold for the config this command would write",
+                          "allocate in the run (re-run it with another compress.stages[N].allocate budget, "
+                          "target_metric or max_score), or measure the run anew with `python -m "
+                          "train.search.sensitivity RUN`")
+
+
 def train_command(sensitivity: Mapping[str, Any], config_dir: Path, names: Sequence[str]) -> str:
     """The train/run.py command that trains the written configs from the measured run (a multirun for several)."""
     parts = ["python train/run.py"] + (["-m"] if len(names) > 1 else [])
@@ -93,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with command():
         sensitivity = read_sensitivity(args.sensitivity)
         template = load_template(args.template)
+        check_measured_template(sensitivity, template)
         if not args.name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"--name {args.name!r}", "use letters, digits, '_' or '-'")
         config_dir = Path(args.config_dir) if args.config_dir else Path(sensitivity["path"]).parent / "conf"

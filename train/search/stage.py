@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from compress import Stage, build_stages, compression_state
-from compress.base import Settings, matches, select_layers
+from compress.base import Settings, matches, select_layers, weight_layers
 from compress.stages import ALLOCATE, stage_kind
 from data import Loaders
 from data.tasks import Task
@@ -309,6 +309,7 @@ def measure_and_allocate(spec: AllocateStage, probe: Probe, *, where: str, later
         return should_stop()
 
     layers = spec.measured_layers(probe.model, where)
+    kept = [name for name in weight_layers(probe.model) if name not in layers]
     cap = template_score(probe, later, steps_per_epoch) if spec.max_score == TEMPLATE else spec.max_score
     probe.fix(fixed_stages(later, layers), steps_per_epoch)
     result = measure(probe, layers=layers, settings=grid(spec.bits, spec.sparsity), progress=progress,
@@ -316,7 +317,8 @@ def measure_and_allocate(spec: AllocateStage, probe: Probe, *, where: str, later
     if result is None:
         log.warning("allocate: stopped between two layers; the layers measured so far are kept in %s", partial)
         return None
-    result["run"] = baseline
+    # what the costs assume besides each layer's setting: python -m train.search.allocate refuses to reuse them
+    result["run"], result["template"] = baseline, {"kept_layers": kept, "quantize": probe.quantize}
     result["path"] = str(write_sensitivity(result, out)["json"])
     allocation = _solved(spec, result, cap, where=where, baseline=baseline)
     check(allocation, probe)
