@@ -10,13 +10,13 @@ from .base import TECHNIQUES, Technique, register_technique
 from .distillation import DistillTechnique
 from .pruning import CubicSchedule, PruneTechnique, WeightMask, mask_sparsity, mask_zeros
 from .quantization import ActivationQuantizer, QuantizeTechnique, WeightQuantizer
-from .stages import Stage, attach_final, build_stages
+from .stages import Stage, attach_final, build_stages, calibrate
 from .state import apply_compression_state, check_compression_state, check_restored, compression_state, \
     finalize_for_export
 
 __all__ = [
     "TECHNIQUES", "ActivationQuantizer", "CubicSchedule", "DistillTechnique", "PruneTechnique", "QuantizeTechnique",
     "Stage", "Technique", "WeightMask", "WeightQuantizer", "apply_compression_state", "attach_final", "build_stages",
-    "check_compression_state", "check_restored", "compression_state", "finalize_for_export", "mask_sparsity",
-    "mask_zeros", "register_technique",
+    "calibrate", "check_compression_state", "check_restored", "compression_state", "finalize_for_export",
+    "mask_sparsity", "mask_zeros", "register_technique",
 ]

@@ -20,8 +20,9 @@ Within a stage the techniques run in their ``order`` (prune → quantize → dis
 ``quantize(original * mask)``. Adding a technique adds a module with a registered :class:`Technique`
 subclass (imported in compress/__init__.py); nothing here changes.
 
-:func:`attach_final` gives a model what the stages leave on it at the end of their schedules, without training:
-what a plan (train/plan.py) and an allocate stage (train/search/stage.py) count.
+:func:`attach_final` gives a model what the stages leave on it at the end of their schedules, without training,
+and :func:`calibrate` the forward pass that initialises its input quantizers: what a plan (train/plan.py) and an
+allocate stage (train/search/stage.py, train/search/measure.py) count.
 """
 from __future__ import annotations
 
@@ -31,12 +32,14 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from .base import TECHNIQUES, Technique
 from .distillation import DistillTechnique
 from .pruning import PruneTechnique
+from .quantization import ActivationQuantizer
 
 #: Stage name of the baseline training in train/run.py.
 BASELINE_STAGE = "train"
@@ -162,3 +165,29 @@ def attach_final(model: nn.Module, stages: Sequence[Stage], *, steps_per_epoch: 
         if stage.techniques:
             attached.append({"stage": stage.name, "attached": names, "skipped": skipped})
     return attached
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], predict: Callable[..., Any], *,
+              batch_norms: bool = True) -> None:
+    """The short calibration after a change: a forward pass over ``batches`` (carrying what the task's ``predict``
+    carries from batch to batch) in which every batch norm re-estimates its statistics (one-shot pruning shifts
+    those of the layers after it; any training after the change re-estimates them first; not with
+    ``batch_norms`` False) and every uncalibrated input quantizer takes LSQ's least-error step on the first batch, as
+    at the first step of a QAT stage. Nothing else runs in training mode, and nothing is trained."""
+    model.eval()
+    fresh = [m for m in model.modules() if isinstance(m, ActivationQuantizer) and not bool(m.calibrated)]
+    norms = [m for m in model.modules() if batch_norms and isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # the cumulative average over the batches
+    for module in fresh + norms:
+        module.train()
+    carry = None
+    for batch in batches if fresh or norms else ():
+        _, carry = predict(model, batch, carry)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()

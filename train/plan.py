@@ -4,8 +4,9 @@ A plan starts from the run's model (the registry's, initialised with the run's s
 attaches every technique of every stage, in run order, at its end-of-schedule target (:func:`compress.attach_final`):
 magnitude masks on the initial weights at each layer's final sparsity (with the stage's ranking, unit, first/last
 and per-layer settings), weight quantizers at their bit widths, and input quantizers calibrated on a few batches
-(:func:`calibrate`): training batches where the data is on disk, synthetic inputs of the task's shape where it is
-not. A distillation teacher changes the weights a run trains, never what the scorer counts, so none is loaded. An
+(:func:`compress.calibrate`, batch norms left as they are): training batches where the data is on disk,
+synthetic inputs of the task's shape where it is not. A distillation teacher changes the weights a run trains, never
+what the scorer counts, so none is loaded. An
 ``allocate`` stage (conf/compress/auto.yaml) leaves the stages after it as written (the template, whose per-layer
 settings the allocation will replace), unless the run folder holds the allocation an earlier start of the run chose
 (``RUN/sensitivity/allocation.json``), which then replaces them as in the run (:func:`planned_stages`). Before it,
@@ -25,8 +26,8 @@ log, checkpoint or entry), so the real run, started afterwards, trains as if the
 run would refuse at its start but a plan does not need (a teacher not given, a validation split an allocate stage
 needs, the data) is listed in the plan, not raised.
 
-Imports compress, data, scoring, train's config, objectives, preflight and session, and the allocate stage of the
-search.
+Imports compress, data, scoring, train's config, objectives, preflight and session, and the search's allocate
+stage.
 """
 from __future__ import annotations
 
@@ -41,8 +42,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from compress import Stage, attach_final, finalize_for_export
-from compress.quantization import ActivationQuantizer
+from compress import Stage, attach_final, calibrate, finalize_for_export
 from compress.stages import ALLOCATE
 from data import DatasetNotFoundError, Loaders
 from data.tasks import ScoreInputs
@@ -118,21 +118,6 @@ def planned_stages(session: Session, stages: list[Stage]) -> tuple[list[Stage], 
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: list[torch.Tensor], predict: Callable[..., Any],
-              device: torch.device) -> None:
-    """Run ``batches`` through ``model`` (carrying what the task's ``predict`` carries from batch to batch) with every
-    input quantizer that has not seen a batch in training mode, as at a QAT stage's first step; everything else
-    stays in evaluation mode and nothing is trained."""
-    model.eval()
-    fresh = [m for m in model.modules() if isinstance(m, ActivationQuantizer) and not bool(m.calibrated)]
-    for quantizer in fresh:
-        quantizer.train()
-    carry = None
-    for batch in batches if fresh else ():
-        _, carry = predict(model, batch.to(device), carry)
-    model.eval()
-
-
 def plan_inputs(session: Session, model: nn.Module) -> PlanInputs:
     """The calibration batches and scorer inputs of the run's data where it is on disk, else synthetic ones."""
     cfg, task = session.cfg, session.task
@@ -205,7 +190,9 @@ def make_plan(session: Session, model: nn.Module, stages: list[Stage], unset: li
     final, allocation = planned_stages(session, stages)
     with reported_as_config_error(compress_fix(cfg)):
         attached = attach_final(model, final, steps_per_epoch=inputs.steps_per_epoch)
-    calibrate(model, inputs.calibration, OBJECTIVES[session.task.kind].predict, device)
+    # input quantizers as at a QAT stage's first step; batch norms keep their statistics
+    calibrate(model, [batch.to(device) for batch in inputs.calibration], OBJECTIVES[session.task.kind].predict,
+              batch_norms=False)
     finalize_for_export(model)
     plan = plan_record(session, count_report(model, session.task, inputs.score, session.config["score"]),
                        inputs=inputs, stages=attached, allocation=allocation, refusals=refusals,
@@ -262,7 +249,8 @@ def plan_record(session: Session, report: dict[str, Any], *, inputs: PlanInputs,
         "accumulator": report["accumulator"],
         **{key: report[key] for key in _COUNT_FIELDS},
         "counted_on": inputs.counted_on, "estimate": inputs.estimate, "calibrated_on": inputs.calibrated_on,
-        "stages": stages, "allocation": _allocation_entry(allocation, allocates, cap, report["score"]), "run_would_refuse": refusals,
+        "stages": stages, "allocation": _allocation_entry(allocation, allocates, cap, report["score"]),
+        "run_would_refuse": refusals,
         "leaderboard": compare(cfg.task.name, report["score"], report["accumulator_bits"]),
         "layers": report["layers"],
     }

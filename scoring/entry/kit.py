@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import reprlib
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from omegaconf import OmegaConf
 
@@ -148,9 +148,9 @@ def _check_task(recorded: Mapping[str, Any], task: Mapping[str, Any]) -> None:
 #: Checks of each score setting, for an entry compared under its own settings (--allow-score-settings).
 _SCORE_CHECKS = {
     "examples": (lambda v: _is_int(v) and 1 <= v <= MAX_BATCH, f"an integer in 1..{MAX_BATCH}"),
-    "accumulator_bits": (lambda v: _is_accumulator_setting(v), f"an integer in 1..32 or {ADDER_TREE}"),
+    "accumulator_bits": (lambda v: _parses(accumulator_setting, v), f"an integer in 1..32 or {ADDER_TREE}"),
     "accumulator_overflow": (lambda v: v in ACCUMULATOR_OVERFLOWS, " or ".join(ACCUMULATOR_OVERFLOWS)),
-    "freebie": (lambda v: _is_freebie_setting(v), "auto, true or false"),
+    "freebie": (lambda v: _parses(freebie_setting, v), "auto, true or false"),
 }
 
 
@@ -218,17 +218,10 @@ def check_evaluation(config: Mapping[str, Any]) -> None:
                          ">= 0 of training examples; re-export the run")
 
 
-def _is_accumulator_setting(value: Any) -> bool:
+def _parses(parse: Callable[[Any], Any], value: Any) -> bool:
+    """Whether the scorer's parser ``parse`` accepts ``value`` (it raises ValueError otherwise)."""
     try:
-        accumulator_setting(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_freebie_setting(value: Any) -> bool:
-    try:
-        freebie_setting(value)
+        parse(value)
     except ValueError:
         return False
     return True

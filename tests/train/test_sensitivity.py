@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from compress import calibrate
 from compress.base import predict_outputs
 from compress.quantization import ActivationQuantizer, least_error_scale
 from data import Loaders
@@ -20,7 +21,7 @@ from train.build import build_model
 from train.config import ConfigError, to_container
 from train.search.formats import read_sensitivity
 from train.search.grid import FREEBIE_OFF, FREEBIE_ON, Setting, grid
-from train.search.measure import Probe, calibrate, measure
+from train.search.measure import Probe, measure
 from train.search.render import write_sensitivity
 from train.search.sensitivity import main
 

@@ -12,7 +12,8 @@ model gets that setting on that one layer, through the techniques the compress s
 
 each quantized with the keys of the QAT stage that will train it that are not per layer (:data:`STAGE_KEYS`:
 step-size granularity and width, bias width, method, and the model-wide other ops and attention operands), so that
-its cost is counted as the stage will store it; followed by a short calibration (:func:`calibrate`): a forward pass over the first training batches
+its cost is counted as the stage will store it; followed by a short calibration (:func:`compress.calibrate`): a
+forward pass over the first training batches
 (``--calibration-batches``, 2) that initialises the input quantizer and re-estimates every batch norm's
 statistics, as any training after the change does first (without it, one-shot pruning mostly measures the
 batch-norm statistics it invalidates). Nothing is trained, so a measurement is deterministic, and the
@@ -56,9 +57,8 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from compress import PruneTechnique, QuantizeTechnique, Stage, attach_final, compression_state
+from compress import PruneTechnique, QuantizeTechnique, Stage, attach_final, calibrate, compression_state
 from compress.base import weight_layers
-from compress.quantization import ActivationQuantizer
 from data import Loaders
 from data.tasks import Evaluation, Task
 from scoring import Count, count_inputs
@@ -99,32 +99,6 @@ def apply_setting(model: nn.Module, layer: str, setting: Setting, quantize: Mapp
                                        "first_last_bits": None, "layers": pattern},
                                       stage_epochs=1, where=f"sensitivity[{layer}].quantize")
         technique.attach(model)
-
-
-@torch.no_grad()
-def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], predict: Callable[..., Any], *,
-              batch_norms: bool = True) -> None:
-    """The short calibration after a change: a forward pass over ``batches`` (carrying what the task's ``predict``
-    carries from batch to batch) in which every batch norm re-estimates its statistics (one-shot pruning shifts
-    those of the layers after it; any training after the change re-estimates them first; not with
-    ``batch_norms`` False) and every uncalibrated input quantizer takes LSQ's least-error step on the first batch, as at the
-    first step of a QAT stage. Nothing else runs in training mode, and nothing is trained."""
-    model.eval()
-    fresh = [m for m in model.modules() if isinstance(m, ActivationQuantizer) and not bool(m.calibrated)]
-    norms = [m for m in model.modules() if batch_norms and isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # the cumulative average over the batches
-    for module in fresh + norms:
-        module.train()
-    carry = None
-    for batch in batches if fresh or norms else ():
-        _, carry = predict(model, batch, carry)
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    model.eval()
 
 
 def owned(name: str, layer: str) -> bool:
