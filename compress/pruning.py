@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -270,18 +270,27 @@ class PruneTechnique(Technique):
         self.schedule = CubicSchedule(self.initial, self.final, min(steps(self.start), end), end,
                                       max(1, steps(self.frequency)))
 
-    def attach(self, model: nn.Module) -> None:
-        s = self._settings
-        if self.schedule is None:
-            raise RuntimeError(f"{s.where}: configure(steps_per_epoch=...) must be called before attach()")
+    def final_sparsity(self, model: nn.Module) -> dict[str, float]:
+        """The sparsity every layer of ``model`` this stage selects ends its schedule at (0: left dense)."""
+        return {name: target for name, _, target, _ in self._targets(model)}
+
+    def _targets(self, model: nn.Module) -> Iterator[tuple[str, nn.Module, float, bool]]:
+        """(name, module, final sparsity, ranked in the global pool) of every layer this stage selects."""
         first_last = first_and_last(model)
-        self._layers = []
-        for name, module in select_layers(model, s, include=self.include, exclude=self.exclude,
+        for name, module in select_layers(model, self._settings, include=self.include, exclude=self.exclude,
                                           per_layer=self.layer_sparsity).items():
             explicit, target = first_match(name, self.layer_sparsity)
             global_pool = not explicit and not (name in first_last and self.first_last is not None)
             if not explicit:
                 target = self.final if global_pool else self.first_last
+            yield name, module, target, global_pool
+
+    def attach(self, model: nn.Module) -> None:
+        s = self._settings
+        if self.schedule is None:
+            raise RuntimeError(f"{s.where}: configure(steps_per_epoch=...) must be called before attach()")
+        self._layers = []
+        for name, module, target, global_pool in self._targets(model):
             if target == 0.0:
                 continue
             if self.nm is not None and module.weight[0].numel() % self.nm[1]:

@@ -90,7 +90,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .base import Settings, Technique, check_bits, find_parametrization, first_and_last, first_match, \
-    put_parametrization, register_technique, select_layers, stage_epochs_at
+    put_parametrization, register_technique, select_layers, stage_epochs_at, weight_layers
 from .precision import FORMATS, set_other_ops
 
 METHODS = ("lsq", "minmax", "moving_average")
@@ -598,17 +598,25 @@ class QuantizeTechnique(Technique):
         bits = check_bits(value, where)
         return bits, bits
 
-    def attach(self, model: nn.Module) -> None:
+    def final_bits(self, model: nn.Module) -> dict[str, tuple[int, int | None]]:
+        """(weight bits, input bits; None: float input) of every layer of ``model`` this stage quantizes."""
         first_last = first_and_last(model)
-        self._quantizers = []
-        for name, module in select_layers(model, self._settings, include=self.include, exclude=self.exclude,
-                                          per_layer=self.layer_bits).items():
+        widths = {}
+        for name in select_layers(model, self._settings, include=self.include, exclude=self.exclude,
+                                  per_layer=self.layer_bits):
             explicit, bits = first_match(name, self.layer_bits)
             if not explicit:
                 bits = (self.first_last_bits, self.first_last_bits) \
                     if name in first_last and self.first_last_bits is not None \
                     else (self.weight_bits, self.activation_bits)
-            weight_bits, input_bits = bits
+            widths[name] = bits
+        return widths
+
+    def attach(self, model: nn.Module) -> None:
+        self._quantizers = []
+        layers = weight_layers(model)
+        for name, (weight_bits, input_bits) in self.final_bits(model).items():
+            module = layers[name]
             self._quantizers.append(self._weight_quantizer(module, weight_bits))
             if self.bias_bits != 32 and isinstance(getattr(module, "bias", None), torch.Tensor):
                 self._quantizers.append(self._bias_quantizer(module))

@@ -222,6 +222,9 @@ def _allocation_entry(record: dict[str, Any] | None, allocates: bool, cap: float
     elif cap is not None:
         entry["cap"] = {"max_score": cap, "score": cap, "template_score": score}
         entry["summary"] += f", capped at max_score {cap:g} (the stages after it as written: {score:.6f})"
+    else:
+        entry["summary"] += (": what its loss budget buys is known only once the layers are measured, so this score "
+                             "is the template's, neither a prediction nor a bound of the run's (max_score bounds it)")
     return entry
 
 

@@ -19,7 +19,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from compress import build_stages
-from compress.base import weight_layers
 from compress.stages import rescale_stages
 from data import Loaders
 from train.build import build_model, task_of
@@ -40,7 +39,7 @@ def smoke_config(cfg: DictConfig) -> DictConfig:
     fix = f"edit conf/compress/{cfg.compress.name}.yaml or the compress.* override"
     try:
         build_stages(compress, load_teacher=lambda spec: None)  # the recipe as written must be valid first
-        shortened = smoke_stages(rescale_stages(compress, EPOCHS), task_of(cfg).metric, lambda: _weight_layers(cfg))
+        shortened = smoke_stages(rescale_stages(compress, EPOCHS), task_of(cfg).metric, lambda: _meta_model(cfg))
     except ValueError as err:
         raise ConfigError(f"smoke=true: {err}", fix) from None
     smoke = copy.deepcopy(cfg)
@@ -51,10 +50,10 @@ def smoke_config(cfg: DictConfig) -> DictConfig:
     return smoke
 
 
-def _weight_layers(cfg: DictConfig) -> list[str]:
-    """The names of the run's model's weight layers (the model built without memory)."""
+def _meta_model(cfg: DictConfig) -> torch.nn.Module:
+    """The run's model built without memory (its layers' names and kinds, for the allocate stage)."""
     with torch.device("meta"):
-        return list(weight_layers(build_model(cfg)))
+        return build_model(cfg)
 
 
 def smoke_loaders(loaders: Loaders) -> Loaders:

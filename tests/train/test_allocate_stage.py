@@ -13,6 +13,7 @@ from compress import PruneTechnique, QuantizeTechnique, build_stages, mask_spars
 from compress.base import find_parametrization
 from compress.quantization import WeightQuantizer
 from data import Loaders
+from models import create_model
 from tests.conftest import TINY, compose_config, run_train
 from tests.train.test_plan import _plan
 from tests.train.test_session import _Watched
@@ -23,6 +24,7 @@ from train.search.allocate import main as allocate_main
 from train.search.formats import ALLOCATION_JSON, SENSITIVITY_DIR, read_sensitivity
 from train.search.grid import Setting
 from train.search.solve import UNLIMITED, allocate
+from train.search.stage import template_setting
 from train.preflight import check_allocate_stage
 from train.session import Session
 from train.smoke import smoke_config
@@ -257,18 +259,42 @@ def test_a_compressed_init_model_and_a_target_nothing_meets_are_refused(tiny_con
     assert not (tmp_path / "target" / SENSITIVITY_DIR / ALLOCATION_JSON).exists()  # nothing that looks finished
 
 
-def test_smoke_runs_measure_the_grids_last_corner_on_one_layer_without_a_constraint_or_under_the_cap():
+def test_smoke_runs_measure_one_layer_at_its_template_setting_without_a_constraint_or_under_the_cap():
     short = smoke_config(compose_config("compress=auto", "data.val_split=0.2", "smoke=true",
                                         "compress.stages.0.allocate.exclude=[conv1.0]"))
-    # the first layer allocated (conv1.0 is excluded); the others keep the template's settings
+    # the first layer allocated (conv1.0 is excluded), at prune_q4's setting for it: 4 bits (weights and inputs),
+    # 90% sparse, which the grid holds; the others keep the template's settings
     assert dict(short.compress.stages[0].allocate) == {
-        "budget": UNLIMITED, "target_metric": None, "max_score": None, "bits": [2], "sparsity": [0.98],
+        "budget": UNLIMITED, "target_metric": None, "max_score": None, "bits": [4], "sparsity": [0.9],
         "calibration_batches": 1, "layers": ["conv2.0"], "exclude": []}
     assert [s.get("epochs") for s in short.compress.stages] == [None, 1, 1]
+    # conv1.0, the first layer: first_last_sparsity 0 and first_last_bits 8, so 8-bit dense
+    first = smoke_config(compose_config("compress=auto", "data.val_split=0.2", "smoke=true"))
+    assert (first.compress.stages[0].allocate.bits, first.compress.stages[0].allocate.sparsity) == ([8], [0.0])
+    # a template setting the grid lacks (90% is not on this grid): the grid's last corner instead
+    off_grid = smoke_config(compose_config("compress=auto", "data.val_split=0.2", "smoke=true",
+                                           "compress.stages.0.allocate.exclude=[conv1.0]",
+                                           "compress.stages.0.allocate.sparsity=[0.5,0.98]"))
+    assert (off_grid.compress.stages[0].allocate.bits, off_grid.compress.stages[0].allocate.sparsity) == ([2], [0.98])
     capped = smoke_config(compose_config("compress=auto", "data.val_split=0.2", "smoke=true",
                                          "compress.stages.0.allocate.budget=null",
                                          "+compress.stages.0.allocate.max_score=0.05"))
     assert capped.compress.stages[0].allocate.max_score == 0.05 and capped.compress.stages[0].allocate.budget is None
+
+
+def test_the_template_setting_of_a_layer_is_what_the_template_attaches_to_it():
+    """4-bit weights on 8-bit inputs (the ImageNet classifier's) and 4-bit weights on float inputs have no Setting;
+    a layer the template leaves unquantized is float at its sparsity."""
+    model = create_model("digits_cnn", num_classes=10)
+    later = [{"name": "prune", "epochs": 1, "prune": {"final_sparsity": 0.8, "layer_sparsity": {"fc": 0.5}}},
+             {"name": "qat", "epochs": 1, "quantize": {"weight_bits": 4, "activation_bits": 4, "exclude": ["conv3.0"],
+                                                       "layer_bits": {"fc": {"weight": 4, "activation": 8}}}}]
+    assert template_setting(later, model, "conv1.0") == Setting(8, 0.0)  # first_last defaults: dense, 8 bits
+    assert template_setting(later, model, "conv2.0") == Setting(4, 0.8)
+    assert template_setting(later, model, "conv3.0") == Setting(None, 0.8)
+    assert template_setting(later, model, "fc") is None
+    later[1]["quantize"] = {"weight_bits": 4, "activation_bits": None}
+    assert template_setting(later, model, "conv2.0") is None
 
 
 @pytest.mark.slow

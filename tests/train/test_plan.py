@@ -78,6 +78,8 @@ def test_distillation_and_an_unset_teacher_are_no_obstacle_and_the_run_s_refusal
 def test_an_allocate_stage_plans_its_template_until_the_run_has_an_allocation(tmp_path: Path):
     template = _plan(tmp_path, "compress=auto")
     assert template["allocation"]["source"] == "template" and "cap" not in template["allocation"]  # a budget
+    assert template["allocation"]["summary"].endswith("so this score is the template's, neither a prediction nor a "
+                                                      "bound of the run's (max_score bounds it)")
     assert _layers(template) == {"conv1.0": (0.0, 8, 8), "conv2.0": (0.9, 4, 4), "conv3.0": (0.9, 4, 4),
                                  "fc": (0.0, 8, 8)}  # the stages after it as written (prune_q4's settings)
     assert any("has none ; fix: pass data.val_split=0.2" in line for line in template["run_would_refuse"])

@@ -46,7 +46,7 @@ def _stage_steps(run_dir: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.slow
 def test_the_imagenet_recipe_runs_end_to_end_as_a_smoke_run(tmp_path: Path):
-    """Baseline, the allocation capped at the template's count (one layer at the grid's ends), pruning and QAT."""
+    """Baseline, the allocation capped at the template's count (one layer, at its template setting), pruning and QAT."""
     make_imagenet(tmp_path / "imagenet", classes=3, train_per_class=4, val_per_class=2)
     # the fixture's 12 training images cannot hold out the recipe's 10,000: 4 of them, for the allocate stage
     result = run_train("+experiment=imagenet_mixnet_micronet", f"data.root={tmp_path / 'imagenet'}", "smoke=true",

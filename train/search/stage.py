@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress import Stage, build_stages, compression_state
+from compress import PruneTechnique, QuantizeTechnique, Stage, build_stages, compression_state
 from compress.base import Settings, matches, select_layers, weight_layers
 from compress.stages import ALLOCATE, stage_kind
 from data import Loaders
@@ -48,8 +48,8 @@ from train.config import ConfigError
 from train.search.configs import check_template, fill_stages, write_config
 from train.search.formats import ALLOCATION_FORMAT, ALLOCATION_JSON, PARTIAL_SENSITIVITY_JSON, SENSITIVITY_DIR, \
     read_allocation, read_partial_sensitivity, write_json
-from train.search.grid import DEFAULT_BITS, DEFAULT_SPARSITY, FREEBIE_ON, REFERENCE, grid, grid_bits, grid_sparsity, \
-    layer_pattern, settings_text
+from train.search.grid import DEFAULT_BITS, DEFAULT_SPARSITY, FREEBIE_ON, REFERENCE, Setting, grid, grid_bits, \
+    grid_sparsity, layer_pattern, settings_text
 from train.search.measure import STAGE_KEYS, Probe, check, measure
 from train.search.render import write_sensitivity
 from train.search.solve import UNLIMITED, Allocation, allocate
@@ -58,8 +58,6 @@ log = logging.getLogger("micronet.allocate")
 
 #: ``max_score: template``: the cap is the count of the stages after the allocate stage as written.
 TEMPLATE = "template"
-#: The layers a smoke run's allocate stage measures (the first it would allocate): a full ImageNet model has 124.
-SMOKE_LAYERS = 1
 
 
 @dataclass(frozen=True)
@@ -120,17 +118,22 @@ class AllocateStage:
         settings.finish()
         return spec
 
-    def smoke(self, model_layers: Sequence[str]) -> AllocateStage:
-        """A smoke run's version (:func:`smoke_stages`): the first :data:`SMOKE_LAYERS` of the layers it allocates
-        (``model_layers``: the model's weight layers; the others keep the template's settings), the grid's last
-        bit width and last sparsity (its cheapest corner as the defaults are ordered; the trained model's own
-        setting is always measured too), one calibration batch; its ``max_score`` kept (a smoke run's score stays
-        under its plan), else no constraint, so that every layer takes its cheapest setting."""
-        first = [name for name in model_layers if matches(name, self.layers) and not matches(name, self.exclude)]
-        cut = {"layers": [layer_pattern(name) for name in first[:SMOKE_LAYERS]], "exclude": []} if first else {}
+    def smoke(self, model_layers: Sequence[str], template: Callable[[str], Setting | None]) -> AllocateStage:
+        """A smoke run's version (:func:`smoke_stages`): only the first of the layers it allocates (a full ImageNet
+        model has 124; ``model_layers``: the model's weight layers; the others keep the template's settings), one
+        calibration batch, and one setting besides the trained model's own: the layer's setting in the template
+        (``template(layer)``, :func:`template_setting`) where the grid holds it, so that a smoke run ends at the
+        model its plan counts; else the grid's last bit width and last sparsity (its cheapest corner as the defaults
+        are ordered). Its ``max_score`` is kept (a smoke run's score stays under its plan), else no constraint."""
+        first = next((name for name in model_layers if matches(name, self.layers) and not matches(name, self.exclude)),
+                     None)
+        cut = {"layers": [layer_pattern(first)], "exclude": []} if first else {}
+        own = template(first) if first else None
+        on_grid = own is not None and own.bits in self.bits and any(math.isclose(own.sparsity, s) for s in self.sparsity)
+        setting = {"bits": [own.bits], "sparsity": [own.sparsity]} if on_grid \
+            else {"bits": self.bits[-1:], "sparsity": self.sparsity[-1:]}
         constraint = {} if self.max_score is not None else {"budget": UNLIMITED, "target_metric": None}
-        return dataclasses.replace(self, **constraint, **cut, bits=self.bits[-1:], sparsity=self.sparsity[-1:],
-                                   calibration_batches=1)
+        return dataclasses.replace(self, **constraint, **cut, **setting, calibration_batches=1)
 
     def measured_layers(self, model: nn.Module, where: str) -> list[str]:
         """The weight layers the stage measures; ValueError for a pattern that matches none, or none left."""
@@ -202,16 +205,39 @@ def check_allocation(compress: Mapping[str, Any], model: nn.Module, metric: str,
                           "run it without torchrun, or torchrun the written compress config with init=")
 
 
-def smoke_stages(compress: Mapping[str, Any], metric: str, model_layers: Callable[[], Sequence[str]]) -> dict[str, Any]:
+def smoke_stages(compress: Mapping[str, Any], metric: str, model: Callable[[], nn.Module]) -> dict[str, Any]:
     """A copy of the resolved compress config ``compress`` in which every allocate stage is a smoke run's
-    (:meth:`AllocateStage.smoke`; ``metric``: the task's gate metric; ``model_layers()``: the model's weight
-    layers, called only for a config with an allocate stage). ValueError for a bad allocate mapping."""
+    (:meth:`AllocateStage.smoke`; ``metric``: the task's gate metric; ``model()``: the run's model, built on the
+    meta device will do, called only for a config with an allocate stage). ValueError for a bad allocate mapping."""
     config = copy.deepcopy(dict(compress))
-    for index, stage in enumerate(config.get("stages") or []):
+    stages = config.get("stages") or []
+    for index, stage in enumerate(stages):
         if stage_kind(stage) == ALLOCATE:
             spec = AllocateStage.from_stage(stage[ALLOCATE], f"compress.stages[{index}].{ALLOCATE}", metric)
-            stage[ALLOCATE] = dataclasses.asdict(spec.smoke(model_layers()))
+            built = model()
+            stage[ALLOCATE] = dataclasses.asdict(spec.smoke(
+                list(weight_layers(built)), lambda layer: template_setting(stages[index + 1:], built, layer)))
     return config
+
+
+def template_setting(later: Sequence[Mapping[str, Any]], model: nn.Module, layer: str) -> Setting | None:
+    """The setting the template ``later`` gives ``layer`` of ``model`` at its end, in the stages an allocation
+    fills (:func:`train.search.configs.fill_stages`: the first ``prune:`` and the first ``quantize:``); None where
+    a :class:`Setting` cannot express it (weights and inputs at different widths, or quantized weights on a float
+    input), or where ``later`` is no template (the run refuses it at its start)."""
+    stages = counted_stages(later)
+    prune = next((t for stage in stages for t in stage.techniques if isinstance(t, PruneTechnique)), None)
+    quantize = next((t for stage in stages for t in stage.techniques if isinstance(t, QuantizeTechnique)), None)
+    if prune is None or quantize is None:
+        return None
+    sparsity = prune.final_sparsity(model).get(layer, 0.0)
+    widths = quantize.final_bits(model).get(layer)
+    if widths is None:
+        return Setting(None, sparsity)
+    weight, inputs = widths
+    if inputs != weight and not isinstance(weight_layers(model)[layer], nn.Embedding):  # an embedding has no input
+        return None
+    return Setting(weight, sparsity)
 
 
 def planned_cap(compress: Mapping[str, Any], metric: str) -> float | str | None:
