@@ -100,6 +100,12 @@ class _Run:
 
     def signal_group(self, how: signal.Signals) -> None:
         os.killpg(self.process.pid, how)
+        if how == signal.SIGSTOP:  # kill() returns before delivery: wait until no thread of the group can write
+            deadline = time.monotonic() + HANG
+            while any(fields[0] not in "TtZX" for fields in _processes(threads=True).values()
+                      if int(fields[2]) == self.process.pid):
+                assert time.monotonic() < deadline, f"the run's processes did not stop within {HANG} s"
+                time.sleep(0.01)
 
     def finish(self) -> tuple[int, str, str]:
         stderr = self.process.stderr.read()
@@ -254,24 +260,26 @@ def test_a_refused_command_touches_nothing_of_a_finished_run(reference, tmp_path
     assert f"    python train/run.py {' '.join(ARGS)}\n" in (bundle / "WRITEUP.md").read_text()
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def _processes(threads: bool = False) -> dict[int, list[str]]:
+    """Every process's (or, with ``threads``, every thread's) /proc stat fields after its command name (state, ppid,
+    pgrp, ...), by pid (thread id)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/task/[0-9]*/stat" if threads else "[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            found[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
             continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    return [child for child, fields in _processes().items() if int(fields[1]) == pid]
 
 
 def _alive(pid: int) -> bool:
     """Running or stopped; False once it is gone or a zombie (dead, waiting to be reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = _processes().get(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def test_dataloader_workers_ignore_stop_signals_and_die_with_the_main_process(tmp_path: Path):
