@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from conf import CONF_DIR
 from scoring.errors import UserError, fail
 from train.config import check_added_keys, closest_key, unknown_key_fix, validate
-from train.rundir import prepare_run_dir
+from train.rundir import fail_on_write_problem, prepare_run_dir
 
 #: Hydra's message for an override of a key the config does not have; it suggests adding the key with ``+``,
 #: which only an open dictionary (``model.kwargs``, compress stages) would read.
@@ -100,3 +100,6 @@ def accept_command_line(argv: list[str]) -> None:
             prepare_run_dir(run_dir_of(cfg))
     except UserError as err:
         fail(str(err))
+    except OSError as err:  # a full disk or a read-only one, met before the run folder (torch's temporary files)
+        fail_on_write_problem(err)
+        raise

@@ -34,8 +34,8 @@ from train.loop import make_deterministic
 from train.objectives import Objective
 from train.plan import make_plan, unset_teachers
 from train.preflight import preflight
-from train.rundir import discard_unaccepted, finished_report, prepare_run_dir, quiet_thread_write_errors, \
-    write_problem
+from train.rundir import discard_unaccepted, fail_on_write_problem, finished_report, prepare_run_dir, \
+    quiet_thread_write_errors
 from train.session import Session
 from train.signals import StopRequest, stop_signals
 from train.smoke import smoke_config
@@ -61,10 +61,8 @@ def run_job(cfg: DictConfig) -> None:
         fail("stopped at once by a second Ctrl-C, without a new checkpoint; the last saved one is intact ; fix: "
              "re-run the same command to resume", INTERRUPTED_EXIT)
     except Exception as err:  # a full disk or a read-only folder, wherever it shows: one line; anything else is a bug
-        problem = write_problem(err)
-        if problem is None:
-            raise
-        fail(f"{problem[0]} ; fix: {problem[1]}")
+        fail_on_write_problem(err)
+        raise
     finally:
         distributed.teardown()
     if code:

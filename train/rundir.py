@@ -39,6 +39,7 @@ from typing import Any, Iterable
 
 from omegaconf import OmegaConf
 
+from scoring.errors import fail
 from train.config import ConfigError, check_same_run, is_run_defining
 
 #: The lock file of a run dir.
@@ -95,6 +96,10 @@ def write_problem(err: BaseException) -> tuple[str, str] | None:
     if code is None and type(err).__name__ == "SafetensorError":  # safetensors' writer wraps the OS error
         match = _RUST_IO_CODE.search(str(err))
         code = int(match.group(1)) if match else None
+    if isinstance(err, FileNotFoundError) and str(err.strerror).startswith("No usable temporary directory"):
+        # tempfile.gettempdir() could write a file into none of its folders (torch asks for one as it compiles)
+        return (f"{err.strerror}: no file could be written there (a full or read-only disk)",
+                "free space there, or set TMPDIR to a writable folder, then re-run the same command")
     where = getattr(err, "filename", None)
     where = f" ({os.fsdecode(where)})" if where else ""
     if code in _FULL:
@@ -106,6 +111,14 @@ def write_problem(err: BaseException) -> tuple[str, str] | None:
                 "make the run folder writable, or pass hydra.run.dir=<a writable folder> (a new folder starts a "
                 "new run)")
     return None
+
+
+def fail_on_write_problem(err: BaseException) -> None:
+    """Exit with status 2 and the one line of :func:`write_problem` when ``err`` is such a write failure; return
+    for any other error (the caller re-raises it: a bug, not the user's to fix)."""
+    problem = write_problem(err)
+    if problem is not None:
+        fail(f"{problem[0]} ; fix: {problem[1]}")
 
 
 def quiet_thread_write_errors() -> None:

@@ -2,6 +2,7 @@
 checkpoint instead of killing it. Imports nothing of ours."""
 from __future__ import annotations
 
+import os
 import signal
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -28,7 +29,12 @@ def stop_signals() -> Iterator[StopRequest]:
     def handle(signum: int, frame: Any) -> None:
         if request() and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        request.signal = request.signal or signal.Signals(signum).name
+        if not request():
+            request.signal = signal.Signals(signum).name
+            if os.environ.get("RANK", "0") == "0":  # once, not from every process of a torchrun
+                _notice(f"{request.signal} received: stopping at the next checkpoint (after the current training step "
+                        "or measured layer)" + ("; Ctrl-C again stops at once, without it" if signum == signal.SIGINT
+                                                else ""))
 
     previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -36,3 +42,10 @@ def stop_signals() -> Iterator[StopRequest]:
     finally:  # once stopped, the process is on its way out: a late signal has nothing left to ask
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_IGN if request() else handler)
+
+
+def _notice(line: str) -> None:
+    """``line`` on stdout at once, where the run's log goes: the stop may be a whole step (or an allocate stage's
+    layer) away, and a Ctrl-C that shows nothing gets pressed again. Written to the file descriptor: a handler runs
+    between two bytecodes, maybe inside a write to sys.stdout, which is not reentrant."""
+    os.write(1, f"\n{line}\n".encode())

@@ -148,7 +148,10 @@ def test_a_stop_signal_to_the_process_group_saves_a_checkpoint_and_exits_143(ref
     run.signal_group(how)
     status, stdout, stderr = run.finish()
     assert status == 143, stderr[-3000:]  # SIGINT used to end in a KeyboardInterrupt, SIGTERM in "worker killed"
-    assert f"{how.name}: stopped in stage 'train' with its progress checkpointed" in stdout
+    said = f"{how.name} received: stopping at the next checkpoint (after the current training step or measured layer)"
+    assert said in stdout and (how == signal.SIGINT) == ("Ctrl-C again stops at once" in stdout)  # said at once, once
+    assert stdout.count(said) == 1 and stdout.index(said) < stdout.index(f"{how.name}: stopped in stage 'train' with "
+                                                                         "its progress checkpointed")
     assert "Traceback" not in stderr and "killed by signal" not in stderr
     saved = load_latest(run_dir / "checkpoints" / "0_train")
     assert saved["epoch"] == 0 and 3 <= saved["batches_done"] < 22 and not saved["finished"]  # mid-epoch
@@ -160,12 +163,14 @@ def test_a_stop_signal_to_the_process_group_saves_a_checkpoint_and_exits_143(ref
 
 def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path: Path):
     """For whoever will not wait for the checkpoint: the first Ctrl-C asks for one at the end of the current step,
-    the second one, sent before that step ends, stops there and then. A ResNet-18 step (well over 50 ms on a CPU)
-    leaves the time between the two; two signals sent at once would be one (a pending signal is a flag)."""
+    and the run says so at once; the second one, sent on that line, stops the run there and then (a ResNet-18 step
+    on a CPU and its checkpoint's write leave the time). Sent without waiting for the line, two signals could be
+    one under load: a pending signal is a flag, and so is Python's own."""
     run = _Run(tmp_path / "run", *ARGS, "model=resnet18_cifar")
     run.wait_for("stage 'train': 2 epochs of 22 steps")
     run.signal_group(signal.SIGINT)
-    time.sleep(0.05)
+    run.wait_for("SIGINT received: stopping at the next checkpoint (after the current training step or measured "
+                 "layer); Ctrl-C again stops at once, without it")
     run.signal_group(signal.SIGINT)
     status, _, stderr = run.finish()
     assert status == 130
@@ -211,14 +216,22 @@ def test_a_disk_filling_after_the_last_checkpoint_is_one_line_and_loses_nothing(
 @pytest.mark.parametrize("fault, expected", [
     ("disk_full_at_start:tfevents", "the disk is full ({run}/tensorboard/events.out.tfevents."),  # TensorBoard's file
     ("disk_full_at_start:run.log", "the disk is full ({run}/run.log): No space left on device"),  # the log file
-    ("disk_full_at_start:", "run folder {run}: the disk is full ({parent}): No space left on device"),  # anything
+    ("disk_full_at_start:parent", "run folder {run}: the disk is full ({parent}): No space left on device"),  # folder
+    # anything: the first write is a temporary file (torch imports its compiler to run the model on the meta device
+    # before the run folder is made, and asks tempfile for a folder); it used to be a traceback
+    ("disk_full_at_start:", "error: No usable temporary directory found in ['/tmp', '/var/tmp', '/usr/tmp', "
+                            "'{cwd}']: no file could be written there (a full or read-only disk) ; fix: free space "
+                            "there, or set TMPDIR to a writable folder, then re-run the same command"),
     ("read_only:{parent}", "run folder {run}: cannot write ({parent}): Read-only file system"),  # the parent
 ])
 def test_a_full_disk_or_a_read_only_folder_at_start_is_one_line(tmp_path: Path, fault, expected):
     run_dir = tmp_path / "parent" / "run"
-    fault, expected = (text.format(run=run_dir, parent=run_dir.parent) for text in (fault, expected))
+    fault, expected = (text.format(run=run_dir, parent=run_dir.parent, cwd=tmp_path) for text in (fault, expected))
+    # torch's compiler cache folder, which torch puts into the environment of a test process that compiled
+    # something: a run inheriting it asks tempfile for nothing (the outcome would depend on the tests run before)
+    env = {key: value for key, value in os.environ.items() if key not in ("TORCHINDUCTOR_CACHE_DIR", "TMPDIR")}
     result = subprocess.run([sys.executable, FAULTS_PY, fault, *ARGS, "data.num_workers=0", f"hydra.run.dir={run_dir}"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=HANG, env=env)
     assert result.returncode == 2
     assert expected in _one_line(result.stderr)
 
