@@ -48,4 +48,7 @@ def _notice(line: str) -> None:
     """``line`` on stdout at once, where the run's log goes: the stop may be a whole step (or an allocate stage's
     layer) away, and a Ctrl-C that shows nothing gets pressed again. Written to the file descriptor: a handler runs
     between two bytecodes, maybe inside a write to sys.stdout, which is not reentrant."""
-    os.write(1, f"\n{line}\n".encode())
+    try:
+        os.write(1, f"\n{line}\n".encode())
+    except OSError:  # stdout closed (a pipe whose reader left): the stop goes on, unannounced
+        pass
