@@ -117,7 +117,6 @@ def planned_stages(session: Session, stages: list[Stage]) -> tuple[list[Stage], 
     return stages[:index] + later, record
 
 
-@torch.no_grad()
 def plan_inputs(session: Session, model: nn.Module) -> PlanInputs:
     """The calibration batches and scorer inputs of the run's data where it is on disk, else synthetic ones."""
     cfg, task = session.cfg, session.task
