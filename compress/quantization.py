@@ -80,7 +80,7 @@ Config keys of a stage's ``quantize:`` mapping (checked by :class:`QuantizeTechn
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -90,7 +90,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .base import Settings, Technique, check_bits, find_parametrization, first_and_last, first_match, \
-    put_parametrization, register_technique, select_layers, stage_epochs_at, weight_layers
+    put_parametrization, register_technique, select_layers, stage_epochs_at
 from .precision import FORMATS, set_other_ops
 
 METHODS = ("lsq", "minmax", "moving_average")
@@ -600,23 +600,23 @@ class QuantizeTechnique(Technique):
 
     def final_bits(self, model: nn.Module) -> dict[str, tuple[int, int | None]]:
         """(weight bits, input bits; None: float input) of every layer of ``model`` this stage quantizes."""
+        return {name: bits for name, _, bits in self._targets(model)}
+
+    def _targets(self, model: nn.Module) -> Iterator[tuple[str, nn.Module, tuple[int, int | None]]]:
+        """(name, module, (weight bits, input bits)) of every layer this stage quantizes."""
         first_last = first_and_last(model)
-        widths = {}
-        for name in select_layers(model, self._settings, include=self.include, exclude=self.exclude,
-                                  per_layer=self.layer_bits):
+        for name, module in select_layers(model, self._settings, include=self.include, exclude=self.exclude,
+                                          per_layer=self.layer_bits).items():
             explicit, bits = first_match(name, self.layer_bits)
             if not explicit:
                 bits = (self.first_last_bits, self.first_last_bits) \
                     if name in first_last and self.first_last_bits is not None \
                     else (self.weight_bits, self.activation_bits)
-            widths[name] = bits
-        return widths
+            yield name, module, bits
 
     def attach(self, model: nn.Module) -> None:
         self._quantizers = []
-        layers = weight_layers(model)
-        for name, (weight_bits, input_bits) in self.final_bits(model).items():
-            module = layers[name]
+        for _, module, (weight_bits, input_bits) in self._targets(model):
             self._quantizers.append(self._weight_quantizer(module, weight_bits))
             if self.bias_bits != 32 and isinstance(getattr(module, "bias", None), torch.Tensor):
                 self._quantizers.append(self._bias_quantizer(module))
